@@ -1,0 +1,3 @@
+fn main() {
+    println!("kernel: {} bytes", kscope_guest::KERNEL_ELF.len());
+}

@@ -1,0 +1,111 @@
+//! Structures the VMM writes into guest memory before the first instruction.
+
+/// Magic of [`BootInfo`].
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"KSBOOT\0\0");
+/// Version of the [`BootInfo`] layout.
+pub const BOOT_INFO_VERSION: u32 = 1;
+/// Maximum number of devices described in [`BootInfo`].
+pub const MAX_DEVICES: usize = 8;
+/// Maximum command-line length, including the terminating NUL.
+pub const CMDLINE_MAX: usize = 1024;
+
+/// Kind of a device in the MMIO window.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Unused slot.
+    None = 0,
+    /// virtio-blk over virtio-mmio: the read-only root file system.
+    Block = 1,
+    /// kscope request device over virtio-mmio (see [`crate::abi::request`]).
+    Request = 2,
+}
+
+/// One device in the MMIO window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceDesc {
+    /// A [`DeviceKind`] value.
+    pub kind: u32,
+    /// Reserved (interrupt line when interrupts are used); 0 today.
+    pub irq: u32,
+    /// Guest-physical base of the device's MMIO registers.
+    pub gpa: u64,
+    /// Size of the MMIO region.
+    pub size: u64,
+}
+
+/// Boot information block at [`crate::abi::layout::BOOT_INFO_GPA`].
+///
+/// The kernel reads it once at boot; the VMM never changes it afterwards.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_INFO_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs (the kernel runs on the boot vCPU only today).
+    pub vcpus: u32,
+    /// Bytes of guest RAM, starting at GPA 0 (a multiple of 2 MiB).
+    pub mem_bytes: u64,
+    /// First guest-physical address after the loaded kernel image, page aligned.
+    pub kernel_phys_end: u64,
+    /// TSC frequency in kHz (for the guest's clock).
+    pub tsc_khz: u64,
+    /// Number of valid entries in `devices`.
+    pub device_count: u32,
+    /// Length of the command line in bytes (without NUL).
+    pub cmdline_len: u32,
+    /// Devices in the MMIO window.
+    pub devices: [DeviceDesc; MAX_DEVICES],
+    /// Kernel command line (UTF-8, NUL terminated), e.g. `init=/bin/web agent=/bin/agent`.
+    pub cmdline: [u8; CMDLINE_MAX],
+}
+
+impl BootInfo {
+    /// The command line as bytes.
+    pub fn cmdline(&self) -> &[u8] {
+        let n = (self.cmdline_len as usize).min(CMDLINE_MAX);
+        &self.cmdline[..n]
+    }
+}
+
+/// Magic of [`GenPage`].
+pub const GENPAGE_MAGIC: u64 = u64::from_le_bytes(*b"KSGENID\0");
+
+/// Clone-generation page at [`crate::abi::layout::GENPAGE_GPA`] (in the spirit of VMGenID).
+///
+/// The VMM writes it: at boot with `generation = 0`, and in every clone before its first
+/// instruction with a new `generation`, the clone's id, a fresh random seed and its identity.
+/// The kernel compares `generation` with the last value it saw whenever it wakes from `hlt`
+/// and before handing out a request; on a change it delivers SIGCLONE to the processes that
+/// registered for it (the guest agent and workload hooks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GenPage {
+    /// [`GENPAGE_MAGIC`].
+    pub magic: u64,
+    /// Bumped by the VMM for every clone; 0 in a VM that was booted.
+    pub generation: u64,
+    /// Clone id assigned by the VMM (0 for a booted VM).
+    pub clone_id: u64,
+    /// Fresh randomness from the host, to reseed the guest RNG.
+    pub seed: [u8; 32],
+    /// The clone's identity.
+    pub identity: Identity,
+}
+
+/// Network identity of a VM (applied by the guest agent on clone).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// MAC address (6 bytes used).
+    pub mac: [u8; 8],
+    /// IPv4 address, network byte order.
+    pub ipv4: [u8; 4],
+    /// Prefix length of the address.
+    pub prefix_len: u32,
+    /// Host name (NUL padded).
+    pub hostname: [u8; 32],
+}

@@ -1,0 +1,2 @@
+//! kscope workloads.
+#![cfg_attr(not(test), no_std)]
