@@ -12,7 +12,7 @@ fn main() {
         "-Crelocation-model=static",
         "-Ccode-model=kernel",
         // The kernel must never execute SSE: PVM cannot emulate it at CPL0 (PLATFORM.md).
-        "-Ctarget-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2,+soft-float",
+        "-Ctarget-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",
         "-Cno-redzone=yes",
         "-Cforce-frame-pointers=yes",
         "-Clink-arg=-nostartfiles",

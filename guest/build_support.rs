@@ -80,3 +80,24 @@ fn rerun_if_changed(paths: &[&str]) {
     }
     println!("cargo::rerun-if-env-changed=KSCOPE_NESTED");
 }
+
+/// RUSTFLAGS for guest user programs (ring 3): static, linked at 4 MiB by `guest/user.ld`,
+/// SSE allowed (user mode may use it, PLATFORM.md).
+fn user_rustflags() -> Vec<String> {
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("manifest");
+    let guest_dir = std::path::Path::new(&manifest)
+        .parent()
+        .expect("workspace root")
+        .join("guest");
+    [
+        "-Crelocation-model=static".to_string(),
+        "-Clink-arg=-nostartfiles".to_string(),
+        "-Clink-arg=-nostdlib".to_string(),
+        "-Clink-arg=-static".to_string(),
+        "-Clink-arg=-no-pie".to_string(),
+        "-Clink-arg=-Wl,--build-id=none".to_string(),
+        "-Clink-arg=-Wl,-z,max-page-size=4096".to_string(),
+        format!("-Clink-arg=-Wl,-T,{}/user.ld", guest_dir.display()),
+    ]
+    .to_vec()
+}
