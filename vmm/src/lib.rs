@@ -1,1 +1,3 @@
 //! kscope VMM.
+
+pub mod prefetch;
