@@ -18,6 +18,7 @@ fn is_nested_build() -> bool {
 }
 
 /// Build `bins` of `package` with `features` and `rustflags`; returns the path of each binary.
+#[allow(dead_code)]
 fn nested_build(
     package: &str,
     bins: &[&str],
@@ -83,6 +84,7 @@ fn rerun_if_changed(paths: &[&str]) {
 
 /// RUSTFLAGS for guest user programs (ring 3): static, linked at 4 MiB by `guest/user.ld`,
 /// SSE allowed (user mode may use it, PLATFORM.md).
+#[allow(dead_code)] // each build script uses a subset
 fn user_rustflags() -> Vec<String> {
     let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("manifest");
     let guest_dir = std::path::Path::new(&manifest)

@@ -3,10 +3,18 @@
 //! - [`abi`]: the contract with the VMM, user programs and outside readers;
 //! - `src/kernel/`: the kernel binary (`#![no_std]`, CPL0, no SSE), built by `build.rs` with a
 //!   nested cargo invocation and embedded here as [`KERNEL_ELF`];
-//! - [`ulib`] (feature `user`): the user-mode runtime for guest programs.
-#![no_std]
+//! - [`ulib`] (feature `user`): the user-mode runtime for guest programs;
+//! - [`mkfs`] (feature `host`): builds root file-system images on the host.
+#![cfg_attr(not(test), no_std)]
+
+#[cfg(any(feature = "host", feature = "user"))]
+extern crate alloc;
 
 pub mod abi;
+
+/// Host-side builder of root file-system images.
+#[cfg(feature = "host")]
+pub mod mkfs;
 
 #[cfg(feature = "user")]
 pub mod ulib;
