@@ -22,3 +22,8 @@ pub mod ulib;
 /// The guest kernel ELF, built by this crate's build script.
 #[cfg(kscope_embed)]
 pub static KERNEL_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kscope-kernel.elf"));
+
+/// OS test programs of the kernel (ring 3, built with `ulib`): `(path in the guest file
+/// system, ELF bytes)`, e.g. `("/bin/ktest", ..)`.
+#[cfg(kscope_embed)]
+pub static PROGRAMS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/programs.rs"));

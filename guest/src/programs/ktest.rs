@@ -1,0 +1,163 @@
+//! `/bin/ktest`: the kernel's test workload. An echo server that also runs commands carried
+//! in its requests, to exercise kernel paths from the outside:
+//!
+//! - `echo <bytes>`: answer `<bytes>`;
+//! - `cat <path>`: the file's bytes, read with `pread` through the page cache;
+//! - `mmap <path>`: the file's bytes, read through a read-only file mapping;
+//! - `alloc <n>`: map `n` anonymous pages, touch each, unmap; answers `ok <n> <sum>`;
+//! - `crash`: spawn `/bin/kcrash` (dereferences null: killed by the kernel); answers its pid;
+//! - `spin`: loop forever without answering (a runaway guest for the VMM's watchdog);
+//! - `random`: 32 bytes from `getrandom`;
+//! - `sigclone`: the number of SIGCLONEs this process's handler saw, and the last generation;
+//! - `pid`, `clock`, `ls`, `identity`, `exit <code>`;
+//! - anything else: echoed unchanged.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use kscope_guest::abi::syscall::{prot, CloneInfo};
+use kscope_guest::println;
+use kscope_guest::ulib::{self, sys, File};
+
+/// A `Vec<u8>` sink for `core::fmt` (avoids `alloc::format!`, whose precompiled code needs the
+/// unwinder).
+struct Buf(Vec<u8>);
+
+impl core::fmt::Write for Buf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+macro_rules! bformat {
+    ($($t:tt)*) => {{
+        let mut b = Buf(Vec::new());
+        let _ = core::fmt::Write::write_fmt(&mut b, format_args!($($t)*));
+        b.0
+    }};
+}
+
+static SIGCLONES: AtomicU64 = AtomicU64::new(0);
+static LAST_GEN: AtomicU64 = AtomicU64::new(0);
+
+fn on_clone(info: &CloneInfo) {
+    SIGCLONES.fetch_add(1, Ordering::Relaxed);
+    LAST_GEN.store(info.generation, Ordering::Relaxed);
+}
+
+fn arg(p: &[u8], cmd: &[u8]) -> Option<Vec<u8>> {
+    if p.len() > cmd.len() && p.starts_with(cmd) && p[cmd.len()] == b' ' {
+        Some(p[cmd.len() + 1..].to_vec())
+    } else {
+        None
+    }
+}
+
+fn text(b: &[u8]) -> &str {
+    core::str::from_utf8(b).unwrap_or("").trim()
+}
+
+fn num(b: &[u8]) -> Option<u64> {
+    text(b).parse().ok()
+}
+
+fn alloc_pages(n: u64) -> Result<Vec<u8>, sys::Errno> {
+    let len = n * 4096;
+    let addr = sys::mmap(len, prot::READ | prot::WRITE, None, 0)?;
+    let mut sum = 0u64;
+    for i in 0..n {
+        let p = (addr + i * 4096) as *mut u64;
+        // SAFETY: the kernel mapped `len` writable bytes at `addr`; page `i` is inside it.
+        unsafe {
+            p.write_volatile(i + 1);
+            sum += p.read_volatile();
+        }
+    }
+    sys::munmap(addr, len)?;
+    Ok(bformat!("ok {n} {sum}"))
+}
+
+/// Run one command; `None` means: answer with an error status.
+fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
+    if let Some(rest) = arg(p, b"echo") {
+        return Ok(rest);
+    }
+    if let Some(path) = arg(p, b"cat") {
+        return File::open(text(&path))?.read_all();
+    }
+    if let Some(path) = arg(p, b"mmap") {
+        let f = File::open(text(&path))?;
+        return Ok(f.map()?.to_vec());
+    }
+    if let Some(n) = arg(p, b"alloc") {
+        return alloc_pages(num(&n).ok_or(sys::Errno(22))?);
+    }
+    if let Some(path) = arg(p, b"spawn") {
+        return Ok(bformat!("{}", sys::spawn(text(&path))?));
+    }
+    if let Some(code) = arg(p, b"exit") {
+        sys::exit(num(&code).unwrap_or(0) as i32);
+    }
+    match p {
+        b"crash" => Ok(bformat!("{}", sys::spawn("/bin/kcrash")?)),
+        b"spin" => {
+            println!("ktest: spinning forever");
+            #[allow(clippy::empty_loop)]
+            loop {}
+        }
+        b"random" => {
+            let mut b = [0u8; 32];
+            sys::getrandom(&mut b)?;
+            Ok(b.to_vec())
+        }
+        b"sigclone" => Ok(bformat!(
+            "{} {}",
+            SIGCLONES.load(Ordering::Relaxed),
+            LAST_GEN.load(Ordering::Relaxed)
+        )),
+        b"pid" => Ok(bformat!("{}", sys::getpid())),
+        b"clock" => Ok(bformat!("{}", sys::clock_ns())),
+        b"identity" => {
+            let id = sys::get_identity()?;
+            let n = id.hostname.iter().position(|&c| c == 0).unwrap_or(32);
+            Ok(id.hostname[..n].to_vec())
+        }
+        b"ls" => {
+            let mut b = alloc::vec![0u8; 16384];
+            let n = sys::listdir(&mut b)? as usize;
+            b.truncate(n);
+            Ok(b)
+        }
+        _ => Ok(p.to_vec()),
+    }
+}
+
+fn main() -> i32 {
+    if let Err(e) = ulib::on_clone(on_clone) {
+        println!("ktest: sigclone_register failed: {e:?}");
+    }
+    println!("ktest: pid {} serving", sys::getpid());
+    loop {
+        let req = match ulib::recv() {
+            Ok(r) => r,
+            Err(e) => {
+                println!("ktest: recv failed: {e:?}");
+                return 1;
+            }
+        };
+        let (status, body) = match run(&req.payload) {
+            Ok(b) => (0, b),
+            Err(e) => (e.0 as u32, bformat!("error {}", e.0)),
+        };
+        if let Err(e) = ulib::respond(req.id, status, &body) {
+            println!("ktest: respond failed: {e:?}");
+        }
+    }
+}
+
+kscope_guest::user_main!(main);

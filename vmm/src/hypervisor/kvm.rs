@@ -1,0 +1,395 @@
+//! The KVM implementation of the hypervisor boundary (the only module that uses
+//! `kvm-ioctls` / `kvm-bindings`).
+//!
+//! Kicks: a vCPU thread binds its `kvm_run` page in a thread-local; the kick signal's handler
+//! sets `immediate_exit` there, so a kick that arrives while the thread is outside `KVM_RUN`
+//! still makes the next `KVM_RUN` return at once with `EINTR` (no lost wake-ups).
+
+use std::cell::Cell;
+use std::ptr;
+use std::sync::{Once, OnceLock};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use libc::{c_int, c_void, siginfo_t};
+use vmm_sys_util::errno;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::{BootCpuState, DescTable, Exit, HvVcpu, HvVm, Hypervisor, Regs, Segment};
+use crate::error::VmError;
+
+/// MSRs saved and restored with a vCPU's state besides those in `kvm_sregs`.
+const SAVED_MSRS: [u32; 7] = [
+    0x10,        // IA32_TSC
+    0x174,       // SYSENTER_CS
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+thread_local! {
+    /// The `kvm_run` page of the vCPU run by this thread (null if none).
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(ptr::null_mut()) };
+}
+
+static KICK_INIT: Once = Once::new();
+
+extern "C" fn kick_handler(_num: c_int, _info: *mut siginfo_t, _ctx: *mut c_void) {
+    // Only async-signal-safe work: a const-initialised thread-local read and a volatile store.
+    let run = KVM_RUN_PTR.with(|p| p.get());
+    if !run.is_null() {
+        // SAFETY: `run` points to the mmap'ed `kvm_run` page of the vCPU owned by this thread,
+        // set by `bind_to_current_thread` and cleared before the vCPU is dropped.
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 1) };
+    }
+}
+
+/// The kick signal (SIGRTMIN + 1), with its handler installed.
+pub fn kick_signal() -> c_int {
+    let sig = SIGRTMIN() + 1;
+    KICK_INIT.call_once(|| {
+        // The handler is idempotent and process-wide; failure leaves kicks to EINTR only.
+        if let Err(e) = register_signal_handler(sig, kick_handler) {
+            tracing::error!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+    sig
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(errno::Error) -> VmError {
+    move |e| VmError::kvm(op, e)
+}
+
+/// Process-wide handle to `/dev/kvm`.
+fn kvm() -> Result<&'static Kvm, VmError> {
+    static KVM: OnceLock<Kvm> = OnceLock::new();
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let k = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    Ok(KVM.get_or_init(|| k))
+}
+
+/// KVM_GET_SUPPORTED_CPUID, cached.
+fn supported_cpuid() -> Result<CpuId, VmError> {
+    static CPUID: OnceLock<CpuId> = OnceLock::new();
+    if let Some(c) = CPUID.get() {
+        return Ok(c.clone());
+    }
+    let c = kvm()?
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(CPUID.get_or_init(|| c).clone())
+}
+
+/// KVM as a [`Hypervisor`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KvmHypervisor;
+
+impl Hypervisor for KvmHypervisor {
+    type Vm = KvmVm;
+
+    fn create_vm(&self) -> Result<KvmVm, VmError> {
+        let fd = kvm()?.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        Ok(KvmVm { fd })
+    }
+}
+
+/// A KVM VM.
+#[derive(Debug)]
+pub struct KvmVm {
+    fd: VmFd,
+}
+
+impl HvVm for KvmVm {
+    type Vcpu = KvmVcpu;
+
+    unsafe fn set_memory_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: *mut u8,
+    ) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the caller guarantees the host range is a valid mapping that outlives the
+        // slot (this function's contract).
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    fn remove_memory_slot(&self, slot: u32, gpa: u64) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (delete)"))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        Ok(KvmVcpu { fd, id, bound: false })
+    }
+}
+
+/// Saved state of a KVM vCPU.
+#[derive(Clone, Debug)]
+pub struct KvmVcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    msrs: Vec<kvm_msr_entry>,
+}
+
+/// A KVM vCPU.
+#[derive(Debug)]
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    id: u32,
+    bound: bool,
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        if self.bound {
+            let mine = self.fd.get_kvm_run() as *mut kvm_run;
+            KVM_RUN_PTR.with(|p| {
+                if p.get() == mine {
+                    p.set(ptr::null_mut());
+                }
+            });
+        }
+    }
+}
+
+fn to_kvm_segment(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: u8::from(s.present),
+        dpl: s.dpl,
+        db: u8::from(s.db),
+        s: u8::from(s.s),
+        l: u8::from(s.l),
+        g: u8::from(s.g),
+        avl: 0,
+        unusable: u8::from(!s.present),
+        padding: 0,
+    }
+}
+
+fn to_kvm_regs(r: &Regs) -> kvm_regs {
+    kvm_regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn from_kvm_regs(r: &kvm_regs) -> Regs {
+    Regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn set_table(t: &DescTable) -> kvm_bindings::kvm_dtable {
+    kvm_bindings::kvm_dtable {
+        base: t.base,
+        limit: t.limit,
+        ..Default::default()
+    }
+}
+
+impl KvmVcpu {
+    fn set_cpuid(&self, vcpu_count: u32) -> Result<(), VmError> {
+        let mut cpuid = supported_cpuid()?;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                // Initial APIC id and logical processor count.
+                1 => {
+                    e.ebx = (e.ebx & 0x0000_ffff) | (self.id << 24) | ((vcpu_count & 0xff) << 16);
+                }
+                // x2APIC id.
+                0xb | 0x1f => e.edx = self.id,
+                _ => {}
+            }
+        }
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))
+    }
+}
+
+impl HvVcpu for KvmVcpu {
+    type State = KvmVcpuState;
+
+    fn configure(&mut self, state: &BootCpuState, vcpu_count: u32) -> Result<(), VmError> {
+        self.set_cpuid(vcpu_count)?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+
+        let s = &state.sregs;
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        sregs.cs = to_kvm_segment(&s.cs);
+        let data = to_kvm_segment(&s.data);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = to_kvm_segment(&s.tr);
+        sregs.gdt = set_table(&s.gdt);
+        sregs.idt = set_table(&s.idt);
+        sregs.cr0 = s.cr0;
+        sregs.cr3 = s.cr3;
+        sregs.cr4 = s.cr4;
+        sregs.efer = s.efer;
+        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&to_kvm_regs(&state.regs))
+            .map_err(kvm_err("KVM_SET_REGS"))
+    }
+
+    fn tsc_khz(&self) -> Result<u64, VmError> {
+        self.fd
+            .get_tsc_khz()
+            .map(u64::from)
+            .map_err(kvm_err("KVM_GET_TSC_KHZ"))
+    }
+
+    fn run(&mut self) -> Result<Exit<'_>, VmError> {
+        let run_ptr = self.fd.get_kvm_run() as *mut kvm_run;
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => return Ok(Exit::IoIn { port, data }),
+            Ok(VcpuExit::IoOut(port, data)) => return Ok(Exit::IoOut { port, data }),
+            Ok(VcpuExit::MmioRead(addr, data)) => return Ok(Exit::MmioRead { addr, data }),
+            Ok(VcpuExit::MmioWrite(addr, data)) => return Ok(Exit::MmioWrite { addr, data }),
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Exit::FailEntry { reason },
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: `run_ptr` is this vCPU's mapped `kvm_run` page; the exit reason says
+                // the `internal` member of the union is valid.
+                let suberror = unsafe { (*run_ptr).__bindgen_anon_1.internal.suberror };
+                Exit::InternalError { suberror }
+            }
+            Ok(VcpuExit::Intr) => Exit::Interrupted,
+            Ok(other) => Exit::Unknown(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => return Err(VmError::kvm("KVM_RUN", e)),
+        };
+        if exit == Exit::Interrupted {
+            // SAFETY: `run_ptr` is this vCPU's mapped `kvm_run` page; the kick handler writes
+            // the same byte only on this thread (signal context), never concurrently.
+            unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run_ptr).immediate_exit), 0) };
+        }
+        Ok(exit)
+    }
+
+    fn regs(&self) -> Result<Regs, VmError> {
+        self.fd
+            .get_regs()
+            .map(|r| from_kvm_regs(&r))
+            .map_err(kvm_err("KVM_GET_REGS"))
+    }
+
+    fn save_state(&self) -> Result<KvmVcpuState, VmError> {
+        let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let fpu = self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+        let entries: Vec<kvm_msr_entry> = SAVED_MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let msrs = msrs.as_slice()[..n].to_vec();
+        Ok(KvmVcpuState {
+            regs,
+            sregs,
+            fpu,
+            msrs,
+        })
+    }
+
+    fn restore_state(&mut self, state: &KvmVcpuState) -> Result<(), VmError> {
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        let msrs = Msrs::from_entries(&state.msrs)
+            .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
+        self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(kvm_err("KVM_SET_REGS"))
+    }
+
+    fn bind_to_current_thread(&mut self) {
+        kick_signal();
+        let run = self.fd.get_kvm_run() as *mut kvm_run;
+        KVM_RUN_PTR.with(|p| p.set(run));
+        self.bound = true;
+    }
+}

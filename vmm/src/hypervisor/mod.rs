@@ -1,0 +1,212 @@
+//! The hypervisor boundary.
+//!
+//! The rest of the VMM talks to the hypervisor only through [`Hypervisor`], [`HvVm`] and
+//! [`HvVcpu`] and sees exits only as [`Exit`]. The KVM implementation lives in [`kvm`]; it is
+//! the only module that touches `kvm-ioctls` / `kvm-bindings`.
+
+pub mod kvm;
+
+use crate::error::VmError;
+
+/// Why a vCPU left the guest, in the VMM's own terms.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit<'a> {
+    /// `in` from `port`: fill `data` before the next run.
+    IoIn {
+        /// The port.
+        port: u16,
+        /// Buffer to fill (1, 2 or 4 bytes; more for `rep ins`).
+        data: &'a mut [u8],
+    },
+    /// `out` to `port` with `data`.
+    IoOut {
+        /// The port.
+        port: u16,
+        /// The bytes written.
+        data: &'a [u8],
+    },
+    /// A read of an address that is not RAM: fill `data` before the next run.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// Buffer to fill.
+        data: &'a mut [u8],
+    },
+    /// A write to an address that is not RAM.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// The bytes written.
+        data: &'a [u8],
+    },
+    /// The guest executed `hlt`.
+    Hlt,
+    /// The guest triple-faulted.
+    Shutdown,
+    /// The hypervisor could not emulate an instruction.
+    InternalError {
+        /// Hypervisor-specific sub-error.
+        suberror: u32,
+    },
+    /// The hypervisor could not enter the guest.
+    FailEntry {
+        /// Hardware failure reason.
+        reason: u64,
+    },
+    /// The run was interrupted by a kick (signal) before or while running the guest.
+    Interrupted,
+    /// Any other exit.
+    Unknown(String),
+}
+
+/// A segment register, as loaded into the hidden part of the register.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    /// Selector.
+    pub selector: u16,
+    /// Base address.
+    pub base: u64,
+    /// Limit (byte granular after applying `g`).
+    pub limit: u32,
+    /// Descriptor type (4 bits).
+    pub type_: u8,
+    /// Present.
+    pub present: bool,
+    /// Descriptor privilege level.
+    pub dpl: u8,
+    /// Default operation size (32-bit).
+    pub db: bool,
+    /// Code/data (true) or system (false) descriptor.
+    pub s: bool,
+    /// 64-bit code segment.
+    pub l: bool,
+    /// Granularity (4 KiB).
+    pub g: bool,
+}
+
+/// A descriptor-table register (GDTR/IDTR).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DescTable {
+    /// Linear base address.
+    pub base: u64,
+    /// Limit (size - 1).
+    pub limit: u16,
+}
+
+/// Special registers a VMM sets before the first instruction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecialRegs {
+    /// Code segment.
+    pub cs: Segment,
+    /// Data segment used for DS, ES, FS, GS and SS.
+    pub data: Segment,
+    /// Task register.
+    pub tr: Segment,
+    /// GDTR.
+    pub gdt: DescTable,
+    /// IDTR.
+    pub idt: DescTable,
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+}
+
+/// General-purpose registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// Complete boot-time CPU state of one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootCpuState {
+    /// Special registers.
+    pub sregs: SpecialRegs,
+    /// General registers.
+    pub regs: Regs,
+}
+
+/// A hypervisor: creates VMs.
+pub trait Hypervisor: Send + Sync {
+    /// The VM type.
+    type Vm: HvVm;
+    /// Create an empty VM.
+    fn create_vm(&self) -> Result<Self::Vm, VmError>;
+}
+
+/// A VM of a hypervisor: memory slots and vCPUs.
+pub trait HvVm: Send + Sync + 'static {
+    /// The vCPU type.
+    type Vcpu: HvVcpu;
+
+    /// Map `size` bytes of host memory at `host_addr` as guest-physical `[gpa, gpa+size)` in
+    /// memory slot `slot` (replacing nothing: the slot must be empty).
+    ///
+    /// # Safety
+    ///
+    /// `host_addr..host_addr+size` must be a valid, page-aligned mapping of this process that
+    /// stays mapped until the slot is removed (the guest reads and writes it at any time).
+    unsafe fn set_memory_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: *mut u8,
+    ) -> Result<(), VmError>;
+
+    /// Remove memory slot `slot` (no vCPU may be running).
+    fn remove_memory_slot(&self, slot: u32, gpa: u64) -> Result<(), VmError>;
+
+    /// Create vCPU `id`.
+    fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu, VmError>;
+}
+
+/// A vCPU: runs on one thread at a time.
+pub trait HvVcpu: Send + 'static {
+    /// Saved architectural state (for snapshots and clones).
+    type State: Clone + Send + std::fmt::Debug + 'static;
+
+    /// Set CPUID, FPU and the given registers.
+    fn configure(&mut self, state: &BootCpuState, vcpu_count: u32) -> Result<(), VmError>;
+    /// TSC frequency in kHz.
+    fn tsc_khz(&self) -> Result<u64, VmError>;
+    /// Enter the guest until the next exit.
+    fn run(&mut self) -> Result<Exit<'_>, VmError>;
+    /// Current general registers.
+    fn regs(&self) -> Result<Regs, VmError>;
+    /// Save the full vCPU state (no vCPU thread may be running this vCPU).
+    fn save_state(&self) -> Result<Self::State, VmError>;
+    /// Restore a saved vCPU state.
+    fn restore_state(&mut self, state: &Self::State) -> Result<(), VmError>;
+    /// Make kicks of the calling thread (see [`kick_signal`]) interrupt this vCPU's run.
+    /// Call on the thread that runs the vCPU, before its first run.
+    fn bind_to_current_thread(&mut self);
+}
+
+/// The real-time signal that kicks a vCPU thread out of the guest.
+pub fn kick_signal() -> libc::c_int {
+    kvm::kick_signal()
+}

@@ -1,0 +1,133 @@
+//! Page bitmaps: a plain one for frozen layers and an atomic one shared between a clone's
+//! handler and fetcher threads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::prefetch::Gfn;
+
+/// A fixed-size bitmap of frames.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bitmap {
+    words: Vec<u64>,
+    bits: u64,
+}
+
+impl Bitmap {
+    /// An all-clear bitmap of `bits` frames.
+    pub fn new(bits: u64) -> Self {
+        Self { words: vec![0; bits.div_ceil(64) as usize], bits }
+    }
+
+    /// An all-set bitmap of `bits` frames.
+    pub fn full(bits: u64) -> Self {
+        let mut b = Self::new(bits);
+        b.set_range(0, bits);
+        b
+    }
+
+    /// Number of frames covered.
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    /// True if the bitmap covers no frames.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// Whether `gfn` is set (false beyond the end).
+    pub fn get(&self, gfn: Gfn) -> bool {
+        gfn < self.bits && self.words[(gfn / 64) as usize] & (1 << (gfn % 64)) != 0
+    }
+
+    /// Sets `gfn` (ignored beyond the end).
+    pub fn set(&mut self, gfn: Gfn) {
+        if gfn < self.bits {
+            self.words[(gfn / 64) as usize] |= 1 << (gfn % 64);
+        }
+    }
+
+    /// Clears `gfn`.
+    pub fn clear(&mut self, gfn: Gfn) {
+        if gfn < self.bits {
+            self.words[(gfn / 64) as usize] &= !(1 << (gfn % 64));
+        }
+    }
+
+    /// Sets frames `[start, end)` (clamped to the bitmap).
+    pub fn set_range(&mut self, start: Gfn, end: Gfn) {
+        for g in start..end.min(self.bits) {
+            self.set(g);
+        }
+    }
+
+    /// Number of set frames.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The set frames in ascending order.
+    pub fn iter_set(&self) -> impl Iterator<Item = Gfn> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let base = i as u64 * 64;
+            (0..64u64).filter(move |b| w & (1 << b) != 0).map(move |b| base + b)
+        })
+    }
+}
+
+/// A fixed-size bitmap with atomic set/test, shared between threads.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+    bits: u64,
+}
+
+impl AtomicBitmap {
+    /// An all-clear bitmap of `bits` frames.
+    pub fn new(bits: u64) -> Self {
+        Self { words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), bits }
+    }
+
+    /// Number of frames covered.
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    /// True if the bitmap covers no frames.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// Whether `gfn` is set (false beyond the end).
+    pub fn get(&self, gfn: Gfn) -> bool {
+        gfn < self.bits && self.words[(gfn / 64) as usize].load(Ordering::Acquire) & (1 << (gfn % 64)) != 0
+    }
+
+    /// Sets `gfn`; returns true if it was clear before (false beyond the end).
+    pub fn set(&self, gfn: Gfn) -> bool {
+        if gfn >= self.bits {
+            return false;
+        }
+        let bit = 1 << (gfn % 64);
+        self.words[(gfn / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    /// Clears `gfn`; returns true if it was set before.
+    pub fn clear(&self, gfn: Gfn) -> bool {
+        if gfn >= self.bits {
+            return false;
+        }
+        let bit = 1 << (gfn % 64);
+        self.words[(gfn / 64) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
+    /// Number of set frames.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
+    }
+
+    /// A point-in-time copy.
+    pub fn snapshot(&self) -> Bitmap {
+        Bitmap { words: self.words.iter().map(|w| w.load(Ordering::Acquire)).collect(), bits: self.bits }
+    }
+}

@@ -1,0 +1,78 @@
+//! Lazy guest memory for clones (SnowFlock-style lazy propagation over userfaultfd).
+//!
+//! - [`PageSource`]: where a clone's pages come from ([`MemfdImage`], [`LayeredImage`],
+//!   [`FileImage`]).
+//! - [`GuestMemfd`] / [`LazyRegion`]: a clone's destination memory, a memfd mapped
+//!   `MAP_SHARED` (so a clone can itself be frozen and cloned), registered with a userfaultfd in
+//!   MISSING mode.
+//! - [`FaultServer`]: one handler thread per clone serving faults, driven by the clone's
+//!   [`Prefetcher`](crate::prefetch::Prefetcher); pre-resume and background installs.
+//! - [`CloneStats`]/[`StatsSnapshot`]: per-clone counters, fault latency histogram, touched set.
+//! - [`eager_copy`]: the eager alternative (copy everything before resume).
+
+mod bitmap;
+mod region;
+mod server;
+mod source;
+mod stats;
+#[cfg(test)]
+pub(crate) mod tests;
+#[cfg(test)]
+mod bench;
+
+pub use bitmap::{AtomicBitmap, Bitmap};
+pub use region::{GuestMemfd, LazyRegion, RegionKind};
+pub use server::{eager_copy, EagerReport, FaultServer, InstallReport, ServerOptions};
+pub use source::{FileImage, LayeredImage, MemfdImage, PageSource};
+pub use stats::{CloneStats, LatencyHistogram, StatsSnapshot};
+
+use crate::prefetch::Gfn;
+use crate::uffd::UffdError;
+
+/// Size of a guest page.
+pub const PAGE_SIZE: usize = crate::uffd::PAGE_SIZE;
+
+/// Errors of lazy memory serving.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// A userfaultfd operation failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// A system call on memory or files failed.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// What was being done.
+        op: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A frame beyond the end of a source or region was asked for.
+    #[error("frame {gfn} is outside the {pages}-page {what}; size the source and region alike")]
+    OutOfRange {
+        /// The frame.
+        gfn: Gfn,
+        /// Pages of the object.
+        pages: u64,
+        /// Which object.
+        what: &'static str,
+    },
+    /// Sizes of layers, sources or regions disagree.
+    #[error("size mismatch: {0}")]
+    Size(String),
+    /// A handler or fetcher thread could not be started or panicked.
+    #[error("thread {name}: {what}")]
+    Thread {
+        /// Thread name.
+        name: String,
+        /// What went wrong.
+        what: String,
+    },
+}
+
+/// Result type of the lazy module.
+pub type Result<T> = std::result::Result<T, LazyError>;
+
+pub(crate) fn io_err(op: impl Into<String>) -> LazyError {
+    LazyError::Io { op: op.into(), source: std::io::Error::last_os_error() }
+}

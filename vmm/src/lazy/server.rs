@@ -1,0 +1,602 @@
+//! The fault server: one handler thread per clone serving its userfaultfd, plus an optional
+//! background fetcher thread, both driven by the clone's prefetch policy.
+//!
+//! Install order on a fault: the faulting page first (then the faulter is woken), then the
+//! policy's prefetch list. Prefetch work is queued and done in small chunks between reads of
+//! the event queue, so a new fault never waits behind a long prefetch list. Every installer
+//! (handler, pre-resume caller, background fetcher) may race with the others: a page found
+//! present (`EEXIST`) counts as done, and the faulting page is woken explicitly in that case.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::stats::CloneStats;
+use super::{AtomicBitmap, Bitmap, GuestMemfd, LazyError, LazyRegion, PageSource, Result, StatsSnapshot, PAGE_SIZE};
+use crate::prefetch::{Fault, Gfn, Prefetcher};
+use crate::uffd::{Event, Install};
+
+/// Largest run of contiguous pages installed by one `UFFDIO_COPY`.
+const MAX_RUN: usize = 64;
+/// Prefetch pages installed between two looks at the fault queue.
+const PREFETCH_CHUNK: usize = 16;
+
+/// Tuning of a [`FaultServer`].
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Name used for threads and logs (e.g. the clone id).
+    pub name: String,
+    /// Install contiguous prefetch/background runs with one ioctl (up to 64 pages).
+    pub batch_runs: bool,
+    /// After the fault queue runs dry, keep polling it this long before sleeping (trades a
+    /// busy CPU for lower fault latency during a clone's warm-up). Zero: sleep at once.
+    pub spin: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { name: "clone".into(), batch_runs: true, spin: Duration::ZERO }
+    }
+}
+
+/// Result of installing a list of frames (pre-resume or eager).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct InstallReport {
+    /// Frames asked for.
+    pub requested: u64,
+    /// Pages installed with data.
+    pub copied: u64,
+    /// Pages installed as zero pages.
+    pub zeroed: u64,
+    /// Frames skipped because already present.
+    pub skipped: u64,
+    /// Wall time (ns).
+    pub elapsed_ns: u64,
+}
+
+/// Why a page is being installed (selects the counter).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Fault,
+    Prefetch,
+    BeforeResume,
+    Background,
+}
+
+struct Shared {
+    region: LazyRegion,
+    source: Arc<dyn PageSource>,
+    prefetcher: Mutex<Box<dyn Prefetcher>>,
+    policy: String,
+    present: AtomicBitmap,
+    faulted: AtomicBitmap,
+    discarded: AtomicBitmap,
+    fault_order: Mutex<Vec<Gfn>>,
+    stats: CloneStats,
+    stop: AtomicBool,
+    batch_runs: bool,
+    name: String,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking policy must not take the server down: the data stays usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn pages(&self) -> u64 {
+        self.region.pages()
+    }
+
+    /// True if the page must be installed as zeros rather than read.
+    fn is_zero(&self, gfn: Gfn, policy_zero: bool) -> bool {
+        policy_zero || self.discarded.get(gfn) || gfn >= self.source.pages() || self.source.is_known_zero(gfn)
+    }
+
+    fn count(&self, why: Why, pages: u64) {
+        let c = match why {
+            Why::Fault => &self.stats.fault_pages,
+            Why::Prefetch => &self.stats.prefetched,
+            Why::BeforeResume => &self.stats.before_resume,
+            Why::Background => &self.stats.background,
+        };
+        CloneStats::add(c, pages);
+    }
+
+    fn read_source(&self, gfn: Gfn, buf: &mut [u8; PAGE_SIZE]) {
+        if let Err(e) = self.source.read_page(gfn, buf) {
+            CloneStats::add(&self.stats.source_errors, 1);
+            tracing::error!(clone = %self.name, gfn, error = %e, "source read failed; serving zeros");
+            buf.fill(0);
+        }
+    }
+
+    /// Installs one page; returns true if this call installed it. Wakes waiters. For a fault
+    /// the page is installed even if marked present (it evidently is not mapped).
+    fn install_one(&self, gfn: Gfn, zero: bool, why: Why, buf: &mut [u8; PAGE_SIZE]) -> bool {
+        let addr = self.region.gfn_addr(gfn);
+        let uffd = self.region.uffd();
+        let r = if zero {
+            uffd.zeropage(addr, PAGE_SIZE as u64, false)
+        } else {
+            self.read_source(gfn, buf);
+            uffd.copy(addr, &buf[..], false, false)
+        };
+        match r {
+            Ok(Install::Installed) => {
+                self.present.set(gfn);
+                self.discarded.clear(gfn);
+                if zero {
+                    CloneStats::add(&self.stats.zero_filled, 1);
+                } else {
+                    CloneStats::add(&self.stats.bytes_copied, PAGE_SIZE as u64);
+                    self.count(why, 1);
+                }
+                true
+            }
+            Ok(Install::AlreadyPresent(_)) => {
+                self.present.set(gfn);
+                CloneStats::add(&self.stats.already_present, 1);
+                if why == Why::Fault {
+                    // The kernel does not wake on EEXIST; the faulter may be waiting.
+                    if let Err(e) = uffd.wake(addr, PAGE_SIZE as u64) {
+                        tracing::error!(clone = %self.name, gfn, error = %e, "wake failed");
+                    }
+                }
+                false
+            }
+            Err(e) => {
+                CloneStats::add(&self.stats.install_errors, 1);
+                tracing::error!(clone = %self.name, gfn, error = %e, "install failed");
+                false
+            }
+        }
+    }
+
+    /// Installs a contiguous run of data pages `[start, start + n)` with one copy; pages found
+    /// present are skipped. Returns pages installed by this call.
+    fn install_run(&self, start: Gfn, n: usize, why: Why, run_buf: &mut Vec<u8>) -> u64 {
+        run_buf.resize(n * PAGE_SIZE, 0);
+        if let Err(e) = self.source.read_run(start, run_buf) {
+            CloneStats::add(&self.stats.source_errors, 1);
+            tracing::error!(clone = %self.name, start, n, error = %e, "source run read failed; page by page");
+            for (i, chunk) in run_buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                let page: &mut [u8; PAGE_SIZE] = chunk.try_into().expect("page-sized chunk");
+                self.read_source(start + i as u64, page);
+            }
+        }
+        let mut off = 0usize;
+        let mut installed = 0u64;
+        while off < run_buf.len() {
+            let addr = self.region.gfn_addr(start) + off as u64;
+            match self.region.uffd().copy(addr, &run_buf[off..], false, false) {
+                Ok(Install::Installed) => {
+                    installed += ((run_buf.len() - off) / PAGE_SIZE) as u64;
+                    break;
+                }
+                Ok(Install::AlreadyPresent(done)) => {
+                    installed += done / PAGE_SIZE as u64;
+                    CloneStats::add(&self.stats.already_present, 1);
+                    off += done as usize + PAGE_SIZE;
+                }
+                Err(e) => {
+                    CloneStats::add(&self.stats.install_errors, 1);
+                    tracing::error!(clone = %self.name, start, n, error = %e, "run install failed");
+                    return installed;
+                }
+            }
+        }
+        for g in start..start + n as u64 {
+            self.present.set(g);
+        }
+        CloneStats::add(&self.stats.bytes_copied, installed * PAGE_SIZE as u64);
+        self.count(why, installed);
+        installed
+    }
+
+    /// Installs frames in order, skipping present ones; `zero[i]` says frame i is zero-fill
+    /// by policy. Contiguous data frames are batched when enabled.
+    fn install_list(&self, gfns: &[Gfn], policy_zero: &[bool], why: Why, rep: &mut InstallReport, sc: &mut Scratch) {
+        let (buf, run_buf) = (&mut sc.page, &mut sc.run);
+        let mut i = 0;
+        while i < gfns.len() {
+            let g = gfns[i];
+            if g >= self.pages() || self.present.get(g) {
+                rep.skipped += 1;
+                i += 1;
+                continue;
+            }
+            if self.is_zero(g, policy_zero[i]) {
+                if self.install_one(g, true, why, buf) {
+                    rep.zeroed += 1;
+                } else {
+                    rep.skipped += 1;
+                }
+                i += 1;
+                continue;
+            }
+            let mut n = 1;
+            while self.batch_runs
+                && n < MAX_RUN
+                && i + n < gfns.len()
+                && gfns[i + n] == g + n as u64
+                && gfns[i + n] < self.pages()
+                && !self.present.get(gfns[i + n])
+                && !self.is_zero(gfns[i + n], policy_zero[i + n])
+            {
+                n += 1;
+            }
+            let done = if n == 1 {
+                u64::from(self.install_one(g, false, why, buf))
+            } else {
+                self.install_run(g, n, why, run_buf)
+            };
+            rep.copied += done;
+            rep.skipped += n as u64 - done;
+            i += n;
+        }
+    }
+
+    fn zero_flags(&self, gfns: &[Gfn]) -> Vec<bool> {
+        let p = lock(&self.prefetcher);
+        gfns.iter().map(|&g| p.zero_fill(g)).collect()
+    }
+}
+
+/// Reusable buffers of one installing thread.
+struct Scratch {
+    page: Box<[u8; PAGE_SIZE]>,
+    run: Vec<u8>,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self { page: Box::new([0; PAGE_SIZE]), run: Vec::with_capacity(MAX_RUN * PAGE_SIZE) }
+    }
+}
+
+/// The handler thread's state.
+struct Handler {
+    shared: Arc<Shared>,
+    stop: EventFd,
+    /// Pending prefetch lists, newest fault's first: (frames, zero flags, next index).
+    queue: VecDeque<(Vec<Gfn>, Vec<bool>, usize)>,
+    events: Vec<Event>,
+    scratch: Scratch,
+    spin: Duration,
+}
+
+impl Handler {
+    fn run(mut self) -> Result<()> {
+        let s = Arc::clone(&self.shared);
+        let uffd = s.region.uffd();
+        loop {
+            if s.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            self.events.clear();
+            uffd.read_events(&mut self.events, 32)?;
+            if self.events.is_empty() {
+                if !self.queue.is_empty() {
+                    self.prefetch_chunk();
+                    continue;
+                }
+                if !self.spin.is_zero() {
+                    let t0 = Instant::now();
+                    while self.events.is_empty() && t0.elapsed() < self.spin && !s.stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                        uffd.read_events(&mut self.events, 32)?;
+                    }
+                }
+                if self.events.is_empty() {
+                    if uffd.wait(&self.stop, -1)?.other {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            let events = std::mem::take(&mut self.events);
+            for ev in &events {
+                self.handle(*ev);
+            }
+            self.events = events;
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let s = Arc::clone(&self.shared);
+        match ev {
+            Event::Pagefault { address, write, .. } => {
+                let t0 = Instant::now();
+                let Some(gfn) = s.region.addr_gfn(address) else {
+                    tracing::error!(clone = %s.name, address, "fault outside the region");
+                    return;
+                };
+                CloneStats::add(&s.stats.faults, 1);
+                if s.faulted.set(gfn) {
+                    lock(&s.fault_order).push(gfn);
+                }
+                let mut list = Vec::new();
+                let (zero, zeros) = {
+                    let mut p = lock(&s.prefetcher);
+                    p.on_fault(Fault { gfn, write }, &mut list);
+                    let z: Vec<bool> = list.iter().map(|&g| p.zero_fill(g)).collect();
+                    (p.zero_fill(gfn), z)
+                };
+                s.install_one(gfn, s.is_zero(gfn, zero), Why::Fault, &mut self.scratch.page);
+                s.stats.fault_latency.record(t0.elapsed().as_nanos() as u64);
+                if !list.is_empty() {
+                    self.queue.push_front((list, zeros, 0));
+                }
+            }
+            Event::Remove { start, end } => {
+                let first = s.region.addr_gfn(start);
+                let last = s.region.addr_gfn(end.saturating_sub(1));
+                if let (Some(a), Some(b)) = (first, last) {
+                    for g in a..=b {
+                        s.present.clear(g);
+                        s.discarded.set(g);
+                    }
+                    CloneStats::add(&s.stats.removed, b - a + 1);
+                }
+            }
+            other => tracing::debug!(clone = %s.name, ?other, "ignored userfaultfd event"),
+        }
+    }
+
+    fn prefetch_chunk(&mut self) {
+        let Some((list, zeros, next)) = self.queue.front_mut() else { return };
+        let end = (*next + PREFETCH_CHUNK).min(list.len());
+        let mut rep = InstallReport::default();
+        self.shared.install_list(&list[*next..end], &zeros[*next..end], Why::Prefetch, &mut rep, &mut self.scratch);
+        *next = end;
+        if end == list.len() {
+            self.queue.pop_front();
+        }
+    }
+}
+
+/// Serves one clone's [`LazyRegion`] from a [`PageSource`] under a [`Prefetcher`].
+///
+/// Threads: one handler (`kscope-uffd-<name>`), plus one background fetcher once
+/// [`start_background`](Self::start_background) is called. [`shutdown`](Self::shutdown) (or
+/// drop) stops and joins them, then closes the userfaultfd, unmaps and closes the memfd. The
+/// VMM must have removed the KVM memory slot (and stopped the vCPUs) before that.
+pub struct FaultServer {
+    shared: Arc<Shared>,
+    stop: EventFd,
+    handler: Option<JoinHandle<Result<()>>>,
+    fetcher: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for FaultServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultServer").field("name", &self.shared.name).field("region", &self.shared.region).finish()
+    }
+}
+
+impl FaultServer {
+    /// Starts serving `region` from `source` (which must not be larger than the region).
+    pub fn start(
+        region: LazyRegion,
+        source: Arc<dyn PageSource>,
+        prefetcher: Box<dyn Prefetcher>,
+        opts: ServerOptions,
+    ) -> Result<Self> {
+        if source.pages() > region.pages() {
+            return Err(LazyError::Size(format!(
+                "source has {} pages but the region only {}",
+                source.pages(),
+                region.pages()
+            )));
+        }
+        let pages = region.pages();
+        let policy = prefetcher.name().to_string();
+        let shared = Arc::new(Shared {
+            region,
+            source,
+            prefetcher: Mutex::new(prefetcher),
+            policy,
+            present: AtomicBitmap::new(pages),
+            faulted: AtomicBitmap::new(pages),
+            discarded: AtomicBitmap::new(pages),
+            fault_order: Mutex::new(Vec::new()),
+            stats: CloneStats::default(),
+            stop: AtomicBool::new(false),
+            batch_runs: opts.batch_runs,
+            name: opts.name.clone(),
+        });
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| LazyError::Io { op: "eventfd".into(), source: e })?;
+        let handler = Handler {
+            shared: Arc::clone(&shared),
+            stop: stop.try_clone().map_err(|e| LazyError::Io { op: "dup eventfd".into(), source: e })?,
+            queue: VecDeque::new(),
+            events: Vec::with_capacity(32),
+            scratch: Scratch::new(),
+            spin: opts.spin,
+        };
+        let tname = format!("kscope-uffd-{}", opts.name);
+        let handle = std::thread::Builder::new()
+            .name(tname.clone())
+            .spawn(move || handler.run())
+            .map_err(|e| LazyError::Thread { name: tname, what: e.to_string() })?;
+        Ok(Self { shared, stop, handler: Some(handle), fetcher: None })
+    }
+
+    /// The served region (its [`host_addr`](LazyRegion::host_addr) goes into the memory slot).
+    pub fn region(&self) -> &LazyRegion {
+        &self.shared.region
+    }
+
+    /// Installs the policy's `before_resume()` frames; call before starting the vCPUs.
+    pub fn before_resume(&self) -> Result<InstallReport> {
+        let list = lock(&self.shared.prefetcher).before_resume();
+        self.install(&list)
+    }
+
+    /// Installs the given frames now (in order, skipping present ones), from the calling
+    /// thread. Counted as pre-resume installs.
+    pub fn install(&self, gfns: &[Gfn]) -> Result<InstallReport> {
+        let t0 = Instant::now();
+        let zeros = self.shared.zero_flags(gfns);
+        let mut rep = InstallReport { requested: gfns.len() as u64, ..Default::default() };
+        self.shared.install_list(gfns, &zeros, Why::BeforeResume, &mut rep, &mut Scratch::new());
+        rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
+        Ok(rep)
+    }
+
+    /// Starts the background fetcher on the policy's `background()` frames (no-op if the list
+    /// is empty or a fetcher already ran).
+    pub fn start_background(&mut self) -> Result<()> {
+        if self.fetcher.is_some() {
+            return Ok(());
+        }
+        let list = lock(&self.shared.prefetcher).background();
+        if list.is_empty() {
+            return Ok(());
+        }
+        let shared = Arc::clone(&self.shared);
+        let tname = format!("kscope-fetch-{}", shared.name);
+        let h = std::thread::Builder::new()
+            .name(tname.clone())
+            .spawn(move || {
+                let mut rep = InstallReport::default();
+                let mut sc = Scratch::new();
+                for chunk in list.chunks(MAX_RUN) {
+                    if shared.stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let zeros = shared.zero_flags(chunk);
+                    shared.install_list(chunk, &zeros, Why::Background, &mut rep, &mut sc);
+                }
+            })
+            .map_err(|e| LazyError::Thread { name: tname, what: e.to_string() })?;
+        self.fetcher = Some(h);
+        Ok(())
+    }
+
+    /// True once the background fetcher has finished its list (false if never started).
+    pub fn background_done(&self) -> bool {
+        self.fetcher.as_ref().is_some_and(|h| h.is_finished())
+    }
+
+    /// Waits for the background fetcher to finish its list.
+    pub fn join_background(&mut self) -> Result<()> {
+        if let Some(h) = self.fetcher.take() {
+            h.join().map_err(|_| LazyError::Thread { name: self.shared.name.clone(), what: "fetcher panicked".into() })?;
+        }
+        Ok(())
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.shared;
+        let mut snap = s.stats.snapshot();
+        snap.policy = s.policy.clone();
+        snap.touched_pages = s.faulted.count();
+        snap.present_pages = s.present.count();
+        snap.resident_bytes = s.region.resident_bytes().unwrap_or(0);
+        snap
+    }
+
+    /// Distinct faulted frames in first-fault order (a REAP/FaaSnap working-set recording).
+    pub fn touched(&self) -> Vec<Gfn> {
+        lock(&self.shared.fault_order).clone()
+    }
+
+    /// Bitmap of faulted frames.
+    pub fn touched_bitmap(&self) -> Bitmap {
+        self.shared.faulted.snapshot()
+    }
+
+    /// Bitmap of frames present in the destination.
+    pub fn present_bitmap(&self) -> Bitmap {
+        self.shared.present.snapshot()
+    }
+
+    /// The source this clone is served from.
+    pub fn source(&self) -> &Arc<dyn PageSource> {
+        &self.shared.source
+    }
+
+    /// Stops the threads and joins them; returns the final statistics. The region is released
+    /// when the server is dropped.
+    pub fn shutdown(mut self) -> Result<StatsSnapshot> {
+        self.stop_threads()?;
+        Ok(self.stats())
+    }
+
+    fn stop_threads(&mut self) -> Result<()> {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.stop.write(1);
+        let mut res = Ok(());
+        if let Some(h) = self.fetcher.take() {
+            if h.join().is_err() {
+                res = Err(LazyError::Thread { name: self.shared.name.clone(), what: "fetcher panicked".into() });
+            }
+        }
+        if let Some(h) = self.handler.take() {
+            match h.join() {
+                Ok(r) => res = res.and(r),
+                Err(_) => {
+                    res = Err(LazyError::Thread { name: self.shared.name.clone(), what: "handler panicked".into() })
+                }
+            }
+        }
+        res
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_threads() {
+            tracing::error!(clone = %self.shared.name, error = %e, "fault server stopped with an error");
+        }
+    }
+}
+
+/// Result of an eager copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EagerReport {
+    /// Pages copied.
+    pub copied: u64,
+    /// Pages skipped as zero (known holes or all-zero content).
+    pub zero: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Wall time (ns).
+    pub elapsed_ns: u64,
+}
+
+/// Eager propagation: copies every non-zero page of `source` into `dst` (fresh, zeroed
+/// memory) before the clone resumes. Known-zero and all-zero pages are skipped, so they stay
+/// unallocated.
+pub fn eager_copy(source: &dyn PageSource, dst: &GuestMemfd) -> Result<EagerReport> {
+    if source.pages() > dst.pages() {
+        return Err(LazyError::Size(format!("source has {} pages, destination {}", source.pages(), dst.pages())));
+    }
+    let t0 = Instant::now();
+    let mut rep = EagerReport::default();
+    let mut buf = [0u8; PAGE_SIZE];
+    for g in 0..source.pages() {
+        if source.is_known_zero(g) {
+            rep.zero += 1;
+            continue;
+        }
+        source.read_page(g, &mut buf)?;
+        if buf.iter().all(|&b| b == 0) {
+            rep.zero += 1;
+            continue;
+        }
+        dst.write_at(g * PAGE_SIZE as u64, &buf)?;
+        rep.copied += 1;
+        rep.bytes += PAGE_SIZE as u64;
+    }
+    rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
+    Ok(rep)
+}

@@ -1,0 +1,197 @@
+//! Guest RAM: one region at GPA 0 backed by a memfd, mapped `MAP_SHARED` into the VMM.
+//!
+//! The memfd is kept so that cloning can later freeze it as a copy-on-write generation image.
+//! [`GuestMemory`] holds the *current* [`GuestRam`] behind a lock so that the backing mapping
+//! can be swapped while the VM's vCPUs are paused (the VM re-points the KVM slot at the same
+//! time); readers take a cheap `Arc` snapshot per access.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, RwLock};
+
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
+use vmm_sys_util::errno;
+
+use crate::error::VmError;
+use kscope_guest::abi::layout::{LARGE_PAGE_SIZE, MAX_GUEST_RAM};
+
+/// Smallest guest RAM the boot layout supports (boot structures + kernel).
+pub const MIN_GUEST_RAM: u64 = 4 << 20;
+
+/// Check a RAM size against the layout: a multiple of 2 MiB, at least [`MIN_GUEST_RAM`], and
+/// ending below the MMIO window.
+pub fn validate_size(size: u64) -> Result<(), VmError> {
+    if size < MIN_GUEST_RAM {
+        return Err(VmError::BadConfig(format!(
+            "mem_bytes {size:#x} is below the minimum of {MIN_GUEST_RAM:#x} (4 MiB)"
+        )));
+    }
+    if size % LARGE_PAGE_SIZE != 0 {
+        return Err(VmError::BadConfig(format!(
+            "mem_bytes {size:#x} is not a multiple of 2 MiB; round it to a 2 MiB boundary"
+        )));
+    }
+    if size > MAX_GUEST_RAM {
+        return Err(VmError::BadConfig(format!(
+            "mem_bytes {size:#x} overlaps the MMIO window at {MAX_GUEST_RAM:#x}; use at most 3 GiB"
+        )));
+    }
+    Ok(())
+}
+
+/// One mapping of guest RAM `[0, size)` and the file behind it.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    file: Arc<File>,
+    size: u64,
+    host_addr: usize,
+}
+
+impl GuestRam {
+    /// Create fresh, zeroed guest RAM of `size` bytes on a new memfd named `name`, mapped
+    /// `MAP_SHARED`.
+    pub fn new(name: &str, size: u64) -> Result<GuestRam, VmError> {
+        validate_size(size)?;
+        let cname = CString::new(format!("kscope-ram-{name}").replace('\0', "_"))
+            .map_err(|e| VmError::BadConfig(format!("VM name: {e}")))?;
+        // SAFETY: `cname` is a valid NUL-terminated string; the flags are valid.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VmError::kvm("memfd_create", errno::Error::last()));
+        }
+        // SAFETY: `fd` is a fresh file descriptor owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|e| VmError::kvm("ftruncate(memfd)", errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        Self::from_file(Arc::new(file), size, libc::MAP_SHARED)
+    }
+
+    /// Map `size` bytes of `file` (from offset 0) as guest RAM with `flags` (`MAP_SHARED`, or
+    /// `MAP_PRIVATE` for a copy-on-write view of a frozen image).
+    pub fn from_file(file: Arc<File>, size: u64, flags: i32) -> Result<GuestRam, VmError> {
+        validate_size(size)?;
+        let len = usize::try_from(size).map_err(|_| VmError::BadConfig("mem_bytes".into()))?;
+        let region: MmapRegion = MmapRegion::build(
+            Some(FileOffset::from_arc(file.clone(), 0)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| VmError::Internal(format!("mmap of guest RAM ({size:#x} bytes) failed: {e}")))?;
+        let host_addr = region.as_ptr() as usize;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| VmError::Internal("guest region overflow".into()))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| VmError::Internal(format!("guest memory: {e}")))?;
+        Ok(GuestRam {
+            mem,
+            file,
+            size,
+            host_addr,
+        })
+    }
+
+    /// The vm-memory view (for virtio-queue and loaders).
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The file backing guest RAM.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host virtual address of GPA 0 (for the KVM memory slot and userfaultfd).
+    pub fn host_addr(&self) -> *mut u8 {
+        self.host_addr as *mut u8
+    }
+
+    /// Read guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.check(gpa, buf.len())?;
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| VmError::GuestMemory { gpa, len: buf.len() })
+    }
+
+    /// Write `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.check(gpa, data.len())?;
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| VmError::GuestMemory { gpa, len: data.len() })
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<(), VmError> {
+        match gpa.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(VmError::GuestMemory { gpa, len }),
+        }
+    }
+}
+
+/// The current guest RAM of a VM, swappable while the VM is paused.
+#[derive(Debug)]
+pub struct GuestMemory {
+    current: RwLock<Arc<GuestRam>>,
+}
+
+impl GuestMemory {
+    /// Wrap `ram`.
+    pub fn new(ram: GuestRam) -> GuestMemory {
+        GuestMemory {
+            current: RwLock::new(Arc::new(ram)),
+        }
+    }
+
+    /// A snapshot of the current RAM.
+    pub fn load(&self) -> Arc<GuestRam> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replace the current RAM (the caller re-points the hypervisor's slot); returns the old.
+    pub fn replace(&self, ram: Arc<GuestRam>) -> Arc<GuestRam> {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *cur, ram)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_validated() {
+        assert!(validate_size(64 << 20).is_ok());
+        assert!(validate_size((64 << 20) + 4096).is_err());
+        assert!(validate_size(2 << 20).is_err());
+        assert!(validate_size(MAX_GUEST_RAM + (2 << 20)).is_err());
+        assert!(validate_size(MAX_GUEST_RAM).is_ok());
+    }
+
+    #[test]
+    fn ram_is_shared_with_its_memfd() {
+        use std::os::unix::fs::FileExt;
+        let ram = GuestRam::new("t", 4 << 20).unwrap();
+        ram.write(0x1234, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        ram.file().read_exact_at(&mut buf, 0x1234).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(ram.write((4 << 20) - 2, b"abc").is_err());
+        let mut b = [0u8; 5];
+        ram.read(0x1234, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+    }
+}

@@ -1,0 +1,354 @@
+//! The vCPU thread: a small state machine driven by [`VcpuMsg`] messages.
+//!
+//! ```text
+//!            Run                Pause              Resume
+//!  Parked ---------> Running <---------> Paused ----------> (previous state)
+//!    |                 |  hlt: deliver requests or wait for a message
+//!    +--- Stop / terminal exit ---> Done
+//! ```
+//!
+//! A thread outside the guest reads its channel; a thread inside `KVM_RUN` is kicked out with
+//! the kick signal (see `hypervisor::kvm`) after a message was queued. Application processors
+//! stay `Parked` (never entered) until something sends them `Run`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::devices::bus::Bus;
+use crate::devices::request::RequestTransport;
+use crate::error::VmError;
+use crate::exit::{dispatch, Action, Fault};
+use crate::hypervisor::{Exit, HvVcpu};
+
+/// Messages to a vCPU thread.
+#[derive(Debug)]
+pub enum VcpuMsg<S> {
+    /// Start running the guest (from `Parked`).
+    Run,
+    /// Leave the guest and acknowledge once out of it.
+    Pause(Sender<()>),
+    /// Return to the state before `Pause`.
+    Resume,
+    /// Leave the guest and end the thread.
+    Stop,
+    /// New work may be pending (a request was queued).
+    Wake,
+    /// Report the current RIP.
+    Sample(Sender<u64>),
+    /// Save the vCPU state (only honoured while paused or parked).
+    GetState(Sender<Result<S, VmError>>),
+    /// Restore a vCPU state (only honoured while paused or parked).
+    SetState(Box<S>, Sender<Result<(), VmError>>),
+}
+
+/// Why a VM ended.
+#[derive(Debug, Clone)]
+pub enum ExitReason {
+    /// The guest wrote its exit code to the POWEROFF port.
+    PowerOff(u32),
+    /// The host stopped the VM.
+    Stopped,
+    /// The VM failed.
+    Failed(VmError),
+}
+
+/// What the vCPU threads need from their VM.
+pub trait VcpuHost: Send + Sync {
+    /// The guest reported READY.
+    fn ready(&self, value: u32);
+    /// End the VM (first call wins); stops every vCPU.
+    fn terminate(&self, reason: ExitReason);
+    /// The last lines of the console.
+    fn console_tail(&self) -> String;
+    /// The request path.
+    fn requests(&self) -> &dyn RequestTransport;
+}
+
+/// Exit counters of a VM (all vCPUs).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port I/O exits.
+    pub io: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// HLT exits.
+    pub hlt: AtomicU64,
+    /// Kicks and other interruptions.
+    pub interrupted: AtomicU64,
+}
+
+/// A snapshot of [`ExitCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port I/O exits.
+    pub io: u64,
+    /// MMIO exits.
+    pub mmio: u64,
+    /// HLT exits.
+    pub hlt: u64,
+    /// Kicks and other interruptions.
+    pub interrupted: u64,
+}
+
+impl ExitCounters {
+    /// Current values.
+    pub fn snapshot(&self) -> ExitCounts {
+        ExitCounts {
+            io: self.io.load(Ordering::Relaxed),
+            mmio: self.mmio.load(Ordering::Relaxed),
+            hlt: self.hlt.load(Ordering::Relaxed),
+            interrupted: self.interrupted.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The control side of a vCPU thread: its channel and (while it lives) its pthread.
+#[derive(Debug)]
+pub struct VcpuControl<S> {
+    tx: Mutex<Sender<VcpuMsg<S>>>,
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+impl<S> VcpuControl<S> {
+    /// Wrap the sending side of a vCPU's channel.
+    pub fn new(tx: Sender<VcpuMsg<S>>) -> VcpuControl<S> {
+        VcpuControl {
+            tx: Mutex::new(tx),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Queue a message without kicking. Returns false if the thread is gone.
+    pub fn send(&self, m: VcpuMsg<S>) -> bool {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(m).is_ok()
+    }
+
+    /// Queue a message and kick the thread out of the guest.
+    pub fn send_and_kick(&self, m: VcpuMsg<S>) -> bool {
+        let ok = self.send(m);
+        self.kick();
+        ok
+    }
+
+    /// Kick the thread out of `KVM_RUN` (no-op if it has exited).
+    pub fn kick(&self) {
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = *t {
+            // SAFETY: `t` is the pthread of a live vCPU thread: it clears this field (under
+            // the same lock) before it exits, so the handle is valid while we hold the lock.
+            unsafe { libc::pthread_kill(t, crate::hypervisor::kick_signal()) };
+        }
+    }
+
+    fn set_thread(&self, t: Option<libc::pthread_t>) {
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Parked,
+    Running,
+    Paused { was_running: bool },
+    Done,
+}
+
+/// One vCPU and everything its thread needs.
+pub struct VcpuThread<V: HvVcpu> {
+    /// vCPU index (0 = boot processor, which serves the request path).
+    pub id: u32,
+    /// The vCPU.
+    pub vcpu: V,
+    /// Receiving side of the control channel.
+    pub rx: Receiver<VcpuMsg<V::State>>,
+    /// Control side (to register this thread for kicks).
+    pub control: Arc<VcpuControl<V::State>>,
+    /// Port I/O bus.
+    pub io: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// The VM.
+    pub host: Arc<dyn VcpuHost>,
+    /// Exit counters.
+    pub counters: Arc<ExitCounters>,
+}
+
+/// How long an idle vCPU waits before re-entering the guest when requests are queued but the
+/// guest has posted no RX buffer (so that it can post some).
+const NO_BUFFER_BACKOFF: Duration = Duration::from_millis(1);
+
+impl<V: HvVcpu> VcpuThread<V> {
+    /// Run the state machine until `Stop` or a terminal exit. Call on the vCPU's own thread.
+    pub fn run(mut self) {
+        self.vcpu.bind_to_current_thread();
+        // SAFETY: pthread_self has no preconditions.
+        self.control.set_thread(Some(unsafe { libc::pthread_self() }));
+        let mut state = RunState::Parked;
+        while state != RunState::Done {
+            state = match state {
+                RunState::Running => self.step(),
+                s => match self.rx.recv() {
+                    Ok(m) => self.handle(s, m),
+                    Err(_) => RunState::Done,
+                },
+            };
+        }
+        self.control.set_thread(None);
+    }
+
+    /// Handle one control message in state `s`; returns the new state.
+    fn handle(&mut self, s: RunState, m: VcpuMsg<V::State>) -> RunState {
+        match m {
+            VcpuMsg::Run if s == RunState::Parked => RunState::Running,
+            VcpuMsg::Run => s,
+            VcpuMsg::Pause(ack) => {
+                let _ = ack.send(());
+                match s {
+                    RunState::Running => RunState::Paused { was_running: true },
+                    RunState::Parked => RunState::Paused { was_running: false },
+                    other => other,
+                }
+            }
+            VcpuMsg::Resume => match s {
+                RunState::Paused { was_running: true } => RunState::Running,
+                RunState::Paused { was_running: false } => RunState::Parked,
+                other => other,
+            },
+            VcpuMsg::Stop => RunState::Done,
+            VcpuMsg::Wake => s,
+            VcpuMsg::Sample(tx) => {
+                let _ = tx.send(self.vcpu.regs().map(|r| r.rip).unwrap_or(0));
+                s
+            }
+            VcpuMsg::GetState(tx) => {
+                let r = if s == RunState::Running {
+                    Err(VmError::BadState {
+                        op: "save vCPU state",
+                        state: "running".into(),
+                    })
+                } else {
+                    self.vcpu.save_state()
+                };
+                let _ = tx.send(r);
+                s
+            }
+            VcpuMsg::SetState(st, tx) => {
+                let r = if s == RunState::Running {
+                    Err(VmError::BadState {
+                        op: "restore vCPU state",
+                        state: "running".into(),
+                    })
+                } else {
+                    self.vcpu.restore_state(&st)
+                };
+                let _ = tx.send(r);
+                s
+            }
+        }
+    }
+
+    /// Drain queued messages without blocking.
+    fn drain(&mut self, mut s: RunState) -> RunState {
+        while let Ok(m) = self.rx.try_recv() {
+            s = self.handle(s, m);
+        }
+        s
+    }
+
+    /// Enter the guest once and act on the exit.
+    fn step(&mut self) -> RunState {
+        let action = match self.vcpu.run() {
+            Ok(exit) => {
+                let c = &self.counters;
+                match &exit {
+                    Exit::IoIn { .. } | Exit::IoOut { .. } => c.io.fetch_add(1, Ordering::Relaxed),
+                    Exit::MmioRead { .. } | Exit::MmioWrite { .. } => {
+                        c.mmio.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Exit::Hlt => c.hlt.fetch_add(1, Ordering::Relaxed),
+                    Exit::Interrupted => c.interrupted.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                dispatch(exit, &self.io, &self.mmio)
+            }
+            Err(e) => {
+                self.host.terminate(ExitReason::Failed(e));
+                return RunState::Done;
+            }
+        };
+        match action {
+            Action::Continue => RunState::Running,
+            Action::Interrupted => self.drain(RunState::Running),
+            Action::Idle => self.idle(),
+            Action::Ready(v) => {
+                self.host.ready(v);
+                RunState::Running
+            }
+            Action::PowerOff(code) => {
+                self.host.terminate(ExitReason::PowerOff(code));
+                RunState::Done
+            }
+            Action::GuestPanic(code) => {
+                let serial_tail = self.host.console_tail();
+                self.host
+                    .terminate(ExitReason::Failed(VmError::GuestPanic { code, serial_tail }));
+                RunState::Done
+            }
+            Action::Fault(f) => {
+                let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
+                let err = fault_error(f, rip, || self.host.console_tail());
+                self.host.terminate(ExitReason::Failed(err));
+                RunState::Done
+            }
+        }
+    }
+
+    /// The guest halted. The boot vCPU delivers queued requests and re-enters the guest if it
+    /// delivered any; otherwise every vCPU waits for a message (a new request wakes it).
+    fn idle(&mut self) -> RunState {
+        loop {
+            let mut wait = None;
+            if self.id == 0 {
+                let d = self.host.requests().on_guest_idle();
+                if d.delivered > 0 {
+                    return RunState::Running;
+                }
+                if d.queued > 0 {
+                    wait = Some(NO_BUFFER_BACKOFF);
+                }
+            }
+            let m = match wait {
+                Some(t) => match self.rx.recv_timeout(t) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => return RunState::Running,
+                    Err(RecvTimeoutError::Disconnected) => return RunState::Done,
+                },
+                None => match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return RunState::Done,
+                },
+            };
+            let s = self.handle(RunState::Running, m);
+            if s != RunState::Running {
+                return s;
+            }
+        }
+    }
+}
+
+/// The error for a guest fault at `rip`.
+pub fn fault_error(f: Fault, rip: u64, console_tail: impl FnOnce() -> String) -> VmError {
+    match f {
+        Fault::UnknownPort(port) => VmError::UnknownPort { port, rip },
+        Fault::UnknownMmio(addr) => VmError::UnknownMmio { addr, rip },
+        Fault::TripleFault => VmError::TripleFault {
+            rip,
+            serial_tail: console_tail(),
+        },
+        Fault::InternalError(suberror) => VmError::InternalError { suberror, rip },
+        Fault::FailEntry(reason) => VmError::FailEntry { reason, rip },
+        Fault::Unhandled(what) => VmError::UnhandledExit { what, rip },
+    }
+}

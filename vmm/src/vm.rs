@@ -1,0 +1,612 @@
+//! The VM: configuration, boot, lifecycle, requests.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::boot::{self, BootParams};
+use crate::devices::block::BlockDevice;
+use crate::devices::bus::Bus;
+use crate::devices::request::{
+    PendingResponse, RequestDevice, RequestHub, RequestTransport, Response, VirtioRequestTransport,
+    Watchdog,
+};
+use crate::devices::serial::{ConsoleBuffer, SerialDevice};
+use crate::devices::virtio_mmio::MmioTransport;
+use crate::error::VmError;
+use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVcpuState, KvmVm};
+use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
+use crate::loader;
+use crate::memory::{GuestMemory, GuestRam};
+use crate::vcpu::{
+    ExitCounters, ExitCounts, ExitReason, VcpuControl, VcpuHost, VcpuMsg, VcpuThread,
+};
+use kscope_guest::abi::boot::{DeviceDesc, DeviceKind};
+use kscope_guest::abi::layout::{ports, MMIO_BASE, MMIO_DEVICE_SIZE};
+
+/// Bytes of console output kept per VM.
+pub const CONSOLE_CAPACITY: usize = 1 << 20;
+/// Largest number of vCPUs.
+pub const MAX_VCPUS: u32 = 64;
+/// Lines of console included in error reports.
+const TAIL_LINES: usize = 20;
+/// KVM memory slot of guest RAM.
+const RAM_SLOT: u32 = 0;
+/// GPA of the block device.
+pub const BLOCK_GPA: u64 = MMIO_BASE;
+/// GPA of the request device.
+pub const REQUEST_GPA: u64 = MMIO_BASE + MMIO_DEVICE_SIZE;
+
+/// What to boot.
+#[derive(Clone)]
+pub struct VmConfig {
+    /// Name (for threads, the memfd and logs).
+    pub name: String,
+    /// Guest RAM in bytes (a multiple of 2 MiB, 4 MiB to 3 GiB).
+    pub mem_bytes: u64,
+    /// Number of vCPUs (the kernel uses vCPU 0; the others stay parked).
+    pub vcpus: u32,
+    /// The kernel ELF.
+    pub kernel: Arc<[u8]>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Root disk image (read-only; a multiple of 512 bytes; may be empty).
+    pub disk: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("name", &self.name)
+            .field("mem_bytes", &self.mem_bytes)
+            .field("vcpus", &self.vcpus)
+            .field("kernel_len", &self.kernel.len())
+            .field("cmdline", &self.cmdline)
+            .field("disk_len", &self.disk.len())
+            .finish()
+    }
+}
+
+impl VmConfig {
+    fn validate(&self) -> Result<(), VmError> {
+        crate::memory::validate_size(self.mem_bytes)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(VmError::BadConfig(format!(
+                "vcpus = {}, must be 1..={MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        if self.kernel.is_empty() {
+            return Err(VmError::BadConfig("the kernel image is empty".into()));
+        }
+        if self.disk.len() % 512 != 0 {
+            return Err(VmError::BadConfig(format!(
+                "disk image is {} bytes, not a multiple of 512; pad it",
+                self.disk.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Result of a successful boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootReport {
+    /// Time from the start of [`Vm::boot`] to the READY port write.
+    pub boot_time: Duration,
+    /// Time spent in [`Vm::boot`] itself (VM creation and setup until the vCPU was started).
+    pub setup_time: Duration,
+    /// Value written to READY.
+    pub ready_value: u32,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone)]
+pub struct ExitReport {
+    /// Why.
+    pub reason: ExitReason,
+    /// Time since boot.
+    pub uptime: Duration,
+    /// Exit counters.
+    pub exits: ExitCounts,
+}
+
+/// Lifecycle state of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    /// Started, READY not yet reported.
+    Booting,
+    /// READY reported.
+    Running,
+    /// vCPUs paused by the host.
+    Paused,
+    /// Powered off or stopped by the host.
+    Stopped,
+    /// Failed (the reason).
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Status {
+    state: VmState,
+    paused_from: VmState,
+    ready: Option<BootReport>,
+    outcome: Option<ExitReason>,
+    ended_at: Option<Instant>,
+}
+
+/// State shared by the VM handle, its vCPU threads and pending responses.
+struct VmCore {
+    name: String,
+    status: Mutex<Status>,
+    cond: Condvar,
+    console: Arc<ConsoleBuffer>,
+    controls: Vec<Arc<VcpuControl<KvmVcpuState>>>,
+    requests: VirtioRequestTransport,
+    boot_start: Instant,
+    setup_time: Mutex<Duration>,
+    counters: Arc<ExitCounters>,
+}
+
+impl VmCore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reason_error(reason: &ExitReason) -> VmError {
+        match reason {
+            ExitReason::Failed(e) => e.clone(),
+            ExitReason::PowerOff(c) => VmError::Stopped(format!("guest powered off with code {c}")),
+            ExitReason::Stopped => VmError::Stopped("stopped by the host".into()),
+        }
+    }
+}
+
+impl VcpuHost for VmCore {
+    fn ready(&self, value: u32) {
+        let mut s = self.lock();
+        if s.ready.is_none() {
+            s.ready = Some(BootReport {
+                boot_time: self.boot_start.elapsed(),
+                setup_time: *self.setup_time.lock().unwrap_or_else(|p| p.into_inner()),
+                ready_value: value,
+            });
+        }
+        match s.state {
+            VmState::Booting => s.state = VmState::Running,
+            VmState::Paused => s.paused_from = VmState::Running,
+            _ => {}
+        }
+        self.cond.notify_all();
+    }
+
+    fn terminate(&self, reason: ExitReason) {
+        let mut s = self.lock();
+        if s.outcome.is_some() {
+            return;
+        }
+        s.state = match &reason {
+            ExitReason::Failed(e) => {
+                tracing::warn!(vm = %self.name, "VM failed: {e}");
+                VmState::Failed(e.to_string())
+            }
+            _ => VmState::Stopped,
+        };
+        let err = Self::reason_error(&reason);
+        s.outcome = Some(reason);
+        s.ended_at = Some(Instant::now());
+        self.cond.notify_all();
+        drop(s);
+        self.requests.close(&err);
+        for c in &self.controls {
+            c.send_and_kick(VcpuMsg::Stop);
+        }
+    }
+
+    fn console_tail(&self) -> String {
+        self.console.tail(TAIL_LINES)
+    }
+
+    fn requests(&self) -> &dyn RequestTransport {
+        &self.requests
+    }
+}
+
+impl Watchdog for VmCore {
+    fn on_timeout(&self, id: u64, timeout: Duration) -> VmError {
+        if let Some(r) = &self.lock().outcome {
+            return Self::reason_error(r);
+        }
+        let (tx, rx) = mpsc::channel();
+        let rip = match self.controls.first() {
+            Some(c) if c.send_and_kick(VcpuMsg::Sample(tx)) => {
+                rx.recv_timeout(Duration::from_secs(1)).unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let err = VmError::Unresponsive { id, timeout, rip };
+        self.terminate(ExitReason::Failed(err.clone()));
+        // If something else ended the VM first, report that.
+        match &self.lock().outcome {
+            Some(ExitReason::Failed(e)) => e.clone(),
+            Some(r) => Self::reason_error(r),
+            None => err,
+        }
+    }
+}
+
+/// A running VM. `Send + Sync`; dropping it stops the VM.
+pub struct Vm {
+    // Field order matters for drop: threads are joined in `Drop`, then the KVM VM is closed,
+    // then guest RAM is unmapped.
+    core: Arc<VmCore>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    hv: KvmVm,
+    memory: Arc<GuestMemory>,
+    mem_bytes: u64,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.core.name)
+            .field("mem_bytes", &self.mem_bytes)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Create a VM, load the kernel, set up boot state and devices, and start vCPU 0.
+    pub fn boot(cfg: VmConfig) -> Result<Vm, VmError> {
+        let start = Instant::now();
+        cfg.validate()?;
+        let hv = KvmHypervisor.create_vm()?;
+        let ram = GuestRam::new(&cfg.name, cfg.mem_bytes)?;
+        let kernel = loader::load_kernel(&ram, &cfg.kernel)?;
+        // SAFETY: the mapping belongs to `ram`, which `memory` keeps alive in the `Vm`; the
+        // slot is removed or re-pointed before a mapping is dropped (`swap_memory`), and the
+        // `Vm` drops the KVM VM before guest RAM.
+        unsafe { hv.set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())? };
+        let memory = Arc::new(GuestMemory::new(ram));
+
+        let echo = std::env::var("KSCOPE_SERIAL").is_ok_and(|v| v == "stderr");
+        let console = Arc::new(ConsoleBuffer::new(CONSOLE_CAPACITY, echo));
+        let mut io = Bus::new();
+        io.insert(
+            u64::from(ports::SERIAL_COM1),
+            8,
+            Arc::new(Mutex::new(SerialDevice::new(console.clone()))),
+        )?;
+        let hub = RequestHub::new();
+        let block = Arc::new(Mutex::new(MmioTransport::new(
+            BlockDevice::new(cfg.disk.clone(), &format!("kscope-{}", cfg.name)),
+            memory.clone(),
+        )));
+        let request = Arc::new(Mutex::new(MmioTransport::new(
+            RequestDevice::new(hub.clone()),
+            memory.clone(),
+        )));
+        let mut mmio = Bus::new();
+        mmio.insert(BLOCK_GPA, MMIO_DEVICE_SIZE, block)?;
+        mmio.insert(REQUEST_GPA, MMIO_DEVICE_SIZE, request.clone())?;
+        let devices = [
+            DeviceDesc {
+                kind: DeviceKind::Block as u32,
+                irq: 0,
+                gpa: BLOCK_GPA,
+                size: MMIO_DEVICE_SIZE,
+            },
+            DeviceDesc {
+                kind: DeviceKind::Request as u32,
+                irq: 0,
+                gpa: REQUEST_GPA,
+                size: MMIO_DEVICE_SIZE,
+            },
+        ];
+
+        let mut vcpus: Vec<KvmVcpu> = (0..cfg.vcpus)
+            .map(|i| hv.create_vcpu(i))
+            .collect::<Result<_, _>>()?;
+        let tsc_khz = vcpus[0].tsc_khz()?;
+        let cpu = boot::setup(
+            &memory.load(),
+            &BootParams {
+                vcpus: cfg.vcpus,
+                entry: kernel.entry,
+                kernel_phys_end: kernel.phys_end,
+                tsc_khz,
+                devices: &devices,
+                cmdline: &cfg.cmdline,
+            },
+        )?;
+        for v in &mut vcpus {
+            v.configure(&cpu, cfg.vcpus)?;
+        }
+
+        let mut controls = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..cfg.vcpus {
+            let (tx, rx) = mpsc::channel();
+            controls.push(Arc::new(VcpuControl::new(tx)));
+            receivers.push(rx);
+        }
+        let core = Arc::new(VmCore {
+            name: cfg.name.clone(),
+            status: Mutex::new(Status {
+                state: VmState::Booting,
+                paused_from: VmState::Booting,
+                ready: None,
+                outcome: None,
+                ended_at: None,
+            }),
+            cond: Condvar::new(),
+            console,
+            controls,
+            requests: VirtioRequestTransport::new(hub, request),
+            boot_start: start,
+            setup_time: Mutex::new(Duration::ZERO),
+            counters: Arc::new(ExitCounters::default()),
+        });
+        let waker_target = Arc::downgrade(&core);
+        core.requests.set_waker(Box::new(move || {
+            if let Some(core) = waker_target.upgrade() {
+                if let Some(c) = core.controls.first() {
+                    c.send(VcpuMsg::Wake);
+                }
+            }
+        }));
+
+        let mut threads = Vec::new();
+        for (i, (vcpu, rx)) in vcpus.into_iter().zip(receivers).enumerate() {
+            let t = VcpuThread {
+                id: i as u32,
+                vcpu,
+                rx,
+                control: core.controls[i].clone(),
+                io: io.clone(),
+                mmio: mmio.clone(),
+                host: core.clone() as Arc<dyn VcpuHost>,
+                counters: core.counters.clone(),
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}-{}", cfg.name))
+                .spawn(move || t.run())
+                .map_err(|e| VmError::Internal(format!("cannot spawn a vCPU thread: {e}")))?;
+            threads.push(h);
+        }
+        let vm = Vm {
+            core,
+            threads: Mutex::new(threads),
+            hv,
+            memory,
+            mem_bytes: cfg.mem_bytes,
+        };
+        *vm.core.setup_time.lock().unwrap_or_else(|p| p.into_inner()) = start.elapsed();
+        vm.core.controls[0].send(VcpuMsg::Run);
+        Ok(vm)
+    }
+
+    /// Wait until the guest writes the READY port.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<BootReport, VmError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.core.lock();
+        loop {
+            if let Some(r) = s.ready {
+                return Ok(r);
+            }
+            if let Some(r) = &s.outcome {
+                return Err(VmCore::reason_error(r));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::BootTimeout {
+                    timeout,
+                    serial_tail: self.core.console_tail(),
+                });
+            }
+            s = self
+                .core
+                .cond
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Send a request and wait for its response. No response within `timeout` fails the VM
+    /// ([`VmError::Unresponsive`]).
+    pub fn request(&self, kind: u32, payload: &[u8], timeout: Duration) -> Result<Response, VmError> {
+        self.submit(kind, payload)?.wait(timeout)
+    }
+
+    /// Queue a request; the guest gets it at its next `hlt` or queue notification.
+    pub fn submit(&self, kind: u32, payload: &[u8]) -> Result<PendingResponse, VmError> {
+        let slot = self.core.requests.submit(kind, payload)?;
+        Ok(PendingResponse::new(slot, self.core.clone() as Arc<dyn Watchdog>))
+    }
+
+    /// Take every vCPU out of the guest and keep it out until [`Vm::resume`].
+    pub fn pause(&self) -> Result<(), VmError> {
+        let mut s = self.core.lock();
+        match s.state {
+            VmState::Booting | VmState::Running => {}
+            ref other => {
+                return Err(VmError::BadState {
+                    op: "pause",
+                    state: format!("{other:?}"),
+                })
+            }
+        }
+        let acks: Vec<_> = self
+            .core
+            .controls
+            .iter()
+            .map(|c| {
+                let (tx, rx) = mpsc::channel();
+                c.send_and_kick(VcpuMsg::Pause(tx));
+                rx
+            })
+            .collect();
+        s.paused_from = s.state.clone();
+        s.state = VmState::Paused;
+        drop(s);
+        for rx in acks {
+            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                let s = self.core.lock();
+                return match &s.outcome {
+                    Some(r) => Err(VmCore::reason_error(r)),
+                    None => Err(VmError::Internal("a vCPU did not acknowledge pause".into())),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Resume a paused VM.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let mut s = self.core.lock();
+        if s.state != VmState::Paused {
+            return Err(VmError::BadState {
+                op: "resume",
+                state: format!("{:?}", s.state),
+            });
+        }
+        s.state = s.paused_from.clone();
+        drop(s);
+        for c in &self.core.controls {
+            c.send(VcpuMsg::Resume);
+        }
+        Ok(())
+    }
+
+    /// Stop the VM (if still running), join its vCPU threads and report how it ended.
+    pub fn stop(&self) -> Result<ExitReport, VmError> {
+        self.core.terminate(ExitReason::Stopped);
+        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!(vm = %self.core.name, "a vCPU thread panicked");
+            }
+        }
+        let s = self.core.lock();
+        let reason = s.outcome.clone().unwrap_or(ExitReason::Stopped);
+        let end = s.ended_at.unwrap_or_else(Instant::now);
+        Ok(ExitReport {
+            reason,
+            uptime: end.duration_since(self.core.boot_start),
+            exits: self.core.counters.snapshot(),
+        })
+    }
+
+    /// The VM's state.
+    pub fn state(&self) -> VmState {
+        self.core.lock().state.clone()
+    }
+
+    /// The captured serial console (the last [`CONSOLE_CAPACITY`] bytes).
+    pub fn serial_output(&self) -> String {
+        self.core.console.contents()
+    }
+
+    /// Read guest-physical memory.
+    pub fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.memory.load().read(gpa, buf)
+    }
+
+    /// Guest RAM size.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// Exit counters so far.
+    pub fn exit_counts(&self) -> ExitCounts {
+        self.core.counters.snapshot()
+    }
+
+    /// Requests (delivered to the guest, completed by the guest) so far.
+    pub fn request_counts(&self) -> (u64, u64) {
+        self.core.requests.hub().counters()
+    }
+
+    /// The guest RAM handle (current mapping, memfd), e.g. for cloning.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Replace guest RAM by `ram` (same size) while the VM is paused: the KVM slot is
+    /// deleted and re-added at the new mapping. Returns the previous RAM.
+    pub fn swap_memory(&self, ram: GuestRam) -> Result<Arc<GuestRam>, VmError> {
+        self.require_paused("swap guest memory")?;
+        if ram.size() != self.mem_bytes {
+            return Err(VmError::BadConfig(format!(
+                "replacement RAM is {:#x} bytes, the VM has {:#x}",
+                ram.size(),
+                self.mem_bytes
+            )));
+        }
+        let ram = Arc::new(ram);
+        self.hv.remove_memory_slot(RAM_SLOT, 0)?;
+        // SAFETY: `ram` is kept alive by `self.memory` (replaced below) for as long as the
+        // slot points at it; the old mapping is released only after the slot moved away.
+        unsafe { self.hv.set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())? };
+        Ok(self.memory.replace(ram))
+    }
+
+    /// Save the state of every vCPU (VM paused).
+    pub fn save_vcpu_states(&self) -> Result<Vec<KvmVcpuState>, VmError> {
+        self.require_paused("save vCPU state")?;
+        self.core
+            .controls
+            .iter()
+            .map(|c| {
+                let (tx, rx) = mpsc::channel();
+                c.send(VcpuMsg::GetState(tx));
+                rx.recv_timeout(Duration::from_secs(5))
+                    .map_err(|_| VmError::Internal("vCPU did not answer GetState".into()))?
+            })
+            .collect()
+    }
+
+    /// Restore the state of every vCPU (VM paused; one state per vCPU).
+    pub fn restore_vcpu_states(&self, states: &[KvmVcpuState]) -> Result<(), VmError> {
+        self.require_paused("restore vCPU state")?;
+        if states.len() != self.core.controls.len() {
+            return Err(VmError::BadConfig(format!(
+                "{} vCPU states for {} vCPUs",
+                states.len(),
+                self.core.controls.len()
+            )));
+        }
+        for (c, st) in self.core.controls.iter().zip(states) {
+            let (tx, rx) = mpsc::channel();
+            c.send(VcpuMsg::SetState(Box::new(st.clone()), tx));
+            rx.recv_timeout(Duration::from_secs(5))
+                .map_err(|_| VmError::Internal("vCPU did not answer SetState".into()))??;
+        }
+        Ok(())
+    }
+
+    fn require_paused(&self, op: &'static str) -> Result<(), VmError> {
+        let s = self.core.lock();
+        if s.state != VmState::Paused {
+            return Err(VmError::BadState {
+                op,
+                state: format!("{:?}", s.state),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

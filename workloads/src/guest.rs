@@ -1,0 +1,85 @@
+//! Guest side (feature `guest-bins`): file access through `kscope_guest::ulib` and the
+//! request loop every program runs.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use kscope_guest::ulib::{self, File};
+
+use crate::files::{FileError, Files};
+use crate::handlers::Handler;
+
+/// [`Files`] over the guest's root file system: `map` maps page-cache pages (mappings live
+/// for the rest of the process), `read_at` is one `pread` on a descriptor kept open.
+#[derive(Default)]
+pub struct GuestFiles {
+    open: Vec<(String, File)>,
+}
+
+impl Clone for GuestFiles {
+    /// A clone shares nothing: it opens its own descriptors.
+    fn clone(&self) -> Self {
+        GuestFiles::default()
+    }
+}
+
+/// Files kept open at most (descriptors are a kernel resource).
+const MAX_OPEN: usize = 16;
+
+fn sys_err(op: &'static str, path: &str, e: ulib::Errno) -> FileError {
+    if e.0 == kscope_guest::abi::syscall::errno::ENOENT {
+        FileError::NotFound(path.into())
+    } else {
+        FileError::Sys { op, path: path.into(), errno: e.0 }
+    }
+}
+
+impl GuestFiles {
+    fn file(&mut self, path: &str) -> Result<&File, FileError> {
+        if let Some(i) = self.open.iter().position(|(p, _)| p == path) {
+            return Ok(&self.open[i].1);
+        }
+        let f = File::open(path).map_err(|e| sys_err("open", path, e))?;
+        if self.open.len() >= MAX_OPEN {
+            self.open.remove(0);
+        }
+        self.open.push((path.into(), f));
+        Ok(&self.open[self.open.len() - 1].1)
+    }
+}
+
+impl Files for GuestFiles {
+    fn map(&mut self, path: &str) -> Result<&'static [u8], FileError> {
+        let f = File::open(path).map_err(|e| sys_err("open", path, e))?;
+        f.map().map_err(|e| sys_err("mmap", path, e))
+    }
+
+    fn read_at(&mut self, path: &str, offset: u64, buf: &mut [u8]) -> Result<usize, FileError> {
+        self.file(path)?.read_at(offset, buf).map_err(|e| sys_err("pread", path, e))
+    }
+
+    fn size(&mut self, path: &str) -> Result<u64, FileError> {
+        Ok(self.file(path)?.size())
+    }
+}
+
+/// Serve requests forever: one `recv_request`, the handler, one `send_response`.
+pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
+    kscope_guest::println!("{name}: ready");
+    let mut buf = alloc::vec![0u8; kscope_guest::abi::request::MAX_REQUEST];
+    loop {
+        let meta = match ulib::sys::recv_request(&mut buf) {
+            Ok(m) => m,
+            Err(e) => {
+                kscope_guest::println!("{name}: recv_request failed: errno {}", e.0);
+                return 1;
+            }
+        };
+        let len = (meta.len as usize).min(buf.len());
+        let (status, payload) = handler.handle(&buf[..len]);
+        let payload = &payload[..payload.len().min(kscope_guest::abi::request::MAX_RESPONSE)];
+        if let Err(e) = ulib::respond(meta.id, status, payload) {
+            kscope_guest::println!("{name}: send_response failed: errno {}", e.0);
+        }
+    }
+}
