@@ -7,11 +7,24 @@ include!("../guest/build_support.rs");
 const BINS: [&str; 6] = ["web", "olap", "json", "aes", "matmul", "compress"];
 
 fn main() {
-    rerun_if_changed(&["src", "build.rs", "../guest/src/ulib", "../guest/src/abi", "../guest/user.ld", "../guest/build_support.rs"]);
+    rerun_if_changed(&[
+        "src",
+        "build.rs",
+        "../guest/src/ulib",
+        "../guest/src/abi",
+        "../guest/user.ld",
+        "../guest/build_support.rs",
+    ]);
     if is_nested_build() {
         return;
     }
-    let built = nested_build("kscope-workloads", &BINS, "guest-bins", &user_rustflags(), "workloads");
+    let built = nested_build(
+        "kscope-workloads",
+        &BINS,
+        "guest-bins",
+        &user_rustflags(),
+        "workloads",
+    );
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     for (name, path) in BINS.iter().zip(&built) {
         std::fs::copy(path, out.join(name))

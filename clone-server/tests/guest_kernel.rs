@@ -67,6 +67,16 @@ fn boots_and_echoes() {
     assert_eq!(ask(&vm, b"plain payload"), b"plain payload");
     let r = vm.request(kind::PING, b"", T).expect("ping");
     assert_eq!(r.status, 0);
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        vm.request(kind::PING, b"", T).expect("ping");
+    }
+    println!("ping: {:?} per request", t.elapsed() / 20);
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        ask(&vm, b"echo x");
+    }
+    println!("echo: {:?} per request", t.elapsed() / 20);
     println!("{}", vm.serial_output());
     vm.stop().unwrap();
 }

@@ -352,22 +352,42 @@ impl Pass<'_> {
             } else {
                 E_USER_EXEC
             }
+        } else if m.flags.nx {
+            E_KERN_DATA
         } else {
-            if self.ignored.iter().any(|r| r.contains(&m.va)) {
-                return (0, 0);
-            }
-            if m.flags.nx {
-                E_KERN_DATA
-            } else {
-                E_KERN_EXEC
-            }
+            E_KERN_EXEC
         };
-        let first = m.pa / 4096;
-        let end = (first + m.size.frames()).min(self.ev.len() as u64);
-        for g in first..end {
-            self.ev[g as usize] |= bit;
+        // Frame offsets of the leaf outside the ignored ranges (a large leaf may straddle
+        // the edge of one, e.g. a 2 MiB mapping of the kernel image window).
+        let nframes = m.size.frames();
+        let va_end = m.va.saturating_add(m.size.bytes());
+        let mut keep = vec![(0u64, nframes)];
+        for r in self
+            .ignored
+            .iter()
+            .filter(|r| r.start < va_end && m.va < r.end)
+        {
+            let cut_start = (r.start.max(m.va) - m.va) / 4096;
+            let cut_end = (r.end.min(va_end) - m.va).div_ceil(4096);
+            keep = keep
+                .into_iter()
+                .flat_map(|(a, b)| [(a, b.min(cut_start)), (a.max(cut_end), b)])
+                .filter(|(a, b)| a < b)
+                .collect();
         }
-        let n = end.saturating_sub(first);
+        let first = m.pa / 4096;
+        let frames = self.ev.len() as u64;
+        let mut n = 0;
+        for (a, b) in keep {
+            let (s, e) = (
+                first.saturating_add(a).min(frames),
+                first.saturating_add(b).min(frames),
+            );
+            for g in s..e {
+                self.ev[g as usize] |= bit;
+            }
+            n += e - s;
+        }
         match bit {
             E_USER_EXEC => (n, 0),
             E_USER_DATA => (0, n),
@@ -551,6 +571,63 @@ mod tests {
         assert_eq!(resolve(E_IN_USE, false), Color::KernelData);
         assert_eq!(resolve(0, true), Color::Zero);
         assert_eq!(resolve(0, false), Color::Unknown);
+    }
+
+    #[test]
+    fn leaves_are_clipped_to_ram_and_outside_ignored_ranges() {
+        use crate::pagewalk::{PageSize, PteFlags};
+        let base = 0xffff_ffff_8000_0000u64;
+        // Ignore the image window outside the image [base + 1 MiB, base + 1 MiB + 12 KiB).
+        let ignored = [base..base + 0x10_0000, base + 0x10_3000..u64::MAX];
+        let mut pass = Pass {
+            ev: vec![0; 1024],
+            ignored: &ignored,
+            low_supervisor: 0,
+        };
+        let flags = PteFlags::default();
+        // A 2 MiB executable leaf at the base of the window maps frames 0..512.
+        pass.leaf(&Mapping {
+            va: base,
+            pa: 0,
+            size: PageSize::Size2M,
+            flags,
+        });
+        let marked: Vec<usize> = (0..1024)
+            .filter(|&g| pass.ev[g] & E_KERN_EXEC != 0)
+            .collect();
+        assert_eq!(marked, vec![256, 257, 258]);
+        // A 1 GiB user leaf is clipped to RAM; a supervisor low leaf is ignored.
+        let user = PteFlags {
+            user: true,
+            nx: true,
+            ..flags
+        };
+        assert_eq!(
+            pass.leaf(&Mapping {
+                va: 1 << 30,
+                pa: 0,
+                size: PageSize::Size1G,
+                flags: user
+            }),
+            (0, 1024)
+        );
+        assert_eq!(
+            pass.leaf(&Mapping {
+                va: 0,
+                pa: 0,
+                size: PageSize::Size2M,
+                flags
+            }),
+            (0, 0)
+        );
+        assert_eq!(pass.low_supervisor, 1);
+        // A leaf at the very top of the address space does not overflow.
+        pass.leaf(&Mapping {
+            va: 0xffff_ffff_ffe0_0000,
+            pa: 0,
+            size: PageSize::Size2M,
+            flags,
+        });
     }
 
     #[test]

@@ -19,7 +19,7 @@ use kscope_guest::abi::kinfo::{
     file_kind, proc_state, FileAbi, KInfo, ProcAbi, RadixNode, KINFO_MAGIC, KINFO_VERSION,
     RADIX_NODE_SIZE,
 };
-use kscope_guest::abi::layout::{KINFO_GPA, PAGE_SIZE};
+use kscope_guest::abi::layout::{KINFO_GPA, LOW_RESERVED_END, PAGE_SIZE};
 use std::cell::Cell;
 use std::ops::Range;
 
@@ -334,8 +334,9 @@ impl<M: PhysMem + ?Sized> GuestProfile for KscopeProfile<'_, M> {
         let dm_len = d.mem_bytes.div_ceil(1 << 30) << 30;
         let mut out = Vec::with_capacity(3);
         out.push(d.direct_map_base..d.direct_map_base.saturating_add(dm_len));
-        // The kernel image window outside the image itself (a kernel may map a whole 2 MiB or
-        // 1 GiB region there, which would otherwise make every frame look like kernel code).
+        // The kernel image window outside the image and the boot area (a kernel may map a
+        // whole 2 MiB or 1 GiB region there, which would otherwise make every frame look like
+        // kernel code).
         let img_start = [d.text.0, d.rodata.0, d.data.0]
             .into_iter()
             .filter(|&s| s != 0)
@@ -347,8 +348,11 @@ impl<M: PhysMem + ?Sized> GuestProfile for KscopeProfile<'_, M> {
         if let Some(s) = img_start {
             let s = s & !(PAGE_SIZE - 1);
             let e = img_end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-            if d.kernel_virt_base >= KERNEL_HALF && d.kernel_virt_base <= s {
-                out.push(d.kernel_virt_base..s);
+            // Below the image, the window maps the reserved boot structures (GDT, IDT, TSS,
+            // KInfo: kernel data); ignore only what lies between them and the image.
+            let low_end = d.kernel_virt_base.saturating_add(LOW_RESERVED_END);
+            if d.kernel_virt_base >= KERNEL_HALF && low_end < s {
+                out.push(low_end..s);
             }
             out.push(e..u64::MAX);
         }

@@ -28,7 +28,8 @@
 //! | 13 | nothing | `Unknown` | e.g. a profile without allocator information |
 //!
 //! Ignored evidence: leaves in the profile's ignored ranges (the direct map maps all RAM and
-//! says nothing about a role; kscope also ignores its image window outside the image) and
+//! says nothing about a role; kscope also ignores its image window outside the image and the
+//! boot area below it; a large leaf straddling a range is clipped frame by frame) and
 //! supervisor (U=0) leaves in the lower half (a boot identity map would otherwise be a second
 //! direct map); the page-table frames of those ranges are still `PageTable`.
 //!

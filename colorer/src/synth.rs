@@ -484,10 +484,10 @@ pub fn build(spec: &SynthSpec) -> Result<SynthGuest, SynthError> {
         unref: FrameSet::new(frames),
         free: FrameSet::new(frames),
     };
-    // Boot area: reserved, mostly zero; a few structures with content.
+    // Boot area: reserved, mostly zero, a few structures with content; mapped as kernel data
+    // through the image window (below), so KernelData even when zero.
     for g in 0..img {
         book.set(g, frame_use::BOOT, 0, Color::KernelData);
-        book.unref.insert(g);
     }
     for g in [1, 2, 3] {
         b.fill(g);
@@ -573,6 +573,11 @@ pub fn build(spec: &SynthSpec) -> Result<SynthGuest, SynthError> {
         PageSize::Size4K,
         pte::RW | pte::NX,
     )?;
+    // Like the kernel: the reserved boot area also through the image window, data only.
+    for g in 0..img {
+        let (va, pa) = (KERNEL_VIRT_BASE + g * PAGE_SIZE, g * PAGE_SIZE);
+        b.map(kpml4, va, pa, PageSize::Size4K, pte::RW | pte::NX)?;
+    }
 
     // Files and their page caches.
     let mut files = Vec::new();

@@ -132,7 +132,11 @@ fn accuracy_against_ground_truth() {
         .find(|s| s.color == Color::PageTable)
         .unwrap();
     assert_eq!((pt.precision, pt.recall), (1.0, 1.0));
-    assert!(r.matrix["boot"].contains_key(&Color::Zero));
+    assert_eq!(
+        r.matrix["boot"].keys().collect::<Vec<_>>(),
+        vec![&Color::KernelData]
+    );
+    assert!(r.matrix["kernel_data"].contains_key(&Color::Zero));
     assert!(serde_json::to_string(&r).unwrap().contains("user_code"));
 }
 

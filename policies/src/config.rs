@@ -89,7 +89,10 @@ fn parse_window(item: &str, v: &str) -> Result<u64, ConfigError> {
         why: format!("window {v:?} is not a number"),
     })?;
     if n == 0 || n > MAX_WINDOW {
-        return Err(ConfigError::Item { item: item.to_string(), why: format!("window must be in 1..={MAX_WINDOW}") });
+        return Err(ConfigError::Item {
+            item: item.to_string(),
+            why: format!("window must be in 1..={MAX_WINDOW}"),
+        });
     }
     Ok(n)
 }
@@ -101,21 +104,26 @@ impl Rule {
             Some((k, a)) => (k.trim(), Some(a)),
             None => (v.as_str(), None),
         };
-        let need = |a: Option<&str>| {
-            a.ok_or_else(|| ConfigError::Item { item: item.to_string(), why: format!("{kind} needs a window, e.g. {kind}:8") })
+        let window = || match arg {
+            Some(a) => parse_window(item, a),
+            None => Err(ConfigError::Item {
+                item: item.to_string(),
+                why: format!("{kind} needs a window, e.g. {kind}:8"),
+            }),
         };
         Ok(match kind {
             "none" | "lazy" => Rule::None,
-            "file" => Rule::File(parse_window(item, need(arg)?)?),
-            "pivot" => Rule::Pivot(parse_window(item, need(arg)?)?),
-            "local" => Rule::Local(parse_window(item, need(arg)?)?),
+            "file" => Rule::File(window()?),
+            "pivot" => Rule::Pivot(window()?),
+            "local" => Rule::Local(window()?),
             "eager" => Rule::Eager,
             "background" => Rule::Background,
             "zero" => Rule::Zero,
             _ => {
                 return Err(ConfigError::Item {
                     item: item.to_string(),
-                    why: "rule must be none, file:N, pivot:N, local:N, eager, background or zero".into(),
+                    why: "rule must be none, file:N, pivot:N, local:N, eager, background or zero"
+                        .into(),
                 })
             }
         })
@@ -155,7 +163,13 @@ impl Default for PolicyConfig {
         ] {
             rules[c.index()] = r;
         }
-        PolicyConfig { rules, zero_pages: true, blind_window: 8, faasnap_readahead: 8, activeset_block: 32 }
+        PolicyConfig {
+            rules,
+            zero_pages: true,
+            blind_window: 8,
+            faasnap_readahead: 8,
+            activeset_block: 32,
+        }
     }
 }
 
@@ -174,8 +188,10 @@ impl PolicyConfig {
 
     /// Read a configuration file (applied over the defaults).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let s = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&s)
     }
 
@@ -191,7 +207,11 @@ impl PolicyConfig {
                     item: item.to_string(),
                     why: "expected key=value".into(),
                 })?;
-                let k = k.trim().trim_matches('"').to_ascii_lowercase().replace('-', "_");
+                let k = k
+                    .trim()
+                    .trim_matches('"')
+                    .to_ascii_lowercase()
+                    .replace('-', "_");
                 let v = v.trim().trim_matches('"').trim_matches('\'');
                 match k.as_str() {
                     "zero_pages" => {
@@ -199,13 +219,20 @@ impl PolicyConfig {
                             "true" | "1" | "yes" => true,
                             "false" | "0" | "no" => false,
                             _ => {
-                                return Err(ConfigError::Item { item: item.to_string(), why: "expected true or false".into() })
+                                return Err(ConfigError::Item {
+                                    item: item.to_string(),
+                                    why: "expected true or false".into(),
+                                })
                             }
                         }
                     }
                     "blind_window" => self.blind_window = parse_window(item, v)?,
                     "faasnap_readahead" => {
-                        self.faasnap_readahead = if v.trim() == "0" { 0 } else { parse_window(item, v)? }
+                        self.faasnap_readahead = if v.trim() == "0" {
+                            0
+                        } else {
+                            parse_window(item, v)?
+                        }
                     }
                     "activeset_block" => self.activeset_block = parse_window(item, v)?,
                     _ => {
@@ -255,7 +282,8 @@ mod tests {
 
     #[test]
     fn parse_string_and_file_forms() {
-        let c = PolicyConfig::parse("user_data=local:16, page-table = background,blind_window=4").unwrap();
+        let c = PolicyConfig::parse("user_data=local:16, page-table = background,blind_window=4")
+            .unwrap();
         assert_eq!(c.rule(Color::UserData), Rule::Local(16));
         assert_eq!(c.rule(Color::PageTable), Rule::Background);
         assert_eq!(c.blind_window, 4);
@@ -271,7 +299,10 @@ mod tests {
         std::fs::write(&dir, toml).unwrap();
         assert_eq!(PolicyConfig::from_file(&dir).unwrap(), c);
         std::fs::remove_file(&dir).unwrap();
-        assert!(matches!(PolicyConfig::from_file(&dir), Err(ConfigError::Io { .. })));
+        assert!(matches!(
+            PolicyConfig::from_file(&dir),
+            Err(ConfigError::Io { .. })
+        ));
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub enum VmError {
     Loader(String),
 
     /// A KVM ioctl or a host system call failed.
-    #[error("{op} failed: {source}; check that /dev/kvm is accessible and the host has memory left")]
+    #[error(
+        "{op} failed: {source}; check that /dev/kvm is accessible and the host has memory left"
+    )]
     Kvm {
         /// What the VMM was doing.
         op: &'static str,

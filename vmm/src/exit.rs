@@ -115,9 +115,11 @@ mod tests {
     fn buses() -> (Bus, Bus, Arc<Mutex<Log>>) {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut io = Bus::new();
-        io.insert(0x3f8, 8, Arc::new(Mutex::new(Dev(log.clone())))).unwrap();
+        io.insert(0x3f8, 8, Arc::new(Mutex::new(Dev(log.clone()))))
+            .unwrap();
         let mut mmio = Bus::new();
-        mmio.insert(0xc000_0000, 0x1000, Arc::new(Mutex::new(Dev(log.clone())))).unwrap();
+        mmio.insert(0xc000_0000, 0x1000, Arc::new(Mutex::new(Dev(log.clone()))))
+            .unwrap();
         (io, mmio, log)
     }
 
@@ -130,19 +132,59 @@ mod tests {
         assert_eq!(out(ports::PANIC), Action::GuestPanic(7));
         assert_eq!(out(ports::READY), Action::Ready(7));
         // A one-byte outb to POWEROFF.
-        assert_eq!(dispatch(Exit::IoOut { port: ports::POWEROFF, data: &[3] }, &io, &mmio), Action::PowerOff(3));
+        assert_eq!(
+            dispatch(
+                Exit::IoOut {
+                    port: ports::POWEROFF,
+                    data: &[3]
+                },
+                &io,
+                &mmio
+            ),
+            Action::PowerOff(3)
+        );
         let mut b = [0xffu8; 4];
-        assert_eq!(dispatch(Exit::IoIn { port: ports::READY, data: &mut b }, &io, &mmio), Action::Continue);
+        assert_eq!(
+            dispatch(
+                Exit::IoIn {
+                    port: ports::READY,
+                    data: &mut b
+                },
+                &io,
+                &mmio
+            ),
+            Action::Continue
+        );
         assert_eq!(b, [0; 4]);
     }
 
     #[test]
     fn port_io_reaches_devices() {
         let (io, mmio, log) = buses();
-        assert_eq!(dispatch(Exit::IoOut { port: 0x3f8, data: b"h" }, &io, &mmio), Action::Continue);
+        assert_eq!(
+            dispatch(
+                Exit::IoOut {
+                    port: 0x3f8,
+                    data: b"h"
+                },
+                &io,
+                &mmio
+            ),
+            Action::Continue
+        );
         assert_eq!(log.lock().unwrap().writes, vec![(0, b"h".to_vec())]);
         let mut b = [0u8];
-        assert_eq!(dispatch(Exit::IoIn { port: 0x3fd, data: &mut b }, &io, &mmio), Action::Continue);
+        assert_eq!(
+            dispatch(
+                Exit::IoIn {
+                    port: 0x3fd,
+                    data: &mut b
+                },
+                &io,
+                &mmio
+            ),
+            Action::Continue
+        );
         assert_eq!(b, [6]);
     }
 
@@ -150,12 +192,26 @@ mod tests {
     fn unknown_ports_fault() {
         let (io, mmio, _) = buses();
         assert_eq!(
-            dispatch(Exit::IoOut { port: 0x80, data: &[0] }, &io, &mmio),
+            dispatch(
+                Exit::IoOut {
+                    port: 0x80,
+                    data: &[0]
+                },
+                &io,
+                &mmio
+            ),
             Action::Fault(Fault::UnknownPort(0x80))
         );
         let mut b = [0u8; 2];
         assert_eq!(
-            dispatch(Exit::IoIn { port: 0x2f8, data: &mut b }, &io, &mmio),
+            dispatch(
+                Exit::IoIn {
+                    port: 0x2f8,
+                    data: &mut b
+                },
+                &io,
+                &mmio
+            ),
             Action::Fault(Fault::UnknownPort(0x2f8))
         );
     }
@@ -164,16 +220,50 @@ mod tests {
     fn mmio_reaches_devices_or_faults() {
         let (io, mmio, log) = buses();
         let mut b = [0u8; 4];
-        assert_eq!(dispatch(Exit::MmioRead { addr: 0xc000_0010, data: &mut b }, &io, &mmio), Action::Continue);
+        assert_eq!(
+            dispatch(
+                Exit::MmioRead {
+                    addr: 0xc000_0010,
+                    data: &mut b
+                },
+                &io,
+                &mmio
+            ),
+            Action::Continue
+        );
         assert_eq!(b, [0x11; 4]);
-        assert_eq!(dispatch(Exit::MmioWrite { addr: 0xc000_0050, data: &[1, 0, 0, 0] }, &io, &mmio), Action::Continue);
+        assert_eq!(
+            dispatch(
+                Exit::MmioWrite {
+                    addr: 0xc000_0050,
+                    data: &[1, 0, 0, 0]
+                },
+                &io,
+                &mmio
+            ),
+            Action::Continue
+        );
         assert_eq!(log.lock().unwrap().writes, vec![(0x50, vec![1, 0, 0, 0])]);
         assert_eq!(
-            dispatch(Exit::MmioRead { addr: 0xd000_0000, data: &mut b }, &io, &mmio),
+            dispatch(
+                Exit::MmioRead {
+                    addr: 0xd000_0000,
+                    data: &mut b
+                },
+                &io,
+                &mmio
+            ),
             Action::Fault(Fault::UnknownMmio(0xd000_0000))
         );
         assert_eq!(
-            dispatch(Exit::MmioWrite { addr: 0xc000_0ffe, data: &[0; 4] }, &io, &mmio),
+            dispatch(
+                Exit::MmioWrite {
+                    addr: 0xc000_0ffe,
+                    data: &[0; 4]
+                },
+                &io,
+                &mmio
+            ),
             Action::Fault(Fault::UnknownMmio(0xc000_0ffe))
         );
     }
@@ -183,7 +273,10 @@ mod tests {
         let (io, mmio, _) = buses();
         assert_eq!(dispatch(Exit::Hlt, &io, &mmio), Action::Idle);
         assert_eq!(dispatch(Exit::Interrupted, &io, &mmio), Action::Interrupted);
-        assert_eq!(dispatch(Exit::Shutdown, &io, &mmio), Action::Fault(Fault::TripleFault));
+        assert_eq!(
+            dispatch(Exit::Shutdown, &io, &mmio),
+            Action::Fault(Fault::TripleFault)
+        );
         assert_eq!(
             dispatch(Exit::InternalError { suberror: 1 }, &io, &mmio),
             Action::Fault(Fault::InternalError(1))

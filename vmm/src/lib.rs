@@ -22,3 +22,6 @@ pub use devices::request::{PendingResponse, RequestTransport, Response};
 pub use error::VmError;
 pub use vcpu::{ExitCounts, ExitReason};
 pub use vm::{BootReport, ExitReport, Vm, VmConfig, VmState};
+pub mod uffd;
+pub mod lazy;
+pub mod snapfile;

@@ -63,7 +63,10 @@ fn parse(image: &[u8], mem_bytes: u64) -> Result<(u64, Vec<Segment>), VmError> {
         return Err(bad("not a little-endian ELF64 file".into()));
     }
     if u16_at(image, 18) != EM_X86_64 {
-        return Err(bad(format!("e_machine {} is not x86-64", u16_at(image, 18))));
+        return Err(bad(format!(
+            "e_machine {} is not x86-64",
+            u16_at(image, 18)
+        )));
     }
     let entry = u64_at(image, 24);
     let phoff = u64_at(image, 32);
@@ -96,7 +99,10 @@ fn parse(image: &[u8], mem_bytes: u64) -> Result<(u64, Vec<Segment>), VmError> {
         if s.filesz > s.memsz {
             return Err(bad(format!("segment {i}: p_filesz > p_memsz")));
         }
-        if s.offset.checked_add(s.filesz).is_none_or(|e| e > image.len() as u64) {
+        if s.offset
+            .checked_add(s.filesz)
+            .is_none_or(|e| e > image.len() as u64)
+        {
             return Err(bad(format!("segment {i}: file bytes lie outside the file")));
         }
         let end = s
@@ -129,7 +135,9 @@ fn parse(image: &[u8], mem_bytes: u64) -> Result<(u64, Vec<Segment>), VmError> {
         .iter()
         .any(|s| entry >= s.vaddr && entry < s.vaddr + s.memsz)
     {
-        return Err(bad(format!("entry point {entry:#x} is not inside a loaded segment")));
+        return Err(bad(format!(
+            "entry point {entry:#x} is not inside a loaded segment"
+        )));
     }
     Ok((entry, segs))
 }
@@ -138,8 +146,7 @@ fn parse(image: &[u8], mem_bytes: u64) -> Result<(u64, Vec<Segment>), VmError> {
 pub fn load_kernel(ram: &GuestRam, image: &[u8]) -> Result<LoadedKernel, VmError> {
     let (entry, segs) = parse(image, ram.size())?;
     let mut cursor = Cursor::new(image);
-    Elf::load(ram.mem(), None, &mut cursor, None)
-        .map_err(|e| bad(format!("linux-loader: {e}")))?;
+    Elf::load(ram.mem(), None, &mut cursor, None).map_err(|e| bad(format!("linux-loader: {e}")))?;
     // Zero .bss explicitly: RAM may be reused.
     for s in &segs {
         if s.memsz > s.filesz {
@@ -147,8 +154,16 @@ pub fn load_kernel(ram: &GuestRam, image: &[u8]) -> Result<LoadedKernel, VmError
             ram.write(s.paddr + s.filesz, &zeros)?;
         }
     }
-    let phys_start = segs.iter().map(|s| s.paddr).min().unwrap_or(KERNEL_PHYS_BASE);
-    let end = segs.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(KERNEL_PHYS_BASE);
+    let phys_start = segs
+        .iter()
+        .map(|s| s.paddr)
+        .min()
+        .unwrap_or(KERNEL_PHYS_BASE);
+    let end = segs
+        .iter()
+        .map(|s| s.paddr + s.memsz)
+        .max()
+        .unwrap_or(KERNEL_PHYS_BASE);
     Ok(LoadedKernel {
         entry,
         phys_start,
@@ -218,7 +233,10 @@ mod tests {
         // Entry outside the segment.
         let mut elf = build_test_elf(&[0xf4], 0x100000);
         elf[24..32].copy_from_slice(&(KERNEL_VIRT_BASE + 0x900000).to_le_bytes());
-        assert!(load_kernel(&ram, &elf).unwrap_err().to_string().contains("entry point"));
+        assert!(load_kernel(&ram, &elf)
+            .unwrap_err()
+            .to_string()
+            .contains("entry point"));
         // Wrong machine.
         let mut elf = build_test_elf(&[0xf4], 0x100000);
         elf[18] = 3;

@@ -10,9 +10,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::{Arc, RwLock};
 
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::errno;
 
 use crate::error::VmError;
@@ -29,7 +27,7 @@ pub fn validate_size(size: u64) -> Result<(), VmError> {
             "mem_bytes {size:#x} is below the minimum of {MIN_GUEST_RAM:#x} (4 MiB)"
         )));
     }
-    if size % LARGE_PAGE_SIZE != 0 {
+    if !size.is_multiple_of(LARGE_PAGE_SIZE) {
         return Err(VmError::BadConfig(format!(
             "mem_bytes {size:#x} is not a multiple of 2 MiB; round it to a 2 MiB boundary"
         )));
@@ -65,8 +63,12 @@ impl GuestRam {
         }
         // SAFETY: `fd` is a fresh file descriptor owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size)
-            .map_err(|e| VmError::kvm("ftruncate(memfd)", errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        file.set_len(size).map_err(|e| {
+            VmError::kvm(
+                "ftruncate(memfd)",
+                errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+            )
+        })?;
         Self::from_file(Arc::new(file), size, libc::MAP_SHARED)
     }
 
@@ -81,7 +83,9 @@ impl GuestRam {
             libc::PROT_READ | libc::PROT_WRITE,
             flags | libc::MAP_NORESERVE,
         )
-        .map_err(|e| VmError::Internal(format!("mmap of guest RAM ({size:#x} bytes) failed: {e}")))?;
+        .map_err(|e| {
+            VmError::Internal(format!("mmap of guest RAM ({size:#x} bytes) failed: {e}"))
+        })?;
         let host_addr = region.as_ptr() as usize;
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| VmError::Internal("guest region overflow".into()))?;
@@ -120,7 +124,10 @@ impl GuestRam {
         self.check(gpa, buf.len())?;
         self.mem
             .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| VmError::GuestMemory { gpa, len: buf.len() })
+            .map_err(|_| VmError::GuestMemory {
+                gpa,
+                len: buf.len(),
+            })
     }
 
     /// Write `data` into guest memory at `gpa`.
@@ -128,7 +135,10 @@ impl GuestRam {
         self.check(gpa, data.len())?;
         self.mem
             .write_slice(data, GuestAddress(gpa))
-            .map_err(|_| VmError::GuestMemory { gpa, len: data.len() })
+            .map_err(|_| VmError::GuestMemory {
+                gpa,
+                len: data.len(),
+            })
     }
 
     fn check(&self, gpa: u64, len: usize) -> Result<(), VmError> {

@@ -127,7 +127,10 @@ pub struct SnapshotPaths {
 impl SnapshotPaths {
     /// `state.ksnap` and `memory.kmem` inside `dir`.
     pub fn in_dir(dir: &Path) -> Self {
-        Self { state: dir.join("state.ksnap"), memory: dir.join("memory.kmem") }
+        Self {
+            state: dir.join("state.ksnap"),
+            memory: dir.join("memory.kmem"),
+        }
     }
 }
 
@@ -153,10 +156,18 @@ pub struct StateFile {
 
 fn io_at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapError + 'a {
     move |source| {
-        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
-            SnapError::NoSpace { path: path.to_path_buf() }
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT)
+        {
+            SnapError::NoSpace {
+                path: path.to_path_buf(),
+            }
         } else {
-            SnapError::Io { op, path: path.to_path_buf(), source }
+            SnapError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
         }
     }
 }
@@ -170,14 +181,24 @@ struct TempFile {
 impl TempFile {
     fn create(final_path: &Path) -> Result<Self> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = final_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = final_path.with_file_name(format!(
             ".{name}.tmp-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_at("create", &tmp))?;
-        Ok(Self { tmp, file: Some(file) })
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_at("create", &tmp))?;
+        Ok(Self {
+            tmp,
+            file: Some(file),
+        })
     }
 
     fn file(&self) -> &File {
@@ -210,7 +231,9 @@ fn sync_dir(path: &Path) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_at("fsync directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at("fsync directory", dir))
 }
 
 fn encode_state(memory: &MemoryInfo, payload: &[u8]) -> Vec<u8> {
@@ -250,32 +273,59 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 fn decode_state(path: &Path, bytes: &[u8]) -> Result<StateFile> {
     let actual = bytes.len() as u64;
     if bytes.len() < 12 {
-        return Err(SnapError::Length { path: path.into(), expected: HEADER_LEN as u64, actual });
+        return Err(SnapError::Length {
+            path: path.into(),
+            expected: HEADER_LEN as u64,
+            actual,
+        });
     }
     let found: [u8; 8] = bytes[..8].try_into().expect("8 bytes");
     if found != MAGIC {
-        return Err(SnapError::BadMagic { path: path.into(), found });
+        return Err(SnapError::BadMagic {
+            path: path.into(),
+            found,
+        });
     }
     let version = u32_at(bytes, 8);
     if version != FORMAT_VERSION {
-        return Err(SnapError::UnsupportedVersion { path: path.into(), found: version, supported: FORMAT_VERSION });
+        return Err(SnapError::UnsupportedVersion {
+            path: path.into(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     if bytes.len() < HEADER_LEN {
-        return Err(SnapError::Length { path: path.into(), expected: HEADER_LEN as u64, actual });
+        return Err(SnapError::Length {
+            path: path.into(),
+            expected: HEADER_LEN as u64,
+            actual,
+        });
     }
     let body_len = u64_at(bytes, 16);
     let expected = HEADER_LEN as u64 + body_len;
     if body_len < BODY_FIXED as u64 || body_len > MAX_BODY || expected != actual {
-        return Err(SnapError::Length { path: path.into(), expected, actual });
+        return Err(SnapError::Length {
+            path: path.into(),
+            expected,
+            actual,
+        });
     }
     let stored = u32_at(bytes, 24);
     let computed = state_crc(bytes);
     if stored != computed {
-        return Err(SnapError::Checksum { path: path.into(), stored, computed });
+        return Err(SnapError::Checksum {
+            path: path.into(),
+            stored,
+            computed,
+        });
     }
     let b = &bytes[HEADER_LEN..];
     Ok(StateFile {
-        memory: MemoryInfo { pages: u64_at(b, 0), data_pages: u64_at(b, 8), crc: u32_at(b, 16) },
+        memory: MemoryInfo {
+            pages: u64_at(b, 0),
+            data_pages: u64_at(b, 8),
+            crc: u32_at(b, 16),
+        },
         payload: b[BODY_FIXED..].to_vec(),
     })
 }
@@ -285,7 +335,11 @@ pub fn read_state(path: &Path) -> Result<StateFile> {
     let mut f = File::open(path).map_err(io_at("open", path))?;
     let len = f.metadata().map_err(io_at("stat", path))?.len();
     if len > HEADER_LEN as u64 + MAX_BODY {
-        return Err(SnapError::Length { path: path.into(), expected: HEADER_LEN as u64 + MAX_BODY, actual: len });
+        return Err(SnapError::Length {
+            path: path.into(),
+            expected: HEADER_LEN as u64 + MAX_BODY,
+            actual: len,
+        });
     }
     let mut bytes = Vec::with_capacity(len as usize);
     f.read_to_end(&mut bytes).map_err(io_at("read", path))?;
@@ -295,7 +349,9 @@ pub fn read_state(path: &Path) -> Result<StateFile> {
 /// Writes a state file without a memory file (atomically).
 pub fn write_state(path: &Path, payload: &[u8]) -> Result<()> {
     let tmp = TempFile::create(path)?;
-    tmp.file().write_all(&encode_state(&MemoryInfo::default(), payload)).map_err(io_at("write", &tmp.tmp))?;
+    tmp.file()
+        .write_all(&encode_state(&MemoryInfo::default(), payload))
+        .map_err(io_at("write", &tmp.tmp))?;
     tmp.sync()?;
     tmp.commit(path)?;
     sync_dir(path)
@@ -305,15 +361,20 @@ pub fn write_state(path: &Path, payload: &[u8]) -> Result<()> {
 fn write_memory(tmp: &TempFile, memory: &dyn PageSource) -> Result<MemoryInfo> {
     let f = tmp.file();
     let pages = memory.pages();
-    f.set_len(pages * PAGE_SIZE as u64).map_err(io_at("size", &tmp.tmp))?;
-    let mut info = MemoryInfo { pages, ..Default::default() };
+    f.set_len(pages * PAGE_SIZE as u64)
+        .map_err(io_at("size", &tmp.tmp))?;
+    let mut info = MemoryInfo {
+        pages,
+        ..Default::default()
+    };
     let mut crc = crc32fast::Hasher::new();
     let mut run: Vec<u8> = Vec::with_capacity(WRITE_RUN * PAGE_SIZE);
     let mut run_start = 0u64;
     let mut page = [0u8; PAGE_SIZE];
     let flush = |run: &mut Vec<u8>, start: u64| -> Result<()> {
         if !run.is_empty() {
-            f.write_all_at(run, start * PAGE_SIZE as u64).map_err(io_at("write", &tmp.tmp))?;
+            f.write_all_at(run, start * PAGE_SIZE as u64)
+                .map_err(io_at("write", &tmp.tmp))?;
             run.clear();
         }
         Ok(())
@@ -346,11 +407,18 @@ fn write_memory(tmp: &TempFile, memory: &dyn PageSource) -> Result<MemoryInfo> {
 
 /// Writes a snapshot: the sparse memory file of `memory` and a state file holding
 /// `payload`. Atomic per file, state last; on any error nothing new is left behind.
-pub fn write_snapshot_bytes(paths: &SnapshotPaths, payload: &[u8], memory: &dyn PageSource) -> Result<MemoryInfo> {
+pub fn write_snapshot_bytes(
+    paths: &SnapshotPaths,
+    payload: &[u8],
+    memory: &dyn PageSource,
+) -> Result<MemoryInfo> {
     let mem_tmp = TempFile::create(&paths.memory)?;
     let info = write_memory(&mem_tmp, memory)?;
     let state_tmp = TempFile::create(&paths.state)?;
-    state_tmp.file().write_all(&encode_state(&info, payload)).map_err(io_at("write", &state_tmp.tmp))?;
+    state_tmp
+        .file()
+        .write_all(&encode_state(&info, payload))
+        .map_err(io_at("write", &state_tmp.tmp))?;
     state_tmp.sync()?;
     mem_tmp.commit(&paths.memory)?;
     if let Err(e) = state_tmp.commit(&paths.state) {
@@ -363,7 +431,11 @@ pub fn write_snapshot_bytes(paths: &SnapshotPaths, payload: &[u8], memory: &dyn 
 }
 
 /// [`write_snapshot_bytes`] with a serde payload (stored as JSON).
-pub fn write_snapshot<T: Serialize>(paths: &SnapshotPaths, state: &T, memory: &dyn PageSource) -> Result<MemoryInfo> {
+pub fn write_snapshot<T: Serialize>(
+    paths: &SnapshotPaths,
+    state: &T,
+    memory: &dyn PageSource,
+) -> Result<MemoryInfo> {
     write_snapshot_bytes(paths, &serde_json::to_vec(state)?, memory)
 }
 
@@ -371,7 +443,9 @@ pub fn write_snapshot<T: Serialize>(paths: &SnapshotPaths, state: &T, memory: &d
 /// recorded size and opens it as a page source. Returns the raw payload.
 pub fn open_snapshot_bytes(paths: &SnapshotPaths) -> Result<(Vec<u8>, MemoryInfo, FileImage)> {
     let state = read_state(&paths.state)?;
-    let len = std::fs::metadata(&paths.memory).map_err(io_at("stat", &paths.memory))?.len();
+    let len = std::fs::metadata(&paths.memory)
+        .map_err(io_at("stat", &paths.memory))?
+        .len();
     let want = state.memory.pages * PAGE_SIZE as u64;
     if len != want {
         return Err(SnapError::MemoryMismatch {
@@ -384,7 +458,9 @@ pub fn open_snapshot_bytes(paths: &SnapshotPaths) -> Result<(Vec<u8>, MemoryInfo
 }
 
 /// [`open_snapshot_bytes`] with a serde payload.
-pub fn open_snapshot<T: DeserializeOwned>(paths: &SnapshotPaths) -> Result<(T, MemoryInfo, FileImage)> {
+pub fn open_snapshot<T: DeserializeOwned>(
+    paths: &SnapshotPaths,
+) -> Result<(T, MemoryInfo, FileImage)> {
     let (payload, info, image) = open_snapshot_bytes(paths)?;
     Ok((serde_json::from_slice(&payload)?, info, image))
 }
@@ -455,24 +531,35 @@ mod tests {
     }
 
     fn sample() -> Vcpu {
-        Vcpu { rip: 0xffff_8000_0010_0000, regs: (0..16).collect(), name: "vcpu0".into() }
+        Vcpu {
+            rip: 0xffff_8000_0010_0000,
+            regs: (0..16).collect(),
+            name: "vcpu0".into(),
+        }
     }
 
     fn listing(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> =
-            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     }
 
     #[test]
     fn snapshot_round_trip_is_sparse_and_exact() {
+        let _g = crate::lazy::tests::fd_guard();
         let dir = scratch("rt");
         let paths = SnapshotPaths::in_dir(&dir);
         let mem = memory();
         let info = write_snapshot(&paths, &sample(), &mem).unwrap();
         assert_eq!((info.pages, info.data_pages), (64, 10));
-        assert_eq!(listing(&dir), vec!["memory.kmem", "state.ksnap"], "no temporary files left");
+        assert_eq!(
+            listing(&dir),
+            vec!["memory.kmem", "state.ksnap"],
+            "no temporary files left"
+        );
         let (state, info2, image): (Vcpu, _, _) = open_snapshot(&paths).unwrap();
         assert_eq!(state, sample());
         assert_eq!(info2, info);
@@ -483,8 +570,12 @@ mod tests {
             assert_eq!(a, b, "page {g}");
         }
         assert_eq!(image.data_pages().count(), 10, "zero pages must be holes");
-        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&paths.memory).unwrap());
-        assert!(blocks * 512 < 64 * PAGE_SIZE as u64 / 2, "memory file is not sparse: {blocks} blocks");
+        let blocks =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&paths.memory).unwrap());
+        assert!(
+            blocks * 512 < 64 * PAGE_SIZE as u64 / 2,
+            "memory file is not sparse: {blocks} blocks"
+        );
         verify_memory(&info, &image, &paths.memory).unwrap();
         // Overwrite in place.
         write_snapshot_bytes(&paths, b"second", &mem).unwrap();
@@ -495,6 +586,7 @@ mod tests {
 
     #[test]
     fn damaged_state_files_are_rejected_with_specific_errors() {
+        let _g = crate::lazy::tests::fd_guard();
         let dir = scratch("bad");
         let path = dir.join("s");
         write_state(&path, b"payload bytes").unwrap();
@@ -511,7 +603,10 @@ mod tests {
             let e = check(&b);
             match i {
                 0..=7 => assert!(matches!(e, SnapError::BadMagic { .. }), "byte {i}: {e}"),
-                8..=11 => assert!(matches!(e, SnapError::UnsupportedVersion { .. }), "byte {i}: {e}"),
+                8..=11 => assert!(
+                    matches!(e, SnapError::UnsupportedVersion { .. }),
+                    "byte {i}: {e}"
+                ),
                 16..=23 => assert!(matches!(e, SnapError::Length { .. }), "byte {i}: {e}"),
                 _ => assert!(matches!(e, SnapError::Checksum { .. }), "byte {i}: {e}"),
             }
@@ -519,20 +614,37 @@ mod tests {
         let mut b = good.clone();
         b[8..12].copy_from_slice(&7u32.to_le_bytes());
         let e = check(&b);
-        assert!(matches!(e, SnapError::UnsupportedVersion { found: 7, supported: FORMAT_VERSION, .. }));
-        assert!(e.to_string().contains("version 7") && e.to_string().contains("supports version 1"), "{e}");
+        assert!(matches!(
+            e,
+            SnapError::UnsupportedVersion {
+                found: 7,
+                supported: FORMAT_VERSION,
+                ..
+            }
+        ));
+        assert!(
+            e.to_string().contains("version 7") && e.to_string().contains("supports version 1"),
+            "{e}"
+        );
         for cut in [0, 5, 20, good.len() - 1] {
-            assert!(matches!(check(&good[..cut]), SnapError::Length { .. }), "cut at {cut}");
+            assert!(
+                matches!(check(&good[..cut]), SnapError::Length { .. }),
+                "cut at {cut}"
+            );
         }
         let mut long = good.clone();
         long.push(0);
         assert!(matches!(check(&long), SnapError::Length { .. }));
-        assert!(matches!(check(b"not a snapshot at all, really"), SnapError::BadMagic { .. }));
+        assert!(matches!(
+            check(b"not a snapshot at all, really"),
+            SnapError::BadMagic { .. }
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn memory_file_mismatches_are_detected() {
+        let _g = crate::lazy::tests::fd_guard();
         let dir = scratch("mem");
         let paths = SnapshotPaths::in_dir(&dir);
         let info = write_snapshot_bytes(&paths, b"x", &memory()).unwrap();
@@ -540,25 +652,42 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&paths.memory).unwrap();
         f.write_all_at(&[0xEE], 5 * PAGE_SIZE as u64 + 7).unwrap();
         let (_, _, image) = open_snapshot_bytes(&paths).unwrap();
-        assert!(matches!(verify_memory(&info, &image, &paths.memory), Err(SnapError::MemoryMismatch { .. })));
+        assert!(matches!(
+            verify_memory(&info, &image, &paths.memory),
+            Err(SnapError::MemoryMismatch { .. })
+        ));
         // A truncated memory file: caught on open.
         f.set_len(10 * PAGE_SIZE as u64).unwrap();
-        assert!(matches!(open_snapshot_bytes(&paths), Err(SnapError::MemoryMismatch { .. })));
+        assert!(matches!(
+            open_snapshot_bytes(&paths),
+            Err(SnapError::MemoryMismatch { .. })
+        ));
         // A corrupted state file: nothing is returned.
         let mut s = std::fs::read(&paths.state).unwrap();
         let last = s.len() - 1;
         s[last] ^= 1;
         std::fs::write(&paths.state, s).unwrap();
-        assert!(matches!(open_snapshot_bytes(&paths), Err(SnapError::Checksum { .. })));
+        assert!(matches!(
+            open_snapshot_bytes(&paths),
+            Err(SnapError::Checksum { .. })
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// Mounts a 256 KiB tmpfs (root needed) and fills it.
     #[test]
     fn full_disk_gives_no_space_and_leaves_nothing() {
+        let _g = crate::lazy::tests::fd_guard();
         let dir = scratch("full");
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "kscope-test", dir.to_str().unwrap()])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=256k",
+                "kscope-test",
+                dir.to_str().unwrap(),
+            ])
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
@@ -579,6 +708,9 @@ mod tests {
         assert!(matches!(e, SnapError::NoSpace { .. }), "{e}");
         assert!(matches!(e2, SnapError::NoSpace { .. }), "{e2}");
         assert!(matches!(e3, SnapError::NoSpace { .. }), "{e3}");
-        assert!(after_mem.is_empty() && after_state.is_empty() && after_plain.is_empty(), "{after_mem:?} {after_state:?} {after_plain:?}");
+        assert!(
+            after_mem.is_empty() && after_state.is_empty() && after_plain.is_empty(),
+            "{after_mem:?} {after_state:?} {after_plain:?}"
+        );
     }
 }

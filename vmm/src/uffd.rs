@@ -169,9 +169,7 @@ const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     /// Neither `/dev/userfaultfd` nor the syscall gave a descriptor.
-    #[error(
-        "cannot create a userfaultfd ({0}); run as root or set vm.unprivileged_userfaultfd=1"
-    )]
+    #[error("cannot create a userfaultfd ({0}); run as root or set vm.unprivileged_userfaultfd=1")]
     Create(#[source] io::Error),
     /// The API handshake failed (usually: a requested feature is not supported).
     #[error("UFFDIO_API handshake failed for features {requested:#x} (kernel offers {available:#x}): {source}")]
@@ -224,12 +222,23 @@ pub struct RegisterMode {
 
 impl RegisterMode {
     /// Only MISSING faults.
-    pub const MISSING: Self = Self { missing: true, wp: false, minor: false };
+    pub const MISSING: Self = Self {
+        missing: true,
+        wp: false,
+        minor: false,
+    };
 
     fn bits(self) -> u64 {
-        (if self.missing { UFFDIO_REGISTER_MODE_MISSING } else { 0 })
-            | (if self.wp { UFFDIO_REGISTER_MODE_WP } else { 0 })
-            | (if self.minor { UFFDIO_REGISTER_MODE_MINOR } else { 0 })
+        (if self.missing {
+            UFFDIO_REGISTER_MODE_MISSING
+        } else {
+            0
+        }) | (if self.wp { UFFDIO_REGISTER_MODE_WP } else { 0 })
+            | (if self.minor {
+                UFFDIO_REGISTER_MODE_MINOR
+            } else {
+                0
+            })
     }
 }
 
@@ -300,10 +309,22 @@ impl Event {
                 wp: arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0,
                 minor: arg[0] & UFFD_PAGEFAULT_FLAG_MINOR != 0,
             },
-            UFFD_EVENT_FORK => Event::Fork { uffd: arg[0] as u32 as RawFd },
-            UFFD_EVENT_REMAP => Event::Remap { from: arg[0], to: arg[1], len: arg[2] },
-            UFFD_EVENT_REMOVE => Event::Remove { start: arg[0], end: arg[1] },
-            UFFD_EVENT_UNMAP => Event::Unmap { start: arg[0], end: arg[1] },
+            UFFD_EVENT_FORK => Event::Fork {
+                uffd: arg[0] as u32 as RawFd,
+            },
+            UFFD_EVENT_REMAP => Event::Remap {
+                from: arg[0],
+                to: arg[1],
+                len: arg[2],
+            },
+            UFFD_EVENT_REMOVE => Event::Remove {
+                start: arg[0],
+                end: arg[1],
+            },
+            UFFD_EVENT_UNMAP => Event::Unmap {
+                start: arg[0],
+                end: arg[1],
+            },
             other => Event::Unknown(other),
         }
     }
@@ -318,7 +339,7 @@ pub struct Uffd {
 
 fn check_aligned(start: u64, len: u64) -> Result<()> {
     let p = PAGE_SIZE as u64;
-    if start % p != 0 || len % p != 0 || len == 0 {
+    if !start.is_multiple_of(p) || !len.is_multiple_of(p) || len == 0 {
         return Err(UffdError::Unaligned { start, len });
     }
     Ok(())
@@ -330,20 +351,35 @@ impl Uffd {
     /// handshakes the API with the given feature bits (see [`features`]).
     pub fn new(features: u64) -> Result<Self> {
         let fd = Self::open_raw()?;
-        let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
         // SAFETY: `fd` is a valid userfaultfd and `api` is a properly sized, writable
         // `struct uffdio_api` that outlives the call.
         let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
         if r != 0 {
             let source = io::Error::last_os_error();
-            return Err(UffdError::Api { requested: features, available: api.features, source });
+            return Err(UffdError::Api {
+                requested: features,
+                available: api.features,
+                source,
+            });
         }
-        Ok(Self { fd, features: api.features })
+        Ok(Self {
+            fd,
+            features: api.features,
+        })
     }
 
     fn open_raw() -> Result<OwnedFd> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        let dev_err = match OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        let dev_err = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+        {
             Ok(dev) => {
                 // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new
                 // descriptor or -1; `dev` is open for the duration of the call.
@@ -378,7 +414,11 @@ impl Uffd {
     /// the kernel allows on the range.
     pub fn register(&self, start: u64, len: u64, mode: RegisterMode) -> Result<u64> {
         check_aligned(start, len)?;
-        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: mode.bits(), ioctls: 0 };
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: mode.bits(),
+            ioctls: 0,
+        };
         self.ioctl("UFFDIO_REGISTER", UFFDIO_REGISTER, &mut reg, start, len)?;
         Ok(reg.ioctls)
     }
@@ -387,7 +427,13 @@ impl Uffd {
     pub fn unregister(&self, start: u64, len: u64) -> Result<()> {
         check_aligned(start, len)?;
         let mut range = UffdioRange { start, len };
-        self.ioctl("UFFDIO_UNREGISTER", UFFDIO_UNREGISTER, &mut range, start, len)
+        self.ioctl(
+            "UFFDIO_UNREGISTER",
+            UFFDIO_UNREGISTER,
+            &mut range,
+            start,
+            len,
+        )
     }
 
     /// Wakes threads waiting on faults in a range.
@@ -405,8 +451,11 @@ impl Uffd {
     pub fn copy(&self, dst: u64, src: &[u8], dontwake: bool, wp: bool) -> Result<Install> {
         let len = src.len() as u64;
         check_aligned(dst, len)?;
-        let mode = (if dontwake { UFFDIO_COPY_MODE_DONTWAKE } else { 0 })
-            | (if wp { UFFDIO_COPY_MODE_WP } else { 0 });
+        let mode = (if dontwake {
+            UFFDIO_COPY_MODE_DONTWAKE
+        } else {
+            0
+        }) | (if wp { UFFDIO_COPY_MODE_WP } else { 0 });
         let mut done = 0u64;
         loop {
             let mut c = UffdioCopy {
@@ -419,7 +468,8 @@ impl Uffd {
             // SAFETY: `c` is a valid `struct uffdio_copy`; its source range lies within the
             // borrowed `src` slice; the destination is checked by the kernel against the
             // registered ranges of this descriptor.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c as *mut UffdioCopy) };
+            let r =
+                unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c as *mut UffdioCopy) };
             if r == 0 {
                 return Ok(Install::Installed);
             }
@@ -432,7 +482,12 @@ impl Uffd {
                 Some(libc::EAGAIN) => return Ok(Install::Installed),
                 Some(libc::EEXIST) => return Ok(Install::AlreadyPresent(done)),
                 _ => {
-                    return Err(UffdError::Ioctl { op: "UFFDIO_COPY", start: dst + done, len: len - done, source: err })
+                    return Err(UffdError::Ioctl {
+                        op: "UFFDIO_COPY",
+                        start: dst + done,
+                        len: len - done,
+                        source: err,
+                    })
                 }
             }
         }
@@ -442,16 +497,29 @@ impl Uffd {
     /// zeroed page-cache page).
     pub fn zeropage(&self, start: u64, len: u64, dontwake: bool) -> Result<Install> {
         check_aligned(start, len)?;
-        let mode = if dontwake { UFFDIO_ZEROPAGE_MODE_DONTWAKE } else { 0 };
+        let mode = if dontwake {
+            UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        } else {
+            0
+        };
         let mut done = 0u64;
         loop {
             let mut z = UffdioZeropage {
-                range: UffdioRange { start: start + done, len: len - done },
+                range: UffdioRange {
+                    start: start + done,
+                    len: len - done,
+                },
                 mode,
                 zeropage: 0,
             };
             // SAFETY: `z` is a valid `struct uffdio_zeropage`; the kernel checks the range.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) };
+            let r = unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    UFFDIO_ZEROPAGE,
+                    &mut z as *mut UffdioZeropage,
+                )
+            };
             if r == 0 {
                 return Ok(Install::Installed);
             }
@@ -464,7 +532,12 @@ impl Uffd {
                 Some(libc::EAGAIN) => return Ok(Install::Installed),
                 Some(libc::EEXIST) => return Ok(Install::AlreadyPresent(done)),
                 _ => {
-                    return Err(UffdError::Ioctl { op: "UFFDIO_ZEROPAGE", start: start + done, len: len - done, source: err })
+                    return Err(UffdError::Ioctl {
+                        op: "UFFDIO_ZEROPAGE",
+                        start: start + done,
+                        len: len - done,
+                        source: err,
+                    })
                 }
             }
         }
@@ -473,16 +546,29 @@ impl Uffd {
     /// Maps page-cache pages that are present but unmapped (MINOR mode on shmem).
     pub fn continue_range(&self, start: u64, len: u64, dontwake: bool) -> Result<Install> {
         check_aligned(start, len)?;
-        let mode = if dontwake { UFFDIO_CONTINUE_MODE_DONTWAKE } else { 0 };
+        let mode = if dontwake {
+            UFFDIO_CONTINUE_MODE_DONTWAKE
+        } else {
+            0
+        };
         let mut done = 0u64;
         loop {
             let mut c = UffdioContinue {
-                range: UffdioRange { start: start + done, len: len - done },
+                range: UffdioRange {
+                    start: start + done,
+                    len: len - done,
+                },
                 mode,
                 mapped: 0,
             };
             // SAFETY: `c` is a valid `struct uffdio_continue`; the kernel checks the range.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c as *mut UffdioContinue) };
+            let r = unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    UFFDIO_CONTINUE,
+                    &mut c as *mut UffdioContinue,
+                )
+            };
             if r == 0 {
                 return Ok(Install::Installed);
             }
@@ -495,7 +581,12 @@ impl Uffd {
                 Some(libc::EAGAIN) => return Ok(Install::Installed),
                 Some(libc::EEXIST) => return Ok(Install::AlreadyPresent(done)),
                 _ => {
-                    return Err(UffdError::Ioctl { op: "UFFDIO_CONTINUE", start: start + done, len: len - done, source: err })
+                    return Err(UffdError::Ioctl {
+                        op: "UFFDIO_CONTINUE",
+                        start: start + done,
+                        len: len - done,
+                        source: err,
+                    })
                 }
             }
         }
@@ -505,12 +596,32 @@ impl Uffd {
     /// wakes the blocked writers unless `dontwake`.
     pub fn writeprotect(&self, start: u64, len: u64, protect: bool, dontwake: bool) -> Result<()> {
         check_aligned(start, len)?;
-        let mode = (if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 })
-            | (if dontwake { UFFDIO_WRITEPROTECT_MODE_DONTWAKE } else { 0 });
-        let mut w = UffdioWriteprotect { range: UffdioRange { start, len }, mode };
+        let mode = (if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        }) | (if dontwake {
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        } else {
+            0
+        });
+        let mut w = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode,
+        };
         loop {
-            match self.ioctl("UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT, &mut w, start, len) {
-                Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => continue,
+            match self.ioctl(
+                "UFFDIO_WRITEPROTECT",
+                UFFDIO_WRITEPROTECT,
+                &mut w,
+                start,
+                len,
+            ) {
+                Err(UffdError::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::EAGAIN) =>
+                {
+                    continue
+                }
                 other => return other,
             }
         }
@@ -520,11 +631,21 @@ impl Uffd {
     /// is pending.
     pub fn read_events(&self, out: &mut Vec<Event>, max: usize) -> Result<()> {
         const BATCH: usize = 32;
-        let mut buf = [UffdMsg { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] }; BATCH];
+        let mut buf = [UffdMsg {
+            event: 0,
+            reserved1: 0,
+            reserved2: 0,
+            reserved3: 0,
+            arg: [0; 3],
+        }; BATCH];
         let want = max.clamp(1, BATCH);
         // SAFETY: `buf` is writable for `want * 32` bytes; the kernel writes whole messages.
         let n = unsafe {
-            libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), want * std::mem::size_of::<UffdMsg>())
+            libc::read(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                want * std::mem::size_of::<UffdMsg>(),
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -538,12 +659,24 @@ impl Uffd {
         Ok(())
     }
 
-    fn ioctl<T>(&self, op: &'static str, req: libc::c_ulong, arg: &mut T, start: u64, len: u64) -> Result<()> {
+    fn ioctl<T>(
+        &self,
+        op: &'static str,
+        req: libc::c_ulong,
+        arg: &mut T,
+        start: u64,
+        len: u64,
+    ) -> Result<()> {
         // SAFETY: every caller passes the structure type matching `req` (the request number
         // encodes its size), exclusively borrowed for the duration of the call.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req, arg as *mut T) };
         if r != 0 {
-            return Err(UffdError::Ioctl { op, start, len, source: io::Error::last_os_error() });
+            return Err(UffdError::Ioctl {
+                op,
+                start,
+                len,
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -563,8 +696,16 @@ impl Uffd {
     /// Returns both false on timeout or signal interruption.
     pub fn wait(&self, other: &dyn AsRawFd, timeout_ms: i32) -> Result<Ready> {
         let mut fds = [
-            libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: other.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: other.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: `fds` is a valid array of two pollfd structures that outlives the call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
@@ -575,8 +716,12 @@ impl Uffd {
             }
             return Err(UffdError::Read(e));
         }
-        let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
-        Ok(Ready { uffd: ready(&fds[0]), other: ready(&fds[1]) })
+        let ready =
+            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+        Ok(Ready {
+            uffd: ready(&fds[0]),
+            other: ready(&fds[1]),
+        })
     }
 }
 
@@ -614,7 +759,10 @@ mod tests {
         let _g = crate::lazy::tests::fd_guard();
         let u = Uffd::new(0).expect("userfaultfd (run as root)");
         assert!(matches!(u.wake(1, 4096), Err(UffdError::Unaligned { .. })));
-        assert!(matches!(u.zeropage(0, 100, false), Err(UffdError::Unaligned { .. })));
+        assert!(matches!(
+            u.zeropage(0, 100, false),
+            Err(UffdError::Unaligned { .. })
+        ));
     }
 
     #[test]

@@ -122,7 +122,11 @@ impl<S> VcpuControl<S> {
 
     /// Queue a message without kicking. Returns false if the thread is gone.
     pub fn send(&self, m: VcpuMsg<S>) -> bool {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(m).is_ok()
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(m)
+            .is_ok()
     }
 
     /// Queue a message and kick the thread out of the guest.
@@ -173,18 +177,24 @@ pub struct VcpuThread<V: HvVcpu> {
     pub host: Arc<dyn VcpuHost>,
     /// Exit counters.
     pub counters: Arc<ExitCounters>,
+    /// Current no-buffer back-off (see [`NO_BUFFER_BACKOFF`]).
+    pub backoff: Duration,
 }
 
-/// How long an idle vCPU waits before re-entering the guest when requests are queued but the
-/// guest has posted no RX buffer (so that it can post some).
-const NO_BUFFER_BACKOFF: Duration = Duration::from_millis(1);
+/// How long an idle vCPU first waits before re-entering the guest when requests are queued
+/// but the guest has posted no RX buffer (so that it can post some); doubled on every
+/// consecutive idle without progress, up to [`MAX_NO_BUFFER_BACKOFF`].
+pub const NO_BUFFER_BACKOFF: Duration = Duration::from_millis(1);
+/// Upper bound of the no-buffer back-off.
+const MAX_NO_BUFFER_BACKOFF: Duration = Duration::from_millis(64);
 
 impl<V: HvVcpu> VcpuThread<V> {
     /// Run the state machine until `Stop` or a terminal exit. Call on the vCPU's own thread.
     pub fn run(mut self) {
         self.vcpu.bind_to_current_thread();
         // SAFETY: pthread_self has no preconditions.
-        self.control.set_thread(Some(unsafe { libc::pthread_self() }));
+        self.control
+            .set_thread(Some(unsafe { libc::pthread_self() }));
         let mut state = RunState::Parked;
         while state != RunState::Done {
             state = match state {
@@ -292,8 +302,10 @@ impl<V: HvVcpu> VcpuThread<V> {
             }
             Action::GuestPanic(code) => {
                 let serial_tail = self.host.console_tail();
-                self.host
-                    .terminate(ExitReason::Failed(VmError::GuestPanic { code, serial_tail }));
+                self.host.terminate(ExitReason::Failed(VmError::GuestPanic {
+                    code,
+                    serial_tail,
+                }));
                 RunState::Done
             }
             Action::Fault(f) => {
@@ -313,10 +325,12 @@ impl<V: HvVcpu> VcpuThread<V> {
             if self.id == 0 {
                 let d = self.host.requests().on_guest_idle();
                 if d.delivered > 0 {
+                    self.backoff = NO_BUFFER_BACKOFF;
                     return RunState::Running;
                 }
                 if d.queued > 0 {
-                    wait = Some(NO_BUFFER_BACKOFF);
+                    wait = Some(self.backoff);
+                    self.backoff = (self.backoff * 2).min(MAX_NO_BUFFER_BACKOFF);
                 }
             }
             let m = match wait {

@@ -80,7 +80,7 @@ impl VmConfig {
         if self.kernel.is_empty() {
             return Err(VmError::BadConfig("the kernel image is empty".into()));
         }
-        if self.disk.len() % 512 != 0 {
+        if !self.disk.len().is_multiple_of(512) {
             return Err(VmError::BadConfig(format!(
                 "disk image is {} bytes, not a multiple of 512; pad it",
                 self.disk.len()
@@ -369,6 +369,7 @@ impl Vm {
                 mmio: mmio.clone(),
                 host: core.clone() as Arc<dyn VcpuHost>,
                 counters: core.counters.clone(),
+                backoff: crate::vcpu::NO_BUFFER_BACKOFF,
             };
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}-{}", cfg.name))
@@ -417,14 +418,22 @@ impl Vm {
 
     /// Send a request and wait for its response. No response within `timeout` fails the VM
     /// ([`VmError::Unresponsive`]).
-    pub fn request(&self, kind: u32, payload: &[u8], timeout: Duration) -> Result<Response, VmError> {
+    pub fn request(
+        &self,
+        kind: u32,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Response, VmError> {
         self.submit(kind, payload)?.wait(timeout)
     }
 
     /// Queue a request; the guest gets it at its next `hlt` or queue notification.
     pub fn submit(&self, kind: u32, payload: &[u8]) -> Result<PendingResponse, VmError> {
         let slot = self.core.requests.submit(kind, payload)?;
-        Ok(PendingResponse::new(slot, self.core.clone() as Arc<dyn Watchdog>))
+        Ok(PendingResponse::new(
+            slot,
+            self.core.clone() as Arc<dyn Watchdog>,
+        ))
     }
 
     /// Take every vCPU out of the guest and keep it out until [`Vm::resume`].
@@ -484,7 +493,8 @@ impl Vm {
     /// Stop the VM (if still running), join its vCPU threads and report how it ended.
     pub fn stop(&self) -> Result<ExitReport, VmError> {
         self.core.terminate(ExitReason::Stopped);
-        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads: Vec<_> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             if t.join().is_err() {
                 tracing::error!(vm = %self.core.name, "a vCPU thread panicked");
@@ -555,7 +565,10 @@ impl Vm {
         self.hv.remove_memory_slot(RAM_SLOT, 0)?;
         // SAFETY: `ram` is kept alive by `self.memory` (replaced below) for as long as the
         // slot points at it; the old mapping is released only after the slot moved away.
-        unsafe { self.hv.set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())? };
+        unsafe {
+            self.hv
+                .set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())?
+        };
         Ok(self.memory.replace(ram))
     }
 

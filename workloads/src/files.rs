@@ -62,11 +62,16 @@ impl MemFiles {
 
     /// Files from contents that live for the whole program.
     pub fn from_static(files: impl IntoIterator<Item = (String, &'static [u8])>) -> Self {
-        MemFiles { files: files.into_iter().collect() }
+        MemFiles {
+            files: files.into_iter().collect(),
+        }
     }
 
     fn get(&self, path: &str) -> Result<&'static [u8], FileError> {
-        self.files.get(path).copied().ok_or_else(|| FileError::NotFound(path.into()))
+        self.files
+            .get(path)
+            .copied()
+            .ok_or_else(|| FileError::NotFound(path.into()))
     }
 }
 

@@ -30,7 +30,11 @@ fn sys_err(op: &'static str, path: &str, e: ulib::Errno) -> FileError {
     if e.0 == kscope_guest::abi::syscall::errno::ENOENT {
         FileError::NotFound(path.into())
     } else {
-        FileError::Sys { op, path: path.into(), errno: e.0 }
+        FileError::Sys {
+            op,
+            path: path.into(),
+            errno: e.0,
+        }
     }
 }
 
@@ -55,7 +59,9 @@ impl Files for GuestFiles {
     }
 
     fn read_at(&mut self, path: &str, offset: u64, buf: &mut [u8]) -> Result<usize, FileError> {
-        self.file(path)?.read_at(offset, buf).map_err(|e| sys_err("pread", path, e))
+        self.file(path)?
+            .read_at(offset, buf)
+            .map_err(|e| sys_err("pread", path, e))
     }
 
     fn size(&mut self, path: &str) -> Result<u64, FileError> {
@@ -83,3 +89,20 @@ pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
         }
     }
 }
+
+// The precompiled `alloc` (built with unwinding) refers to `_Unwind_Resume` from landing pads
+// that never run under `panic = "abort"`. A weak definition satisfies the linker without
+// clashing with a strong one should the runtime provide it; if it were ever reached it exits
+// the process with status 134 through the EXIT system call.
+core::arch::global_asm!(
+    ".section .text._Unwind_Resume,\"ax\"",
+    ".weak _Unwind_Resume",
+    "_Unwind_Resume:",
+    "mov eax, {exit}",
+    "mov edi, 134",
+    "ud2",
+    "2:",
+    "jmp 2b",
+    ".text",
+    exit = const kscope_guest::abi::syscall::EXIT,
+);

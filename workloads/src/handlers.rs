@@ -50,7 +50,13 @@ impl<F: Files + Clone> TextHandler<F> {
     /// A handler of `kind` (not [`Workload::Web`]).
     pub fn new(kind: Workload, files: F) -> Self {
         let olap = (kind == Workload::Olap).then(|| Olap::new(files.clone()));
-        TextHandler { kind, files, olap, buf: Vec::new(), out: Vec::new() }
+        TextHandler {
+            kind,
+            files,
+            olap,
+            buf: Vec::new(),
+            out: Vec::new(),
+        }
     }
 
     fn run(&mut self, req: &[u8]) -> Result<(), (u32, String)> {
@@ -59,7 +65,10 @@ impl<F: Files + Clone> TextHandler<F> {
         let failed = |e: &dyn core::fmt::Display| (STATUS_FAILED, e.to_string());
         let answer = match self.kind {
             Workload::Olap => {
-                let olap = self.olap.as_mut().ok_or((STATUS_FAILED, String::from("no engine")))?;
+                let olap = self
+                    .olap
+                    .as_mut()
+                    .ok_or((STATUS_FAILED, String::from("no engine")))?;
                 olap.run(req).map_err(|e| match e {
                     crate::olap::QueryError::Bad(_) => bad(&e),
                     _ => failed(&e),
@@ -69,10 +78,12 @@ impl<F: Files + Clone> TextHandler<F> {
                 json::JsonError::UnknownInput(_) => bad(&e),
                 _ => failed(&e),
             })?,
-            Workload::Aes => aes::run(&mut self.files, req, &mut self.buf).map_err(|e| match e {
-                aes::AesError::File(_) => failed(&e),
-                _ => bad(&e),
-            })?,
+            Workload::Aes => {
+                aes::run(&mut self.files, req, &mut self.buf).map_err(|e| match e {
+                    aes::AesError::File(_) => failed(&e),
+                    _ => bad(&e),
+                })?
+            }
             Workload::Matmul => matmul::run(req).map_err(|e| bad(&e))?,
             Workload::Compress => {
                 compress::run(&mut self.files, req, &mut self.out).map_err(|e| match e {

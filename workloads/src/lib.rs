@@ -30,8 +30,8 @@ pub mod guest;
 mod host;
 #[cfg(not(feature = "guest-bins"))]
 pub use host::{
-    build_image, check, dataset, default_image, host_handler, lz_decode, requests, try_build_image, Dataset,
-    ImageError,
+    build_image, check, dataset, default_image, host_handler, lz_decode, requests, try_build_image,
+    Dataset, ImageError,
 };
 
 pub use data::ImageOptions;
@@ -55,8 +55,14 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload.
-    pub const ALL: [Workload; 6] =
-        [Workload::Web, Workload::Olap, Workload::Json, Workload::Aes, Workload::Matmul, Workload::Compress];
+    pub const ALL: [Workload; 6] = [
+        Workload::Web,
+        Workload::Olap,
+        Workload::Json,
+        Workload::Aes,
+        Workload::Matmul,
+        Workload::Compress,
+    ];
 
     /// Short name (also the program's file name).
     pub fn name(&self) -> &'static str {
@@ -95,6 +101,12 @@ pub static PROGRAMS: &[(&str, &[u8])] = &[
     ("olap", include_bytes!(concat!(env!("OUT_DIR"), "/olap"))),
     ("json", include_bytes!(concat!(env!("OUT_DIR"), "/json"))),
     ("aes", include_bytes!(concat!(env!("OUT_DIR"), "/aes"))),
-    ("matmul", include_bytes!(concat!(env!("OUT_DIR"), "/matmul"))),
-    ("compress", include_bytes!(concat!(env!("OUT_DIR"), "/compress"))),
+    (
+        "matmul",
+        include_bytes!(concat!(env!("OUT_DIR"), "/matmul")),
+    ),
+    (
+        "compress",
+        include_bytes!(concat!(env!("OUT_DIR"), "/compress")),
+    ),
 ];

@@ -122,7 +122,7 @@ impl Hasher for FxHasher {
         }
     }
     fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7cc1_b727_220a_95);
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
     fn write_u32(&mut self, i: u32) {
         self.write_u64(i as u64);
@@ -151,7 +151,11 @@ pub fn fmt_fixed2(out: &mut String, v: i128, scale: u32) {
     let neg = v < 0;
     let a = v.unsigned_abs();
     let div = 10u128.pow(scale.saturating_sub(2));
-    let hundredths = if scale >= 2 { (a + div / 2) / div } else { a * 10u128.pow(2 - scale) };
+    let hundredths = if scale >= 2 {
+        (a + div / 2) / div
+    } else {
+        a * 10u128.pow(2 - scale)
+    };
     let sign = if neg && hundredths != 0 { "-" } else { "" };
     let _ = write!(out, "{sign}{}.{:02}", hundredths / 100, hundredths % 100);
 }

@@ -97,6 +97,62 @@ pub fn fatal(msg: &str, code: u32) -> ! {
     }
 }
 
+/// Print a boot phase with the time since boot (for boot-time profiling).
+fn phase(what: &str) {
+    kprint!(s "kscope: [", d clock_ns() / 1000, s " us] ", s what, s "\n");
+}
+
+fn bench() {
+    let us = |t: u64| (arch::rdtsc() - t) * 1000 / CLOCK.get().khz;
+    let t = arch::rdtsc();
+    console::puts("0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789\n");
+    let serial = us(t);
+    let base = kscope_guest::abi::layout::phys_to_virt(8 << 20);
+    let t = arch::rdtsc();
+    // SAFETY: benchmark on free RAM at 8 MiB before the allocator exists.
+    unsafe { klib::memset(base as *mut u8, 0, 4 * 4096) };
+    let stosb_fresh = us(t);
+    let t = arch::rdtsc();
+    // SAFETY: as above.
+    unsafe { klib::memset(base as *mut u8, 1, 4 * 4096) };
+    let stosb_warm = us(t);
+    let t = arch::rdtsc();
+    for i in 0..(4 * 512) {
+        // SAFETY: as above, 16 KiB further.
+        unsafe { ((base + 16384) as *mut u64).add(i).write_volatile(0) };
+    }
+    let loop_fresh = us(t);
+    let t = arch::rdtsc();
+    for i in 0..(4 * 512) {
+        // SAFETY: as above.
+        unsafe { ((base + 16384) as *mut u64).add(i).write_volatile(1) };
+    }
+    let loop_warm = us(t);
+    let kbase = KERNEL_VIRT_BASE + (8 << 20) + 32768;
+    let t = arch::rdtsc();
+    for i in 0..(4 * 512) {
+        // SAFETY: as above, through the image mapping of the first GiB.
+        unsafe { (kbase as *mut u64).add(i).write_volatile(1) };
+    }
+    let kimg_fresh = us(t);
+    let t = arch::rdtsc();
+    for i in 0..(4 * 512) {
+        // SAFETY: as above.
+        unsafe { (kbase as *mut u64).add(i).write_volatile(2) };
+    }
+    let kimg_warm = us(t);
+    let t = arch::rdtsc();
+    let mut acc = 0u64;
+    for i in 0..(4 * 512) {
+        // SAFETY: as above.
+        acc += unsafe { ((base + 16384) as *const u64).add(i).read_volatile() };
+    }
+    let dm_read = us(t);
+    kprint!(s "bench us: kimg_fresh=", d kimg_fresh, s " kimg_warm=", d kimg_warm, s " dm_read=", d dm_read, s " ", d acc, s "\n");
+    kprint!(s "bench us: serial100=", d serial, s " stosb_fresh=", d stosb_fresh, s " stosb_warm=", d stosb_warm,
+        s " loop_fresh=", d loop_fresh, s " loop_warm=", d loop_warm, s "\n");
+}
+
 fn sym(s: &u8) -> u64 {
     s as *const u8 as u64
 }
@@ -150,6 +206,8 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             sym(&__kernel_end),
         )
     };
+    bench();
+    phase("frames");
     kinfo::init_header();
     let phys = |v: u64| v - KERNEL_VIRT_BASE;
     let free_start = (kend - KERNEL_VIRT_BASE).max(bi.kernel_phys_end);
@@ -168,6 +226,7 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             fatal("device outside the MMIO window", panic_code::BAD_BOOT);
         }
     }
+    phase("paging");
     let map = paging::KernelMap { mem_bytes: bi.mem_bytes, text, rodata, data, mmio: &mmio[..ndev] };
     let Ok(pml4) = paging::init_kernel(&map) else {
         fatal("out of memory building the kernel page tables", panic_code::OUT_OF_MEMORY)
@@ -182,9 +241,11 @@ extern "C" fn kmain(bi_va: u64) -> ! {
         fs::FILE_MAX as u32,
         core::mem::size_of::<fs::FileEntry>() as u32,
     );
+    phase("rng");
     rng_selftest();
     clone::init();
 
+    phase("devices");
     let mut disk = None;
     for d in &bi.devices[..ndev] {
         let va = paging::mmio_va(d.gpa);
@@ -198,6 +259,7 @@ extern "C" fn kmain(bi_va: u64) -> ! {
         }
     }
     let Some(disk_bytes) = disk else { fatal("no block device", panic_code::BAD_BOOT) };
+    phase("mount");
     let nfiles = match fs::mount(disk_bytes) {
         Ok(n) => n,
         Err(_) => fatal("cannot mount the root file system", panic_code::BAD_FS),

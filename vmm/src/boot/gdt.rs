@@ -72,7 +72,11 @@ pub fn segment_from_descriptor(selector: u16, d: u64) -> Segment {
     Segment {
         selector,
         base: ((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24),
-        limit: if g { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         type_: access & 0xf,
         present: access & 0x80 != 0,
         dpl: (access >> 5) & 3,
@@ -133,9 +137,11 @@ mod tests {
         let ds = kernel_data_segment();
         assert!(!ds.l && ds.db && ds.s);
         assert_eq!((ds.dpl, ds.type_), (0, 3));
-        let uds = segment_from_descriptor(selectors::USER_DS, g[(selectors::USER_DS >> 3) as usize]);
+        let uds =
+            segment_from_descriptor(selectors::USER_DS, g[(selectors::USER_DS >> 3) as usize]);
         assert_eq!(uds.dpl, 3);
-        let ucs = segment_from_descriptor(selectors::USER_CS, g[(selectors::USER_CS >> 3) as usize]);
+        let ucs =
+            segment_from_descriptor(selectors::USER_CS, g[(selectors::USER_CS >> 3) as usize]);
         assert!(ucs.l);
         assert_eq!(ucs.dpl, 3);
     }

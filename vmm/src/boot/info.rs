@@ -30,7 +30,9 @@ pub fn boot_info(
         )));
     }
     if cmd.contains(&0) {
-        return Err(VmError::BadConfig("command line contains a NUL byte".into()));
+        return Err(VmError::BadConfig(
+            "command line contains a NUL byte".into(),
+        ));
     }
     let mut info = BootInfo {
         magic: BOOT_INFO_MAGIC,

@@ -8,11 +8,11 @@ pub mod paging;
 use crate::error::VmError;
 use crate::hypervisor::{BootCpuState, DescTable, Regs, SpecialRegs};
 use crate::memory::GuestRam;
+use kscope_guest::abi::as_bytes;
 use kscope_guest::abi::boot::{DeviceDesc, Identity};
 use kscope_guest::abi::layout::{
     phys_to_virt, BOOT_INFO_GPA, BOOT_STACK_TOP_GPA, GDT_GPA, GENPAGE_GPA, IDT_GPA, TSS_GPA,
 };
-use kscope_guest::abi::as_bytes;
 
 /// CR0: PE | MP | ET | NE | WP | AM | PG.
 pub const CR0: u64 = 0x8005_0033;
@@ -145,6 +145,9 @@ mod tests {
             let mut e = [0u8; 8];
             ram.read(gpa, &mut e).ok().map(|_| u64::from_le_bytes(e))
         };
-        assert_eq!(paging::translate(paging::PML4_GPA, phys_to_virt(0x7f_f000), rd), Some(0x7f_f000));
+        assert_eq!(
+            paging::translate(paging::PML4_GPA, phys_to_virt(0x7f_f000), rd),
+            Some(0x7f_f000)
+        );
     }
 }

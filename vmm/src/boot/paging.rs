@@ -127,7 +127,10 @@ mod tests {
         for (gpa, page) in build(mem_bytes) {
             assert!((BOOT_PT_GPA..BOOT_PT_END).contains(&gpa));
             for (i, c) in page.chunks(8).enumerate() {
-                m.insert(gpa + i as u64 * 8, u64::from_le_bytes(c.try_into().unwrap()));
+                m.insert(
+                    gpa + i as u64 * 8,
+                    u64::from_le_bytes(c.try_into().unwrap()),
+                );
             }
         }
         m
@@ -139,7 +142,11 @@ mod tests {
             let m = memory(mem);
             let rd = |gpa| m.get(&gpa).copied();
             for pa in [0, 0x1000, 0x12_3456, mem - 1] {
-                assert_eq!(translate(PML4_GPA, DIRECT_MAP_BASE + pa, rd), Some(pa), "{mem:#x} {pa:#x}");
+                assert_eq!(
+                    translate(PML4_GPA, DIRECT_MAP_BASE + pa, rd),
+                    Some(pa),
+                    "{mem:#x} {pa:#x}"
+                );
             }
             assert_eq!(translate(PML4_GPA, DIRECT_MAP_BASE + mem, rd), None);
         }
@@ -149,8 +156,14 @@ mod tests {
     fn kernel_map_covers_first_gib_and_no_identity_map() {
         let m = memory(64 << 20);
         let rd = |gpa| m.get(&gpa).copied();
-        assert_eq!(translate(PML4_GPA, KERNEL_VIRT_BASE + 0x10_0000, rd), Some(0x10_0000));
-        assert_eq!(translate(PML4_GPA, KERNEL_VIRT_BASE + GIB - 1, rd), Some(GIB - 1));
+        assert_eq!(
+            translate(PML4_GPA, KERNEL_VIRT_BASE + 0x10_0000, rd),
+            Some(0x10_0000)
+        );
+        assert_eq!(
+            translate(PML4_GPA, KERNEL_VIRT_BASE + GIB - 1, rd),
+            Some(GIB - 1)
+        );
         assert_eq!(translate(PML4_GPA, KERNEL_VIRT_BASE + GIB, rd), None);
         assert_eq!(translate(PML4_GPA, 0x10_0000, rd), None);
         // Entries are kernel-only (no U/S bit) 2 MiB pages.

@@ -88,7 +88,7 @@ impl BlockDevice {
                         .and_then(|o| Some(o..o.checked_add(len)?))
                         .filter(|r| r.end <= self.disk.len());
                     match range {
-                        Some(r) if writer.write_all(&self.disk[r]).is_ok() => S_OK,
+                        Some(r) if writer.write_all(&self.disk[r.clone()]).is_ok() => S_OK,
                         _ => S_IOERR,
                     }
                 }
@@ -171,13 +171,18 @@ mod tests {
     impl Driver {
         fn new(disk: Vec<u8>) -> Driver {
             let ram = Arc::new(GuestMemory::new(GuestRam::new("blk", 4 << 20).unwrap()));
-            let mut t = MmioTransport::new(BlockDevice::new(disk.into(), "kscope-root"), ram.clone());
+            let mut t =
+                MmioTransport::new(BlockDevice::new(disk.into(), "kscope-root"), ram.clone());
             handshake(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO);
             setup_queue(&mut t, 0, 16, Q);
             let s = rd(&mut t, reg::STATUS);
             wr(&mut t, reg::STATUS, s | status::DRIVER_OK);
             assert!(t.is_active());
-            Driver { ram, t, avail_idx: 0 }
+            Driver {
+                ram,
+                t,
+                avail_idx: 0,
+            }
         }
 
         fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -201,15 +206,18 @@ mod tests {
             self.desc(1, BUF + 0x1000, data_len, 1 | 2, 2);
             self.desc(2, BUF + 0x2000, 1, 2, 0);
             let slot = self.avail_idx % 16;
-            ram.write(Q + 0x1000 + 4 + slot as u64 * 2, &0u16.to_le_bytes()).unwrap();
+            ram.write(Q + 0x1000 + 4 + slot as u64 * 2, &0u16.to_le_bytes())
+                .unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
-            ram.write(Q + 0x1000 + 2, &self.avail_idx.to_le_bytes()).unwrap();
+            ram.write(Q + 0x1000 + 2, &self.avail_idx.to_le_bytes())
+                .unwrap();
             wr(&mut self.t, reg::QUEUE_NOTIFY, 0);
             let mut used_idx = [0u8; 2];
             ram.read(Q + 0x2000 + 2, &mut used_idx).unwrap();
             assert_eq!(u16::from_le_bytes(used_idx), self.avail_idx);
             let mut elem = [0u8; 8];
-            ram.read(Q + 0x2000 + 4 + slot as u64 * 8, &mut elem).unwrap();
+            ram.read(Q + 0x2000 + 4 + slot as u64 * 8, &mut elem)
+                .unwrap();
             let used_len = u32::from_le_bytes(elem[4..].try_into().unwrap());
             let mut st = [0u8];
             ram.read(BUF + 0x2000, &mut st).unwrap();

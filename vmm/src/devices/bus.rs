@@ -47,7 +47,11 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or_else(|| VmError::BadConfig(format!("bad bus range {base:#x}+{len:#x}")))?;
-        if self.ranges.iter().any(|r| base < r.base + r.len && r.base < end) {
+        if self
+            .ranges
+            .iter()
+            .any(|r| base < r.base + r.len && r.base < end)
+        {
             return Err(VmError::BadConfig(format!(
                 "bus range {base:#x}..{end:#x} overlaps another device"
             )));
@@ -58,7 +62,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<(&Range, u64)> {
-        let i = self.ranges.partition_point(|r| r.base <= addr).checked_sub(1)?;
+        let i = self
+            .ranges
+            .partition_point(|r| r.base <= addr)
+            .checked_sub(1)?;
         let r = &self.ranges[i];
         let off = addr - r.base;
         (off + size as u64 <= r.len).then_some((r, off))
@@ -68,7 +75,10 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((r, off)) => {
-                r.dev.lock().unwrap_or_else(|p| p.into_inner()).read(off, data);
+                r.dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(off, data);
                 true
             }
             None => false,
@@ -79,7 +89,10 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((r, off)) => {
-                r.dev.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+                r.dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(off, data);
                 true
             }
             None => false,
@@ -106,10 +119,16 @@ mod tests {
     #[test]
     fn routes_by_range_and_rejects_overlap() {
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Reg(vec![0; 0x10])))).unwrap();
-        bus.insert(0x200, 0x10, Arc::new(Mutex::new(Reg(vec![0; 0x10])))).unwrap();
-        assert!(bus.insert(0x108, 0x10, Arc::new(Mutex::new(Reg(vec![0; 0x10])))).is_err());
-        assert!(bus.insert(0x300, 0, Arc::new(Mutex::new(Reg(vec![])))).is_err());
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Reg(vec![0; 0x10]))))
+            .unwrap();
+        bus.insert(0x200, 0x10, Arc::new(Mutex::new(Reg(vec![0; 0x10]))))
+            .unwrap();
+        assert!(bus
+            .insert(0x108, 0x10, Arc::new(Mutex::new(Reg(vec![0; 0x10]))))
+            .is_err());
+        assert!(bus
+            .insert(0x300, 0, Arc::new(Mutex::new(Reg(vec![]))))
+            .is_err());
         assert!(bus.write(0x204, &[1, 2]));
         let mut b = [0u8; 2];
         assert!(bus.read(0x204, &mut b));

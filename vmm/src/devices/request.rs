@@ -111,7 +111,9 @@ pub struct PendingResponse {
 
 impl std::fmt::Debug for PendingResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingResponse").field("id", &self.slot.id).finish()
+        f.debug_struct("PendingResponse")
+            .field("id", &self.slot.id)
+            .finish()
     }
 }
 
@@ -292,7 +294,9 @@ impl RequestDevice {
         let Some(hdr) = from_bytes::<ResponseHeader>(&h) else {
             return;
         };
-        let len = (hdr.len as usize).min(MAX_RESPONSE).min(r.available_bytes());
+        let len = (hdr.len as usize)
+            .min(MAX_RESPONSE)
+            .min(r.available_bytes());
         let mut payload = vec![0u8; len];
         if r.read_exact(&mut payload).is_err() {
             tracing::warn!("request device: short TX payload for request {}", hdr.id);
@@ -398,6 +402,8 @@ pub trait RequestTransport: Send + Sync {
 pub struct VirtioRequestTransport {
     hub: Arc<RequestHub>,
     device: Arc<Mutex<MmioTransport<RequestDevice>>>,
+    /// Value of the hub's delivered counter at the previous idle check.
+    seen: AtomicU64,
 }
 
 impl VirtioRequestTransport {
@@ -406,7 +412,11 @@ impl VirtioRequestTransport {
         hub: Arc<RequestHub>,
         device: Arc<Mutex<MmioTransport<RequestDevice>>>,
     ) -> VirtioRequestTransport {
-        VirtioRequestTransport { hub, device }
+        VirtioRequestTransport {
+            hub,
+            device,
+            seen: AtomicU64::new(0),
+        }
     }
 
     /// The hub.
@@ -420,16 +430,20 @@ impl RequestTransport for VirtioRequestTransport {
         self.hub.submit(kind, payload)
     }
 
+    /// Requests count as delivered if they reached the RX used ring since the previous idle
+    /// check, including those handed out during queue notifications: a guest may notify (e.g.
+    /// after reposting RX buffers) and halt without polling again, and must then be resumed.
     fn on_guest_idle(&self) -> Delivery {
-        let before = self.hub.delivered.load(Ordering::Relaxed);
         if self.hub.queued() > 0 {
             self.device
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .kick_queue(RX_QUEUE);
         }
+        let now = self.hub.delivered.load(Ordering::Relaxed);
+        let before = self.seen.swap(now, Ordering::Relaxed);
         Delivery {
-            delivered: (self.hub.delivered.load(Ordering::Relaxed) - before) as usize,
+            delivered: now.saturating_sub(before) as usize,
             queued: self.hub.queued(),
         }
     }
@@ -472,7 +486,10 @@ mod tests {
         fn new() -> Driver {
             let ram = Arc::new(GuestMemory::new(GuestRam::new("req", 8 << 20).unwrap()));
             let hub = RequestHub::new();
-            let t = Arc::new(Mutex::new(MmioTransport::new(RequestDevice::new(hub.clone()), ram.clone())));
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                RequestDevice::new(hub.clone()),
+                ram.clone(),
+            )));
             {
                 let mut g = t.lock().unwrap();
                 assert_eq!(rd(&mut *g, reg::DEVICE_ID), DEVICE_ID);
@@ -484,7 +501,13 @@ mod tests {
                 assert!(g.is_active());
             }
             let transport = VirtioRequestTransport::new(hub, t.clone());
-            Driver { ram, t, transport, rx_avail: 0, tx_avail: 0 }
+            Driver {
+                ram,
+                t,
+                transport,
+                rx_avail: 0,
+                tx_avail: 0,
+            }
         }
 
         fn post(&self, q: u64, idx: u16, desc: u16, addr: u64, len: u32, flags: u16) -> u16 {
@@ -494,7 +517,8 @@ mod tests {
             d[8..12].copy_from_slice(&len.to_le_bytes());
             d[12..14].copy_from_slice(&flags.to_le_bytes());
             ram.write(q + desc as u64 * 16, &d).unwrap();
-            ram.write(q + 0x1000 + 4 + (idx % 8) as u64 * 2, &desc.to_le_bytes()).unwrap();
+            ram.write(q + 0x1000 + 4 + (idx % 8) as u64 * 2, &desc.to_le_bytes())
+                .unwrap();
             let next = idx.wrapping_add(1);
             ram.write(q + 0x1000 + 2, &next.to_le_bytes()).unwrap();
             next
@@ -513,18 +537,30 @@ mod tests {
                 return None;
             }
             let mut e = [0u8; 8];
-            ram.read(q + 0x2000 + 4 + (i % 8) as u64 * 8, &mut e).unwrap();
-            Some((u32::from_le_bytes(e[..4].try_into().unwrap()) as u16, u32::from_le_bytes(e[4..].try_into().unwrap())))
+            ram.read(q + 0x2000 + 4 + (i % 8) as u64 * 8, &mut e)
+                .unwrap();
+            Some((
+                u32::from_le_bytes(e[..4].try_into().unwrap()) as u16,
+                u32::from_le_bytes(e[4..].try_into().unwrap()),
+            ))
         }
 
         fn respond(&mut self, id: u64, status: u32, payload: &[u8]) {
-            let hdr = ResponseHeader { id, status, len: payload.len() as u32 };
+            let hdr = ResponseHeader {
+                id,
+                status,
+                len: payload.len() as u32,
+            };
             let ram = self.ram.load();
             ram.write(TXBUF, as_bytes(&hdr)).unwrap();
             ram.write(TXBUF + 16, payload).unwrap();
             let d = self.tx_avail % 8;
             self.tx_avail = self.post(TXQ, self.tx_avail, d, TXBUF, 16 + payload.len() as u32, 0);
-            wr(&mut *self.t.lock().unwrap(), reg::QUEUE_NOTIFY, TX_QUEUE as u32);
+            wr(
+                &mut *self.t.lock().unwrap(),
+                reg::QUEUE_NOTIFY,
+                TX_QUEUE as u32,
+            );
         }
     }
 
@@ -533,20 +569,42 @@ mod tests {
         let mut drv = Driver::new();
         // No RX buffer yet: the request stays queued.
         let slot = drv.transport.submit(7, b"hello").unwrap();
-        assert_eq!(drv.transport.on_guest_idle(), Delivery { delivered: 0, queued: 1 });
+        assert_eq!(
+            drv.transport.on_guest_idle(),
+            Delivery {
+                delivered: 0,
+                queued: 1
+            }
+        );
         drv.post_rx(4096);
-        assert_eq!(drv.transport.on_guest_idle(), Delivery { delivered: 1, queued: 0 });
+        assert_eq!(
+            drv.transport.on_guest_idle(),
+            Delivery {
+                delivered: 1,
+                queued: 0
+            }
+        );
         let (head, len) = drv.used(RXQ, 0).unwrap();
         assert_eq!((head, len), (0, 21));
         let mut b = [0u8; 21];
         drv.ram.load().read(RXBUF, &mut b).unwrap();
         let hdr: RequestHeader = from_bytes(&b).unwrap();
-        assert_eq!(hdr, RequestHeader { id: slot.id(), kind: 7, len: 5 });
+        assert_eq!(
+            hdr,
+            RequestHeader {
+                id: slot.id(),
+                kind: 7,
+                len: 5
+            }
+        );
         assert_eq!(&b[16..], b"hello");
         assert!(slot.try_take().is_none());
         drv.respond(slot.id(), 3, b"world!");
         let r = slot.wait(Duration::from_secs(1)).unwrap().unwrap();
-        assert_eq!((r.id, r.status, r.payload.as_slice()), (slot.id(), 3, &b"world!"[..]));
+        assert_eq!(
+            (r.id, r.status, r.payload.as_slice()),
+            (slot.id(), 3, &b"world!"[..])
+        );
         assert_eq!(drv.used(TXQ, 0), Some((0, 0)));
         assert_eq!(drv.transport.hub().counters(), (1, 1));
     }
@@ -557,8 +615,28 @@ mod tests {
         drv.post_rx(20);
         let a = drv.transport.submit(1, b"0123456789").unwrap();
         // A notify (here: for TX with nothing on it) moves queued requests into RX.
-        wr(&mut *drv.t.lock().unwrap(), reg::QUEUE_NOTIFY, TX_QUEUE as u32);
+        wr(
+            &mut *drv.t.lock().unwrap(),
+            reg::QUEUE_NOTIFY,
+            TX_QUEUE as u32,
+        );
         assert_eq!(drv.used(RXQ, 0), Some((0, 20)));
+        // The next idle check reports it, so that a guest halting right after its notify
+        // is resumed to see the request; the one after does not.
+        assert_eq!(
+            drv.transport.on_guest_idle(),
+            Delivery {
+                delivered: 1,
+                queued: 0
+            }
+        );
+        assert_eq!(
+            drv.transport.on_guest_idle(),
+            Delivery {
+                delivered: 0,
+                queued: 0
+            }
+        );
         let mut b = [0u8; 20];
         drv.ram.load().read(RXBUF, &mut b).unwrap();
         let hdr: RequestHeader = from_bytes(&b).unwrap();
@@ -567,7 +645,10 @@ mod tests {
         // Unknown ids are ignored; the real one completes.
         drv.respond(999, 0, b"");
         drv.respond(a.id(), 0, b"ok");
-        assert_eq!(a.wait(Duration::from_secs(1)).unwrap().unwrap().payload, b"ok");
+        assert_eq!(
+            a.wait(Duration::from_secs(1)).unwrap().unwrap().payload,
+            b"ok"
+        );
     }
 
     #[test]
@@ -575,7 +656,10 @@ mod tests {
         let drv = Driver::new();
         let a = drv.transport.submit(1, b"x").unwrap();
         drv.transport.close(&VmError::Stopped("test".into()));
-        assert!(matches!(a.wait(Duration::from_secs(1)), Some(Err(VmError::Stopped(_)))));
+        assert!(matches!(
+            a.wait(Duration::from_secs(1)),
+            Some(Err(VmError::Stopped(_)))
+        ));
         assert!(drv.transport.submit(1, b"y").is_err());
         assert!(matches!(
             drv.transport.submit(1, &vec![0; MAX_PAYLOAD + 1]),

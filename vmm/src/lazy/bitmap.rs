@@ -15,7 +15,10 @@ pub struct Bitmap {
 impl Bitmap {
     /// An all-clear bitmap of `bits` frames.
     pub fn new(bits: u64) -> Self {
-        Self { words: vec![0; bits.div_ceil(64) as usize], bits }
+        Self {
+            words: vec![0; bits.div_ceil(64) as usize],
+            bits,
+        }
     }
 
     /// An all-set bitmap of `bits` frames.
@@ -70,7 +73,9 @@ impl Bitmap {
     pub fn iter_set(&self) -> impl Iterator<Item = Gfn> + '_ {
         self.words.iter().enumerate().flat_map(|(i, &w)| {
             let base = i as u64 * 64;
-            (0..64u64).filter(move |b| w & (1 << b) != 0).map(move |b| base + b)
+            (0..64u64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| base + b)
         })
     }
 }
@@ -85,7 +90,10 @@ pub struct AtomicBitmap {
 impl AtomicBitmap {
     /// An all-clear bitmap of `bits` frames.
     pub fn new(bits: u64) -> Self {
-        Self { words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), bits }
+        Self {
+            words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            bits,
+        }
     }
 
     /// Number of frames covered.
@@ -100,7 +108,8 @@ impl AtomicBitmap {
 
     /// Whether `gfn` is set (false beyond the end).
     pub fn get(&self, gfn: Gfn) -> bool {
-        gfn < self.bits && self.words[(gfn / 64) as usize].load(Ordering::Acquire) & (1 << (gfn % 64)) != 0
+        gfn < self.bits
+            && self.words[(gfn / 64) as usize].load(Ordering::Acquire) & (1 << (gfn % 64)) != 0
     }
 
     /// Sets `gfn`; returns true if it was clear before (false beyond the end).
@@ -123,11 +132,21 @@ impl AtomicBitmap {
 
     /// Number of set frames.
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
     }
 
     /// A point-in-time copy.
     pub fn snapshot(&self) -> Bitmap {
-        Bitmap { words: self.words.iter().map(|w| w.load(Ordering::Acquire)).collect(), bits: self.bits }
+        Bitmap {
+            words: self
+                .words
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect(),
+            bits: self.bits,
+        }
     }
 }

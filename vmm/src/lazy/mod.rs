@@ -10,6 +10,8 @@
 //! - [`CloneStats`]/[`StatsSnapshot`]: per-clone counters, fault latency histogram, touched set.
 //! - [`eager_copy`]: the eager alternative (copy everything before resume).
 
+#[cfg(test)]
+mod bench;
 mod bitmap;
 mod region;
 mod server;
@@ -17,8 +19,6 @@ mod source;
 mod stats;
 #[cfg(test)]
 pub(crate) mod tests;
-#[cfg(test)]
-mod bench;
 
 pub use bitmap::{AtomicBitmap, Bitmap};
 pub use region::{GuestMemfd, LazyRegion, RegionKind};
@@ -74,5 +74,8 @@ pub enum LazyError {
 pub type Result<T> = std::result::Result<T, LazyError>;
 
 pub(crate) fn io_err(op: impl Into<String>) -> LazyError {
-    LazyError::Io { op: op.into(), source: std::io::Error::last_os_error() }
+    LazyError::Io {
+        op: op.into(),
+        source: std::io::Error::last_os_error(),
+    }
 }

@@ -15,6 +15,8 @@ use crate::uffd::{features, RegisterMode, Uffd};
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// False for a mapping owned by someone else (not unmapped on drop).
+    owned: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; concurrent access goes through raw
@@ -25,12 +27,21 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `len` bytes of `fd` (or anonymous memory if `None`).
-    pub(crate) fn new(fd: Option<BorrowedFd<'_>>, len: usize, writable: bool, shared: bool) -> Result<Self> {
+    pub(crate) fn new(
+        fd: Option<BorrowedFd<'_>>,
+        len: usize,
+        writable: bool,
+        shared: bool,
+    ) -> Result<Self> {
         if len == 0 {
             return Err(LazyError::Size("cannot map 0 bytes".into()));
         }
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-        let mut flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        let mut flags = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
         if fd.is_none() {
             flags |= libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         }
@@ -40,8 +51,13 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io_err(format!("mmap of {len} bytes")));
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| LazyError::Size("mmap returned null".into()))?;
-        Ok(Self { ptr, len })
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| LazyError::Size("mmap returned null".into()))?;
+        Ok(Self {
+            ptr,
+            len,
+            owned: true,
+        })
     }
 
     pub(crate) fn addr(&self) -> u64 {
@@ -57,7 +73,13 @@ impl Mapping {
         self.check(offset, buf.len())?;
         // SAFETY: the source range is inside the live mapping (checked) and cannot overlap the
         // exclusively borrowed destination.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
         Ok(())
     }
 
@@ -66,7 +88,9 @@ impl Mapping {
         self.check(offset, data.len())?;
         // SAFETY: the destination range is inside the live, writable mapping (checked by the
         // callers' construction) and cannot overlap the borrowed source.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
         Ok(())
     }
 
@@ -94,8 +118,10 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region this value mapped; nothing refers to it anymore.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if self.owned {
+            // SAFETY: unmaps exactly the region this value mapped; nothing refers to it anymore.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
     }
 }
 
@@ -108,16 +134,28 @@ pub(crate) fn memfd_create(name: &CStr, len: u64) -> Result<OwnedFd> {
     }
     // SAFETY: `fd` is fresh and owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    std::fs::File::from(fd.try_clone().map_err(|e| LazyError::Io { op: "dup memfd".into(), source: e })?)
-        .set_len(len)
-        .map_err(|e| LazyError::Io { op: format!("ftruncate memfd to {len}"), source: e })?;
+    std::fs::File::from(fd.try_clone().map_err(|e| LazyError::Io {
+        op: "dup memfd".into(),
+        source: e,
+    })?)
+    .set_len(len)
+    .map_err(|e| LazyError::Io {
+        op: format!("ftruncate memfd to {len}"),
+        source: e,
+    })?;
     Ok(fd)
 }
 
 /// Bytes allocated to a file (`st_blocks * 512`).
 pub(crate) fn allocated_bytes(fd: BorrowedFd<'_>) -> Result<u64> {
-    let f = std::fs::File::from(fd.try_clone_to_owned().map_err(|e| LazyError::Io { op: "dup".into(), source: e })?);
-    let m = f.metadata().map_err(|e| LazyError::Io { op: "fstat".into(), source: e })?;
+    let f = std::fs::File::from(fd.try_clone_to_owned().map_err(|e| LazyError::Io {
+        op: "dup".into(),
+        source: e,
+    })?);
+    let m = f.metadata().map_err(|e| LazyError::Io {
+        op: "fstat".into(),
+        source: e,
+    })?;
     Ok(std::os::unix::fs::MetadataExt::blocks(&m) * 512)
 }
 
@@ -217,7 +255,47 @@ impl LazyRegion {
         };
         let uffd = Uffd::new(features::MISSING_SHMEM | features::EVENT_REMOVE)?;
         uffd.register(map.addr(), len as u64, RegisterMode::MISSING)?;
-        Ok(Self { uffd, map, fd, kind })
+        Ok(Self {
+            uffd,
+            map,
+            fd,
+            kind,
+        })
+    }
+
+    /// Registers an existing mapping instead of creating one, e.g. the VMM's own guest RAM
+    /// mapping (a fresh memfd mapped `MAP_SHARED`, given as `memfd`, or anonymous memory with
+    /// `memfd: None`), so that KVM's memory slot and this server use the same addresses. The
+    /// mapping is not unmapped on drop; the memfd is closed.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + pages * 4096)` must be a live, writable mapping (of `memfd` if given) that
+    /// stays mapped for the life of the returned region, used only as guest memory: the fault
+    /// server writes into its missing pages and no Rust reference may point into it.
+    pub unsafe fn from_mapping(addr: u64, pages: u64, memfd: Option<OwnedFd>) -> Result<Self> {
+        let len = (pages as usize) * PAGE_SIZE;
+        let ptr = NonNull::new(addr as *mut u8)
+            .filter(|_| addr.is_multiple_of(PAGE_SIZE as u64) && len > 0)
+            .ok_or_else(|| LazyError::Size(format!("mapping at {addr:#x} of {pages} pages")))?;
+        let map = Mapping {
+            ptr,
+            len,
+            owned: false,
+        };
+        let kind = if memfd.is_some() {
+            RegionKind::SharedMemfd
+        } else {
+            RegionKind::AnonPrivate
+        };
+        let uffd = Uffd::new(features::MISSING_SHMEM | features::EVENT_REMOVE)?;
+        uffd.register(addr, len as u64, RegisterMode::MISSING)?;
+        Ok(Self {
+            uffd,
+            map,
+            fd: memfd,
+            kind,
+        })
     }
 
     /// Host virtual address of guest frame 0.
@@ -284,10 +362,20 @@ impl LazyRegion {
     pub fn discard(&self, gfn: Gfn, n: u64) -> Result<()> {
         let (off, len) = (gfn as usize * PAGE_SIZE, n as usize * PAGE_SIZE);
         self.map.check(off, len)?;
-        let advice = if self.fd.is_some() { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
+        let advice = if self.fd.is_some() {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
         // SAFETY: the range lies inside this live mapping (checked); discarding guest memory
         // invalidates no Rust reference because none points into the mapping.
-        let r = unsafe { libc::madvise((self.map.addr() as usize + off) as *mut libc::c_void, len, advice) };
+        let r = unsafe {
+            libc::madvise(
+                (self.map.addr() as usize + off) as *mut libc::c_void,
+                len,
+                advice,
+            )
+        };
         if r != 0 {
             return Err(io_err(format!("madvise discard of frames {gfn}+{n}")));
         }

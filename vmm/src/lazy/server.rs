@@ -17,7 +17,10 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::stats::CloneStats;
-use super::{AtomicBitmap, Bitmap, GuestMemfd, LazyError, LazyRegion, PageSource, Result, StatsSnapshot, PAGE_SIZE};
+use super::{
+    AtomicBitmap, Bitmap, GuestMemfd, LayeredImage, LazyError, LazyRegion, MemfdImage, PageSource,
+    Result, StatsSnapshot, PAGE_SIZE,
+};
 use crate::prefetch::{Fault, Gfn, Prefetcher};
 use crate::uffd::{Event, Install};
 
@@ -40,7 +43,11 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { name: "clone".into(), batch_runs: true, spin: Duration::ZERO }
+        Self {
+            name: "clone".into(),
+            batch_runs: true,
+            spin: Duration::ZERO,
+        }
     }
 }
 
@@ -95,7 +102,10 @@ impl Shared {
 
     /// True if the page must be installed as zeros rather than read.
     fn is_zero(&self, gfn: Gfn, policy_zero: bool) -> bool {
-        policy_zero || self.discarded.get(gfn) || gfn >= self.source.pages() || self.source.is_known_zero(gfn)
+        policy_zero
+            || self.discarded.get(gfn)
+            || gfn >= self.source.pages()
+            || self.source.is_known_zero(gfn)
     }
 
     fn count(&self, why: Why, pages: u64) {
@@ -201,7 +211,14 @@ impl Shared {
 
     /// Installs frames in order, skipping present ones; `zero[i]` says frame i is zero-fill
     /// by policy. Contiguous data frames are batched when enabled.
-    fn install_list(&self, gfns: &[Gfn], policy_zero: &[bool], why: Why, rep: &mut InstallReport, sc: &mut Scratch) {
+    fn install_list(
+        &self,
+        gfns: &[Gfn],
+        policy_zero: &[bool],
+        why: Why,
+        rep: &mut InstallReport,
+        sc: &mut Scratch,
+    ) {
         let (buf, run_buf) = (&mut sc.page, &mut sc.run);
         let mut i = 0;
         while i < gfns.len() {
@@ -256,7 +273,10 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Self {
-        Self { page: Box::new([0; PAGE_SIZE]), run: Vec::with_capacity(MAX_RUN * PAGE_SIZE) }
+        Self {
+            page: Box::new([0; PAGE_SIZE]),
+            run: Vec::with_capacity(MAX_RUN * PAGE_SIZE),
+        }
     }
 }
 
@@ -288,7 +308,10 @@ impl Handler {
                 }
                 if !self.spin.is_zero() {
                     let t0 = Instant::now();
-                    while self.events.is_empty() && t0.elapsed() < self.spin && !s.stop.load(Ordering::Relaxed) {
+                    while self.events.is_empty()
+                        && t0.elapsed() < self.spin
+                        && !s.stop.load(Ordering::Relaxed)
+                    {
                         std::hint::spin_loop();
                         uffd.read_events(&mut self.events, 32)?;
                     }
@@ -322,13 +345,24 @@ impl Handler {
                     lock(&s.fault_order).push(gfn);
                 }
                 let mut list = Vec::new();
-                let (zero, zeros) = {
+                // A panicking policy must not leave the faulter blocked: serve the page anyway.
+                let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let mut p = lock(&s.prefetcher);
                     p.on_fault(Fault { gfn, write }, &mut list);
                     let z: Vec<bool> = list.iter().map(|&g| p.zero_fill(g)).collect();
                     (p.zero_fill(gfn), z)
-                };
-                s.install_one(gfn, s.is_zero(gfn, zero), Why::Fault, &mut self.scratch.page);
+                }));
+                let (zero, zeros) = asked.unwrap_or_else(|_| {
+                    tracing::error!(clone = %s.name, gfn, "prefetch policy panicked; serving the page alone");
+                    list.clear();
+                    (false, Vec::new())
+                });
+                s.install_one(
+                    gfn,
+                    s.is_zero(gfn, zero),
+                    Why::Fault,
+                    &mut self.scratch.page,
+                );
                 s.stats.fault_latency.record(t0.elapsed().as_nanos() as u64);
                 if !list.is_empty() {
                     self.queue.push_front((list, zeros, 0));
@@ -350,10 +384,18 @@ impl Handler {
     }
 
     fn prefetch_chunk(&mut self) {
-        let Some((list, zeros, next)) = self.queue.front_mut() else { return };
+        let Some((list, zeros, next)) = self.queue.front_mut() else {
+            return;
+        };
         let end = (*next + PREFETCH_CHUNK).min(list.len());
         let mut rep = InstallReport::default();
-        self.shared.install_list(&list[*next..end], &zeros[*next..end], Why::Prefetch, &mut rep, &mut self.scratch);
+        self.shared.install_list(
+            &list[*next..end],
+            &zeros[*next..end],
+            Why::Prefetch,
+            &mut rep,
+            &mut self.scratch,
+        );
         *next = end;
         if end == list.len() {
             self.queue.pop_front();
@@ -376,7 +418,10 @@ pub struct FaultServer {
 
 impl std::fmt::Debug for FaultServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultServer").field("name", &self.shared.name).field("region", &self.shared.region).finish()
+        f.debug_struct("FaultServer")
+            .field("name", &self.shared.name)
+            .field("region", &self.shared.region)
+            .finish()
     }
 }
 
@@ -411,10 +456,16 @@ impl FaultServer {
             batch_runs: opts.batch_runs,
             name: opts.name.clone(),
         });
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| LazyError::Io { op: "eventfd".into(), source: e })?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| LazyError::Io {
+            op: "eventfd".into(),
+            source: e,
+        })?;
         let handler = Handler {
             shared: Arc::clone(&shared),
-            stop: stop.try_clone().map_err(|e| LazyError::Io { op: "dup eventfd".into(), source: e })?,
+            stop: stop.try_clone().map_err(|e| LazyError::Io {
+                op: "dup eventfd".into(),
+                source: e,
+            })?,
             queue: VecDeque::new(),
             events: Vec::with_capacity(32),
             scratch: Scratch::new(),
@@ -424,8 +475,16 @@ impl FaultServer {
         let handle = std::thread::Builder::new()
             .name(tname.clone())
             .spawn(move || handler.run())
-            .map_err(|e| LazyError::Thread { name: tname, what: e.to_string() })?;
-        Ok(Self { shared, stop, handler: Some(handle), fetcher: None })
+            .map_err(|e| LazyError::Thread {
+                name: tname,
+                what: e.to_string(),
+            })?;
+        Ok(Self {
+            shared,
+            stop,
+            handler: Some(handle),
+            fetcher: None,
+        })
     }
 
     /// The served region (its [`host_addr`](LazyRegion::host_addr) goes into the memory slot).
@@ -444,8 +503,17 @@ impl FaultServer {
     pub fn install(&self, gfns: &[Gfn]) -> Result<InstallReport> {
         let t0 = Instant::now();
         let zeros = self.shared.zero_flags(gfns);
-        let mut rep = InstallReport { requested: gfns.len() as u64, ..Default::default() };
-        self.shared.install_list(gfns, &zeros, Why::BeforeResume, &mut rep, &mut Scratch::new());
+        let mut rep = InstallReport {
+            requested: gfns.len() as u64,
+            ..Default::default()
+        };
+        self.shared.install_list(
+            gfns,
+            &zeros,
+            Why::BeforeResume,
+            &mut rep,
+            &mut Scratch::new(),
+        );
         rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
         Ok(rep)
     }
@@ -475,7 +543,10 @@ impl FaultServer {
                     shared.install_list(chunk, &zeros, Why::Background, &mut rep, &mut sc);
                 }
             })
-            .map_err(|e| LazyError::Thread { name: tname, what: e.to_string() })?;
+            .map_err(|e| LazyError::Thread {
+                name: tname,
+                what: e.to_string(),
+            })?;
         self.fetcher = Some(h);
         Ok(())
     }
@@ -488,7 +559,10 @@ impl FaultServer {
     /// Waits for the background fetcher to finish its list.
     pub fn join_background(&mut self) -> Result<()> {
         if let Some(h) = self.fetcher.take() {
-            h.join().map_err(|_| LazyError::Thread { name: self.shared.name.clone(), what: "fetcher panicked".into() })?;
+            h.join().map_err(|_| LazyError::Thread {
+                name: self.shared.name.clone(),
+                what: "fetcher panicked".into(),
+            })?;
         }
         Ok(())
     }
@@ -524,6 +598,29 @@ impl FaultServer {
         &self.shared.source
     }
 
+    /// An image of this clone's memory as it is now, to clone the clone: its memfd as the
+    /// newest layer (pages installed or discarded, the latter reading as zeros) over its own
+    /// source. The memfd is shared, not copied: the clone must stay paused (or be replaced by
+    /// a clone of its own) while the image is read. Needs [`RegionKind::SharedMemfd`].
+    pub fn freeze(&self) -> Result<LayeredImage> {
+        let s = &self.shared;
+        let fd = s.region.memfd().ok_or_else(|| {
+            LazyError::Size(
+                "an anonymous (AnonPrivate) region cannot be frozen; use SharedMemfd".into(),
+            )
+        })?;
+        let fd = fd.try_clone_to_owned().map_err(|e| LazyError::Io {
+            op: "dup clone memfd".into(),
+            source: e,
+        })?;
+        let own = MemfdImage::new(fd, s.region.pages())?;
+        let mut have = s.present.snapshot();
+        s.discarded.snapshot().iter_set().for_each(|g| have.set(g));
+        let mut image = LayeredImage::with_pages(Arc::clone(&s.source), s.region.pages())?;
+        image.push(Arc::new(own), have)?;
+        Ok(image)
+    }
+
     /// Stops the threads and joins them; returns the final statistics. The region is released
     /// when the server is dropped.
     pub fn shutdown(mut self) -> Result<StatsSnapshot> {
@@ -537,14 +634,20 @@ impl FaultServer {
         let mut res = Ok(());
         if let Some(h) = self.fetcher.take() {
             if h.join().is_err() {
-                res = Err(LazyError::Thread { name: self.shared.name.clone(), what: "fetcher panicked".into() });
+                res = Err(LazyError::Thread {
+                    name: self.shared.name.clone(),
+                    what: "fetcher panicked".into(),
+                });
             }
         }
         if let Some(h) = self.handler.take() {
             match h.join() {
                 Ok(r) => res = res.and(r),
                 Err(_) => {
-                    res = Err(LazyError::Thread { name: self.shared.name.clone(), what: "handler panicked".into() })
+                    res = Err(LazyError::Thread {
+                        name: self.shared.name.clone(),
+                        what: "handler panicked".into(),
+                    })
                 }
             }
         }
@@ -578,7 +681,11 @@ pub struct EagerReport {
 /// unallocated.
 pub fn eager_copy(source: &dyn PageSource, dst: &GuestMemfd) -> Result<EagerReport> {
     if source.pages() > dst.pages() {
-        return Err(LazyError::Size(format!("source has {} pages, destination {}", source.pages(), dst.pages())));
+        return Err(LazyError::Size(format!(
+            "source has {} pages, destination {}",
+            source.pages(),
+            dst.pages()
+        )));
     }
     let t0 = Instant::now();
     let mut rep = EagerReport::default();

@@ -23,7 +23,9 @@ pub trait PageSource: Send + Sync {
     /// The default reads page by page; sources with a cheaper bulk read override it.
     fn read_run(&self, gfn: Gfn, buf: &mut [u8]) -> Result<()> {
         for (i, chunk) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            let page: &mut [u8; PAGE_SIZE] = chunk.try_into().map_err(|_| LazyError::Size("partial page".into()))?;
+            let page: &mut [u8; PAGE_SIZE] = chunk
+                .try_into()
+                .map_err(|_| LazyError::Size("partial page".into()))?;
             self.read_page(gfn + i as u64, page)?;
         }
         Ok(())
@@ -95,11 +97,17 @@ impl MemfdImage {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let pages = bytes.len().div_ceil(PAGE_SIZE) as u64;
         let fd = memfd_create(c"kscope-image", pages * PAGE_SIZE as u64)?;
-        let file = File::from(fd.try_clone().map_err(|e| LazyError::Io { op: "dup".into(), source: e })?);
+        let file = File::from(fd.try_clone().map_err(|e| LazyError::Io {
+            op: "dup".into(),
+            source: e,
+        })?);
         for (i, chunk) in bytes.chunks(PAGE_SIZE).enumerate() {
             if chunk.iter().any(|&b| b != 0) {
                 file.write_all_at(chunk, (i * PAGE_SIZE) as u64)
-                    .map_err(|e| LazyError::Io { op: "write image memfd".into(), source: e })?;
+                    .map_err(|e| LazyError::Io {
+                        op: "write image memfd".into(),
+                        source: e,
+                    })?;
             }
         }
         Self::new(fd, pages)
@@ -148,10 +156,16 @@ impl FileImage {
     /// Opens a memory file. With `pages: None`, its length (rounded up to pages) is the
     /// image size; with `Some(n)` the file must not be longer than `n` pages.
     pub fn open(path: &Path, pages: Option<u64>) -> Result<Self> {
-        let file = File::open(path).map_err(|e| LazyError::Io { op: format!("open {}", path.display()), source: e })?;
+        let file = File::open(path).map_err(|e| LazyError::Io {
+            op: format!("open {}", path.display()),
+            source: e,
+        })?;
         let len = file
             .metadata()
-            .map_err(|e| LazyError::Io { op: format!("stat {}", path.display()), source: e })?
+            .map_err(|e| LazyError::Io {
+                op: format!("stat {}", path.display()),
+                source: e,
+            })?
             .len();
         let file_pages = len.div_ceil(PAGE_SIZE as u64);
         let pages = match pages {
@@ -195,7 +209,10 @@ impl PageSource for FileImage {
             let n = self
                 .file
                 .read_at(&mut buf[done..], gfn * PAGE_SIZE as u64 + done as u64)
-                .map_err(|e| LazyError::Io { op: format!("pread page {gfn} of memory file"), source: e })?;
+                .map_err(|e| LazyError::Io {
+                    op: format!("pread page {gfn} of memory file"),
+                    source: e,
+                })?;
             if n == 0 {
                 buf[done..].fill(0); // past the end of a short file
                 break;
@@ -217,7 +234,10 @@ impl PageSource for FileImage {
             let got = self
                 .file
                 .read_at(&mut buf[done..], gfn * PAGE_SIZE as u64 + done as u64)
-                .map_err(|e| LazyError::Io { op: format!("pread pages {gfn}+{n} of memory file"), source: e })?;
+                .map_err(|e| LazyError::Io {
+                    op: format!("pread pages {gfn}+{n} of memory file"),
+                    source: e,
+                })?;
             if got == 0 {
                 buf[done..].fill(0);
                 break;
@@ -236,14 +256,17 @@ impl PageSource for FileImage {
 /// rest. Typical use: a generation image = the base memfd (bottom, complete) plus a delta of
 /// the pages dirtied since (a layer whose presence bitmap marks those pages).
 pub struct LayeredImage {
-    /// Newest first; `None` presence means the layer has every page (the base).
+    /// Newest first; `None` presence means the layer has every page it holds (the base).
     layers: Vec<(Arc<dyn PageSource>, Option<Bitmap>)>,
     pages: u64,
 }
 
 impl std::fmt::Debug for LayeredImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LayeredImage").field("layers", &self.layers.len()).field("pages", &self.pages).finish()
+        f.debug_struct("LayeredImage")
+            .field("layers", &self.layers.len())
+            .field("pages", &self.pages)
+            .finish()
     }
 }
 
@@ -251,7 +274,25 @@ impl LayeredImage {
     /// An image made of one complete base layer.
     pub fn new(base: Arc<dyn PageSource>) -> Self {
         let pages = base.pages();
-        Self { layers: vec![(base, None)], pages }
+        Self {
+            layers: vec![(base, None)],
+            pages,
+        }
+    }
+
+    /// An image of `pages` pages over a base that may be shorter (pages past its end read as
+    /// zeros), e.g. a clone region larger than its parent's image.
+    pub fn with_pages(base: Arc<dyn PageSource>, pages: u64) -> Result<Self> {
+        if pages < base.pages() {
+            return Err(LazyError::Size(format!(
+                "image of {pages} pages over a {}-page base",
+                base.pages()
+            )));
+        }
+        Ok(Self {
+            layers: vec![(base, None)],
+            pages,
+        })
     }
 
     /// Adds a newer layer holding the pages set in `present`, which must be as long as the
@@ -265,7 +306,11 @@ impl LayeredImage {
             )));
         }
         if let Some(g) = present.iter_set().find(|&g| g >= layer.pages()) {
-            return Err(LazyError::OutOfRange { gfn: g, pages: layer.pages(), what: "layer" });
+            return Err(LazyError::OutOfRange {
+                gfn: g,
+                pages: layer.pages(),
+                what: "layer",
+            });
         }
         self.layers.insert(0, (layer, Some(present)));
         Ok(())
@@ -279,7 +324,7 @@ impl LayeredImage {
     fn layer_of(&self, gfn: Gfn) -> Option<&Arc<dyn PageSource>> {
         self.layers
             .iter()
-            .find(|(_, present)| present.as_ref().is_none_or(|p| p.get(gfn)))
+            .find(|(l, present)| present.as_ref().map_or(gfn < l.pages(), |p| p.get(gfn)))
             .map(|(l, _)| l)
     }
 }

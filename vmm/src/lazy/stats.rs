@@ -78,7 +78,11 @@ impl LatencyHistogram {
 
     /// The `q`-quantile (0..=1) in ns, as the middle of its bucket (0 if empty).
     pub fn quantile(&self, q: f64) -> u64 {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return 0;
@@ -216,9 +220,24 @@ mod tests {
 
     #[test]
     fn buckets_cover_values_with_small_relative_error() {
-        for v in [0u64, 1, 15, 16, 17, 100, 1000, 18_000, 26_000, 1 << 40, u64::MAX / 2] {
+        for v in [
+            0u64,
+            1,
+            15,
+            16,
+            17,
+            100,
+            1000,
+            18_000,
+            26_000,
+            1 << 40,
+            u64::MAX / 2,
+        ] {
             let (lo, w) = bucket_range(bucket_of(v));
-            assert!(lo <= v && v < lo.saturating_add(w), "{v} not in [{lo}, +{w})");
+            assert!(
+                lo <= v && v < lo.saturating_add(w),
+                "{v} not in [{lo}, +{w})"
+            );
             assert!(w == 1 || (w as f64) / (lo as f64) <= 0.125 + 1e-9);
         }
         assert!(bucket_of(u64::MAX) < BUCKETS);

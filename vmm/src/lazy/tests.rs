@@ -76,7 +76,7 @@ impl Prefetcher for Script {
         out.extend(fault.gfn + 1..=fault.gfn + self.ahead);
     }
     fn zero_fill(&self, gfn: Gfn) -> bool {
-        self.zero_even && gfn % 2 == 0
+        self.zero_even && gfn.is_multiple_of(2)
     }
     fn before_resume(&mut self) -> Vec<Gfn> {
         std::mem::take(&mut self.before)
@@ -86,7 +86,12 @@ impl Prefetcher for Script {
     }
 }
 
-fn serve(src: Arc<dyn PageSource>, pages: u64, kind: RegionKind, p: Box<dyn Prefetcher>) -> FaultServer {
+fn serve(
+    src: Arc<dyn PageSource>,
+    pages: u64,
+    kind: RegionKind,
+    p: Box<dyn Prefetcher>,
+) -> FaultServer {
     let region = LazyRegion::new(pages, kind).expect("lazy region (run as root)");
     FaultServer::start(region, src, p, ServerOptions::default()).expect("fault server")
 }
@@ -126,7 +131,10 @@ fn every_page_is_served_correctly(kind: RegionKind) {
     assert_eq!(st.present_pages, pages);
     assert_eq!(server.touched(), (0..pages).collect::<Vec<_>>());
     assert!(st.fault_ns_p50 > 0 && st.fault_ns_p50 <= st.fault_ns_max);
-    assert!(st.resident_bytes >= (pages - zeros) * PAGE_SIZE as u64, "{st:?}");
+    assert!(
+        st.resident_bytes >= (pages - zeros) * PAGE_SIZE as u64,
+        "{st:?}"
+    );
     let json = serde_json::to_string(&st).unwrap();
     assert!(json.contains("\"faults\":256"));
     server.shutdown().unwrap();
@@ -148,7 +156,10 @@ fn every_page_is_served_correctly_anon_private() {
 fn writes_are_reported_and_land_on_served_content() {
     let _g = fd_guard();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let p = Script { seen: seen.clone(), ..Default::default() };
+    let p = Script {
+        seen: seen.clone(),
+        ..Default::default()
+    };
     let server = serve(image(16, 2), 16, RegionKind::SharedMemfd, Box::new(p));
     let r = server.region();
     std::thread::scope(|s| {
@@ -157,22 +168,38 @@ fn writes_are_reported_and_land_on_served_content() {
     let mut expect = page_of(5, 2);
     expect[10..14].fill(0xAB);
     assert_eq!(read_page(r, 5), expect);
-    assert_eq!(seen.lock().unwrap().as_slice(), &[Fault { gfn: 5, write: true }]);
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        &[Fault {
+            gfn: 5,
+            write: true
+        }]
+    );
 }
 
 #[test]
 fn prefetch_lists_are_honoured() {
     let _g = fd_guard();
-    let p = Script { ahead: 8, ..Default::default() };
+    let p = Script {
+        ahead: 8,
+        ..Default::default()
+    };
     let server = serve(image(64, 3), 64, RegionKind::SharedMemfd, Box::new(p));
     let r = server.region();
     std::thread::scope(|s| {
         s.spawn(|| assert_eq!(read_page(r, 20), page_of(20, 3)));
     });
     // Page 24 (24 % 7 == 3) is zero in the source: installed as a zero page.
-    assert!(wait_until(|| server.stats().present_pages == 9), "{:?}", server.stats());
+    assert!(
+        wait_until(|| server.stats().present_pages == 9),
+        "{:?}",
+        server.stats()
+    );
     let st = server.stats();
-    assert_eq!((st.faults, st.fault_pages, st.prefetched, st.zero_filled), (1, 1, 7, 1));
+    assert_eq!(
+        (st.faults, st.fault_pages, st.prefetched, st.zero_filled),
+        (1, 1, 7, 1)
+    );
     std::thread::scope(|s| {
         s.spawn(|| {
             for g in 21..=28 {
@@ -188,7 +215,11 @@ fn prefetch_lists_are_honoured() {
 #[test]
 fn zero_fill_policy_serves_zeros_without_reading() {
     let _g = fd_guard();
-    let p = Script { ahead: 3, zero_even: true, ..Default::default() };
+    let p = Script {
+        ahead: 3,
+        zero_even: true,
+        ..Default::default()
+    };
     let server = serve(image(32, 4), 32, RegionKind::SharedMemfd, Box::new(p));
     let r = server.region();
     std::thread::scope(|s| {
@@ -213,7 +244,11 @@ fn before_resume_and_background_race_safely_with_faults() {
     let pages = 2048u64;
     let mut order: Vec<Gfn> = (0..pages).rev().collect();
     order.extend(0..pages); // duplicates must be skipped
-    let p = Script { before: (0..64).collect(), background: order, ..Default::default() };
+    let p = Script {
+        before: (0..64).collect(),
+        background: order,
+        ..Default::default()
+    };
     let mut server = serve(image(pages, 5), pages, RegionKind::SharedMemfd, Box::new(p));
     let rep = server.before_resume().unwrap();
     assert_eq!(rep.requested, 64);
@@ -225,7 +260,9 @@ fn before_resume_and_background_race_safely_with_faults() {
             s.spawn(move || {
                 let mut x = 12345 + t;
                 for _ in 0..500 {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let g = (x >> 33) % pages;
                     assert_eq!(crc(&read_page(r, g)), crc(&page_of(g, 5)), "page {g}");
                 }
@@ -245,7 +282,11 @@ fn before_resume_and_background_race_safely_with_faults() {
     assert!(wait_until(|| settled(&server.stats())));
     let st = server.stats();
     assert_eq!(st.present_pages, pages);
-    assert_eq!(st.before_resume + st.background + st.fault_pages + st.prefetched + st.zero_filled, pages, "{st:?}");
+    assert_eq!(
+        st.before_resume + st.background + st.fault_pages + st.prefetched + st.zero_filled,
+        pages,
+        "{st:?}"
+    );
     assert!(st.background > 0);
     server.shutdown().unwrap();
 }
@@ -267,18 +308,30 @@ fn layered_image_prefers_newer_layers() {
     std::os::unix::fs::FileExt::write_all_at(&f, &page_of(40, 8), 40 * PAGE_SIZE as u64).unwrap();
     drop(f);
     let file_img = Arc::new(FileImage::open(&path, Some(pages)).unwrap());
-    assert_eq!(file_img.data_pages().iter_set().collect::<Vec<_>>(), vec![40]);
+    assert_eq!(
+        file_img.data_pages().iter_set().collect::<Vec<_>>(),
+        vec![40]
+    );
     let mut only40 = Bitmap::new(pages);
     only40.set(40);
     layered.push(file_img, only40).unwrap();
     assert_eq!(layered.depth(), 3);
     assert!(layered.push(image(pages, 9), Bitmap::new(3)).is_err());
-    let server = serve(Arc::new(layered), pages, RegionKind::SharedMemfd, Box::new(OnDemand));
+    let server = serve(
+        Arc::new(layered),
+        pages,
+        RegionKind::SharedMemfd,
+        Box::new(OnDemand),
+    );
     let r = server.region();
     std::thread::scope(|s| {
         s.spawn(|| {
             for g in 0..pages {
-                let want = if g == 40 { page_of(40, 8) } else { page_of(g, if g % 2 == 1 { 7 } else { 6 }) };
+                let want = if g == 40 {
+                    page_of(40, 8)
+                } else {
+                    page_of(g, if g % 2 == 1 { 7 } else { 6 })
+                };
                 assert_eq!(read_page(r, g), want, "page {g}");
             }
         });
@@ -317,7 +370,10 @@ fn file_image_holes_and_short_files_read_as_zero() {
         assert!(buf.iter().all(|&b| b == 0));
     }
     assert!(img.read_page(10, &mut buf).is_err());
-    assert!(FileImage::open(&path, Some(2)).is_err(), "file longer than expected");
+    assert!(
+        FileImage::open(&path, Some(2)).is_err(),
+        "file longer than expected"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -333,7 +389,13 @@ fn pages_beyond_the_source_are_zero() {
         });
     });
     let region = LazyRegion::new(2, RegionKind::SharedMemfd).unwrap();
-    assert!(FaultServer::start(region, image(4, 1), Box::new(OnDemand), ServerOptions::default()).is_err());
+    assert!(FaultServer::start(
+        region,
+        image(4, 1),
+        Box::new(OnDemand),
+        ServerOptions::default()
+    )
+    .is_err());
 }
 
 #[test]
@@ -364,9 +426,15 @@ fn thirty_two_clones_fault_concurrently() {
     let src = image(pages, 11);
     let servers: Vec<FaultServer> = (0..32)
         .map(|i| {
-            let p = Script { ahead: (i % 3) as u64, ..Default::default() };
+            let p = Script {
+                ahead: (i % 3) as u64,
+                ..Default::default()
+            };
             let region = LazyRegion::new(pages, RegionKind::SharedMemfd).unwrap();
-            let opts = ServerOptions { name: format!("c{i}"), ..Default::default() };
+            let opts = ServerOptions {
+                name: format!("c{i}"),
+                ..Default::default()
+            };
             FaultServer::start(region, src.clone(), Box::new(p), opts).unwrap()
         })
         .collect();
@@ -375,16 +443,25 @@ fn thirty_two_clones_fault_concurrently() {
             s.spawn(move || {
                 let mut x = 99 + i as u64;
                 for _ in 0..300 {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let g = (x >> 33) % pages;
-                    assert_eq!(crc(&read_page(srv.region(), g)), crc(&page_of(g, 11)), "clone {i} page {g}");
+                    assert_eq!(
+                        crc(&read_page(srv.region(), g)),
+                        crc(&page_of(g, 11)),
+                        "clone {i} page {g}"
+                    );
                 }
             });
         }
     });
     for s in servers {
         let st = s.shutdown().unwrap();
-        assert!(st.faults > 0 && st.install_errors == 0 && st.source_errors == 0, "{st:?}");
+        assert!(
+            st.faults > 0 && st.install_errors == 0 && st.source_errors == 0,
+            "{st:?}"
+        );
     }
 }
 
@@ -397,11 +474,20 @@ fn create_destroy_cycles_leak_no_fds_or_threads() {
     let _x = FD_LOCK.write().unwrap_or_else(|p| p.into_inner());
     let src = image(64, 12);
     // Warm up lazily-initialised process state before counting.
-    drop(serve(src.clone(), 64, RegionKind::SharedMemfd, Box::new(OnDemand)));
+    drop(serve(
+        src.clone(),
+        64,
+        RegionKind::SharedMemfd,
+        Box::new(OnDemand),
+    ));
     let fds0 = count_dir("/proc/self/fd");
     let tasks0 = count_dir("/proc/self/task");
     for i in 0..200u64 {
-        let p = Script { background: (0..64).collect(), ahead: 2, ..Default::default() };
+        let p = Script {
+            background: (0..64).collect(),
+            ahead: 2,
+            ..Default::default()
+        };
         let mut server = serve(src.clone(), 64, RegionKind::SharedMemfd, Box::new(p));
         std::thread::scope(|s| {
             s.spawn(|| assert_eq!(read_page(server.region(), i % 64), page_of(i % 64, 12)));
@@ -430,7 +516,10 @@ fn eager_copy_skips_zero_pages() {
     let rep = eager_copy(src.as_ref(), &dst).unwrap();
     let zeros = (0..pages).filter(|g| g % 7 == 3).count() as u64;
     assert_eq!((rep.copied, rep.zero), (pages - zeros, zeros));
-    assert_eq!(dst.resident_bytes().unwrap(), (pages - zeros) * PAGE_SIZE as u64);
+    assert_eq!(
+        dst.resident_bytes().unwrap(),
+        (pages - zeros) * PAGE_SIZE as u64
+    );
     let mut v = vec![0; PAGE_SIZE];
     for g in 0..pages {
         dst.read_at(g * PAGE_SIZE as u64, &mut v).unwrap();
@@ -451,4 +540,117 @@ fn memfd_image_of_a_clone_memfd_sees_its_holes() {
     img.read_page(3, &mut buf).unwrap();
     assert_eq!(buf.to_vec(), page_of(3, 1));
     assert!(img.is_known_zero(0) && !img.is_known_zero(3));
+}
+
+#[test]
+fn a_frozen_clone_can_be_cloned() {
+    let _g = fd_guard();
+    let (src_pages, pages) = (32, 40);
+    let a = serve(
+        image(src_pages, 21),
+        pages,
+        RegionKind::SharedMemfd,
+        Box::new(OnDemand),
+    );
+    let ra = a.region();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(read_page(ra, 1), page_of(1, 21));
+            ra.write_at(2 * PAGE_SIZE as u64, &[9; 8]).unwrap();
+            ra.write_at(35 * PAGE_SIZE as u64, &[7; 8]).unwrap(); // past the parent's image
+            assert_eq!(read_page(ra, 6), page_of(6, 21));
+            ra.discard(6, 1).unwrap();
+        });
+    });
+    assert!(wait_until(|| a.stats().fault_latency_samples == 4));
+    let frozen = a.freeze().unwrap();
+    assert_eq!((frozen.pages(), frozen.depth()), (pages, 2));
+    let b = serve(
+        Arc::new(frozen),
+        pages,
+        RegionKind::SharedMemfd,
+        Box::new(OnDemand),
+    );
+    let rb = b.region();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut p2 = page_of(2, 21);
+            p2[..8].fill(9);
+            let mut p35 = vec![0; PAGE_SIZE];
+            p35[..8].fill(7);
+            assert_eq!(read_page(rb, 1), page_of(1, 21));
+            assert_eq!(read_page(rb, 2), p2);
+            assert_eq!(read_page(rb, 35), p35);
+            assert_eq!(
+                read_page(rb, 6),
+                vec![0; PAGE_SIZE],
+                "discarded in the parent clone"
+            );
+            assert_eq!(
+                read_page(rb, 9),
+                page_of(9, 21),
+                "never touched: from the original image"
+            );
+            assert_eq!(read_page(rb, 39), vec![0; PAGE_SIZE]);
+        });
+    });
+    let anon = serve(image(4, 1), 4, RegionKind::AnonPrivate, Box::new(OnDemand));
+    assert!(anon.freeze().is_err());
+}
+
+struct Panicky;
+impl Prefetcher for Panicky {
+    fn name(&self) -> &str {
+        "panicky"
+    }
+    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>) {
+        out.push(u64::MAX); // out of range: must be ignored
+        out.push(fault.gfn + 1000);
+        assert!(fault.gfn != 3, "policy bug");
+    }
+}
+
+#[test]
+fn a_misbehaving_policy_does_not_stall_the_clone() {
+    let _g = fd_guard();
+    let server = serve(image(8, 3), 8, RegionKind::SharedMemfd, Box::new(Panicky));
+    let r = server.region();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for g in 0..8 {
+                assert_eq!(read_page(r, g), page_of(g, 3));
+            }
+        });
+    });
+    assert!(wait_until(|| server.stats().fault_latency_samples == 8));
+    assert_eq!(server.stats().install_errors, 0);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn an_existing_mapping_can_be_served() {
+    let _g = fd_guard();
+    let ram = GuestMemfd::new(16).unwrap();
+    let fd = ram.memfd().try_clone_to_owned().unwrap();
+    // SAFETY: `ram` keeps the mapping alive past the server (dropped first, below) and
+    // nothing else references its memory.
+    let region = unsafe { LazyRegion::from_mapping(ram.host_addr(), 16, Some(fd)) }.unwrap();
+    let server = FaultServer::start(
+        region,
+        image(16, 5),
+        Box::new(OnDemand),
+        ServerOptions::default(),
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut v = vec![0; PAGE_SIZE];
+            ram.read_at(7 * PAGE_SIZE as u64, &mut v).unwrap();
+            assert_eq!(v, page_of(7, 5));
+        });
+    });
+    assert_eq!(server.shutdown().unwrap().faults, 1);
+    assert!(ram.resident_bytes().unwrap() >= PAGE_SIZE as u64);
+    // SAFETY: as above; the address is not page aligned so registration is refused.
+    assert!(unsafe { LazyRegion::from_mapping(ram.host_addr() + 1, 1, None) }.is_err());
 }

@@ -10,7 +10,7 @@ use kscope_workloads::Workload;
 
 fn main() -> i32 {
     let mut handler = TextHandler::new(Workload::Aes, GuestFiles::default());
-    serve("aes", &mut *handler)
+    serve("aes", &mut handler)
 }
 
 kscope_guest::user_main!(main);

@@ -10,7 +10,7 @@ use kscope_workloads::Workload;
 
 fn main() -> i32 {
     let mut handler = TextHandler::new(Workload::Compress, GuestFiles::default());
-    serve("compress", &mut *handler)
+    serve("compress", &mut handler)
 }
 
 kscope_guest::user_main!(main);

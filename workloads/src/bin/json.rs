@@ -10,7 +10,7 @@ use kscope_workloads::Workload;
 
 fn main() -> i32 {
     let mut handler = TextHandler::new(Workload::Json, GuestFiles::default());
-    serve("json", &mut *handler)
+    serve("json", &mut handler)
 }
 
 kscope_guest::user_main!(main);

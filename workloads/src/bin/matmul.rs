@@ -10,7 +10,7 @@ use kscope_workloads::Workload;
 
 fn main() -> i32 {
     let mut handler = TextHandler::new(Workload::Matmul, GuestFiles::default());
-    serve("matmul", &mut *handler)
+    serve("matmul", &mut handler)
 }
 
 kscope_guest::user_main!(main);

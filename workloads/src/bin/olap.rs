@@ -10,7 +10,7 @@ use kscope_workloads::Workload;
 
 fn main() -> i32 {
     let mut handler = TextHandler::new(Workload::Olap, GuestFiles::default());
-    serve("olap", &mut *handler)
+    serve("olap", &mut handler)
 }
 
 kscope_guest::user_main!(main);

@@ -10,7 +10,7 @@ use kscope_workloads::web::Web;
 
 fn main() -> i32 {
     let mut handler = WebHandler(Web::new(GuestFiles::default()));
-    serve("web", &mut *handler)
+    serve("web", &mut handler)
 }
 
 kscope_guest::user_main!(main);

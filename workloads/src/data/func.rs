@@ -18,8 +18,10 @@ pub const AES_INPUT_PATH: &str = "/data/aes/input.bin";
 /// Path of the `compress` input.
 pub const CORPUS_PATH: &str = "/data/text/corpus.txt";
 /// The json inputs: `(request name, path)`.
-pub const JSON_INPUTS: [(&str, &str); 2] =
-    [("small", "/data/json/small.json"), ("large", "/data/json/large.json")];
+pub const JSON_INPUTS: [(&str, &str); 2] = [
+    ("small", "/data/json/small.json"),
+    ("large", "/data/json/large.json"),
+];
 
 /// A purchase of a [`Person`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,17 +59,27 @@ pub struct Person {
 
 /// Generate the records of json input `name` (`small` or `large`).
 pub fn json_records(opts: &ImageOptions, name: &str) -> Vec<Person> {
-    let n = if name == "small" { opts.json_small_records } else { opts.json_large_records };
+    let n = if name == "small" {
+        opts.json_small_records
+    } else {
+        opts.json_large_records
+    };
     let mut rng = Rng::derive(opts.seed, &format!("json-{name}"));
     (0..n as u64)
         .map(|id| {
             let name = phrase(&mut rng, 2);
-            let email = format!("{}{}@example.org", name.replace(' ', ".").to_lowercase(), id);
+            let email = format!(
+                "{}{}@example.org",
+                name.replace(' ', ".").to_lowercase(),
+                id
+            );
             Person {
                 id: id + 1,
                 age: rng.range(18, 90) as u32,
                 active: rng.range(0, 3) != 0,
-                tags: (0..rng.range(0, 4)).map(|_| phrase(&mut rng, 1).to_lowercase()).collect(),
+                tags: (0..rng.range(0, 4))
+                    .map(|_| phrase(&mut rng, 1).to_lowercase())
+                    .collect(),
                 city: phrase(&mut rng, 1),
                 zip: format!("{:05}", rng.range(0, 99_999)),
                 purchases: (0..rng.range(0, 8))
@@ -93,7 +105,12 @@ pub fn json_text(dataset: &str, records: &[Person]) -> String {
         let purchases: Vec<String> = p
             .purchases
             .iter()
-            .map(|b| format!("{{\"sku\": \"{}\", \"qty\": {}, \"cents\": {}}}", b.sku, b.qty, b.cents))
+            .map(|b| {
+                format!(
+                    "{{\"sku\": \"{}\", \"qty\": {}, \"cents\": {}}}",
+                    b.sku, b.qty, b.cents
+                )
+            })
             .collect();
         let _ = write!(
             s,
@@ -149,7 +166,10 @@ pub fn corpus(opts: &ImageOptions) -> Vec<u8> {
 pub fn files(opts: &ImageOptions) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for (name, path) in JSON_INPUTS {
-        out.push((path.into(), json_text(name, &json_records(opts, name)).into_bytes()));
+        out.push((
+            path.into(),
+            json_text(name, &json_records(opts, name)).into_bytes(),
+        ));
     }
     out.push((AES_INPUT_PATH.into(), aes_input(opts)));
     out.push((CORPUS_PATH.into(), corpus(opts)));

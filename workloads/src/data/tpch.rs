@@ -80,11 +80,30 @@ pub fn current_date() -> i32 {
     days_from_civil(1995, 6, 17)
 }
 
-const INSTRUCT: [&str; 4] = ["DELIVER IN PERSON", "COLLECT COD", "NONE", "TAKE BACK RETURN"];
+const INSTRUCT: [&str; 4] = [
+    "DELIVER IN PERSON",
+    "COLLECT COD",
+    "NONE",
+    "TAKE BACK RETURN",
+];
 const MODES: [&str; 7] = ["REG AIR", "AIR", "RAIL", "SHIP", "TRUCK", "MAIL", "FOB"];
 const COMMENT: [&str; 16] = [
-    "carefully", "final", "deposits", "sleep", "quickly", "ironic", "requests", "boost",
-    "furiously", "regular", "accounts", "haggle", "blithely", "pending", "foxes", "nag",
+    "carefully",
+    "final",
+    "deposits",
+    "sleep",
+    "quickly",
+    "ironic",
+    "requests",
+    "boost",
+    "furiously",
+    "regular",
+    "accounts",
+    "haggle",
+    "blithely",
+    "pending",
+    "foxes",
+    "nag",
 ];
 
 /// One row of `lineitem`.
@@ -148,7 +167,11 @@ pub fn generate(opts: &ImageOptions) -> Vec<LineItem> {
             let shipdate = orderdate + rng.range(1, 121) as i32;
             let receiptdate = shipdate + rng.range(1, 30) as i32;
             let returnflag = if receiptdate <= cur {
-                if rng.range(0, 1) == 0 { b'R' } else { b'A' }
+                if rng.range(0, 1) == 0 {
+                    b'R'
+                } else {
+                    b'A'
+                }
             } else {
                 b'N'
             };

@@ -100,8 +100,10 @@ pub fn static_files(opts: &ImageOptions) -> Vec<(String, Vec<u8>)> {
             }
         }
     }
-    index.push_str("</ul><p><a href=\"/bank/login\">Bank</a> <a href=\"/shop/catalog\">Shop</a> \
-                    <a href=\"/support/downloads\">Support</a></p></body></html>\n");
+    index.push_str(
+        "</ul><p><a href=\"/bank/login\">Bank</a> <a href=\"/shop/catalog\">Shop</a> \
+                    <a href=\"/support/downloads\">Support</a></p></body></html>\n",
+    );
     files.insert(0, ("/www/index.html".into(), index.into_bytes()));
     files
 }
@@ -217,8 +219,22 @@ const FIRST: [&str; 16] = [
     "Leslie", "Radia", "Butler", "Margaret", "Tony", "Shafi",
 ];
 const LAST: [&str; 16] = [
-    "Lovelace", "Turing", "Hopper", "Dijkstra", "Liskov", "Thompson", "Ritchie", "Wirth",
-    "Allen", "Backus", "Lamport", "Perlman", "Lampson", "Hamilton", "Hoare", "Goldwasser",
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Dijkstra",
+    "Liskov",
+    "Thompson",
+    "Ritchie",
+    "Wirth",
+    "Allen",
+    "Backus",
+    "Lamport",
+    "Perlman",
+    "Lampson",
+    "Hamilton",
+    "Hoare",
+    "Goldwasser",
 ];
 
 /// The bank's data.
@@ -252,10 +268,24 @@ impl Bank {
                     balance += amount;
                     let date = 20240000 + rng.range(1, 12) as u32 * 100 + rng.range(1, 28) as u32;
                     let memo = phrase(&mut rng, 2);
-                    txns.push(Txn { id: txns.len() as u32 + 1, account: id, date, amount, memo });
+                    txns.push(Txn {
+                        id: txns.len() as u32 + 1,
+                        account: id,
+                        date,
+                        amount,
+                        memo,
+                    });
                 }
                 let kind = rng.range(0, 2) as u8;
-                accounts.push(Account { id, user, kind, balance, first_txn, n_txn, name: name.clone() });
+                accounts.push(Account {
+                    id,
+                    user,
+                    kind,
+                    balance,
+                    first_txn,
+                    n_txn,
+                    name: name.clone(),
+                });
             }
         }
         Bank { accounts, txns }
@@ -328,8 +358,9 @@ impl Shop {
     /// Generate the catalog of `opts`.
     pub fn generate(opts: &ImageOptions) -> Shop {
         let mut rng = Rng::derive(opts.seed, "shop");
-        let mut cats: Vec<u16> =
-            (0..opts.shop_products).map(|_| rng.range(0, CATEGORIES as u64 - 1) as u16).collect();
+        let mut cats: Vec<u16> = (0..opts.shop_products)
+            .map(|_| rng.range(0, CATEGORIES as u64 - 1) as u16)
+            .collect();
         cats.sort_unstable();
         let products = cats
             .into_iter()
@@ -409,7 +440,12 @@ impl Support {
                 category: id % SUPPORT_CATEGORIES,
                 size: rng.range(4, 256) * 1024 - rng.range(0, 1000),
                 path: format!("/www/support/f{id:04}.bin"),
-                title: format!("{} v{}.{}", phrase(&mut rng, 2), rng.range(1, 9), rng.range(0, 20)),
+                title: format!(
+                    "{} v{}.{}",
+                    phrase(&mut rng, 2),
+                    rng.range(1, 9),
+                    rng.range(0, 20)
+                ),
             })
             .collect();
         Support { files }
@@ -426,7 +462,10 @@ impl Support {
     pub fn files(&self, opts: &ImageOptions) -> Vec<(String, Vec<u8>)> {
         let mut index = String::new();
         for f in &self.files {
-            index.push_str(&format!("{}|{}|{}|{}|{}\n", f.id, f.category, f.size, f.path, f.title));
+            index.push_str(&format!(
+                "{}|{}|{}|{}|{}\n",
+                f.id, f.category, f.size, f.path, f.title
+            ));
         }
         let mut out = alloc::vec![(SUPPORT_INDEX_PATH.into(), index.into_bytes())];
         for f in &self.files {
@@ -456,11 +495,17 @@ mod tests {
         for (i, p) in shop.products.iter().enumerate() {
             assert_eq!(&Product::decode(&f[0].1[i * PRODUCT_SIZE..]), p);
         }
-        assert!(shop.products.windows(2).all(|w| w[0].category <= w[1].category));
+        assert!(shop
+            .products
+            .windows(2)
+            .all(|w| w[0].category <= w[1].category));
         let sup = Support::generate(&opts);
         let sf = sup.files(&opts);
         let idx = core::str::from_utf8(&sf[0].1).unwrap();
-        let parsed: Vec<_> = idx.lines().map(|l| SupportFile::parse(l).unwrap()).collect();
+        let parsed: Vec<_> = idx
+            .lines()
+            .map(|l| SupportFile::parse(l).unwrap())
+            .collect();
         assert_eq!(parsed, sup.files);
     }
 
@@ -471,7 +516,15 @@ mod tests {
         assert_eq!(a, static_files(&opts));
         for (p, d) in &a[1..] {
             let cls: u32 = p.split("class").nth(1).unwrap()[..1].parse().unwrap();
-            let idx: u32 = p.split('_').nth(1).unwrap().split('.').next().unwrap().parse().unwrap();
+            let idx: u32 = p
+                .split('_')
+                .nth(1)
+                .unwrap()
+                .split('.')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert_eq!(d.len(), static_size(cls, idx), "{p}");
             assert!(p.len() < 64);
         }

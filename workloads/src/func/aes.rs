@@ -75,7 +75,10 @@ const fn make_te(rot: u32) -> [u32; 256] {
     let mut x = 0;
     while x < 256 {
         let s = SBOX[x];
-        let w = ((gmul(s, 2) as u32) << 24) | ((s as u32) << 16) | ((s as u32) << 8) | gmul(s, 3) as u32;
+        let w = ((gmul(s, 2) as u32) << 24)
+            | ((s as u32) << 16)
+            | ((s as u32) << 8)
+            | gmul(s, 3) as u32;
         t[x] = w.rotate_right(rot);
         x += 1;
     }
@@ -97,15 +100,20 @@ impl Aes128 {
     pub fn new(key: &[u8; 16]) -> Self {
         let mut rk = [0u32; 44];
         for i in 0..4 {
-            rk[i] = u32::from_be_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
+            rk[i] =
+                u32::from_be_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
         }
         let mut rcon = 1u8;
         for i in 4..44 {
             let mut t = rk[i - 1];
             if i % 4 == 0 {
                 let b = t.rotate_left(8).to_be_bytes();
-                t = u32::from_be_bytes([SBOX[b[0] as usize], SBOX[b[1] as usize], SBOX[b[2] as usize], SBOX[b[3] as usize]])
-                    ^ ((rcon as u32) << 24);
+                t = u32::from_be_bytes([
+                    SBOX[b[0] as usize],
+                    SBOX[b[1] as usize],
+                    SBOX[b[2] as usize],
+                    SBOX[b[3] as usize],
+                ]) ^ ((rcon as u32) << 24);
                 rcon = gmul(rcon, 2);
             }
             rk[i] = rk[i - 4] ^ t;
@@ -115,7 +123,14 @@ impl Aes128 {
 
     /// Encrypt one block.
     pub fn encrypt_block(&self, block: &[u8; 16]) -> [u8; 16] {
-        let w = |i: usize| u32::from_be_bytes([block[4 * i], block[4 * i + 1], block[4 * i + 2], block[4 * i + 3]]);
+        let w = |i: usize| {
+            u32::from_be_bytes([
+                block[4 * i],
+                block[4 * i + 1],
+                block[4 * i + 2],
+                block[4 * i + 3],
+            ])
+        };
         let rk = &self.rk;
         let mut s = [w(0) ^ rk[0], w(1) ^ rk[1], w(2) ^ rk[2], w(3) ^ rk[3]];
         for round in 1..10 {
@@ -176,14 +191,19 @@ pub const DEFAULT_KEY: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
 
 /// Run the function; `out` is the reusable ciphertext buffer.
 pub fn run<F: Files>(files: &mut F, request: &str, out: &mut Vec<u8>) -> Result<String, AesError> {
-    let kib: u64 = param(request, "kib").ok_or(AesError::Bad("missing kib"))?.parse().map_err(|_| AesError::Bad("kib must be a number"))?;
+    let kib: u64 = param(request, "kib")
+        .ok_or(AesError::Bad("missing kib"))?
+        .parse()
+        .map_err(|_| AesError::Bad("kib must be a number"))?;
     let key = match param(request, "key") {
         None => DEFAULT_KEY,
         Some(k) => parse_key(k).ok_or(AesError::Bad("key must be 32 hex digits"))?,
     };
     let nonce: u64 = match param(request, "nonce") {
         None => 0,
-        Some(n) => n.parse().map_err(|_| AesError::Bad("nonce must be a number"))?,
+        Some(n) => n
+            .parse()
+            .map_err(|_| AesError::Bad("nonce must be a number"))?,
     };
     let input = files.map(AES_INPUT_PATH)?;
     let bytes = kib * 1024;
@@ -206,7 +226,9 @@ mod tests {
     use super::*;
 
     fn h(s: &str) -> Vec<u8> {
-        (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect()
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
@@ -215,7 +237,10 @@ mod tests {
         assert_eq!(SBOX[0x53], 0xed);
         let key: [u8; 16] = h("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
         let pt: [u8; 16] = h("00112233445566778899aabbccddeeff").try_into().unwrap();
-        assert_eq!(Aes128::new(&key).encrypt_block(&pt).to_vec(), h("69c4e0d86a7b0430d8cdb78070b4c55a"));
+        assert_eq!(
+            Aes128::new(&key).encrypt_block(&pt).to_vec(),
+            h("69c4e0d86a7b0430d8cdb78070b4c55a")
+        );
         let key: [u8; 16] = h("2b7e151628aed2a6abf7158809cf4f3c").try_into().unwrap();
         let ctr: [u8; 16] = h("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff").try_into().unwrap();
         let pt = h("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e5130c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710");

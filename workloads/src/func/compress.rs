@@ -93,7 +93,11 @@ pub fn compress(input: &[u8], depth: usize, out: &mut Vec<u8>) {
                 break;
             }
             let c = cand as usize;
-            let len = input[c..].iter().zip(&input[i..]).take_while(|(a, b)| a == b).count();
+            let len = input[c..]
+                .iter()
+                .zip(&input[i..])
+                .take_while(|(a, b)| a == b)
+                .count();
             if len > best_len {
                 best_len = len;
                 best_off = i - c;
@@ -120,10 +124,15 @@ pub fn compress(input: &[u8], depth: usize, out: &mut Vec<u8>) {
 
 /// Run the function; the answer is written to `out`.
 pub fn run<F: Files>(files: &mut F, request: &str, out: &mut Vec<u8>) -> Result<(), CompressError> {
-    let kib: u64 = param(request, "kib").ok_or(CompressError::Bad("missing kib"))?.parse().map_err(|_| CompressError::Bad("kib must be a number"))?;
+    let kib: u64 = param(request, "kib")
+        .ok_or(CompressError::Bad("missing kib"))?
+        .parse()
+        .map_err(|_| CompressError::Bad("kib must be a number"))?;
     let level: u32 = match param(request, "level") {
         None => 4,
-        Some(l) => l.parse().map_err(|_| CompressError::Bad("level must be a number"))?,
+        Some(l) => l
+            .parse()
+            .map_err(|_| CompressError::Bad("level must be a number"))?,
     };
     if !(1..=9).contains(&level) {
         return Err(CompressError::Bad("level out of range"));

@@ -126,7 +126,11 @@ pub fn run<F: Files>(files: &mut F, input: &str) -> Result<String, JsonError> {
         })
         .collect();
     out.sort_by(|a, b| b.total_cents.cmp(&a.total_cents).then(a.id.cmp(&b.id)));
-    let doc_out = OutDoc { dataset: &doc.dataset, count: out.len(), records: &out };
+    let doc_out = OutDoc {
+        dataset: &doc.dataset,
+        count: out.len(),
+        records: &out,
+    };
     let bytes = serde_json::to_vec(&doc_out).map_err(|e| JsonError::Parse(e.to_string()))?;
     let answer = Answer {
         dataset: &doc.dataset,

@@ -26,7 +26,11 @@ pub enum MatmulError {
 /// The two input matrices of `(n, seed)`.
 pub fn inputs(n: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
     let mut rng = Rng::derive(seed, "matmul");
-    let mut gen = || (0..n * n).map(|_| (rng.range(0, 2048) as f64 - 1024.0) / 1024.0).collect::<Vec<_>>();
+    let mut gen = || {
+        (0..n * n)
+            .map(|_| (rng.range(0, 2048) as f64 - 1024.0) / 1024.0)
+            .collect::<Vec<_>>()
+    };
     let a = gen();
     let b = gen();
     (a, b)
@@ -57,18 +61,26 @@ pub fn answer(n: usize, seed: u64, c: &[f64]) -> String {
     let trace: f64 = (0..n).map(|i| c[i * n + i]).sum();
     let sum: f64 = c.iter().sum();
     let bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
-    format!("{{\"n\":{n},\"seed\":{seed},\"trace\":{trace},\"sum\":{sum},\"fnv64\":\"{:016x}\"}}", fnv1a64(&bytes))
+    format!(
+        "{{\"n\":{n},\"seed\":{seed},\"trace\":{trace},\"sum\":{sum},\"fnv64\":\"{:016x}\"}}",
+        fnv1a64(&bytes)
+    )
 }
 
 /// Run the function.
 pub fn run(request: &str) -> Result<String, MatmulError> {
-    let n: usize = param(request, "n").ok_or(MatmulError::Bad("missing n"))?.parse().map_err(|_| MatmulError::Bad("n must be a number"))?;
+    let n: usize = param(request, "n")
+        .ok_or(MatmulError::Bad("missing n"))?
+        .parse()
+        .map_err(|_| MatmulError::Bad("n must be a number"))?;
     if n == 0 || n > MAX_N {
         return Err(MatmulError::Bad("n out of range"));
     }
     let seed: u64 = match param(request, "seed") {
         None => 1,
-        Some(s) => s.parse().map_err(|_| MatmulError::Bad("seed must be a number"))?,
+        Some(s) => s
+            .parse()
+            .map_err(|_| MatmulError::Bad("seed must be a number"))?,
     };
     let (a, b) = inputs(n, seed);
     let mut c = Vec::new();

@@ -47,16 +47,24 @@ pub fn build_image(opts: &ImageOptions, programs: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 /// [`build_image`], reporting invalid program names as errors.
-pub fn try_build_image(opts: &ImageOptions, programs: &[(&str, &[u8])]) -> Result<Vec<u8>, ImageError> {
+pub fn try_build_image(
+    opts: &ImageOptions,
+    programs: &[(&str, &[u8])],
+) -> Result<Vec<u8>, ImageError> {
     let data = &dataset(opts).files;
     let names: Vec<String> = programs.iter().map(|(n, _)| format!("/bin/{n}")).collect();
     let mut b = FsBuilder::new();
-    let wrap = |path: &str, reason| ImageError::Mkfs { path: path.into(), reason };
+    let wrap = |path: &str, reason| ImageError::Mkfs {
+        path: path.into(),
+        reason,
+    };
     for (path, (_, elf)) in names.iter().zip(programs) {
-        b.add(path, file_kind::EXEC, elf).map_err(|e| wrap(path, e))?;
+        b.add(path, file_kind::EXEC, elf)
+            .map_err(|e| wrap(path, e))?;
     }
     for (path, bytes) in data {
-        b.add(path, file_kind::DATA, bytes).map_err(|e| wrap(path, e))?;
+        b.add(path, file_kind::DATA, bytes)
+            .map_err(|e| wrap(path, e))?;
     }
     Ok(b.build())
 }
@@ -111,7 +119,11 @@ pub fn dataset(opts: &ImageOptions) -> &'static Dataset {
         return d;
     }
     let files = generate_all(opts);
-    let by_path = files.iter().enumerate().map(|(i, (p, _))| (p.clone(), i)).collect();
+    let by_path = files
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| (p.clone(), i))
+        .collect();
     let d: &'static Dataset = Box::leak(Box::new(Dataset {
         opts: opts.clone(),
         files,
@@ -120,7 +132,10 @@ pub fn dataset(opts: &ImageOptions) -> &'static Dataset {
         shop: Shop::generate(opts),
         support: Support::generate(opts),
         lineitem: tpch::generate(opts),
-        json: func::JSON_INPUTS.iter().map(|(n, _)| (*n, func::json_records(opts, n))).collect(),
+        json: func::JSON_INPUTS
+            .iter()
+            .map(|(n, _)| (*n, func::json_records(opts, n)))
+            .collect(),
     }));
     list.push(d);
     d
@@ -136,14 +151,22 @@ pub fn host_handler(w: Workload, opts: &ImageOptions) -> Box<dyn Handler> {
 
 /// Check `response` (the payload of a status-0 answer) to `request` of workload `w` against
 /// the data of `opts`, recomputed independently on the host.
-pub fn check(w: Workload, opts: &ImageOptions, request: &[u8], response: &[u8]) -> Result<(), String> {
+pub fn check(
+    w: Workload,
+    opts: &ImageOptions,
+    request: &[u8],
+    response: &[u8],
+) -> Result<(), String> {
     let d = dataset(opts);
     let text = || std::str::from_utf8(request).map_err(|_| "request is not UTF-8".to_string());
     let same = |want: String| {
         if response == want.as_bytes() {
             Ok(())
         } else {
-            Err(format!("expected {want:?}, got {:?}", String::from_utf8_lossy(response)))
+            Err(format!(
+                "expected {want:?}, got {:?}",
+                String::from_utf8_lossy(response)
+            ))
         }
     };
     match w {
@@ -151,19 +174,33 @@ pub fn check(w: Workload, opts: &ImageOptions, request: &[u8], response: &[u8]) 
         Workload::Olap => reference_olap(d, text()?, response),
         Workload::Json => {
             let name = text()?.trim().trim_start_matches("input=");
-            let (_, recs) = d.json.iter().find(|(n, _)| *n == name).ok_or("unknown json input")?;
+            let (_, recs) = d
+                .json
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or("unknown json input")?;
             same(reference::json_answer(name, recs))
         }
         Workload::Aes => {
             let req = text()?;
             let p = |k| crate::util::param(req, k);
-            let kib: usize = p("kib").and_then(|v| v.parse().ok()).ok_or("request has no kib")?;
-            let key = p("key").map_or(Some(crate::func::aes::DEFAULT_KEY), crate::func::aes::parse_key).ok_or("bad key")?;
-            let nonce: u64 = p("nonce").map_or(Some(0), |v| v.parse().ok()).ok_or("bad nonce")?;
+            let kib: usize = p("kib")
+                .and_then(|v| v.parse().ok())
+                .ok_or("request has no kib")?;
+            let key = p("key")
+                .map_or(
+                    Some(crate::func::aes::DEFAULT_KEY),
+                    crate::func::aes::parse_key,
+                )
+                .ok_or("bad key")?;
+            let nonce: u64 = p("nonce")
+                .map_or(Some(0), |v| v.parse().ok())
+                .ok_or("bad nonce")?;
             let input = d.file(func::AES_INPUT_PATH).ok_or("no aes input")?;
             let mut ctr = [0u8; 16];
             ctr[..8].copy_from_slice(&nonce.to_be_bytes());
-            let ct = reference::RefAes::new(&key).ctr(ctr, input.get(..kib * 1024).ok_or("kib too large")?);
+            let ct = reference::RefAes::new(&key)
+                .ctr(ctr, input.get(..kib * 1024).ok_or("kib too large")?);
             let head: String = ct[..16].iter().map(|b| format!("{b:02x}")).collect();
             same(format!(
                 "{{\"kib\":{kib},\"bytes\":{},\"fnv64\":\"{:016x}\",\"head\":\"{head}\"}}",
@@ -173,22 +210,34 @@ pub fn check(w: Workload, opts: &ImageOptions, request: &[u8], response: &[u8]) 
         }
         Workload::Matmul => {
             let req = text()?;
-            let n: usize = crate::util::param(req, "n").and_then(|v| v.parse().ok()).ok_or("request has no n")?;
-            let seed: u64 = crate::util::param(req, "seed").map_or(Some(1), |v| v.parse().ok()).ok_or("bad seed")?;
+            let n: usize = crate::util::param(req, "n")
+                .and_then(|v| v.parse().ok())
+                .ok_or("request has no n")?;
+            let seed: u64 = crate::util::param(req, "seed")
+                .map_or(Some(1), |v| v.parse().ok())
+                .ok_or("bad seed")?;
             same(reference::matmul_answer(n, seed))
         }
         Workload::Compress => {
             let req = text()?;
-            let kib: usize = crate::util::param(req, "kib").and_then(|v| v.parse().ok()).ok_or("request has no kib")?;
+            let kib: usize = crate::util::param(req, "kib")
+                .and_then(|v| v.parse().ok())
+                .ok_or("request has no kib")?;
             let input = d.file(func::CORPUS_PATH).ok_or("no corpus")?;
             let want = input.get(..kib * 1024).ok_or("kib too large")?;
             let got = lz_decode(response)?;
             if got != want {
                 let at = got.iter().zip(want).position(|(a, b)| a != b);
-                return Err(format!("decompressed output differs from the input (first difference at {at:?})"));
+                return Err(format!(
+                    "decompressed output differs from the input (first difference at {at:?})"
+                ));
             }
             if response.len() >= want.len() {
-                return Err(format!("no compression: {} -> {} bytes", want.len(), response.len()));
+                return Err(format!(
+                    "no compression: {} -> {} bytes",
+                    want.len(),
+                    response.len()
+                ));
             }
             Ok(())
         }
@@ -208,10 +257,17 @@ fn reference_olap(d: &Dataset, req: &str, response: &[u8]) -> Result<(), String>
     let body: Vec<Vec<&str>> = lines.map(|l| l.split('|').collect()).collect();
     let query = Query::parse(req).map_err(|e| format!("check of an invalid query: {e}"))?;
     let num = |s: &str| s.parse::<f64>().map_err(|_| format!("not a number: {s:?}"));
-    let (params, scanned) = first.rsplit_once(" rows_scanned=").ok_or("first line lacks rows_scanned")?;
-    let scanned: usize = scanned.parse().map_err(|_| "rows_scanned is not a number")?;
+    let (params, scanned) = first
+        .rsplit_once(" rows_scanned=")
+        .ok_or("first line lacks rows_scanned")?;
+    let scanned: usize = scanned
+        .parse()
+        .map_err(|_| "rows_scanned is not a number")?;
     if scanned > d.lineitem.len() {
-        return Err(format!("rows_scanned={scanned} exceeds the table's {} rows", d.lineitem.len()));
+        return Err(format!(
+            "rows_scanned={scanned} exceeds the table's {} rows",
+            d.lineitem.len()
+        ));
     }
     let want_header = match query {
         Query::Q1 { .. } => "l_returnflag|l_linestatus|sum_qty|sum_base_price|sum_disc_price|sum_charge|avg_qty|avg_price|avg_disc|count_order",
@@ -223,15 +279,25 @@ fn reference_olap(d: &Dataset, req: &str, response: &[u8]) -> Result<(), String>
     }
     let want_params = match query {
         Query::Q1 { delta } => format!("Q1 delta={delta}"),
-        Query::Q6 { date, discount, quantity } => {
+        Query::Q6 {
+            date,
+            discount,
+            quantity,
+        } => {
             let mut s = String::from("Q6 date=");
             tpch::fmt_date(&mut s, date);
-            format!("{s} discount={}.{:02} quantity={quantity}", discount / 100, discount % 100)
+            format!(
+                "{s} discount={}.{:02} quantity={quantity}",
+                discount / 100,
+                discount % 100
+            )
         }
         Query::Q18 { quantity, limit } => format!("Q18 quantity={quantity} limit={limit}"),
     };
     if params != want_params {
-        return Err(format!("first line {first:?}, expected {want_params:?} rows_scanned=N"));
+        return Err(format!(
+            "first line {first:?}, expected {want_params:?} rows_scanned=N"
+        ));
     }
     match query {
         Query::Q1 { delta } => {
@@ -246,7 +312,10 @@ fn reference_olap(d: &Dataset, req: &str, response: &[u8]) -> Result<(), String>
                 for (i, v) in vals.iter().enumerate() {
                     let g = num(got[2 + i])?;
                     if !close(g, *v) {
-                        return Err(format!("group {f}|{s} column {}: got {g}, expected {v}", i + 2));
+                        return Err(format!(
+                            "group {f}|{s} column {}: got {g}, expected {v}",
+                            i + 2
+                        ));
                     }
                 }
                 if got[9] != n.to_string() {
@@ -255,9 +324,16 @@ fn reference_olap(d: &Dataset, req: &str, response: &[u8]) -> Result<(), String>
             }
             Ok(())
         }
-        Query::Q6 { date, discount, quantity } => {
+        Query::Q6 {
+            date,
+            discount,
+            quantity,
+        } => {
             let want = reference::q6(&d.lineitem, date, discount as f64 / 100.0, quantity as f64);
-            let got = num(body.first().and_then(|l| l.first()).ok_or("no revenue line")?)?;
+            let got = num(body
+                .first()
+                .and_then(|l| l.first())
+                .ok_or("no revenue line")?)?;
             if body.len() != 1 || !close(got, want) {
                 return Err(format!("Q6 revenue {got}, expected {want}"));
             }

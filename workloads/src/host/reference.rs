@@ -19,7 +19,9 @@ pub fn q1(rows: &[LineItem], delta: i32) -> Vec<Q1Row> {
         let price = r.extendedprice as f64 / 100.0;
         let disc = r.discount as f64 / 100.0;
         let tax = r.tax as f64 / 100.0;
-        let g = groups.entry((r.returnflag as char, r.linestatus as char)).or_default();
+        let g = groups
+            .entry((r.returnflag as char, r.linestatus as char))
+            .or_default();
         g.0[0] += r.quantity as f64;
         g.0[1] += price;
         g.0[2] += price * (1.0 - disc);
@@ -31,7 +33,12 @@ pub fn q1(rows: &[LineItem], delta: i32) -> Vec<Q1Row> {
         .into_iter()
         .map(|((f, s), (v, n))| {
             let c = n as f64;
-            (f, s, [v[0], v[1], v[2], v[3], v[0] / c, v[1] / c, v[4] / c], n)
+            (
+                f,
+                s,
+                [v[0], v[1], v[2], v[3], v[0] / c, v[1] / c, v[4] / c],
+                n,
+            )
         })
         .collect()
 }
@@ -88,7 +95,11 @@ impl RefAes {
         }
         let mut sbox = [0u8; 256];
         for (i, s) in sbox.iter_mut().enumerate() {
-            let inv = if i == 0 { 0 } else { exp[(255 - log[i] as usize) % 255] };
+            let inv = if i == 0 {
+                0
+            } else {
+                exp[(255 - log[i] as usize) % 255]
+            };
             let mut r = 0x63u8;
             for k in 0..5 {
                 r ^= inv.rotate_left(k);
@@ -103,7 +114,12 @@ impl RefAes {
         for i in 4..44 {
             let mut t = w[i - 1];
             if i % 4 == 0 {
-                t = [sbox[t[1] as usize] ^ rcon, sbox[t[2] as usize], sbox[t[3] as usize], sbox[t[0] as usize]];
+                t = [
+                    sbox[t[1] as usize] ^ rcon,
+                    sbox[t[2] as usize],
+                    sbox[t[3] as usize],
+                    sbox[t[0] as usize],
+                ];
                 rcon = xtime(rcon);
             }
             for k in 0..4 {
@@ -219,7 +235,11 @@ pub fn lz_decode(data: &[u8]) -> Result<Vec<u8>, String> {
 /// request's definition).
 pub fn matmul_answer(n: usize, seed: u64) -> String {
     let mut rng = Rng::derive(seed, "matmul");
-    let mut gen = || (0..n * n).map(|_| (rng.range(0, 2048) as f64 - 1024.0) / 1024.0).collect::<Vec<_>>();
+    let mut gen = || {
+        (0..n * n)
+            .map(|_| (rng.range(0, 2048) as f64 - 1024.0) / 1024.0)
+            .collect::<Vec<_>>()
+    };
     let a = gen();
     let b = gen();
     let mut c = vec![0.0f64; n * n];
@@ -231,7 +251,10 @@ pub fn matmul_answer(n: usize, seed: u64) -> String {
     let trace: f64 = (0..n).map(|i| c[i * n + i]).sum();
     let sum: f64 = c.iter().sum();
     let bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
-    format!("{{\"n\":{n},\"seed\":{seed},\"trace\":{trace},\"sum\":{sum},\"fnv64\":\"{:016x}\"}}", fnv1a64(&bytes))
+    format!(
+        "{{\"n\":{n},\"seed\":{seed},\"trace\":{trace},\"sum\":{sum},\"fnv64\":\"{:016x}\"}}",
+        fnv1a64(&bytes)
+    )
 }
 
 /// The expected answer of `json` for input `dataset` with `records`.
@@ -242,7 +265,14 @@ pub fn json_answer(dataset: &str, records: &[Person]) -> String {
         .map(|p| {
             let total = p.purchases.iter().map(|b| b.qty as u64 * b.cents).sum();
             let items = p.purchases.iter().map(|b| b.qty).sum();
-            (p.id, p.name.clone(), p.city.clone(), total, items, p.tags.join(","))
+            (
+                p.id,
+                p.name.clone(),
+                p.city.clone(),
+                total,
+                items,
+                p.tags.join(","),
+            )
         })
         .collect();
     out.sort_by(|a, b| b.3.cmp(&a.3).then(a.0.cmp(&b.0)));
@@ -253,7 +283,11 @@ pub fn json_answer(dataset: &str, records: &[Person]) -> String {
         )
     };
     let all: Vec<String> = out.iter().map(rec).collect();
-    let doc = format!("{{\"dataset\":\"{dataset}\",\"count\":{},\"records\":[{}]}}", out.len(), all.join(","));
+    let doc = format!(
+        "{{\"dataset\":\"{dataset}\",\"count\":{},\"records\":[{}]}}",
+        out.len(),
+        all.join(",")
+    );
     format!(
         "{{\"dataset\":\"{dataset}\",\"input_records\":{},\"output_records\":{},\"output_bytes\":{},\"fnv64\":\"{:016x}\",\"top\":[{}]}}",
         records.len(),
@@ -273,7 +307,13 @@ mod tests {
         let key: [u8; 16] = core::array::from_fn(|i| i as u8);
         let pt: [u8; 16] = core::array::from_fn(|i| (i as u8) * 0x11);
         let ct = RefAes::new(&key).encrypt(&pt);
-        assert_eq!(ct, [0x69, 0xc4, 0xe0, 0xd8, 0x6a, 0x7b, 0x04, 0x30, 0xd8, 0xcd, 0xb7, 0x80, 0x70, 0xb4, 0xc5, 0x5a]);
+        assert_eq!(
+            ct,
+            [
+                0x69, 0xc4, 0xe0, 0xd8, 0x6a, 0x7b, 0x04, 0x30, 0xd8, 0xcd, 0xb7, 0x80, 0x70, 0xb4,
+                0xc5, 0x5a
+            ]
+        );
     }
 
     #[test]

@@ -41,7 +41,11 @@ fn web_request(opts: &ImageOptions, rng: &mut Rng) -> Vec<u8> {
             let user = rng.zipf(users);
             match rng.range(0, 9) {
                 0 => {
-                    let pw = if rng.range(0, 9) == 0 { "wrong".to_string() } else { format!("pw{user}") };
+                    let pw = if rng.range(0, 9) == 0 {
+                        "wrong".to_string()
+                    } else {
+                        format!("pw{user}")
+                    };
                     let body = format!("user={user}&password={pw}");
                     format!(
                         "POST /bank/login HTTP/1.1\r\nHost: kscope\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
@@ -51,8 +55,15 @@ fn web_request(opts: &ImageOptions, rng: &mut Rng) -> Vec<u8> {
                 }
                 1..=4 => get(&format!("/bank/summary?user={user}")),
                 _ => {
-                    let accts: Vec<_> = d.bank.accounts.iter().filter(|a| a.user as u64 == user).collect();
-                    let a = accts.get(rng.range(0, accts.len().max(1) as u64 - 1) as usize).map_or(100_000, |a| a.id);
+                    let accts: Vec<_> = d
+                        .bank
+                        .accounts
+                        .iter()
+                        .filter(|a| a.user as u64 == user)
+                        .collect();
+                    let a = accts
+                        .get(rng.range(0, accts.len().max(1) as u64 - 1) as usize)
+                        .map_or(100_000, |a| a.id);
                     get(&format!("/bank/transactions?acct={a}"))
                 }
             }
@@ -69,9 +80,15 @@ fn web_request(opts: &ImageOptions, rng: &mut Rng) -> Vec<u8> {
         }
         85..=94 => {
             if rng.range(0, 9) < 6 || opts.support_files == 0 {
-                get(&format!("/support/downloads?cat={}", rng.range(0, SUPPORT_CATEGORIES as u64 - 1)))
+                get(&format!(
+                    "/support/downloads?cat={}",
+                    rng.range(0, SUPPORT_CATEGORIES as u64 - 1)
+                ))
             } else {
-                get(&format!("/support/download?id={}", rng.zipf(opts.support_files as u64)))
+                get(&format!(
+                    "/support/download?id={}",
+                    rng.zipf(opts.support_files as u64)
+                ))
             }
         }
         _ => match rng.range(0, 4) {
@@ -114,15 +131,28 @@ pub fn requests(w: Workload, opts: &ImageOptions, seed: u64, n: usize) -> Vec<Ve
                 Workload::Olap => olap_request(&mut rng),
                 Workload::Json => (if large { "large" } else { "small" }).as_bytes().to_vec(),
                 Workload::Aes => {
-                    let kib = if large { opts.aes_input_kib.min(1024) } else { 4.min(opts.aes_input_kib) };
+                    let kib = if large {
+                        opts.aes_input_kib.min(1024)
+                    } else {
+                        4.min(opts.aes_input_kib)
+                    };
                     let mut key = [0u8; 16];
                     rng.fill(&mut key);
                     let key: String = key.iter().map(|b| format!("{b:02x}")).collect();
                     format!("kib={kib} key={key} nonce={}", rng.next_u64()).into_bytes()
                 }
-                Workload::Matmul => format!("n={} seed={}", if large { 256 } else { 48 }, rng.range(0, 1000)).into_bytes(),
+                Workload::Matmul => format!(
+                    "n={} seed={}",
+                    if large { 256 } else { 48 },
+                    rng.range(0, 1000)
+                )
+                .into_bytes(),
                 Workload::Compress => {
-                    let kib = if large { opts.corpus_kib.min(1024) } else { 16.min(opts.corpus_kib) };
+                    let kib = if large {
+                        opts.corpus_kib.min(1024)
+                    } else {
+                        16.min(opts.corpus_kib)
+                    };
                     format!("kib={kib} level=4").into_bytes()
                 }
             }

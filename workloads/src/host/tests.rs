@@ -8,7 +8,13 @@ fn run_mix(w: Workload, opts: &ImageOptions, n: usize) -> usize {
     let mut ok = 0;
     for req in requests(w, opts, 3, n) {
         let (status, resp) = h.handle(&req);
-        assert_eq!(status, 0, "{w:?} {:?}: {}", String::from_utf8_lossy(&req), String::from_utf8_lossy(resp));
+        assert_eq!(
+            status,
+            0,
+            "{w:?} {:?}: {}",
+            String::from_utf8_lossy(&req),
+            String::from_utf8_lossy(resp)
+        );
         if let Err(e) = check(w, opts, &req, resp) {
             panic!("{w:?} request {:?}: {e}", String::from_utf8_lossy(&req));
         }
@@ -30,7 +36,12 @@ fn olap_mix_checks() {
 #[test]
 fn function_mixes_check() {
     let opts = ImageOptions::tiny();
-    for w in [Workload::Json, Workload::Aes, Workload::Matmul, Workload::Compress] {
+    for w in [
+        Workload::Json,
+        Workload::Aes,
+        Workload::Matmul,
+        Workload::Compress,
+    ] {
         assert_eq!(run_mix(w, &opts, 6), 6);
     }
 }
@@ -46,11 +57,22 @@ fn checks_reject_wrong_answers() {
         // Corrupt one byte in the middle of the answer.
         let at = bad.len() / 2;
         bad[at] = bad[at].wrapping_add(1);
-        if w == Workload::Web && bad.windows(4).position(|x| x == b"\r\n\r\n").is_some_and(|p| at < p) {
+        if w == Workload::Web
+            && bad
+                .windows(4)
+                .position(|x| x == b"\r\n\r\n")
+                .is_some_and(|p| at < p)
+        {
             continue; // a header byte: may still be a valid response
         }
-        assert!(check(w, &opts, req, &bad).is_err(), "{w:?} accepted a corrupted answer");
-        assert!(check(w, &opts, req, b"").is_err(), "{w:?} accepted an empty answer");
+        assert!(
+            check(w, &opts, req, &bad).is_err(),
+            "{w:?} accepted a corrupted answer"
+        );
+        assert!(
+            check(w, &opts, req, b"").is_err(),
+            "{w:?} accepted an empty answer"
+        );
     }
 }
 
@@ -64,7 +86,12 @@ fn olap_numbers_match_the_reference_on_the_default_query() {
     assert!(q1.lines().count() >= 5, "{q1}");
     check(Workload::Olap, &opts, b"Q1", q1.as_bytes()).unwrap();
     let (st, msg) = h.handle(b"Q99");
-    assert_eq!(st, crate::handlers::STATUS_BAD_REQUEST, "{}", String::from_utf8_lossy(msg));
+    assert_eq!(
+        st,
+        crate::handlers::STATUS_BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(msg)
+    );
 }
 
 #[test]
@@ -73,7 +100,15 @@ fn q6_scans_only_its_year() {
     let mut h = host_handler(Workload::Olap, &opts);
     let (_, r) = h.handle(b"Q6 date=1994-01-01 discount=0.06 quantity=24");
     let first = String::from_utf8(r.to_vec()).unwrap();
-    let scanned: u64 = first.lines().next().unwrap().rsplit('=').next().unwrap().parse().unwrap();
+    let scanned: u64 = first
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let year = dataset(&opts)
         .lineitem
         .iter()
@@ -95,7 +130,14 @@ fn image_holds_programs_and_data() {
         assert_eq!(*k, file_kind::DATA);
         assert_eq!(d.file(p).unwrap(), *bytes, "{p}");
     }
-    assert!(try_build_image(&opts, &[("a/very/long/name/that/does/not/fit/in/the/sixty/four/bytes/of/a/name", b"")]).is_err());
+    assert!(try_build_image(
+        &opts,
+        &[(
+            "a/very/long/name/that/does/not/fit/in/the/sixty/four/bytes/of/a/name",
+            b""
+        )]
+    )
+    .is_err());
 }
 
 #[test]

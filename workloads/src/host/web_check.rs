@@ -14,11 +14,17 @@ enum Expect {
 }
 
 fn money(cents: i64) -> String {
-    format!("{}{}.{:02}", if cents < 0 { "-" } else { "" }, cents.abs() / 100, cents.abs() % 100)
+    format!(
+        "{}{}.{:02}",
+        if cents < 0 { "-" } else { "" },
+        cents.abs() / 100,
+        cents.abs() % 100
+    )
 }
 
 fn param<'a>(q: &'a str, k: &str) -> Option<&'a str> {
-    q.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+    q.split('&')
+        .find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
 }
 
 fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
@@ -32,7 +38,9 @@ fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
         Expect::Page(snippets, marker, count)
     };
     match req.path {
-        "/bank/login" if req.method != "POST" => page("Bank login".into(), vec!["<form".into()], "<form", 1),
+        "/bank/login" if req.method != "POST" => {
+            page("Bank login".into(), vec!["<form".into()], "<form", 1)
+        }
         "/bank/login" => {
             let body = std::str::from_utf8(req.body).unwrap_or("");
             let Some(Ok(user)) = param(body, "user").map(|v| v.parse::<u64>()) else {
@@ -42,15 +50,29 @@ fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
                 return Expect::Status(404);
             };
             if param(body, "password") == Some(&format!("pw{user}")) {
-                page(format!("Welcome {}", a.name), vec![format!("/bank/summary?user={user}")], "<a ", 1)
+                page(
+                    format!("Welcome {}", a.name),
+                    vec![format!("/bank/summary?user={user}")],
+                    "<a ",
+                    1,
+                )
             } else {
                 page("Login failed".into(), vec![], "<a ", 0)
             }
         }
         "/bank/summary" => {
-            let Some(Ok(user)) = num("user") else { return Expect::Status(400) };
-            let accts: Vec<_> = d.bank.accounts.iter().filter(|a| a.user as u64 == user).collect();
-            let Some(first) = accts.first() else { return Expect::Status(404) };
+            let Some(Ok(user)) = num("user") else {
+                return Expect::Status(400);
+            };
+            let accts: Vec<_> = d
+                .bank
+                .accounts
+                .iter()
+                .filter(|a| a.user as u64 == user)
+                .collect();
+            let Some(first) = accts.first() else {
+                return Expect::Status(404);
+            };
             let mut s: Vec<String> = accts
                 .iter()
                 .map(|a| {
@@ -60,11 +82,21 @@ fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
                     )
                 })
                 .collect();
-            s.push(format!("<p>Total: {}</p>", money(accts.iter().map(|a| a.balance).sum())));
-            page(format!("Accounts of {}", first.name), s, "<tr><td>", accts.len())
+            s.push(format!(
+                "<p>Total: {}</p>",
+                money(accts.iter().map(|a| a.balance).sum())
+            ));
+            page(
+                format!("Accounts of {}", first.name),
+                s,
+                "<tr><td>",
+                accts.len(),
+            )
         }
         "/bank/transactions" => {
-            let Some(Ok(acct)) = num("acct") else { return Expect::Status(400) };
+            let Some(Ok(acct)) = num("acct") else {
+                return Expect::Status(400);
+            };
             let Some(a) = d.bank.accounts.iter().find(|a| a.id as u64 == acct) else {
                 return Expect::Status(404);
             };
@@ -83,15 +115,24 @@ fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
                     )
                 })
                 .collect();
-            s.push(format!("<p>Net: {}</p>", money(txns.iter().map(|t| t.amount).sum())));
+            s.push(format!(
+                "<p>Net: {}</p>",
+                money(txns.iter().map(|t| t.amount).sum())
+            ));
             s.push(format!("<p>Balance: {}</p>", money(a.balance)));
             page(format!("Account {acct}"), s, "<tr><td>", txns.len())
         }
         "/shop/catalog" => {
-            let (Ok(cat), Ok(pg)) = (num("cat").unwrap_or(Ok(0)), num("page").unwrap_or(Ok(1))) else {
+            let (Ok(cat), Ok(pg)) = (num("cat").unwrap_or(Ok(0)), num("page").unwrap_or(Ok(1)))
+            else {
                 return Expect::Status(400);
             };
-            let prods: Vec<_> = d.shop.products.iter().filter(|p| p.category as u64 == cat).collect();
+            let prods: Vec<_> = d
+                .shop
+                .products
+                .iter()
+                .filter(|p| p.category as u64 == cat)
+                .collect();
             let pages = prods.len().div_ceil(20).max(1);
             if cat >= CATEGORIES as u64 || prods.is_empty() || pg == 0 || pg as usize > pages {
                 return Expect::Status(404);
@@ -99,14 +140,25 @@ fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
             let shown = &prods[(pg as usize - 1) * 20..prods.len().min(pg as usize * 20)];
             let mut s: Vec<String> = shown
                 .iter()
-                .map(|p| format!("<li><a href=\"/shop/product?id={}\">{}</a> {}</li>", p.id, p.name, money(p.price as i64)))
+                .map(|p| {
+                    format!(
+                        "<li><a href=\"/shop/product?id={}\">{}</a> {}</li>",
+                        p.id,
+                        p.name,
+                        money(p.price as i64)
+                    )
+                })
                 .collect();
             s.push(format!("<p>Page {pg} of {pages}</p>"));
             page(format!("Category {cat}"), s, "<li>", shown.len())
         }
         "/shop/product" => {
-            let Some(Ok(id)) = num("id") else { return Expect::Status(400) };
-            let Some(p) = d.shop.products.get(id as usize) else { return Expect::Status(404) };
+            let Some(Ok(id)) = num("id") else {
+                return Expect::Status(400);
+            };
+            let Some(p) = d.shop.products.get(id as usize) else {
+                return Expect::Status(404);
+            };
             let s = vec![
                 format!("<p>{}</p>", p.desc),
                 format!("<p>Price: {}</p>", money(p.price as i64)),
@@ -120,22 +172,39 @@ fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
                 Some(Ok(c)) => Some(c),
                 Some(Err(_)) => return Expect::Status(400),
             };
-            let files: Vec<_> = d.support.files.iter().filter(|f| cat.is_none_or(|c| f.category as u64 == c)).collect();
+            let files: Vec<_> = d
+                .support
+                .files
+                .iter()
+                .filter(|f| cat.is_none_or(|c| f.category as u64 == c))
+                .collect();
             let s = files
                 .iter()
-                .map(|f| format!("<li><a href=\"/support/download?id={}\">{}</a> ({} bytes)</li>", f.id, f.title, f.size))
+                .map(|f| {
+                    format!(
+                        "<li><a href=\"/support/download?id={}\">{}</a> ({} bytes)</li>",
+                        f.id, f.title, f.size
+                    )
+                })
                 .collect();
             let title = cat.map_or("Downloads".into(), |c| format!("Downloads of category {c}"));
             page(title, s, "<li>", files.len())
         }
         "/support/download" => {
-            let Some(Ok(id)) = num("id") else { return Expect::Status(400) };
+            let Some(Ok(id)) = num("id") else {
+                return Expect::Status(400);
+            };
             match d.support.files.iter().find(|f| f.id as u64 == id) {
-                Some(f) => Expect::Exact("application/octet-stream", Support::content(d.opts.seed, f)),
+                Some(f) => {
+                    Expect::Exact("application/octet-stream", Support::content(d.opts.seed, f))
+                }
                 None => Expect::Status(404),
             }
         }
-        p if p.starts_with("/bank/") || p.starts_with("/shop/") || p.starts_with("/support/download") => {
+        p if p.starts_with("/bank/")
+            || p.starts_with("/shop/")
+            || p.starts_with("/support/download") =>
+        {
             Expect::Status(404)
         }
         p => {
@@ -150,9 +219,17 @@ fn expect(d: &Dataset, req: &http::Request<'_>) -> Expect {
 
 /// Check one web response.
 pub fn check(d: &Dataset, request: &[u8], response: &[u8]) -> Result<(), String> {
-    let resp = http::parse_response(response).map_err(|e| format!("malformed HTTP response: {e}"))?;
+    let resp =
+        http::parse_response(response).map_err(|e| format!("malformed HTTP response: {e}"))?;
     let Ok(req) = http::parse(request) else {
-        return if resp.status == 400 { Ok(()) } else { Err(format!("status {} for a malformed request, expected 400", resp.status)) };
+        return if resp.status == 400 {
+            Ok(())
+        } else {
+            Err(format!(
+                "status {} for a malformed request, expected 400",
+                resp.status
+            ))
+        };
     };
     let head = req.method == "HEAD";
     if head && !resp.body.is_empty() {
@@ -164,7 +241,10 @@ pub fn check(d: &Dataset, request: &[u8], response: &[u8]) -> Result<(), String>
     match expect(d, &req) {
         Expect::Status(s) => {
             if resp.status != s {
-                return Err(format!("status {}, expected {s} for {} {}", resp.status, req.method, req.path));
+                return Err(format!(
+                    "status {}, expected {s} for {} {}",
+                    resp.status, req.method, req.path
+                ));
             }
             if s == 405 && resp.allow.is_none() {
                 return Err("405 without an Allow header".into());
@@ -173,10 +253,17 @@ pub fn check(d: &Dataset, request: &[u8], response: &[u8]) -> Result<(), String>
         }
         Expect::Exact(ctype, bytes) => {
             if resp.status != 200 || resp.content_type != ctype {
-                return Err(format!("got {} {}, expected 200 {ctype} for {}", resp.status, resp.content_type, req.path));
+                return Err(format!(
+                    "got {} {}, expected 200 {ctype} for {}",
+                    resp.status, resp.content_type, req.path
+                ));
             }
             if resp.content_length != bytes.len() {
-                return Err(format!("Content-Length {} expected {}", resp.content_length, bytes.len()));
+                return Err(format!(
+                    "Content-Length {} expected {}",
+                    resp.content_length,
+                    bytes.len()
+                ));
             }
             if !head && resp.body != &bytes[..] {
                 return Err(format!("body of {} differs from the file", req.path));
@@ -185,7 +272,10 @@ pub fn check(d: &Dataset, request: &[u8], response: &[u8]) -> Result<(), String>
         }
         Expect::Page(snippets, marker, count) => {
             if resp.status != 200 || resp.content_type != "text/html" {
-                return Err(format!("got {} {}, expected a 200 HTML page for {}", resp.status, resp.content_type, req.path));
+                return Err(format!(
+                    "got {} {}, expected a 200 HTML page for {}",
+                    resp.status, resp.content_type, req.path
+                ));
             }
             if head {
                 return Ok(());
@@ -198,7 +288,10 @@ pub fn check(d: &Dataset, request: &[u8], response: &[u8]) -> Result<(), String>
             }
             let n = body.matches(marker).count();
             if n != count {
-                return Err(format!("page {} has {n} x {marker:?}, expected {count}", req.path));
+                return Err(format!(
+                    "page {} has {n} x {marker:?}, expected {count}",
+                    req.path
+                ));
             }
             Ok(())
         }

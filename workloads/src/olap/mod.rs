@@ -69,7 +69,9 @@ fn bad(msg: &str) -> QueryError {
 fn num<T: core::str::FromStr>(rest: &str, key: &str, default: T) -> Result<T, QueryError> {
     match param(rest, key) {
         None => Ok(default),
-        Some(v) => v.parse().map_err(|_| bad(&format!("`{key}` must be a number"))),
+        Some(v) => v
+            .parse()
+            .map_err(|_| bad(&format!("`{key}` must be a number"))),
     }
 }
 
@@ -114,12 +116,21 @@ impl Query {
                 };
                 let discount = match param(rest, "discount") {
                     None => 6,
-                    Some(d) => parse_hundredths(d).ok_or_else(|| bad("`discount` must be like 0.06"))?,
+                    Some(d) => {
+                        parse_hundredths(d).ok_or_else(|| bad("`discount` must be like 0.06"))?
+                    }
                 };
                 let quantity = num(rest, "quantity", 24)?;
-                Ok(Query::Q6 { date, discount, quantity })
+                Ok(Query::Q6 {
+                    date,
+                    discount,
+                    quantity,
+                })
             }
-            "Q18" | "q18" => Ok(Query::Q18 { quantity: num(rest, "quantity", 300)?, limit: num(rest, "limit", 100)? }),
+            "Q18" | "q18" => Ok(Query::Q18 {
+                quantity: num(rest, "quantity", 300)?,
+                limit: num(rest, "limit", 100)?,
+            }),
             _ => Err(bad("unknown query")),
         }
     }
@@ -150,7 +161,16 @@ fn parse_row(line: &[u8]) -> Option<Row> {
     let returnflag = *f.next()?.as_bytes().first()?;
     let linestatus = *f.next()?.as_bytes().first()?;
     let shipdate = parse_date(f.next()?)?;
-    Some(Row { orderkey, quantity, price, discount, tax, returnflag, linestatus, shipdate })
+    Some(Row {
+        orderkey,
+        quantity,
+        price,
+        discount,
+        tax,
+        returnflag,
+        linestatus,
+        shipdate,
+    })
 }
 
 #[derive(Default, Clone, Copy)]
@@ -181,7 +201,12 @@ pub struct Olap<F: Files> {
 impl<F: Files> Olap<F> {
     /// An engine over `files` (the table is mapped on first use).
     pub fn new(files: F) -> Self {
-        Olap { files, table: None, zones: Vec::new(), q18: FxHashMap::default() }
+        Olap {
+            files,
+            table: None,
+            zones: Vec::new(),
+            q18: FxHashMap::default(),
+        }
     }
 
     fn table(&mut self) -> Result<&'static [u8], QueryError> {
@@ -190,7 +215,8 @@ impl<F: Files> Olap<F> {
         }
         let t = self.files.map(LINEITEM_PATH)?;
         let idx = self.files.map(LINEITEM_IDX_PATH)?;
-        let text = core::str::from_utf8(idx).map_err(|_| FileError::Malformed(LINEITEM_IDX_PATH.into()))?;
+        let text = core::str::from_utf8(idx)
+            .map_err(|_| FileError::Malformed(LINEITEM_IDX_PATH.into()))?;
         for line in text.lines() {
             let mut f = line.split('|');
             let zone = (|| {
@@ -199,7 +225,8 @@ impl<F: Files> Olap<F> {
                 let off: usize = f.next()?.parse().ok()?;
                 (off <= t.len()).then_some((start, off))
             })();
-            self.zones.push(zone.ok_or_else(|| FileError::Malformed(LINEITEM_IDX_PATH.into()))?);
+            self.zones
+                .push(zone.ok_or_else(|| FileError::Malformed(LINEITEM_IDX_PATH.into()))?);
         }
         self.table = Some(t);
         Ok(t)
@@ -220,7 +247,11 @@ impl<F: Files> Olap<F> {
     pub fn run(&mut self, request: &str) -> Result<String, QueryError> {
         match Query::parse(request)? {
             Query::Q1 { delta } => self.q1(delta),
-            Query::Q6 { date, discount, quantity } => self.q6(date, discount, quantity),
+            Query::Q6 {
+                date,
+                discount,
+                quantity,
+            } => self.q6(date, discount, quantity),
             Query::Q18 { quantity, limit } => self.q18(quantity, limit),
         }
     }
@@ -295,7 +326,10 @@ impl<F: Files> Olap<F> {
         fmt_date(&mut out, date);
         out.push_str(" discount=");
         fmt_fixed2(&mut out, discount as i128, 2);
-        let _ = write!(out, " quantity={quantity} rows_scanned={scanned}\nrevenue\n");
+        let _ = write!(
+            out,
+            " quantity={quantity} rows_scanned={scanned}\nrevenue\n"
+        );
         fmt_fixed2(&mut out, revenue, 4);
         out.push('\n');
         Ok(out)
@@ -306,12 +340,17 @@ impl<F: Files> Olap<F> {
         let mut sums = core::mem::take(&mut self.q18);
         sums.clear();
         let scanned = Self::scan(rows, |r| *sums.entry(r.orderkey).or_insert(0) += r.quantity)?;
-        let mut big: Vec<(u64, i64)> =
-            sums.iter().filter(|(_, &q)| q > quantity * 100).map(|(&k, &q)| (k, q)).collect();
+        let mut big: Vec<(u64, i64)> = sums
+            .iter()
+            .filter(|(_, &q)| q > quantity * 100)
+            .map(|(&k, &q)| (k, q))
+            .collect();
         big.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         big.truncate(limit);
         self.q18 = sums;
-        let mut out = format!("Q18 quantity={quantity} limit={limit} rows_scanned={scanned}\nl_orderkey|sum_qty\n");
+        let mut out = format!(
+            "Q18 quantity={quantity} limit={limit} rows_scanned={scanned}\nl_orderkey|sum_qty\n"
+        );
         for (k, q) in big {
             let _ = writeln!(out, "{k}|{}", q / 100);
         }
@@ -328,9 +367,19 @@ mod tests {
         assert_eq!(Query::parse("Q1").unwrap(), Query::Q1 { delta: 90 });
         assert_eq!(
             Query::parse("Q6 date=1995-01-01 discount=0.05 quantity=25").unwrap(),
-            Query::Q6 { date: days_from_civil(1995, 1, 1), discount: 5, quantity: 25 }
+            Query::Q6 {
+                date: days_from_civil(1995, 1, 1),
+                discount: 5,
+                quantity: 25
+            }
         );
-        assert_eq!(Query::parse("Q18 quantity=250").unwrap(), Query::Q18 { quantity: 250, limit: 100 });
+        assert_eq!(
+            Query::parse("Q18 quantity=250").unwrap(),
+            Query::Q18 {
+                quantity: 250,
+                limit: 100
+            }
+        );
         assert!(Query::parse("Q2").is_err());
         assert!(Query::parse("Q6 date=1995").is_err());
         assert!(Query::parse("Q1 delta=x").is_err());

@@ -35,7 +35,10 @@ pub enum ParseError {
 
 /// Parse raw request bytes.
 pub fn parse(raw: &[u8]) -> Result<Request<'_>, ParseError> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(ParseError::Incomplete)?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or(ParseError::Incomplete)?;
     let head = core::str::from_utf8(&raw[..end]).map_err(|_| ParseError::BadRequestLine)?;
     let mut lines = head.split("\r\n");
     let line = lines.next().ok_or(ParseError::BadRequestLine)?;
@@ -64,7 +67,12 @@ pub fn parse(raw: &[u8]) -> Result<Request<'_>, ParseError> {
         return Err(ParseError::ShortBody);
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Request { method, path, query, body: &body[..content_length] })
+    Ok(Request {
+        method,
+        path,
+        query,
+        body: &body[..content_length],
+    })
 }
 
 /// Reason phrase of a status code.
@@ -124,7 +132,10 @@ pub struct Response<'a> {
 
 /// Parse a response produced by [`head`] + body, checking `Content-Length`.
 pub fn parse_response(raw: &[u8]) -> Result<Response<'_>, &'static str> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no end of headers")?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
     let head = core::str::from_utf8(&raw[..end]).map_err(|_| "headers not UTF-8")?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or("no status line")?;
@@ -132,7 +143,10 @@ pub fn parse_response(raw: &[u8]) -> Result<Response<'_>, &'static str> {
     if sp.next() != Some("HTTP/1.1") {
         return Err("status line does not start with HTTP/1.1");
     }
-    let status: u16 = sp.next().and_then(|s| s.parse().ok()).ok_or("bad status code")?;
+    let status: u16 = sp
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status code")?;
     let mut len = None;
     let mut ctype = None;
     let mut allow = None;
@@ -152,7 +166,13 @@ pub fn parse_response(raw: &[u8]) -> Result<Response<'_>, &'static str> {
         return Err("Content-Length does not match the body");
     }
     let content_type = ctype.ok_or("missing Content-Type")?;
-    Ok(Response { status, content_type, content_length: len, allow, body })
+    Ok(Response {
+        status,
+        content_type,
+        content_length: len,
+        allow,
+        body,
+    })
 }
 
 #[cfg(test)]
@@ -167,8 +187,14 @@ mod tests {
         assert_eq!(r.body, b"abc");
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(ParseError::Incomplete));
         assert_eq!(parse(b"GET / FTP\r\n\r\n"), Err(ParseError::BadRequestLine));
-        assert_eq!(parse(b"get / HTTP/1.1\r\n\r\n"), Err(ParseError::BadRequestLine));
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nbad\r\n\r\n"), Err(ParseError::BadHeader));
+        assert_eq!(
+            parse(b"get / HTTP/1.1\r\n\r\n"),
+            Err(ParseError::BadRequestLine)
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nbad\r\n\r\n"),
+            Err(ParseError::BadHeader)
+        );
         assert_eq!(
             parse(b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nab"),
             Err(ParseError::ShortBody)
@@ -181,8 +207,13 @@ mod tests {
         head(&mut out, 405, "text/plain", 3, Some("GET, HEAD"));
         out.extend_from_slice(b"no\n");
         let r = parse_response(&out).unwrap();
-        assert_eq!((r.status, r.content_type, r.body), (405, "text/plain", &b"no\n"[..]));
+        assert_eq!(
+            (r.status, r.content_type, r.body),
+            (405, "text/plain", &b"no\n"[..])
+        );
         assert_eq!((r.content_length, r.allow), (3, Some("GET, HEAD")));
-        assert!(core::str::from_utf8(&out).unwrap().contains("Allow: GET, HEAD\r\n"));
+        assert!(core::str::from_utf8(&out)
+            .unwrap()
+            .contains("Allow: GET, HEAD\r\n"));
     }
 }

@@ -122,15 +122,24 @@ impl<F: Files> Web<F> {
     }
 
     fn route(&mut self, req: &http::Request<'_>) -> Result<Reply, FileError> {
-        let dynamic = ["/bank/", "/shop/", "/support/downloads", "/support/download"]
-            .iter()
-            .any(|p| req.path.starts_with(p));
+        let dynamic = [
+            "/bank/",
+            "/shop/",
+            "/support/downloads",
+            "/support/download",
+        ]
+        .iter()
+        .any(|p| req.path.starts_with(p));
         let post_ok = req.path == "/bank/login";
         match req.method {
             "GET" | "HEAD" => {}
             "POST" if post_ok => {}
             _ => {
-                let allow = if post_ok { "GET, HEAD, POST" } else { "GET, HEAD" };
+                let allow = if post_ok {
+                    "GET, HEAD, POST"
+                } else {
+                    "GET, HEAD"
+                };
                 return Ok(Reply::NotAllowed(allow));
             }
         }
@@ -183,7 +192,13 @@ impl<F: Files> Web<F> {
             }
         }
         self.hot_bytes += data.len();
-        self.hot.insert(path, HotEntry { data, last_use: self.stats.requests });
+        self.hot.insert(
+            path,
+            HotEntry {
+                data,
+                last_use: self.stats.requests,
+            },
+        );
     }
 
     /// Map a data file once (kept for the life of the process).
@@ -229,7 +244,10 @@ impl<F: Files> Web<F> {
                     BytesSrc::Read(path, size) => {
                         let at = self.out.len();
                         self.out.resize(at + size, 0);
-                        let n = self.files.read_at(&path, 0, &mut self.out[at..]).unwrap_or(0);
+                        let n = self
+                            .files
+                            .read_at(&path, 0, &mut self.out[at..])
+                            .unwrap_or(0);
                         if n != size {
                             // The file shrank or failed mid-way: answer 500 instead.
                             let r = pages::error(500, "short read");

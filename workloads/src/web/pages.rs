@@ -18,7 +18,11 @@ pub const PAGE_SIZE: usize = 20;
 
 /// A plain-text error reply.
 pub(crate) fn error(status: u16, msg: &str) -> Reply {
-    Reply::Page(status, "text/plain", format!("{} {}: {msg}\n", status, http::reason(status)))
+    Reply::Page(
+        status,
+        "text/plain",
+        format!("{} {}: {msg}\n", status, http::reason(status)),
+    )
 }
 
 fn html(title: &str, body: &str) -> Reply {
@@ -54,7 +58,10 @@ macro_rules! p {
 }
 
 /// Route a dynamic request.
-pub(crate) fn dynamic<F: Files>(w: &mut Web<F>, req: &http::Request<'_>) -> Result<Reply, FileError> {
+pub(crate) fn dynamic<F: Files>(
+    w: &mut Web<F>,
+    req: &http::Request<'_>,
+) -> Result<Reply, FileError> {
     let q = req.query;
     let opt = |key: &str, default: u64| param(q, key).map_or(Ok(default), |_| num_param(q, key));
     match req.path {
@@ -156,14 +163,21 @@ fn transactions<F: Files>(w: &mut Web<F>, acct: u64) -> Result<Reply, FileError>
     let txns = w.mapped(TXNS_PATH)?;
     let start = a.first_txn as usize * TXN_SIZE;
     let end = start + a.n_txn as usize * TXN_SIZE;
-    let recs = txns.get(start..end).ok_or_else(|| FileError::Malformed(TXNS_PATH.into()))?;
-    let mut b = String::from(
-        "<table>\n<tr><th>Id</th><th>Date</th><th>Memo</th><th>Amount</th></tr>\n",
-    );
+    let recs = txns
+        .get(start..end)
+        .ok_or_else(|| FileError::Malformed(TXNS_PATH.into()))?;
+    let mut b =
+        String::from("<table>\n<tr><th>Id</th><th>Date</th><th>Memo</th><th>Amount</th></tr>\n");
     let mut net = 0;
     for rec in recs.chunks(TXN_SIZE) {
         let t = Txn::decode(rec);
-        let _ = write!(b, "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"amt\">", t.id, date(t.date), t.memo);
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"amt\">",
+            t.id,
+            date(t.date),
+            t.memo
+        );
         fmt_cents(&mut b, t.amount);
         b.push_str("</td></tr>\n");
         net += t.amount;
@@ -183,7 +197,9 @@ fn product_at(data: &[u8], i: usize) -> Product {
 fn catalog<F: Files>(w: &mut Web<F>, cat: u64, page: u64) -> Result<Reply, FileError> {
     let data = w.mapped(PRODUCTS_PATH)?;
     let n = data.len() / PRODUCT_SIZE;
-    let cat_of = |i: usize| u16::from_le_bytes([data[i * PRODUCT_SIZE + 4], data[i * PRODUCT_SIZE + 5]]) as u64;
+    let cat_of = |i: usize| {
+        u16::from_le_bytes([data[i * PRODUCT_SIZE + 4], data[i * PRODUCT_SIZE + 5]]) as u64
+    };
     let first = partition_point(n, |i| cat_of(i) < cat);
     let end = partition_point(n, |i| cat_of(i) <= cat);
     let count = end - first;
@@ -195,7 +211,11 @@ fn catalog<F: Files>(w: &mut Web<F>, cat: u64, page: u64) -> Result<Reply, FileE
     let mut b = String::from("<ul>\n");
     for i in from..end.min(from + PAGE_SIZE) {
         let p = product_at(data, i);
-        let _ = write!(b, "<li><a href=\"/shop/product?id={}\">{}</a> ", p.id, p.name);
+        let _ = write!(
+            b,
+            "<li><a href=\"/shop/product?id={}\">{}</a> ",
+            p.id, p.name
+        );
         fmt_cents(&mut b, p.price as i64);
         b.push_str("</li>\n");
     }
@@ -222,7 +242,10 @@ fn product<F: Files>(w: &mut Web<F>, id: u64) -> Result<Reply, FileError> {
         return Ok(error(404, "no such product"));
     }
     let p = product_at(data, id as usize);
-    let mut b = format!("<p>{}</p>\n<p>Category: {}</p>\n<p>Price: ", p.desc, p.category);
+    let mut b = format!(
+        "<p>{}</p>\n<p>Category: {}</p>\n<p>Price: ",
+        p.desc, p.category
+    );
     fmt_cents(&mut b, p.price as i64);
     let _ = writeln!(b, "</p>\n<p>In stock: {}</p>", p.stock);
     Ok(html(&p.name, &b))
@@ -242,7 +265,10 @@ fn support_index<F: Files>(w: &mut Web<F>) -> Result<&[SupportFile], FileError> 
 fn downloads<F: Files>(w: &mut Web<F>, cat: u64) -> Result<Reply, FileError> {
     let list = support_index(w)?;
     let mut b = String::from("<ul>\n");
-    for f in list.iter().filter(|f| cat == u64::MAX || f.category as u64 == cat) {
+    for f in list
+        .iter()
+        .filter(|f| cat == u64::MAX || f.category as u64 == cat)
+    {
         let _ = writeln!(
             b,
             "<li><a href=\"/support/download?id={}\">{}</a> ({} bytes)</li>",
@@ -250,7 +276,11 @@ fn downloads<F: Files>(w: &mut Web<F>, cat: u64) -> Result<Reply, FileError> {
         );
     }
     b.push_str("</ul>\n");
-    let title = if cat == u64::MAX { String::from("Downloads") } else { format!("Downloads of category {cat}") };
+    let title = if cat == u64::MAX {
+        String::from("Downloads")
+    } else {
+        format!("Downloads of category {cat}")
+    };
     Ok(html(&title, &b))
 }
 
@@ -260,5 +290,9 @@ fn download<F: Files>(w: &mut Web<F>, id: u64) -> Result<Reply, FileError> {
         return Ok(error(404, "no such download"));
     };
     let (path, size) = (f.path.clone(), f.size as usize);
-    Ok(Reply::Bytes(200, "application/octet-stream", BytesSrc::Read(path, size)))
+    Ok(Reply::Bytes(
+        200,
+        "application/octet-stream",
+        BytesSrc::Read(path, size),
+    ))
 }

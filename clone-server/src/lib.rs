@@ -1,0 +1,6 @@
+//! kscope: the clone service (`kscope serve`), its elastic load balancer (`kscope lb`) and
+//! the summaries printed by the CLI and benchmarks.
+
+pub mod lb;
+pub mod server;
+pub mod stats;

@@ -1,0 +1,221 @@
+//! The `kaleidoscope` policy: prefetch by locality within the same color, with a window per
+//! color (the rules of [`crate::config`]).
+//!
+//! Frames that will be zero-filled (rule `zero`, or all-zero content with `zero_pages`) are
+//! never put in a window nor in the eager lists: allocation on demand makes every wasted
+//! prefetch grow the clone's footprint, and a zero page costs nothing to serve on its own fault.
+
+use crate::config::{PolicyConfig, Rule};
+use crate::PolicyContext;
+use kscope_colorer::Color;
+use kscope_vmm::prefetch::{Fault, Gfn, Prefetcher};
+use std::sync::Arc;
+
+/// Per-clone state of the `kaleidoscope` policy.
+#[derive(Debug)]
+pub struct Kaleidoscope {
+    ctx: Arc<PolicyContext>,
+    config: PolicyConfig,
+    /// The last fault (the pivot) and its file position, if cached.
+    pivot: Option<(Gfn, Option<(usize, usize)>)>,
+}
+
+impl Kaleidoscope {
+    /// A policy for one clone.
+    pub fn new(ctx: Arc<PolicyContext>, config: PolicyConfig) -> Self {
+        Kaleidoscope {
+            ctx,
+            config,
+            pivot: None,
+        }
+    }
+
+    /// Every frame whose color has `rule`, ascending, minus zero-filled frames.
+    fn frames_with(&self, rule: Rule) -> Vec<Gfn> {
+        (0..self.ctx.frames())
+            .filter(|&g| self.config.rule(self.ctx.color(g)) == rule && !self.zero_fill(g))
+            .collect()
+    }
+
+    fn push(&self, g: Gfn, out: &mut Vec<Gfn>) {
+        if !self.zero_fill(g) {
+            out.push(g);
+        }
+    }
+
+    /// Next `n` frames by physical address that have color `c`.
+    fn local(&self, g: Gfn, c: Color, n: u64, out: &mut Vec<Gfn>) {
+        for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(self.ctx.frames()) {
+            if self.ctx.color(x) == c {
+                self.push(x, out);
+            }
+        }
+    }
+
+    /// The `n` offsets of a pivot window, nearest first, starting on side `dir` (+1 or -1).
+    fn pivot_offsets(n: u64, dir: i64) -> impl Iterator<Item = i64> {
+        (1..=n as i64)
+            .flat_map(move |k| [dir * k, -dir * k])
+            .take(n as usize)
+    }
+
+    fn direction(from: u64, to: u64) -> i64 {
+        if to >= from {
+            1
+        } else {
+            -1
+        }
+    }
+}
+
+impl Prefetcher for Kaleidoscope {
+    fn name(&self) -> &str {
+        "kaleidoscope"
+    }
+
+    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>) {
+        let g = fault.gfn;
+        let frames = self.ctx.frames();
+        if g >= frames {
+            return;
+        }
+        let c = self.ctx.color(g);
+        let pos = self.ctx.file_pos(g);
+        match self.config.rule(c) {
+            Rule::None | Rule::Eager | Rule::Background | Rule::Zero => {}
+            Rule::Local(n) => self.local(g, c, n, out),
+            Rule::File(n) => match pos {
+                Some((f, p)) => {
+                    let file = self.ctx.file(f);
+                    let end = p
+                        .saturating_add(n as usize)
+                        .saturating_add(1)
+                        .min(file.len());
+                    for &x in file.get(p + 1..end).unwrap_or(&[]) {
+                        self.push(x, out);
+                    }
+                }
+                None => self.local(g, c, n, out),
+            },
+            Rule::Pivot(n) => match pos {
+                Some((f, p)) => {
+                    let dir = match self.pivot {
+                        Some((_, Some((lf, lp)))) if lf == f => {
+                            Self::direction(lp as u64, p as u64)
+                        }
+                        _ => 1,
+                    };
+                    let file = self.ctx.file(f);
+                    for off in Self::pivot_offsets(n, dir) {
+                        let q = p as i64 + off;
+                        if let Some(&x) = usize::try_from(q).ok().and_then(|q| file.get(q)) {
+                            self.push(x, out);
+                        }
+                    }
+                }
+                None => {
+                    let dir = self.pivot.map_or(1, |(lg, _)| Self::direction(lg, g));
+                    for off in Self::pivot_offsets(n, dir) {
+                        let x = g as i64 + off;
+                        if x >= 0 && (x as u64) < frames && self.ctx.color(x as u64) == c {
+                            self.push(x as u64, out);
+                        }
+                    }
+                }
+            },
+        }
+        self.pivot = Some((g, pos));
+    }
+
+    fn zero_fill(&self, gfn: Gfn) -> bool {
+        self.config.rule(self.ctx.color(gfn)) == Rule::Zero
+            || (self.config.zero_pages && self.ctx.is_zero(gfn))
+    }
+
+    fn before_resume(&mut self) -> Vec<Gfn> {
+        self.frames_with(Rule::Eager)
+    }
+
+    fn background(&mut self) -> Vec<Gfn> {
+        self.frames_with(Rule::Background)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testmap;
+
+    fn policy(cfg: &str) -> Kaleidoscope {
+        Kaleidoscope::new(
+            PolicyContext::new(&testmap::map()),
+            PolicyConfig::parse(cfg).unwrap(),
+        )
+    }
+
+    fn fault(p: &mut Kaleidoscope, gfn: Gfn) -> Vec<Gfn> {
+        let mut out = Vec::new();
+        p.on_fault(Fault { gfn, write: false }, &mut out);
+        out
+    }
+
+    #[test]
+    fn data_file_reads_ahead_in_file_order() {
+        let mut p = policy("");
+        // File order 13 15 12 24 25 26 28 29 30 31; 26 is zero (skipped).
+        assert_eq!(fault(&mut p, 13), vec![15, 12, 24, 25, 28, 29, 30]);
+        assert_eq!(fault(&mut p, 30), vec![31]);
+        assert_eq!(fault(&mut p, 31), Vec::<Gfn>::new());
+        let mut p = policy("page_cache_data=file:2");
+        assert_eq!(fault(&mut p, 12), vec![24, 25]);
+    }
+
+    #[test]
+    fn user_data_locality_within_the_color() {
+        let mut p = policy("");
+        // 5..=12: 6 is kernel data, 7 is zero, 9 free, 12 page cache.
+        assert_eq!(fault(&mut p, 4), vec![5, 8, 10, 11]);
+        // Clipped at the end of memory.
+        assert_eq!(fault(&mut p, 44), vec![45, 46, 47]);
+        assert_eq!(fault(&mut p, 27), Vec::<Gfn>::new());
+    }
+
+    #[test]
+    fn code_pivot_window_moves_with_faults() {
+        let mut p = policy("");
+        // Physical pivot for private user code: +1 -1 +2 -2, same color only.
+        assert_eq!(fault(&mut p, 14), vec![16]);
+        assert_eq!(fault(&mut p, 18), vec![16]);
+        // The pivot moved down (18 -> 16): the window starts below.
+        assert_eq!(fault(&mut p, 16), vec![14, 18]);
+        // Executable page cache: pivot in file order (19 20 21 22), any color.
+        assert_eq!(fault(&mut p, 20), vec![21, 19, 22]);
+        // 21 is user code inside the file: file order, moving forward.
+        assert_eq!(fault(&mut p, 21), vec![22, 20, 19]);
+        // Moving backward within the file.
+        assert_eq!(fault(&mut p, 19), vec![20, 21]);
+        assert_eq!(fault(&mut p, 20), vec![21, 19, 22]);
+        assert_eq!(fault(&mut p, 19), vec![20, 21]);
+    }
+
+    #[test]
+    fn eager_zero_and_background() {
+        let mut p = policy("");
+        assert_eq!(p.before_resume(), vec![0, 1, 2, 3]);
+        assert_eq!(p.background(), Vec::<Gfn>::new());
+        for g in [7, 9, 17, 23, 26, 33] {
+            assert!(p.zero_fill(g), "{g}");
+        }
+        for g in [0, 4, 13, 14, 19] {
+            assert!(!p.zero_fill(g), "{g}");
+        }
+        assert_eq!(fault(&mut p, 9), Vec::<Gfn>::new());
+        assert_eq!(fault(&mut p, 1000), Vec::<Gfn>::new());
+        let mut p = policy("page_table=background,kernel_code=none,zero_pages=false,free=none");
+        assert_eq!(p.before_resume(), Vec::<Gfn>::new());
+        assert_eq!(p.background(), vec![0, 3]);
+        assert!(!p.zero_fill(7) && !p.zero_fill(9) && p.zero_fill(23));
+        assert_eq!(fault(&mut p, 4), vec![5, 7, 8, 10, 11]);
+        assert_eq!(p.name(), "kaleidoscope");
+    }
+}
