@@ -300,3 +300,75 @@ fn dropping_a_running_vm_stops_it() {
     drop(vm);
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
+
+#[test]
+fn unknown_mmio_stops_the_vm() {
+    use kscope_guest::abi::layout::MMIO_BASE;
+    let mut a = Asm::new();
+    common::driver::map_mmio(&mut a);
+    // Reading the block device's magic works; 1 MiB further there is no device.
+    a.mov_imm(R::Rsi, dm(MMIO_BASE)).load32(R::Rax, R::Rsi, 0);
+    a.mov_imm(R::Rcx, 0x7472_6976)
+        .cmp(R::Rax, R::Rcx)
+        .jcc(Cc::Ne, "bad");
+    a.mov_imm(R::Rsi, dm(MMIO_BASE + 0x10_0000))
+        .load32(R::Rax, R::Rsi, 0);
+    a.label("bad").outl(ports::POWEROFF, 1).hlt();
+    let vm = boot("mmio", &a.finish());
+    wait_end(&vm, T);
+    match vm.stop().unwrap().reason {
+        ExitReason::Failed(VmError::UnknownMmio { addr, .. }) => {
+            assert_eq!(addr, MMIO_BASE + 0x10_0000)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn guest_memory_can_be_repointed_while_paused() {
+    use kscope_vmm::memory::GuestRam;
+    const CNT: u64 = 0x60_0000;
+    // Count forever in guest memory, exiting now and then so that pause is quick.
+    let code = Asm::new()
+        .mov_imm(R::Rsi, dm(CNT))
+        .outl(ports::READY, 1)
+        .mov_edx(ports::SERIAL_COM1 as u32 + 7)
+        .label("l")
+        .inc_mem64(R::Rsi, 0)
+        .out_al()
+        .jmp("l")
+        .finish();
+    let vm = boot("swap", &code);
+    vm.wait_ready(T).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    vm.pause().unwrap();
+    let read = |vm: &Vm| {
+        let mut b = [0u8; 8];
+        vm.read_phys(CNT, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let v1 = read(&vm);
+    assert!(v1 > 0);
+    // A copy-on-write view of the same memfd: the guest keeps running on it, the file (the
+    // frozen "generation image") does not change.
+    let old = vm.memory().load();
+    let cow = GuestRam::from_file(old.file().clone(), old.size(), libc::MAP_PRIVATE).unwrap();
+    let prev = vm.swap_memory(cow).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&prev, &old));
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    vm.pause().unwrap();
+    let v2 = read(&vm);
+    assert!(
+        v2 > v1,
+        "guest did not continue on the new mapping ({v1} -> {v2})"
+    );
+    let mut b = [0u8; 8];
+    old.read(CNT, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), v1, "the frozen image changed");
+    vm.resume().unwrap();
+    assert!(matches!(vm.state(), VmState::Running));
+    // Swapping requires a paused VM.
+    let again = GuestRam::from_file(old.file().clone(), old.size(), libc::MAP_PRIVATE).unwrap();
+    assert!(vm.swap_memory(again).is_err());
+}

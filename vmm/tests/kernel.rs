@@ -38,16 +38,26 @@ fn boot(name: &str) -> (Vm, Duration) {
 #[test]
 fn real_kernel_boots_and_answers() {
     let (vm, boot_time) = boot("kernel");
-    let r = vm
-        .request(kind::PING, b"", T)
-        .unwrap_or_else(|e| panic!("{e}\nrequests (delivered, completed) {:?}, exits {:?}\n{}", vm.request_counts(), vm.exit_counts(), vm.serial_output()));
+    let r = vm.request(kind::PING, b"", T).unwrap_or_else(|e| {
+        panic!(
+            "{e}\nrequests (delivered, completed) {:?}, exits {:?}\n{}",
+            vm.request_counts(),
+            vm.exit_counts(),
+            vm.serial_output()
+        )
+    });
     assert_eq!(r.status, 0);
     let n = 200u32;
     let t0 = Instant::now();
     for _ in 0..n {
-        let r = vm
-            .request(kind::PING, b"", T)
-            .unwrap_or_else(|e| panic!("{e}\nrequests (delivered, completed) {:?}, exits {:?}\n{}", vm.request_counts(), vm.exit_counts(), vm.serial_output()));
+        let r = vm.request(kind::PING, b"", T).unwrap_or_else(|e| {
+            panic!(
+                "{e}\nrequests (delivered, completed) {:?}, exits {:?}\n{}",
+                vm.request_counts(),
+                vm.exit_counts(),
+                vm.serial_output()
+            )
+        });
         assert_eq!(r.status, 0);
     }
     let ping = t0.elapsed() / n;
@@ -55,12 +65,23 @@ fn real_kernel_boots_and_answers() {
     for _ in 0..n {
         let r = vm
             .request(kind::WORKLOAD, b"echo hello", T)
-            .unwrap_or_else(|e| panic!("{e}\nrequests (delivered, completed) {:?}, exits {:?}\n{}", vm.request_counts(), vm.exit_counts(), vm.serial_output()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}\nrequests (delivered, completed) {:?}, exits {:?}\n{}",
+                    vm.request_counts(),
+                    vm.exit_counts(),
+                    vm.serial_output()
+                )
+            });
         assert_eq!(r.payload, b"hello");
     }
     let echo = t0.elapsed() / n;
     println!("real kernel: boot to READY {boot_time:?}; PING round trip {ping:?}; ktest echo round trip {echo:?}; exits {:?}", vm.exit_counts());
     assert_eq!(vm.state(), VmState::Running);
     let rep = vm.stop().unwrap();
-    assert!(matches!(rep.reason, ExitReason::Stopped), "{:?}", rep.reason);
+    assert!(
+        matches!(rep.reason, ExitReason::Stopped),
+        "{:?}",
+        rep.reason
+    );
 }

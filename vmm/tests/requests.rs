@@ -126,6 +126,52 @@ fn measure_boot_exit_and_request_costs() {
     let per_io = (rep.uptime - r.boot_time) / n as u32;
     println!("port-IO exit round trip (out to COM1 scratch, through the IO bus): {per_io:?}");
 
+    // Baseline: the same guest under a bare KVM_RUN loop (hypervisor layer only, no buses,
+    // no state machine), to attribute the cost.
+    {
+        use kscope_vmm::hypervisor::kvm::KvmHypervisor;
+        use kscope_vmm::hypervisor::{Exit, HvVcpu, HvVm, Hypervisor};
+        let ram = kscope_vmm::memory::GuestRam::new("raw", 16 << 20).unwrap();
+        let elf = kscope_vmm::loader::build_test_elf(&io, 0x10_0000);
+        let k = kscope_vmm::loader::load_kernel(&ram, &elf).unwrap();
+        let hv = KvmHypervisor.create_vm().unwrap();
+        // SAFETY: `ram` outlives `hv` (declared before it, dropped after it).
+        unsafe {
+            hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())
+                .unwrap()
+        };
+        let mut vcpu = hv.create_vcpu(0).unwrap();
+        let params = kscope_vmm::boot::BootParams {
+            vcpus: 1,
+            entry: k.entry,
+            kernel_phys_end: k.phys_end,
+            tsc_khz: 0,
+            devices: &[],
+            cmdline: "",
+        };
+        let st = kscope_vmm::boot::setup(&ram, &params).unwrap();
+        vcpu.configure(&st, 1).unwrap();
+        let mut outs = 0u64;
+        let mut t0 = Instant::now();
+        loop {
+            match vcpu.run().unwrap() {
+                Exit::IoOut { port, .. } if port == kscope_guest::abi::layout::ports::READY => {
+                    t0 = Instant::now()
+                }
+                Exit::IoOut { port, .. } if port == kscope_guest::abi::layout::ports::POWEROFF => {
+                    break
+                }
+                Exit::IoOut { .. } => outs += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(outs, n);
+        println!(
+            "port-IO exit round trip, bare KVM_RUN loop (same guest): {:?}",
+            t0.elapsed() / n as u32
+        );
+    }
+
     // MMIO notify round trip.
     let n = 100_000u64;
     let vm = boot("mmiobench", &notify_loop_guest(n));
@@ -172,4 +218,22 @@ fn measure_boot_exit_and_request_costs() {
         "request throughput (pipelined, 8 guest RX buffers): {:.0} req/s",
         n as f64 / t0.elapsed().as_secs_f64()
     );
+}
+
+#[test]
+fn requests_before_ready_and_while_paused_are_delivered_later() {
+    let vm = boot("early", &echo_guest());
+    // Submitted while the guest is still setting up its driver.
+    let early = vm.submit(5, b"early").unwrap();
+    vm.wait_ready(T).unwrap();
+    assert_eq!(early.wait(T).unwrap().status, 5);
+    // Let the guest go idle, then pause: a request submitted now waits for resume.
+    assert_eq!(vm.request(6, b"", T).unwrap().status, 6);
+    vm.pause().unwrap();
+    let p = vm.submit(7, b"paused").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(p.try_wait().is_none(), "answered while paused");
+    vm.resume().unwrap();
+    assert_eq!(p.wait(T).unwrap().status, 7);
+    assert_eq!(vm.state(), VmState::Running);
 }

@@ -23,8 +23,9 @@ impl Clone for GuestFiles {
     }
 }
 
-/// Files kept open at most (descriptors are a kernel resource).
-const MAX_OPEN: usize = 16;
+/// Files kept open at most (the kernel gives a process 13 descriptors; `map` needs one more
+/// for a moment).
+const MAX_OPEN: usize = 8;
 
 fn sys_err(op: &'static str, path: &str, e: ulib::Errno) -> FileError {
     if e.0 == kscope_guest::abi::syscall::errno::ENOENT {
@@ -43,18 +44,29 @@ impl GuestFiles {
         if let Some(i) = self.open.iter().position(|(p, _)| p == path) {
             return Ok(&self.open[i].1);
         }
-        let f = File::open(path).map_err(|e| sys_err("open", path, e))?;
         if self.open.len() >= MAX_OPEN {
             self.open.remove(0);
         }
+        let f = self.open_fresh(path)?;
         self.open.push((path.into(), f));
         Ok(&self.open[self.open.len() - 1].1)
+    }
+
+    /// Open `path`; out of descriptors, close the cached ones and retry once.
+    fn open_fresh(&mut self, path: &str) -> Result<File, FileError> {
+        match File::open(path) {
+            Err(e) if e.0 == kscope_guest::abi::syscall::errno::EMFILE && !self.open.is_empty() => {
+                self.open.clear();
+                File::open(path).map_err(|e| sys_err("open", path, e))
+            }
+            r => r.map_err(|e| sys_err("open", path, e)),
+        }
     }
 }
 
 impl Files for GuestFiles {
     fn map(&mut self, path: &str) -> Result<&'static [u8], FileError> {
-        let f = File::open(path).map_err(|e| sys_err("open", path, e))?;
+        let f = self.open_fresh(path)?;
         f.map().map_err(|e| sys_err("mmap", path, e))
     }
 

@@ -8,7 +8,7 @@ use kscope_guest::abi::request::kind;
 use kscope_vmm::{Vm, VmConfig};
 use kscope_workloads::{default_image, Workload};
 
-const T: Duration = Duration::from_secs(60);
+const T: Duration = Duration::from_secs(120);
 
 fn kvm_available() -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
@@ -29,7 +29,11 @@ fn boot(w: Workload, mem_mib: u64) -> Vm {
     })
     .expect("boot");
     if let Err(e) = vm.wait_ready(T) {
-        panic!("{} not ready: {e}\nserial:\n{}", w.name(), vm.serial_output());
+        panic!(
+            "{} not ready: {e}\nserial:\n{}",
+            w.name(),
+            vm.serial_output()
+        );
     }
     vm
 }
@@ -48,9 +52,20 @@ fn run(w: Workload, mem_mib: u64, n: usize) -> Duration {
                 vm.serial_output()
             ),
         };
-        assert_eq!(r.status, 0, "{}: {}", w.name(), String::from_utf8_lossy(&r.payload));
+        assert_eq!(
+            r.status,
+            0,
+            "{}: {}",
+            w.name(),
+            String::from_utf8_lossy(&r.payload)
+        );
         if let Err(e) = w.check(&req, &r.payload) {
-            panic!("{} answer to {:?} is wrong: {e}", w.name(), String::from_utf8_lossy(&req));
+            panic!(
+                "{} answer to {:?} is wrong: {e}\nanswer: {:?}",
+                w.name(),
+                String::from_utf8_lossy(&req),
+                String::from_utf8_lossy(&r.payload[..r.payload.len().min(400)])
+            );
         }
     }
     let mean = start.elapsed() / n as u32;
@@ -62,22 +77,27 @@ fn run(w: Workload, mem_mib: u64, n: usize) -> Duration {
 #[test]
 fn web_serves_the_specweb_mix_in_64_mib() {
     if kvm_available() {
-        run(Workload::Web, 64, 200);
+        run(Workload::Web, 64, 80);
     }
 }
 
 #[test]
 fn olap_answers_tpch_queries() {
     if kvm_available() {
-        run(Workload::Olap, 64, 10);
+        run(Workload::Olap, 64, 8);
     }
 }
 
 #[test]
 fn functions_answer_both_input_sizes() {
     if kvm_available() {
-        for w in [Workload::Json, Workload::Aes, Workload::Matmul, Workload::Compress] {
-            run(w, 64, 10);
+        for w in [
+            Workload::Json,
+            Workload::Aes,
+            Workload::Matmul,
+            Workload::Compress,
+        ] {
+            run(w, 64, 6);
         }
     }
 }

@@ -150,6 +150,12 @@ impl Asm {
     pub fn store32_imm(&mut self, base: R, disp: i32, v: u32) -> &mut Self {
         self.mov_eax(v).store32(base, disp, R::Rax)
     }
+    /// `inc qword [base + disp]`.
+    pub fn inc_mem64(&mut self, base: R, disp: i32) -> &mut Self {
+        let mut m = modrm_disp32(0, base);
+        m[1..5].copy_from_slice(&disp.to_le_bytes());
+        self.b(&[0x48, 0xff]).b(&m)
+    }
     /// `dec r64`.
     pub fn dec(&mut self, r: R) -> &mut Self {
         self.b(&[0x48, 0xff, 0xc8 | r as u8])

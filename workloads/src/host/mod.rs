@@ -37,8 +37,9 @@ pub enum ImageError {
     },
 }
 
-/// Build a KSFS image with `programs` as `/bin/<name>` (executables) and every data file of
-/// `opts`. Panics only if a program name is invalid (see [`try_build_image`]).
+/// Build a KSFS image with `programs` (executables: a bare name `web` goes to `/bin/web`, an
+/// absolute path such as `/bin/ktest` is kept) and every data file of `opts`. Panics only if
+/// a program name is invalid (see [`try_build_image`]).
 pub fn build_image(opts: &ImageOptions, programs: &[(&str, &[u8])]) -> Vec<u8> {
     match try_build_image(opts, programs) {
         Ok(img) => img,
@@ -52,7 +53,16 @@ pub fn try_build_image(
     programs: &[(&str, &[u8])],
 ) -> Result<Vec<u8>, ImageError> {
     let data = &dataset(opts).files;
-    let names: Vec<String> = programs.iter().map(|(n, _)| format!("/bin/{n}")).collect();
+    let names: Vec<String> = programs
+        .iter()
+        .map(|(n, _)| {
+            if n.starts_with('/') {
+                n.to_string()
+            } else {
+                format!("/bin/{n}")
+            }
+        })
+        .collect();
     let mut b = FsBuilder::new();
     let wrap = |path: &str, reason| ImageError::Mkfs {
         path: path.into(),

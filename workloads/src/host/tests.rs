@@ -120,13 +120,19 @@ fn q6_scans_only_its_year() {
 #[test]
 fn image_holds_programs_and_data() {
     let opts = ImageOptions::tiny();
-    let img = build_image(&opts, &[("web", b"\x7fELF-not-really")]);
+    let img = build_image(
+        &opts,
+        &[("web", b"\x7fELF-not-really"), ("/bin/ktest", b"\x7fELF")],
+    );
     let files = kscope_guest::mkfs::list(&img).unwrap();
-    assert_eq!(files[0].0, "/bin/web");
+    assert_eq!(
+        (files[0].0.as_str(), files[1].0.as_str()),
+        ("/bin/web", "/bin/ktest")
+    );
     assert_eq!(files[0].1, file_kind::EXEC);
     let d = dataset(&opts);
-    assert_eq!(files.len(), 1 + d.files.len());
-    for (p, k, bytes) in &files[1..] {
+    assert_eq!(files.len(), 2 + d.files.len());
+    for (p, k, bytes) in &files[2..] {
         assert_eq!(*k, file_kind::DATA);
         assert_eq!(d.file(p).unwrap(), *bytes, "{p}");
     }
