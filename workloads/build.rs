@@ -14,6 +14,7 @@ fn main() {
         "../guest/src/abi",
         "../guest/user.ld",
         "../guest/build_support.rs",
+        "../guest-agent/src",
     ]);
     if is_nested_build() {
         return;
@@ -25,7 +26,16 @@ fn main() {
         &user_rustflags(),
         "workloads",
     );
+    // The guest agent (crate `kscope-guest-agent`) goes into every image as `/bin/agent`.
+    let agent = nested_build(
+        "kscope-guest-agent",
+        &["agent"],
+        "guest-bin",
+        &user_rustflags(),
+        "agent",
+    );
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    std::fs::copy(&agent[0], out.join("agent")).expect("copy the guest agent");
     for (name, path) in BINS.iter().zip(&built) {
         std::fs::copy(path, out.join(name))
             .unwrap_or_else(|e| panic!("copy guest program {} from {}: {e}", name, path.display()));

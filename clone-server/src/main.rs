@@ -1,3 +1,41 @@
+//! `kscope`: VM cloning for micro-elastic clouds. The command-line interface.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use kscope::cli;
+
+#[derive(Parser)]
+#[command(name = "kscope", version, about = "VM cloning for micro-elastic clouds", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a VM running a workload, drive it with requests and print boot time, time to first
+    /// response, throughput and latency percentiles.
+    Run(cli::RunArgs),
+    /// The quick-start demo: boot every workload, then clone a warm parent.
+    Demo(cli::DemoArgs),
+}
+
 fn main() {
-    println!("kernel: {} bytes", kscope_guest::KERNEL_ELF.len());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KSCOPE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => cli::run(a),
+        Cmd::Demo(a) => cli::demo(a),
+    };
+    if let Err(e) = result.context("kscope failed") {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

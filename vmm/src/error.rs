@@ -144,9 +144,42 @@ pub enum VmError {
         max: usize,
     },
 
+    /// Lazy memory (userfaultfd serving, page images) failed.
+    #[error("guest memory service failed: {0}")]
+    Memory(String),
+
+    /// A snapshot is damaged (bad magic, checksum, length, or inconsistent contents); nothing
+    /// was created from it.
+    #[error("snapshot {path} is corrupt: {what}; take the snapshot again")]
+    SnapshotCorrupt {
+        /// The file or directory.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+
+    /// A snapshot was written by an incompatible format version or host; nothing was created.
+    #[error("snapshot {path} is incompatible: {what}")]
+    SnapshotIncompatible {
+        /// The file or directory.
+        path: String,
+        /// What does not match.
+        what: String,
+    },
+
+    /// Reading or writing a snapshot failed (I/O, no space).
+    #[error("snapshot I/O failed: {0}")]
+    SnapshotIo(String),
+
     /// An internal VMM thread failed (a bug).
     #[error("internal VMM error: {0}")]
     Internal(String),
+}
+
+impl From<crate::lazy::LazyError> for VmError {
+    fn from(e: crate::lazy::LazyError) -> Self {
+        VmError::Memory(e.to_string())
+    }
 }
 
 impl VmError {

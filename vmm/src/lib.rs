@@ -8,6 +8,7 @@
 //! - Guest RAM lives on a memfd ([`memory`]) so that it can later be cloned copy-on-write.
 
 pub mod boot;
+pub mod clone;
 pub mod devices;
 pub mod error;
 pub mod exit;
@@ -21,7 +22,11 @@ pub mod vm;
 pub use devices::request::{PendingResponse, RequestTransport, Response};
 pub use error::VmError;
 pub use vcpu::{ExitCounts, ExitReason};
+pub use clone::{
+    CloneBatch, CloneContext, CloneOptions, Generation, MemoryMode, MemoryStats, PrefetcherFactory,
+};
 pub use vm::{BootReport, ExitReport, Vm, VmConfig, VmState};
 pub mod uffd;
 pub mod lazy;
 pub mod snapfile;
+pub mod snapshot;

@@ -40,6 +40,16 @@ pub fn validate_size(size: u64) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Something that keeps a mapping not owned by a [`GuestRam`] alive (e.g. the fault server
+/// of a lazily served clone, which owns the registered mapping).
+pub struct Keeper(pub Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keeper")
+    }
+}
+
 /// One mapping of guest RAM `[0, size)` and the file behind it.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -47,6 +57,10 @@ pub struct GuestRam {
     file: Arc<File>,
     size: u64,
     host_addr: usize,
+    /// MAP_SHARED or MAP_PRIVATE.
+    flags: i32,
+    /// Owner of a borrowed mapping (dropped after `mem`).
+    _keep: Option<Keeper>,
 }
 
 impl GuestRam {
@@ -86,6 +100,45 @@ impl GuestRam {
         .map_err(|e| {
             VmError::Internal(format!("mmap of guest RAM ({size:#x} bytes) failed: {e}"))
         })?;
+        Self::wrap(region, file, size, flags, None)
+    }
+
+    /// Guest RAM over an existing mapping owned by `keep` (e.g. a clone's userfaultfd-served
+    /// region: KVM and the devices must use the registered mapping itself).
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + size)` must be a live, writable `MAP_SHARED` mapping of `file` that
+    /// `keep` keeps mapped for as long as it lives.
+    pub unsafe fn from_raw(
+        addr: *mut u8,
+        size: u64,
+        file: Arc<File>,
+        keep: Keeper,
+    ) -> Result<GuestRam, VmError> {
+        validate_size(size)?;
+        let len = usize::try_from(size).map_err(|_| VmError::BadConfig("mem_bytes".into()))?;
+        // SAFETY: the caller guarantees a live mapping of `len` bytes at `addr` with these
+        // protections and flags, kept alive by `keep`, which the returned value owns.
+        let region = unsafe {
+            MmapRegion::build_raw(
+                addr,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+            )
+        }
+        .map_err(|e| VmError::Internal(format!("guest region over {addr:p}: {e}")))?;
+        Self::wrap(region, file, size, libc::MAP_SHARED, Some(keep))
+    }
+
+    fn wrap(
+        region: MmapRegion,
+        file: Arc<File>,
+        size: u64,
+        flags: i32,
+        keep: Option<Keeper>,
+    ) -> Result<GuestRam, VmError> {
         let host_addr = region.as_ptr() as usize;
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| VmError::Internal("guest region overflow".into()))?;
@@ -96,7 +149,14 @@ impl GuestRam {
             file,
             size,
             host_addr,
+            flags,
+            _keep: keep,
         })
+    }
+
+    /// True if the mapping is `MAP_PRIVATE` (a copy-on-write view of its file).
+    pub fn is_private(&self) -> bool {
+        self.flags & libc::MAP_PRIVATE != 0
     }
 
     /// The vm-memory view (for virtio-queue and loaders).

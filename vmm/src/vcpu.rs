@@ -13,8 +13,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::devices::bus::Bus;
 use crate::devices::request::RequestTransport;
@@ -179,6 +179,11 @@ pub struct VcpuThread<V: HvVcpu> {
     pub counters: Arc<ExitCounters>,
     /// Current no-buffer back-off (see [`NO_BUFFER_BACKOFF`]).
     pub backoff: Duration,
+    /// Set to the time of the VM's first `KVM_RUN` (by whichever vCPU enters first).
+    pub first_run: Arc<OnceLock<Instant>>,
+    /// Start paused (as if `Pause` had been received while running) instead of parked: a
+    /// clone or restored VM created paused; [`VcpuMsg::Resume`] starts it.
+    pub start_paused: bool,
 }
 
 /// How long an idle vCPU first waits before re-entering the guest when requests are queued
@@ -195,7 +200,11 @@ impl<V: HvVcpu> VcpuThread<V> {
         // SAFETY: pthread_self has no preconditions.
         self.control
             .set_thread(Some(unsafe { libc::pthread_self() }));
-        let mut state = RunState::Parked;
+        let mut state = if self.start_paused {
+            RunState::Paused { was_running: true }
+        } else {
+            RunState::Parked
+        };
         while state != RunState::Done {
             state = match state {
                 RunState::Running => self.step(),
@@ -269,6 +278,9 @@ impl<V: HvVcpu> VcpuThread<V> {
 
     /// Enter the guest once and act on the exit.
     fn step(&mut self) -> RunState {
+        if self.first_run.get().is_none() {
+            let _ = self.first_run.set(Instant::now());
+        }
         let action = match self.vcpu.run() {
             Ok(exit) => {
                 let c = &self.counters;

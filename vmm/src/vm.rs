@@ -1,11 +1,14 @@
 //! The VM: configuration, boot, lifecycle, requests.
 
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootParams};
+use crate::clone::{Generation, ParentState};
+use crate::devices::DeviceStates;
+use crate::lazy::FaultServer;
 use crate::devices::block::BlockDevice;
 use crate::devices::bus::Bus;
 use crate::devices::request::{
@@ -137,7 +140,7 @@ struct Status {
 }
 
 /// State shared by the VM handle, its vCPU threads and pending responses.
-struct VmCore {
+pub(crate) struct VmCore {
     name: String,
     status: Mutex<Status>,
     cond: Condvar,
@@ -236,15 +239,52 @@ impl Watchdog for VmCore {
     }
 }
 
+/// The devices of a VM (for state capture).
+pub(crate) struct DeviceSet {
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) block: Arc<Mutex<MmioTransport<BlockDevice>>>,
+    pub(crate) request: Arc<Mutex<MmioTransport<RequestDevice>>>,
+}
+
+/// What [`Vm::assemble`] needs.
+pub(crate) struct Assembly<'a> {
+    pub(crate) cfg: VmConfig,
+    pub(crate) hv: KvmVm,
+    pub(crate) memory: Arc<GuestMemory>,
+    /// vCPUs with CPUID and registers set.
+    pub(crate) vcpus: Vec<KvmVcpu>,
+    /// Device state to restore (`None`: fresh devices).
+    pub(crate) devices: Option<&'a DeviceStates>,
+    pub(crate) start: Instant,
+    /// `Some` for a VM resumed from a captured state (already READY).
+    pub(crate) ready: Option<BootReport>,
+    pub(crate) start_paused: bool,
+    pub(crate) lazy: Option<Arc<FaultServer>>,
+    pub(crate) origin: Option<Arc<Generation>>,
+    pub(crate) clone_id: Option<u64>,
+}
+
 /// A running VM. `Send + Sync`; dropping it stops the VM.
 pub struct Vm {
     // Field order matters for drop: threads are joined in `Drop`, then the KVM VM is closed,
-    // then guest RAM is unmapped.
-    core: Arc<VmCore>,
+    // then guest RAM is unmapped (and a clone's fault server stopped).
+    pub(crate) core: Arc<VmCore>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    hv: KvmVm,
-    memory: Arc<GuestMemory>,
+    pub(crate) hv: KvmVm,
+    pub(crate) memory: Arc<GuestMemory>,
     mem_bytes: u64,
+    pub(crate) devices: DeviceSet,
+    pub(crate) cfg: VmConfig,
+    /// The fault server of a lazily served clone or restored VM.
+    pub(crate) lazy: Option<Arc<FaultServer>>,
+    /// The generation image this VM was cloned from.
+    pub(crate) origin: Option<Arc<Generation>>,
+    /// Clone id written into the GenPage (clones only).
+    pub(crate) clone_id: Option<u64>,
+    /// Time of the first `KVM_RUN`.
+    pub(crate) first_run: Arc<OnceLock<Instant>>,
+    /// Frozen images of this VM as a parent.
+    pub(crate) parent: Mutex<ParentState>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -270,27 +310,6 @@ impl Vm {
         // `Vm` drops the KVM VM before guest RAM.
         unsafe { hv.set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())? };
         let memory = Arc::new(GuestMemory::new(ram));
-
-        let echo = std::env::var("KSCOPE_SERIAL").is_ok_and(|v| v == "stderr");
-        let console = Arc::new(ConsoleBuffer::new(CONSOLE_CAPACITY, echo));
-        let mut io = Bus::new();
-        io.insert(
-            u64::from(ports::SERIAL_COM1),
-            8,
-            Arc::new(Mutex::new(SerialDevice::new(console.clone()))),
-        )?;
-        let hub = RequestHub::new();
-        let block = Arc::new(Mutex::new(MmioTransport::new(
-            BlockDevice::new(cfg.disk.clone(), &format!("kscope-{}", cfg.name)),
-            memory.clone(),
-        )));
-        let request = Arc::new(Mutex::new(MmioTransport::new(
-            RequestDevice::new(hub.clone()),
-            memory.clone(),
-        )));
-        let mut mmio = Bus::new();
-        mmio.insert(BLOCK_GPA, MMIO_DEVICE_SIZE, block)?;
-        mmio.insert(REQUEST_GPA, MMIO_DEVICE_SIZE, request.clone())?;
         let devices = [
             DeviceDesc {
                 kind: DeviceKind::Block as u32,
@@ -305,7 +324,6 @@ impl Vm {
                 size: MMIO_DEVICE_SIZE,
             },
         ];
-
         let mut vcpus: Vec<KvmVcpu> = (0..cfg.vcpus)
             .map(|i| hv.create_vcpu(i))
             .collect::<Result<_, _>>()?;
@@ -324,27 +342,93 @@ impl Vm {
         for v in &mut vcpus {
             v.configure(&cpu, cfg.vcpus)?;
         }
+        Vm::assemble(Assembly {
+            cfg,
+            hv,
+            memory,
+            vcpus,
+            devices: None,
+            start,
+            ready: None,
+            start_paused: false,
+            lazy: None,
+            origin: None,
+            clone_id: None,
+        })
+    }
 
+    /// Build devices, the shared core and the vCPU threads of a VM whose memory slot and vCPU
+    /// state are set up; start vCPU 0 (unless `start_paused`).
+    pub(crate) fn assemble(a: Assembly<'_>) -> Result<Vm, VmError> {
+        let Assembly {
+            cfg,
+            hv,
+            memory,
+            vcpus,
+            devices: saved,
+            start,
+            ready,
+            start_paused,
+            lazy,
+            origin,
+            clone_id,
+        } = a;
+        let echo = std::env::var("KSCOPE_SERIAL").is_ok_and(|v| v == "stderr");
+        let console = Arc::new(ConsoleBuffer::new(CONSOLE_CAPACITY, echo));
+        let serial = match saved {
+            Some(st) => SerialDevice::from_state(&st.serial, console.clone())
+                .map_err(VmError::BadConfig)?,
+            None => SerialDevice::new(console.clone()),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let mut io = Bus::new();
+        io.insert(u64::from(ports::SERIAL_COM1), 8, serial.clone())?;
+        let hub = RequestHub::new();
+        let mut block_t = MmioTransport::new(
+            BlockDevice::new(cfg.disk.clone(), &format!("kscope-{}", cfg.name)),
+            memory.clone(),
+        );
+        let mut request_t = MmioTransport::new(RequestDevice::new(hub.clone()), memory.clone());
+        if let Some(st) = saved {
+            block_t
+                .restore_state(&st.block)
+                .map_err(|e| VmError::BadConfig(format!("block device: {e}")))?;
+            request_t
+                .restore_state(&st.request)
+                .map_err(|e| VmError::BadConfig(format!("request device: {e}")))?;
+        }
+        let block = Arc::new(Mutex::new(block_t));
+        let request = Arc::new(Mutex::new(request_t));
+        let mut mmio = Bus::new();
+        mmio.insert(BLOCK_GPA, MMIO_DEVICE_SIZE, block.clone())?;
+        mmio.insert(REQUEST_GPA, MMIO_DEVICE_SIZE, request.clone())?;
+
+        let n = vcpus.len();
         let mut controls = Vec::new();
         let mut receivers = Vec::new();
-        for _ in 0..cfg.vcpus {
+        for _ in 0..n {
             let (tx, rx) = mpsc::channel();
             controls.push(Arc::new(VcpuControl::new(tx)));
             receivers.push(rx);
         }
+        let (state, paused_from) = match (ready.is_some(), start_paused) {
+            (false, _) => (VmState::Booting, VmState::Booting),
+            (true, false) => (VmState::Running, VmState::Running),
+            (true, true) => (VmState::Paused, VmState::Running),
+        };
         let core = Arc::new(VmCore {
             name: cfg.name.clone(),
             status: Mutex::new(Status {
-                state: VmState::Booting,
-                paused_from: VmState::Booting,
-                ready: None,
+                state,
+                paused_from,
+                ready,
                 outcome: None,
                 ended_at: None,
             }),
             cond: Condvar::new(),
             console,
             controls,
-            requests: VirtioRequestTransport::new(hub, request),
+            requests: VirtioRequestTransport::new(hub, request.clone()),
             boot_start: start,
             setup_time: Mutex::new(Duration::ZERO),
             counters: Arc::new(ExitCounters::default()),
@@ -358,6 +442,7 @@ impl Vm {
             }
         }));
 
+        let first_run = Arc::new(OnceLock::new());
         let mut threads = Vec::new();
         for (i, (vcpu, rx)) in vcpus.into_iter().zip(receivers).enumerate() {
             let t = VcpuThread {
@@ -370,6 +455,8 @@ impl Vm {
                 host: core.clone() as Arc<dyn VcpuHost>,
                 counters: core.counters.clone(),
                 backoff: crate::vcpu::NO_BUFFER_BACKOFF,
+                first_run: first_run.clone(),
+                start_paused: start_paused && i == 0,
             };
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}-{}", cfg.name))
@@ -377,15 +464,29 @@ impl Vm {
                 .map_err(|e| VmError::Internal(format!("cannot spawn a vCPU thread: {e}")))?;
             threads.push(h);
         }
+        let mem_bytes = cfg.mem_bytes;
         let vm = Vm {
             core,
             threads: Mutex::new(threads),
             hv,
             memory,
-            mem_bytes: cfg.mem_bytes,
+            mem_bytes,
+            devices: DeviceSet {
+                serial,
+                block,
+                request,
+            },
+            cfg,
+            lazy,
+            origin,
+            clone_id,
+            first_run,
+            parent: Mutex::new(ParentState::default()),
         };
         *vm.core.setup_time.lock().unwrap_or_else(|p| p.into_inner()) = start.elapsed();
-        vm.core.controls[0].send(VcpuMsg::Run);
+        if !start_paused {
+            vm.core.controls[0].send(VcpuMsg::Run);
+        }
         Ok(vm)
     }
 
@@ -510,6 +611,16 @@ impl Vm {
         })
     }
 
+    /// The boot report (for a clone or restored VM: the parent's READY value, zero times).
+    pub fn boot_report(&self) -> Option<BootReport> {
+        self.core.lock().ready
+    }
+
+    /// The VM's configuration (kernel, command line, disk, memory size).
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
     /// The VM's state.
     pub fn state(&self) -> VmState {
         self.core.lock().state.clone()
@@ -523,6 +634,11 @@ impl Vm {
     /// Read guest-physical memory.
     pub fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
         self.memory.load().read(gpa, buf)
+    }
+
+    /// Write guest-physical memory (for tests and tools; the guest sees the write at once).
+    pub fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.memory.load().write(gpa, data)
     }
 
     /// Guest RAM size.
@@ -606,7 +722,7 @@ impl Vm {
         Ok(())
     }
 
-    fn require_paused(&self, op: &'static str) -> Result<(), VmError> {
+    pub(crate) fn require_paused(&self, op: &'static str) -> Result<(), VmError> {
         let s = self.core.lock();
         if s.state != VmState::Paused {
             return Err(VmError::BadState {

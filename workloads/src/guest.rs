@@ -102,19 +102,3 @@ pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
     }
 }
 
-// The precompiled `alloc` (built with unwinding) refers to `_Unwind_Resume` from landing pads
-// that never run under `panic = "abort"`. A weak definition satisfies the linker without
-// clashing with a strong one should the runtime provide it; if it were ever reached it exits
-// the process with status 134 through the EXIT system call.
-core::arch::global_asm!(
-    ".section .text._Unwind_Resume,\"ax\"",
-    ".weak _Unwind_Resume",
-    "_Unwind_Resume:",
-    "mov eax, {exit}",
-    "mov edi, 134",
-    "ud2",
-    "2:",
-    "jmp 2b",
-    ".text",
-    exit = const kscope_guest::abi::syscall::EXIT,
-);

@@ -109,4 +109,5 @@ pub static PROGRAMS: &[(&str, &[u8])] = &[
         "compress",
         include_bytes!(concat!(env!("OUT_DIR"), "/compress")),
     ),
+    ("agent", include_bytes!(concat!(env!("OUT_DIR"), "/agent"))),
 ];

@@ -130,7 +130,10 @@ impl ApiClient {
             b = b.header(AUTHORIZATION, format!("Bearer {t}"));
         }
         if let Some(ct) = content_type {
-            b = b.header(CONTENT_TYPE, HeaderValue::from_str(ct).map_err(|_| ClientError::Url(ct.into()))?);
+            b = b.header(
+                CONTENT_TYPE,
+                HeaderValue::from_str(ct).map_err(|_| ClientError::Url(ct.into()))?,
+            );
         }
         let req = b
             .body(Full::new(Bytes::from(body)))
@@ -197,7 +200,11 @@ impl ApiClient {
     }
 
     /// Send a workload request to VM `id`: (guest status, VM latency in us, payload).
-    pub async fn request(&self, id: &str, payload: &[u8]) -> Result<(u32, u64, Bytes), ClientError> {
+    pub async fn request(
+        &self,
+        id: &str,
+        payload: &[u8],
+    ) -> Result<(u32, u64, Bytes), ClientError> {
         let path = format!("/v1/vms/{id}/requests");
         let r = self
             .send(
@@ -227,6 +234,10 @@ impl ApiClient {
             path: path.clone(),
             what: "no X-Kscope-Status header".into(),
         })?;
-        Ok((status as u32, num("x-kscope-latency-us").unwrap_or(0), r.body))
+        Ok((
+            status as u32,
+            num("x-kscope-latency-us").unwrap_or(0),
+            r.body,
+        ))
     }
 }

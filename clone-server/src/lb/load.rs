@@ -18,7 +18,9 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// A line of the replay file is malformed.
-    #[error("{path}:{line}: {what}; lines are `time_ms request` with \\r, \\n, \\t and \\\\ escapes")]
+    #[error(
+        "{path}:{line}: {what}; lines are `time_ms request` with \\r, \\n, \\t and \\\\ escapes"
+    )]
     Parse {
         /// The file.
         path: String,
@@ -152,7 +154,9 @@ pub fn generate(
     payloads: &[Vec<u8>],
 ) -> Result<Vec<Arrival>, LoadError> {
     if !(rate > 0.0 && rate.is_finite()) {
-        return Err(LoadError::Bad(format!("rate {rate} req/s: use a positive rate")));
+        return Err(LoadError::Bad(format!(
+            "rate {rate} req/s: use a positive rate"
+        )));
     }
     if payloads.is_empty() {
         return Err(LoadError::Bad("no request payloads to send".into()));
@@ -191,7 +195,12 @@ fn unescape(s: &str) -> Result<Vec<u8>, String> {
             Some(b'n') => out.push(b'\n'),
             Some(b't') => out.push(b'\t'),
             Some(b'\\') => out.push(b'\\'),
-            other => return Err(format!("unknown escape \\{}", other.map(char::from).unwrap_or(' '))),
+            other => {
+                return Err(format!(
+                    "unknown escape \\{}",
+                    other.map(char::from).unwrap_or(' ')
+                ))
+            }
         }
     }
     Ok(out)
@@ -240,7 +249,14 @@ mod tests {
 
     #[test]
     fn steady_rate_is_close_to_target() {
-        let a = generate(&Pattern::Steady, 200.0, Duration::from_secs(10), 1, &[b"x".to_vec()]).unwrap();
+        let a = generate(
+            &Pattern::Steady,
+            200.0,
+            Duration::from_secs(10),
+            1,
+            &[b"x".to_vec()],
+        )
+        .unwrap();
         assert!((1800..2200).contains(&a.len()), "{}", a.len());
         assert!(a.windows(2).all(|w| w[0].at <= w[1].at));
     }
@@ -275,7 +291,10 @@ mod tests {
         assert_eq!(a[0].payload, b"GET / HTTP/1.1\r\n\r\n");
         assert_eq!(a[1].payload, b"Q6");
         std::fs::write(&f, "abc Q6\n").unwrap();
-        assert!(matches!(parse_file(&f), Err(LoadError::Parse { line: 1, .. })));
+        assert!(matches!(
+            parse_file(&f),
+            Err(LoadError::Parse { line: 1, .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

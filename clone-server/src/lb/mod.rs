@@ -218,10 +218,6 @@ impl Shared {
             .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
             .cloned()
     }
-
-    fn worker_count(&self) -> usize {
-        self.workers.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
 
 /// Boot a fresh parent VM; returns its id.
@@ -248,7 +244,11 @@ async fn add_workers(
     if mode != ScaleMode::Boot {
         let body = json!({ "n": n, "memory_mode": o.memory_mode, "prefetch": o.prefetch });
         match api
-            .json(Method::POST, &format!("/v1/vms/{parent}/clones"), Some(&body))
+            .json(
+                Method::POST,
+                &format!("/v1/vms/{parent}/clones"),
+                Some(&body),
+            )
             .await
         {
             Ok(v) => {
@@ -334,14 +334,17 @@ fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, since: Durat
                     0
                 }
             };
-            sh.events.lock().unwrap_or_else(|p| p.into_inner()).push(ScaleEvent {
-                t_s: now.as_secs_f64(),
-                kind: "overload",
-                reason,
-                workers_before: before,
-                delta,
-                api_ms,
-            });
+            sh.events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(ScaleEvent {
+                    t_s: now.as_secs_f64(),
+                    kind: "overload",
+                    reason,
+                    workers_before: before,
+                    delta,
+                    api_ms,
+                });
             sh.scaling.store(false, Ordering::Release);
         });
         return;
@@ -349,7 +352,11 @@ fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, since: Durat
     if ws.len() > o.min_workers.max(1) && !sh.scaling.load(Ordering::Acquire) {
         let idle = ws.iter().find(|w| {
             w.in_flight.load(Ordering::Relaxed) == 0
-                && w.last_done.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= o.cooldown
+                && w.last_done
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed()
+                    >= o.cooldown
                 && *w.id != **parent
         });
         if let Some(w) = idle.cloned() {
@@ -361,17 +368,24 @@ fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, since: Durat
             let before = ws.len();
             tokio::spawn(async move {
                 let t0 = Instant::now();
-                if let Err(e) = sh.api.json(Method::DELETE, &format!("/v1/vms/{}", w.id), None).await {
+                if let Err(e) = sh
+                    .api
+                    .json(Method::DELETE, &format!("/v1/vms/{}", w.id), None)
+                    .await
+                {
                     tracing::warn!("deleting idle worker {} failed: {e}", w.id);
                 }
-                sh.events.lock().unwrap_or_else(|p| p.into_inner()).push(ScaleEvent {
-                    t_s: now.as_secs_f64(),
-                    kind: "idle",
-                    reason: format!("worker {} idle for the cool-down", w.id),
-                    workers_before: before,
-                    delta: -1,
-                    api_ms: t0.elapsed().as_secs_f64() * 1e3,
-                });
+                sh.events
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(ScaleEvent {
+                        t_s: now.as_secs_f64(),
+                        kind: "idle",
+                        reason: format!("worker {} idle for the cool-down", w.id),
+                        workers_before: before,
+                        delta: -1,
+                        api_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    });
             });
         }
     }
@@ -412,7 +426,9 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
     if *mode.lock().unwrap_or_else(|p| p.into_inner()) == ScaleMode::Boot {
         if let Ok(ids) = &mut initial {
             if let Some(extra) = ids.pop() {
-                let _ = api.json(Method::DELETE, &format!("/v1/vms/{extra}"), None).await;
+                let _ = api
+                    .json(Method::DELETE, &format!("/v1/vms/{extra}"), None)
+                    .await;
             }
             ids.insert(0, parent.to_string());
         }
@@ -450,7 +466,10 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                     .filter(|d| d.finished >= last && d.finished < now && d.outcome.is_ok())
                     .map(|d| d.finished - d.arrived)
                     .collect();
-                let arrived = done.iter().filter(|d| d.arrived >= last && d.arrived < now).count();
+                let arrived = done
+                    .iter()
+                    .filter(|d| d.arrived >= last && d.arrived < now)
+                    .count();
                 drop(done);
                 let ws = sh.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 timeline.push(Interval {
@@ -483,11 +502,14 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             w.in_flight.fetch_sub(1, Ordering::Relaxed);
             *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             let finished = sh2.start.elapsed();
-            sh2.done.lock().unwrap_or_else(|p| p.into_inner()).push(Done {
-                arrived,
-                finished,
-                outcome: res.map(|(s, _, _)| s).map_err(|e| e.to_string()),
-            });
+            sh2.done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Done {
+                    arrived,
+                    finished,
+                    outcome: res.map(|(s, _, _)| s).map_err(|e| e.to_string()),
+                });
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -515,11 +537,19 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         scale_mode: *sh.mode.lock().unwrap_or_else(|p| p.into_inner()),
         requests: done.len(),
         ok: done.iter().filter(|d| matches!(d.outcome, Ok(0))).count(),
-        guest_errors: done.iter().filter(|d| matches!(d.outcome, Ok(s) if s != 0)).count(),
+        guest_errors: done
+            .iter()
+            .filter(|d| matches!(d.outcome, Ok(s) if s != 0))
+            .count(),
         failed: done.iter().filter(|d| d.outcome.is_err()).count(),
         throughput_rps: lat.len() as f64 / elapsed.as_secs_f64().max(1e-9),
         latency: LatencySummary::of(&lat),
-        max_workers: timeline.iter().map(|i| i.workers).max().unwrap_or(0).max(opts.min_workers),
+        max_workers: timeline
+            .iter()
+            .map(|i| i.workers)
+            .max()
+            .unwrap_or(0)
+            .max(opts.min_workers),
         timeline,
         scale_latency: LatencySummary::of(&scale_lat),
         errors: done
@@ -532,10 +562,16 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
     if opts.cleanup {
         let ws = std::mem::take(&mut *sh.workers.lock().unwrap_or_else(|p| p.into_inner()));
         for w in ws.iter().filter(|w| *w.id != *parent) {
-            let _ = sh.api.json(Method::DELETE, &format!("/v1/vms/{}", w.id), None).await;
+            let _ = sh
+                .api
+                .json(Method::DELETE, &format!("/v1/vms/{}", w.id), None)
+                .await;
         }
         if created_parent {
-            let _ = sh.api.json(Method::DELETE, &format!("/v1/vms/{parent}"), None).await;
+            let _ = sh
+                .api
+                .json(Method::DELETE, &format!("/v1/vms/{parent}"), None)
+                .await;
         }
     }
     Ok(report)
@@ -558,12 +594,22 @@ impl std::fmt::Display for LbReport {
             fmt_us(self.latency.p99_us),
             fmt_us(self.latency.max_us)
         )?;
-        writeln!(f, "{:>7} {:>7} {:>7} {:>10} {:>10} {:>7} {:>8}", "t(s)", "arrived", "done", "p50", "p90", "workers", "inflight")?;
+        writeln!(
+            f,
+            "{:>7} {:>7} {:>7} {:>10} {:>10} {:>7} {:>8}",
+            "t(s)", "arrived", "done", "p50", "p90", "workers", "inflight"
+        )?;
         for i in &self.timeline {
             writeln!(
                 f,
                 "{:>7.1} {:>7} {:>7} {:>10} {:>10} {:>7} {:>8}",
-                i.t_s, i.arrived, i.completed, fmt_us(i.latency.p50_us), fmt_us(i.latency.p90_us), i.workers, i.in_flight
+                i.t_s,
+                i.arrived,
+                i.completed,
+                fmt_us(i.latency.p50_us),
+                fmt_us(i.latency.p90_us),
+                i.workers,
+                i.in_flight
             )?;
         }
         for e in &self.events {

@@ -1,7 +1,7 @@
 //! Bearer-token authentication: the token file and the middleware.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -95,7 +95,11 @@ pub fn load_or_create(path: &Path) -> Result<String, TokenError> {
             Ok(fresh)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let mode = std::fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+            let mode = std::fs::metadata(path)
+                .map_err(io(path))?
+                .permissions()
+                .mode()
+                & 0o777;
             if mode & 0o077 != 0 {
                 return Err(TokenError::Permissions {
                     path: path.to_path_buf(),
@@ -112,11 +116,7 @@ pub fn load_or_create(path: &Path) -> Result<String, TokenError> {
 }
 
 /// Middleware: every route but [`PUBLIC`] needs `Authorization: Bearer <token>`.
-pub async fn require_token(
-    State(token): State<Arc<str>>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
     if PUBLIC.contains(&req.uri().path()) {
         return next.run(req).await;
     }

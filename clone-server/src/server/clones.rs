@@ -2,8 +2,16 @@
 //! `kscope_vmm`'s clone API.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use kscope_colorer::{MemError, PhysMem};
+use kscope_guest::abi::boot::{GenPage, GENPAGE_MAGIC};
+use kscope_guest::abi::from_bytes;
+use kscope_guest::abi::layout::GENPAGE_GPA;
+use kscope_policies::{PolicyContext, PolicyName, PolicySpec};
+use kscope_vmm::prefetch::OnDemand;
+use kscope_vmm::{CloneContext, CloneOptions, Generation, PrefetcherFactory, Vm};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ApiResult};
@@ -43,7 +51,7 @@ pub struct CloneRequest {
     /// Memory mode.
     pub mode: MemoryMode,
     /// Prefetch policy spec.
-    pub prefetch: kscope_policies::PolicySpec,
+    pub prefetch: PolicySpec,
 }
 
 impl CreateClones {
@@ -69,8 +77,9 @@ impl CreateClones {
             }
         };
         let spec = self.prefetch.as_deref().unwrap_or("lazy");
-        let prefetch = kscope_policies::PolicySpec::from_str(spec)
+        let prefetch = PolicySpec::from_str(spec)
             .map_err(|e| ApiError::bad("unknown_policy", e.to_string()))?;
+        factory(&prefetch)?;
         Ok(CloneRequest {
             n: self.n as usize,
             mode,
@@ -79,27 +88,35 @@ impl CreateClones {
     }
 }
 
-/// The identity of clone `index` (1-based) of generation `generation`: a locally
-/// administered MAC and an address in 10.0.0.0/8 derived from both.
-pub fn identity(generation: u64, index: u32) -> Identity {
-    let g = (generation & 0xffff) as u16;
-    let [g1, g0] = g.to_be_bytes();
-    let [i1, i0] = (index as u16).to_be_bytes();
-    Identity {
-        clone_id: index,
-        mac: format!("52:54:{g1:02x}:{g0:02x}:{i1:02x}:{i0:02x}"),
-        ip: format!("10.{}.{}.{}", g0, i1, i0),
+/// The identity the VMM wrote into clone `vm`'s GenPage (what its guest sees), or `None` if
+/// the page does not hold one.
+pub fn identity_of(vm: &Vm) -> Option<Identity> {
+    let mut buf = vec![0u8; std::mem::size_of::<GenPage>()];
+    vm.read_phys(GENPAGE_GPA, &mut buf).ok()?;
+    let g: GenPage = from_bytes(&buf)?;
+    if g.magic != GENPAGE_MAGIC {
+        return None;
     }
+    let m = g.identity.mac;
+    let ip = g.identity.ipv4;
+    Some(Identity {
+        clone_id: g.clone_id,
+        mac: format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        ),
+        ip: format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]),
+    })
 }
 
 /// A clone made by the VMM, ready to be registered.
 pub struct MadeClone {
     /// The child VM.
-    pub vm: kscope_vmm::Vm,
-    /// Time to clone it.
-    pub latency: std::time::Duration,
-    /// Its memory statistics source.
-    pub memory_stats: Option<super::registry::MemoryStatsFn>,
+    pub vm: Vm,
+    /// From the call to the child's first instruction.
+    pub latency: Duration,
+    /// Its identity.
+    pub identity: Option<Identity>,
 }
 
 /// The result of cloning.
@@ -107,33 +124,99 @@ pub struct MadeBatch {
     /// The children.
     pub clones: Vec<MadeClone>,
     /// How long the parent was paused.
-    pub parent_pause: std::time::Duration,
+    pub parent_pause: Duration,
 }
 
-/// Clone `parent` `req.n` times (blocking). The VMM's clone API is not in this build yet:
-/// this answers 501 rather than pretending.
-pub fn make_clones(parent: &Arc<VmEntry>, req: &CloneRequest) -> ApiResult<MadeBatch> {
-    let _ = (parent, req);
-    Err(ApiError::NotImplemented(
-        "cloning is not wired to the VMM in this build (kscope_vmm has no clone API yet); create more parents with POST /v1/vms instead".into(),
-    ))
+/// The prefetcher factory of a policy: `lazy` is the VMM's on-demand default; colored
+/// policies color the generation image once per batch (on the first child) and build one
+/// policy per child.
+fn factory(spec: &PolicySpec) -> ApiResult<Option<PrefetcherFactory>> {
+    if spec.name == PolicyName::Lazy {
+        return Ok(None);
+    }
+    if spec.name.needs_recording() {
+        return Err(ApiError::bad(
+            "unknown_policy",
+            format!(
+                "policy {} replays a recorded working set, which the API does not record; use lazy, eager, blind or kaleidoscope",
+                spec.name.as_str()
+            ),
+        ));
+    }
+    let spec = spec.clone();
+    let ctx: Arc<OnceLock<Option<Arc<PolicyContext>>>> = Arc::default();
+    Ok(Some(Arc::new(move |c: &CloneContext| {
+        let pc = ctx.get_or_init(|| {
+            let mem = GenerationMem(c.generation.clone());
+            match kscope_colorer::color_kscope(&mem, None) {
+                Ok(map) => Some(PolicyContext::new(&map)),
+                Err(e) => {
+                    tracing::warn!("cannot color the generation image ({e}); clones fall back to on-demand paging");
+                    None
+                }
+            }
+        });
+        match pc {
+            Some(pc) => spec
+                .build_with(pc.clone(), None)
+                .unwrap_or_else(|_| Box::new(OnDemand)),
+            None => Box::new(OnDemand),
+        }
+    })))
+}
+
+/// A generation image as the colorer's physical memory.
+struct GenerationMem(Arc<Generation>);
+
+impl PhysMem for GenerationMem {
+    fn size(&self) -> u64 {
+        self.0.mem_bytes()
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0
+            .read_phys(gpa, buf)
+            .map_err(|e| MemError::Backend {
+                gpa,
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// Clone `parent` `req.n` times (blocking): the parent is paused for the freeze only.
+pub fn make_clones(parent: &Arc<VmEntry>, req: &CloneRequest, prefix: &str) -> ApiResult<MadeBatch> {
+    let opts = CloneOptions {
+        memory: match req.mode {
+            MemoryMode::Lazy => kscope_vmm::MemoryMode::Lazy,
+            MemoryMode::Eager => kscope_vmm::MemoryMode::Eager,
+        },
+        prefetcher: factory(&req.prefetch)?,
+        name_prefix: prefix.to_string(),
+        ..CloneOptions::default()
+    };
+    let batch = parent
+        .vm
+        .clone_children(req.n, &opts)
+        .map_err(|e| ApiError::from_vm(&parent.id, e))?;
+    let clones = batch
+        .children
+        .into_iter()
+        .zip(batch.clone_latency)
+        .map(|(vm, latency)| MadeClone {
+            identity: identity_of(&vm),
+            vm,
+            latency,
+        })
+        .collect();
+    Ok(MadeBatch {
+        clones,
+        parent_pause: batch.parent_pause,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn identities_are_distinct_and_well_formed() {
-        let a = identity(1, 1);
-        let b = identity(1, 2);
-        let c = identity(2, 1);
-        assert_ne!(a.mac, b.mac);
-        assert_ne!(a.mac, c.mac);
-        assert_ne!(a.ip, c.ip);
-        assert_eq!(a.mac, "52:54:00:01:00:01");
-        assert_eq!(a.ip, "10.1.0.1");
-    }
 
     #[test]
     fn clone_requests_are_validated() {
@@ -149,6 +232,7 @@ mod tests {
             (65, None, None, "bad_clone_count"),
             (1, Some("warm"), None, "bad_memory_mode"),
             (1, None, Some("nonsense"), "unknown_policy"),
+            (1, None, Some("reap"), "unknown_policy"),
         ] {
             let e = CreateClones {
                 n,

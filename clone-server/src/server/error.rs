@@ -99,9 +99,9 @@ impl ApiError {
     /// Map a VMM error of an operation on VM `id`.
     pub fn from_vm(id: &str, e: VmError) -> Self {
         match e {
-            VmError::BadState { .. } => {
-                ApiError::Conflict(format!("VM {id}: {e}; check its state with GET /v1/vms/{id}"))
-            }
+            VmError::BadState { .. } => ApiError::Conflict(format!(
+                "VM {id}: {e}; check its state with GET /v1/vms/{id}"
+            )),
             VmError::BadConfig(_) | VmError::RequestTooLarge { .. } => {
                 ApiError::bad("bad_request", format!("VM {id}: {e}"))
             }

@@ -79,11 +79,11 @@ pub struct Gauges {
     pub failed: u64,
     /// Guest memory reserved by live VMs.
     pub guest_memory: u64,
-    /// Page faults served for clones.
+    /// Page faults served for live VMs.
     pub faults: u64,
-    /// Pages installed in clones.
+    /// Pages installed in live VMs.
     pub pages_fetched: u64,
-    /// Resident guest memory of clones.
+    /// Host memory owned by live VMs.
     pub footprint: u64,
 }
 
@@ -101,7 +101,7 @@ impl Metrics {
     /// Render every metric.
     pub fn render(&self, g: &Gauges) -> String {
         let mut o = String::new();
-        let mut gauge = |o: &mut String, name: &str, help: &str, v: u64| {
+        let gauge = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         gauge(&mut o, "kscope_vms", "Parent VMs.", g.parents);
@@ -120,22 +120,22 @@ impl Metrics {
         gauge(
             &mut o,
             "kscope_footprint_bytes",
-            "Resident guest memory of clones.",
+            "Host memory owned by live VMs (private pages).",
             g.footprint,
         );
-        let mut counter = |o: &mut String, name: &str, help: &str, v: u64| {
+        let counter = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
         counter(
             &mut o,
             "kscope_faults_total",
-            "Page faults served for live clones.",
+            "Page faults served for live VMs.",
             g.faults,
         );
         counter(
             &mut o,
             "kscope_pages_fetched_total",
-            "Pages installed in live clones.",
+            "Pages installed in live VMs (lazy memory).",
             g.pages_fetched,
         );
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);

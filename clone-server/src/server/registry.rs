@@ -51,29 +51,28 @@ pub enum VmKind {
 /// A clone's identity inside its generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Identity {
-    /// 1-based index of the clone in its generation.
-    pub clone_id: u32,
+    /// The clone id the VMM wrote into the clone's GenPage.
+    pub clone_id: u64,
     /// MAC address the clone would use on a network.
     pub mac: String,
     /// IP address the clone would use on a network.
     pub ip: String,
 }
 
-/// Lazy-memory statistics of a VM, as reported by the VMM.
+/// Memory statistics of a VM, as reported by the VMM.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MemoryStats {
+    /// True if the VM's memory is served lazily (a lazy clone or restored VM).
+    pub lazy: bool,
     /// Page faults served.
     pub faults: u64,
-    /// Pages installed (faults, prefetch, background).
+    /// Pages installed (on fault, prefetched, zero-filled).
     pub pages_fetched: u64,
-    /// Resident guest memory.
+    /// Host memory owned by this VM alone.
     pub footprint_bytes: u64,
-    /// Prefetch policy.
-    pub policy: String,
+    /// Prefetch policy (clones).
+    pub policy: Option<String>,
 }
-
-/// Source of a VM's memory statistics (set for clones with lazy memory).
-pub type MemoryStatsFn = Box<dyn Fn() -> MemoryStats + Send + Sync>;
 
 /// Request statistics of one VM.
 #[derive(Debug, Default)]
@@ -100,7 +99,7 @@ impl RequestStats {
 
     /// Summary of the latency window.
     pub fn latency(&self) -> LatencySummary {
-        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         LatencySummary::of(w.make_contiguous())
     }
 }
@@ -127,8 +126,8 @@ pub struct VmEntry {
     pub stats: RequestStats,
     /// Ids of its clones.
     pub children: Mutex<Vec<String>>,
-    /// Memory statistics from the VMM, when it has them.
-    pub memory_stats: Option<MemoryStatsFn>,
+    /// Prefetch policy (clones).
+    pub policy: Option<String>,
     /// Set once the failure has been counted.
     pub failure_counted: AtomicBool,
 }
@@ -155,7 +154,7 @@ pub struct VmStatsView {
     /// Latency over the last [`LATENCY_WINDOW`] requests.
     pub latency: LatencySummary,
     /// Memory statistics from the VMM.
-    pub memory: Option<MemoryStats>,
+    pub memory: MemoryStats,
 }
 
 /// JSON view of a VM (`Vm` in the spec).
@@ -195,7 +194,19 @@ impl VmEntry {
             errors: self.stats.errors.load(Ordering::Relaxed),
             in_flight: self.stats.in_flight.load(Ordering::Relaxed),
             latency: self.stats.latency(),
-            memory: self.memory_stats.as_ref().map(|f| f()),
+            memory: self.memory(),
+        }
+    }
+
+    /// Memory statistics from the VMM.
+    pub fn memory(&self) -> MemoryStats {
+        let m = self.vm.memory_stats();
+        MemoryStats {
+            lazy: m.lazy,
+            faults: m.faults,
+            pages_fetched: m.pages_fetched + m.pages_prefetched + m.zero_filled,
+            footprint_bytes: m.footprint_bytes,
+            policy: self.policy.clone(),
         }
     }
 
@@ -384,9 +395,7 @@ impl Registry {
             .get(id)
             .cloned()
             .ok_or_else(|| {
-                ApiError::NotFound(format!(
-                    "no VM {id:?}; list the VMs with GET /v1/vms"
-                ))
+                ApiError::NotFound(format!("no VM {id:?}; list the VMs with GET /v1/vms"))
             })
     }
 
@@ -411,10 +420,9 @@ impl Registry {
     /// Returns the removed entries, clones first; the caller stops them.
     pub fn remove_tree(&self, id: &str) -> ApiResult<Vec<Arc<VmEntry>>> {
         let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
-        let root = vms
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ApiError::NotFound(format!("no VM {id:?}; list the VMs with GET /v1/vms")))?;
+        let root = vms.get(id).cloned().ok_or_else(|| {
+            ApiError::NotFound(format!("no VM {id:?}; list the VMs with GET /v1/vms"))
+        })?;
         let mut order = vec![root];
         let mut i = 0;
         while i < order.len() {
@@ -477,11 +485,10 @@ impl Registry {
                 VmState::Failed(_) => g.failed += 1,
                 VmState::Stopped => {}
             }
-            if let Some(m) = e.memory_stats.as_ref().map(|f| f()) {
-                g.faults += m.faults;
-                g.pages_fetched += m.pages_fetched;
-                g.footprint += m.footprint_bytes;
-            }
+            let m = e.memory();
+            g.faults += m.faults;
+            g.pages_fetched += m.pages_fetched;
+            g.footprint += m.footprint_bytes;
         }
         g
     }

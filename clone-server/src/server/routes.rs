@@ -123,14 +123,18 @@ fn parse_memory(s: &AppState, m: Option<&str>) -> ApiResult<u64> {
     kscope_vmm::memory::validate_size(bytes).map_err(|e| {
         ApiError::bad(
             "bad_memory_size",
-            format!("memory {}: {e}; use e.g. \"64M\" or \"256M\"", m.unwrap_or("default")),
+            format!(
+                "memory {}: {e}; use e.g. \"64M\" or \"256M\"",
+                m.unwrap_or("default")
+            ),
         )
     })?;
     Ok(bytes)
 }
 
 fn count_failure(s: &AppState, e: &VmEntry) {
-    if matches!(e.vm.state(), VmState::Failed(_)) && !e.failure_counted.swap(true, Ordering::Relaxed)
+    if matches!(e.vm.state(), VmState::Failed(_))
+        && !e.failure_counted.swap(true, Ordering::Relaxed)
     {
         s.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -173,7 +177,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             boot: start.elapsed(),
             stats: RequestStats::default(),
             children: Default::default(),
-            memory_stats: None,
+            policy: None,
             failure_counted: Default::default(),
         })
     })
@@ -321,16 +325,16 @@ async fn create_clones(
     let mut reservation =
         s.registry
             .reserve(0, req.n, parent.mem_bytes.saturating_mul(req.n as u64))?;
-    let p2 = parent.clone();
-    let r2 = req.clone();
-    let batch = blocking(move || clones::make_clones(&p2, &r2)).await?;
     let generation = s.registry.new_generation();
+    let prefix = format!("{}-g{generation}-", parent.id);
+    let (p2, r2) = (parent.clone(), req.clone());
+    let batch = blocking(move || clones::make_clones(&p2, &r2, &prefix)).await?;
     let made = batch.clones.len();
     reservation.shrink_clones(req.n - made.min(req.n), parent.mem_bytes);
+    let policy = format!("{:?}", req.mode).to_lowercase() + ":" + req.prefetch.name.as_str();
     let mut out = Vec::with_capacity(made);
-    for (i, c) in batch.clones.into_iter().enumerate() {
+    for c in batch.clones {
         let cid = s.registry.new_id();
-        let ident = clones::identity(generation, i as u32 + 1);
         let entry = Arc::new(VmEntry {
             id: cid.clone(),
             kind: VmKind::Clone,
@@ -338,17 +342,17 @@ async fn create_clones(
             workload: parent.workload,
             mem_bytes: parent.mem_bytes,
             vm: c.vm,
-            identity: Some(ident.clone()),
+            identity: c.identity.clone(),
             boot: c.latency,
             stats: RequestStats::default(),
             children: Default::default(),
-            memory_stats: c.memory_stats,
+            policy: Some(policy.clone()),
             failure_counted: Default::default(),
         });
         s.registry.insert(entry);
         out.push(json!({
             "id": cid,
-            "identity": ident,
+            "identity": c.identity,
             "request_url": request_url(&cid),
             "clone_ms": c.latency.as_secs_f64() * 1e3,
         }));
@@ -456,7 +460,12 @@ struct Routes {
 }
 
 impl Routes {
-    fn add(mut self, path: &'static str, methods: &[Method], r: MethodRouter<Arc<AppState>>) -> Self {
+    fn add(
+        mut self,
+        path: &'static str,
+        methods: &[Method],
+        r: MethodRouter<Arc<AppState>>,
+    ) -> Self {
         self.router = self.router.route(path, r);
         self.table.push((path, methods.to_vec()));
         self
@@ -472,13 +481,21 @@ pub fn router(state: Arc<AppState>, token: Arc<str>) -> (Router, RouteTable) {
     }
     .add("/v1/health", &[M::GET], get(health))
     .add("/v1/vms", &[M::GET, M::POST], get(list_vms).post(create_vm))
-    .add("/v1/vms/{id}", &[M::GET, M::DELETE], get(get_vm).delete(delete_vm))
+    .add(
+        "/v1/vms/{id}",
+        &[M::GET, M::DELETE],
+        get(get_vm).delete(delete_vm),
+    )
     .add("/v1/vms/{id}/pause", &[M::POST], post(pause_vm))
     .add("/v1/vms/{id}/resume", &[M::POST], post(resume_vm))
     .add("/v1/vms/{id}/clones", &[M::POST], post(create_clones))
     .add("/v1/vms/{id}/requests", &[M::POST], post(send_request))
     .add("/v1/vms/{id}/snapshots", &[M::POST], post(create_snapshot))
-    .add("/v1/snapshots/{name}/restore", &[M::POST], post(restore_snapshot))
+    .add(
+        "/v1/snapshots/{name}/restore",
+        &[M::POST],
+        post(restore_snapshot),
+    )
     .add("/v1/vms/{id}/stats", &[M::GET], get(get_stats))
     .add("/metrics", &[M::GET], get(metrics));
     let app = r
@@ -486,7 +503,10 @@ pub fn router(state: Arc<AppState>, token: Arc<str>) -> (Router, RouteTable) {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(token, super::auth::require_token))
+        .layer(middleware::from_fn_with_state(
+            token,
+            super::auth::require_token,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state);
     (app, r.table)

@@ -36,6 +36,9 @@ pub fn init(mmio: u64) -> Result<u64, VirtioError> {
     let dev = Mmio::new(mmio);
     dev.begin(DEVICE_ID_BLOCK)?;
     let q = Queue::new(&dev, 0, 16)?;
+    if (q.size as usize) < MAX_PAGES + 2 {
+        return Err(VirtioError::Queue);
+    }
     dev.finish();
     let sectors = dev.read(R_CONFIG) as u64 | ((dev.read(R_CONFIG + 4) as u64) << 32);
     let hdr = frame::alloc_zeroed(frame_use::KERNEL_DATA, 0).ok_or(VirtioError::NoMem)?;
@@ -46,9 +49,20 @@ pub fn init(mmio: u64) -> Result<u64, VirtioError> {
 /// Read `len` bytes (a multiple of 512) at byte `offset` (sector aligned) into physical
 /// memory at `phys` (the device writes there directly).
 pub fn read(offset: u64, phys: u64, len: u32) -> Result<(), BlkError> {
+    read_pages(offset, &[phys], len)
+}
+
+/// Largest number of data buffers in one request.
+pub const MAX_PAGES: usize = 8;
+
+/// Read consecutive disk bytes at `offset` (sector aligned) into the buffers `phys`, each
+/// `len` bytes (a multiple of 512), in one request (one descriptor per buffer).
+pub fn read_pages(offset: u64, phys: &[u64], len: u32) -> Result<(), BlkError> {
     let b = BLK.get().as_mut().ok_or(BlkError::NoDevice)?;
+    let n = phys.len().min(MAX_PAGES);
+    let total = len as u64 * n as u64;
     let sector = offset / SECTOR_SIZE;
-    if sector + (len as u64).div_ceil(SECTOR_SIZE) > b.sectors {
+    if n == 0 || sector + total.div_ceil(SECTOR_SIZE) > b.sectors {
         return Err(BlkError::OutOfRange);
     }
     let h = va(b.hdr);
@@ -60,8 +74,11 @@ pub fn read(offset: u64, phys: u64, len: u32) -> Result<(), BlkError> {
         ((h + 64) as *mut u8).write_volatile(0xff);
     }
     b.q.set_desc(0, b.hdr, 16, F_NEXT, 1);
-    b.q.set_desc(1, phys, len, F_WRITE | F_NEXT, 2);
-    b.q.set_desc(2, b.hdr + 64, 1, F_WRITE, 0);
+    for (i, &p) in phys[..n].iter().enumerate() {
+        let d = i as u16 + 1;
+        b.q.set_desc(d, p, len, F_WRITE | F_NEXT, d + 1);
+    }
+    b.q.set_desc(n as u16 + 1, b.hdr + 64, 1, F_WRITE, 0);
     b.q.push_avail(0);
     b.dev.notify(b.q.index);
     b.q.wait_used();

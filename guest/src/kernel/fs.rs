@@ -95,7 +95,7 @@ fn mount_with(tmp: u64, disk_bytes: u64) -> Result<usize, FsError> {
         }
         let e: FsEntry = from_bytes(&block(tmp)[in_blk..]).ok_or(FsError::BadEntry)?;
         let end = e.offset.checked_add(e.size).ok_or(FsError::BadEntry)?;
-        if e.offset % FS_BLOCK != 0 || end > sb.total_size || e.name[0] != b'/' {
+        if !e.offset.is_multiple_of(FS_BLOCK) || end > sb.total_size || e.name[0] != b'/' {
             return Err(FsError::BadEntry);
         }
         if e.kind != file_kind::EXEC && e.kind != file_kind::DATA {

@@ -10,9 +10,12 @@ use core::arch::asm;
 /// `dst` and `src` must be valid for `n` bytes and must not overlap.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges; `rep movsb` copies forward (DF is clear).
+    // SAFETY: the caller guarantees both ranges; quadwords first, then the tail bytes, both
+    // forward (DF is clear). Every iteration of a string instruction costs an emulation step
+    // at CPL0 on this platform, so 8 bytes per step matter.
     unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
+        asm!("rep movsq", "mov ecx, {tail:e}", "rep movsb", tail = in(reg) n & 7,
+            inout("rcx") n >> 3 => _, inout("rdi") dst => _, inout("rsi") src => _,
             options(nostack, preserves_flags));
     }
     dst
@@ -43,9 +46,11 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 /// `dst` must be valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees the range.
+    let pattern = (c as u8 as u64).wrapping_mul(0x0101_0101_0101_0101);
+    // SAFETY: the caller guarantees the range; quadwords first, then the tail bytes.
     unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
+        asm!("rep stosq", "mov ecx, {tail:e}", "rep stosb", tail = in(reg) n & 7,
+            inout("rcx") n >> 3 => _, inout("rdi") dst => _, in("rax") pattern,
             options(nostack, preserves_flags));
     }
     dst

@@ -25,7 +25,9 @@ pub mod uvm;
 pub mod virtio;
 
 use kscope_guest::abi::boot::{BootInfo, DeviceKind, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
-use kscope_guest::abi::layout::{ports, KERNEL_VIRT_BASE, MMIO_BASE, MAX_GUEST_RAM};
+use kscope_guest::abi::layout::{
+    ports, DIRECT_MAP_BASE, KERNEL_VIRT_BASE, LOW_RESERVED_END, MAX_GUEST_RAM, MMIO_BASE,
+};
 use kscope_guest::abi::panic_code;
 
 use crate::arch::KCell;
@@ -102,57 +104,6 @@ fn phase(what: &str) {
     kprint!(s "kscope: [", d clock_ns() / 1000, s " us] ", s what, s "\n");
 }
 
-fn bench() {
-    let us = |t: u64| (arch::rdtsc() - t) * 1000 / CLOCK.get().khz;
-    let t = arch::rdtsc();
-    console::puts("0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789\n");
-    let serial = us(t);
-    let base = kscope_guest::abi::layout::phys_to_virt(8 << 20);
-    let t = arch::rdtsc();
-    // SAFETY: benchmark on free RAM at 8 MiB before the allocator exists.
-    unsafe { klib::memset(base as *mut u8, 0, 4 * 4096) };
-    let stosb_fresh = us(t);
-    let t = arch::rdtsc();
-    // SAFETY: as above.
-    unsafe { klib::memset(base as *mut u8, 1, 4 * 4096) };
-    let stosb_warm = us(t);
-    let t = arch::rdtsc();
-    for i in 0..(4 * 512) {
-        // SAFETY: as above, 16 KiB further.
-        unsafe { ((base + 16384) as *mut u64).add(i).write_volatile(0) };
-    }
-    let loop_fresh = us(t);
-    let t = arch::rdtsc();
-    for i in 0..(4 * 512) {
-        // SAFETY: as above.
-        unsafe { ((base + 16384) as *mut u64).add(i).write_volatile(1) };
-    }
-    let loop_warm = us(t);
-    let kbase = KERNEL_VIRT_BASE + (8 << 20) + 32768;
-    let t = arch::rdtsc();
-    for i in 0..(4 * 512) {
-        // SAFETY: as above, through the image mapping of the first GiB.
-        unsafe { (kbase as *mut u64).add(i).write_volatile(1) };
-    }
-    let kimg_fresh = us(t);
-    let t = arch::rdtsc();
-    for i in 0..(4 * 512) {
-        // SAFETY: as above.
-        unsafe { (kbase as *mut u64).add(i).write_volatile(2) };
-    }
-    let kimg_warm = us(t);
-    let t = arch::rdtsc();
-    let mut acc = 0u64;
-    for i in 0..(4 * 512) {
-        // SAFETY: as above.
-        acc += unsafe { ((base + 16384) as *const u64).add(i).read_volatile() };
-    }
-    let dm_read = us(t);
-    kprint!(s "bench us: kimg_fresh=", d kimg_fresh, s " kimg_warm=", d kimg_warm, s " dm_read=", d dm_read, s " ", d acc, s "\n");
-    kprint!(s "bench us: serial100=", d serial, s " stosb_fresh=", d stosb_fresh, s " stosb_warm=", d stosb_warm,
-        s " loop_fresh=", d loop_fresh, s " loop_warm=", d loop_warm, s "\n");
-}
-
 fn sym(s: &u8) -> u64 {
     s as *const u8 as u64
 }
@@ -206,7 +157,6 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             sym(&__kernel_end),
         )
     };
-    bench();
     phase("frames");
     kinfo::init_header();
     let phys = |v: u64| v - KERNEL_VIRT_BASE;
@@ -227,6 +177,14 @@ extern "C" fn kmain(bi_va: u64) -> ! {
         }
     }
     phase("paging");
+    // The kernel's own tables map no low identity or image alias of the boot structures:
+    // the descriptor tables must be reached through the direct map.
+    let (gdtr, idtr) = (arch::sgdt(), arch::sidt());
+    let (gb, ib) = (gdtr.base, idtr.base);
+    let in_dm = |b: u64| (DIRECT_MAP_BASE..DIRECT_MAP_BASE + LOW_RESERVED_END).contains(&b);
+    if !in_dm(gb) || !in_dm(ib) {
+        fatal("GDTR/IDTR must point into the direct map", panic_code::BAD_BOOT);
+    }
     let map = paging::KernelMap { mem_bytes: bi.mem_bytes, text, rodata, data, mmio: &mmio[..ndev] };
     let Ok(pml4) = paging::init_kernel(&map) else {
         fatal("out of memory building the kernel page tables", panic_code::OUT_OF_MEMORY)

@@ -95,34 +95,50 @@ fn insert(file: usize, index: u64, page_va: u64) -> Result<(), PcError> {
     Ok(())
 }
 
-/// The page of `file` at page `index`, read from disk on a miss (physical address).
+/// The page of `file` at page `index`, read from disk on a miss (physical address). A miss
+/// reads ahead: up to [`crate::blk::MAX_PAGES`] consecutive uncached pages in one request.
 pub fn get(file: usize, index: u64) -> Result<u64, PcError> {
     if let Some(p) = lookup(file, index) {
         return Ok(p);
     }
     let f = fs::file(file);
     let size = f.abi.size;
-    if index >= size.div_ceil(PAGE_SIZE) {
+    let npages = size.div_ceil(PAGE_SIZE);
+    if index >= npages {
         return Err(PcError::BeyondEof);
     }
-    let use_ = if f.abi.kind == file_kind::EXEC { frame_use::PAGE_CACHE_EXEC } else { frame_use::PAGE_CACHE_DATA };
-    let ino = f.abi.ino;
-    let phys = frame::alloc(use_, ino).ok_or(PcError::NoMem)?;
-    let off = index * PAGE_SIZE;
-    if crate::blk::read(f.disk_offset + off, phys, PAGE_SIZE as u32).is_err() {
-        frame::free(phys);
+    let (use_, ino) = cache_use(file);
+    let mut frames = [0u64; crate::blk::MAX_PAGES];
+    let mut n = 0;
+    while n < frames.len() && index + (n as u64) < npages {
+        if n > 0 && lookup(file, index + n as u64).is_some() {
+            break;
+        }
+        match frame::alloc(use_, ino) {
+            Some(p) => frames[n] = p,
+            None if n > 0 => break,
+            None => return Err(PcError::NoMem),
+        }
+        n += 1;
+    }
+    let disk = fs::file(file).disk_offset + index * PAGE_SIZE;
+    if crate::blk::read_pages(disk, &frames[..n], PAGE_SIZE as u32).is_err() {
+        frames[..n].iter().for_each(|&p| frame::free(p));
         return Err(PcError::Io);
     }
-    let valid = (size - off).min(PAGE_SIZE);
-    if valid < PAGE_SIZE {
-        // SAFETY: the tail of the frame we just filled.
-        unsafe { klib::memset((va(phys) + valid) as *mut u8, 0, (PAGE_SIZE - valid) as usize) };
+    for (k, &phys) in frames[..n].iter().enumerate() {
+        let off = (index + k as u64) * PAGE_SIZE;
+        let valid = (size - off).min(PAGE_SIZE);
+        if valid < PAGE_SIZE {
+            // SAFETY: the tail of the frame we just filled.
+            unsafe { klib::memset((va(phys) + valid) as *mut u8, 0, (PAGE_SIZE - valid) as usize) };
+        }
+        if let Err(e) = insert(file, index + k as u64, va(phys)) {
+            frames[k..n].iter().for_each(|&p| frame::free(p));
+            return Err(e);
+        }
     }
-    if let Err(e) = insert(file, index, va(phys)) {
-        frame::free(phys);
-        return Err(e);
-    }
-    Ok(phys)
+    Ok(frames[0])
 }
 
 /// The ground-truth use of an unmapped page-cache page of `file`.

@@ -57,6 +57,12 @@ pub struct Segs {
     pub n: usize,
 }
 
+impl Default for Segs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Segs {
     /// No segments.
     pub const fn new() -> Self {

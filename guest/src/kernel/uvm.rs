@@ -91,6 +91,7 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
             let use_ = if vma.prot & prot::EXEC != 0 { frame_use::USER_CODE } else { frame_use::USER_DATA };
             let f = frame::alloc_zeroed(use_, pid).ok_or(Fault::NoMem)?;
             map(pml4, v, f, flags | paging::ANON)?;
+            anon_around(&vma, pid, pml4, v, flags | paging::ANON, use_);
             f
         }
         VmaKind::File => {
@@ -99,13 +100,8 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
                 pagecache::PcError::NoMem => Fault::NoMem,
                 _ => Fault::Io,
             })?;
-            if vma.prot & prot::EXEC != 0 {
-                let g = frame::get_use(f) & 0xff;
-                if g == frame_use::PAGE_CACHE_EXEC as u32 || g == frame_use::PAGE_CACHE_DATA as u32 {
-                    frame::set_use(f, frame_use::USER_CODE, pid);
-                }
-            }
-            map(pml4, v, f, flags)?;
+            map_cached(&vma, pid, pml4, v, f, flags)?;
+            fault_around(&vma, pid, pml4, v, flags);
             f
         }
         VmaKind::Private => {
@@ -121,6 +117,62 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
     };
     Ok(phys)
 }
+
+/// Pages mapped around a file-mapping fault (an aligned window, like Linux's fault-around):
+/// every fault is an emulated trap on this platform, so mapping already cached neighbours
+/// saves whole faults.
+const FAULT_AROUND_PAGES: u64 = 16;
+
+/// Map page-cache page `f` at `v` (tagging it as code when mapped executable).
+fn map_cached(vma: &Vma, pid: u32, pml4: u64, v: u64, f: u64, flags: u64) -> Result<(), Fault> {
+    if vma.prot & prot::EXEC != 0 {
+        let g = frame::get_use(f) & 0xff;
+        if g == frame_use::PAGE_CACHE_EXEC as u32 || g == frame_use::PAGE_CACHE_DATA as u32 {
+            frame::set_use(f, frame_use::USER_CODE, pid);
+        }
+    }
+    map(pml4, v, f, flags)
+}
+
+/// Map the cached, not yet mapped pages of the fault-around window of `v`.
+fn fault_around(vma: &Vma, pid: u32, pml4: u64, v: u64, flags: u64) {
+    let win = FAULT_AROUND_PAGES * PAGE_SIZE;
+    let lo = (v & !(win - 1)).max(vma.start);
+    let hi = ((v & !(win - 1)) + win).min(vma.end);
+    let mut w = lo;
+    while w < hi {
+        if w != v && paging::lookup(pml4, w) & paging::P == 0 {
+            let index = (vma.offset + (w - vma.start)) / PAGE_SIZE;
+            if let Some(f) = pagecache::lookup(vma.file, index) {
+                if map_cached(vma, pid, pml4, w, f, flags).is_err() {
+                    return;
+                }
+            }
+        }
+        w += PAGE_SIZE;
+    }
+}
+
+/// Anonymous fault-around: map never-used (hence zero, no zeroing cost) frames for the rest
+/// of the aligned window of `v`, while the allocator's fresh frontier lasts.
+fn anon_around(vma: &Vma, pid: u32, pml4: u64, v: u64, flags: u64, use_: u8) {
+    let win = ANON_AROUND_PAGES * PAGE_SIZE;
+    let lo = (v & !(win - 1)).max(vma.start);
+    let hi = ((v & !(win - 1)) + win).min(vma.end);
+    let mut w = lo;
+    while w < hi {
+        if w != v && paging::lookup(pml4, w) & paging::P == 0 {
+            let Some(f) = frame::alloc_fresh(use_, pid) else { return };
+            if map(pml4, w, f, flags).is_err() {
+                return;
+            }
+        }
+        w += PAGE_SIZE;
+    }
+}
+
+/// Window of anonymous fault-around (pages).
+const ANON_AROUND_PAGES: u64 = 8;
 
 fn map(pml4: u64, v: u64, f: u64, flags: u64) -> Result<(), Fault> {
     paging::map_4k(pml4, v, f, flags).map_err(|_| {
@@ -261,7 +313,7 @@ pub fn mmap(slot: usize, len: u64, prot_: u64, file: Option<(usize, u64)>) -> Re
 
 /// `munmap`: remove [addr, addr+len) from every area (areas are trimmed or split).
 pub fn munmap(slot: usize, addr: u64, len: u64) -> Result<(), Fault> {
-    if addr % PAGE_SIZE != 0 || len == 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
         return Err(Fault::Perm);
     }
     let end = page_up(addr.checked_add(len).ok_or(Fault::Perm)?);

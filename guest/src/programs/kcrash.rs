@@ -1,15 +1,63 @@
-//! `/bin/kcrash`: dereferences a null pointer; the kernel must kill it and go on.
+//! `/bin/kcrash`: misbehaves on purpose; the kernel must kill it and go on. The way it
+//! misbehaves comes from `/etc/kcrash` (one mode per line, chosen by `(pid - 2) % lines`),
+//! default `null`:
+//!
+//! `null` (read address 0), `write-text` (write to its own code), `exec-data` (jump into a
+//! stack buffer), `bad-syscall` (pass an unmapped buffer to `write`), `ud` (an invalid opcode
+//! that is not the `ud2` gate), `gp` (`hlt` in user mode), `div0` (divide by zero).
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 use kscope_guest::println;
+use kscope_guest::ulib::{sys, File};
+
+fn mode() -> alloc::vec::Vec<u8> {
+    let Ok(f) = File::open("/etc/kcrash") else { return b"null".to_vec() };
+    let all = f.read_all().unwrap_or_default();
+    let lines: alloc::vec::Vec<&[u8]> = all.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() {
+        return b"null".to_vec();
+    }
+    let pid = sys::getpid() as usize;
+    lines[pid.saturating_sub(2) % lines.len()].to_vec()
+}
 
 fn main() -> i32 {
-    println!("kcrash: dereferencing null");
-    let p = core::hint::black_box(0usize) as *const u64;
-    // SAFETY: deliberately invalid: this program exists to fault.
-    let v = unsafe { p.read_volatile() };
-    println!("kcrash: survived?! {v}");
+    let m = mode();
+    println!("kcrash: mode {}", core::str::from_utf8(&m).unwrap_or("?"));
+    match &m[..] {
+        b"write-text" => {
+            let p = main as *const () as *mut u8;
+            // SAFETY: deliberately invalid: writes to read-only code.
+            unsafe { p.write_volatile(0xc3) };
+        }
+        b"exec-data" => {
+            let code = [0xc3u8; 16];
+            // SAFETY: deliberately invalid: the stack is not executable.
+            let f: extern "C" fn() = unsafe { core::mem::transmute(code.as_ptr()) };
+            f();
+        }
+        b"bad-syscall" => {
+            sys::syscall6(kscope_guest::abi::syscall::WRITE, 1, 0xdead_0000, 10, 0, 0, 0);
+        }
+        // SAFETY (the asm arms): deliberately invalid instructions.
+        b"ud" => unsafe { core::arch::asm!(".byte 0x0f, 0xff") },
+        b"gp" => unsafe { core::arch::asm!("hlt") },
+        b"div0" => {
+            let z = core::hint::black_box(0u64);
+            // SAFETY: deliberately divides by zero (#DE); plain `/` would panic instead.
+            unsafe { core::arch::asm!("div {0}", in(reg) z, inout("rax") 1u64 => _, inout("rdx") 0u64 => _) };
+        }
+        _ => {
+            let p = core::hint::black_box(0usize) as *const u64;
+            // SAFETY: deliberately invalid: reads address 0.
+            let v = unsafe { p.read_volatile() };
+            println!("kcrash: read {v}");
+        }
+    }
+    println!("kcrash: survived?!");
     0
 }
 

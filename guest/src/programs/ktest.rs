@@ -10,6 +10,8 @@
 //! - `random`: 32 bytes from `getrandom`;
 //! - `sigclone`: the number of SIGCLONEs this process's handler saw, and the last generation;
 //! - `pid`, `clock`, `ls`, `identity`, `exit <code>`;
+//! - `bench-syscall <n>`: ns per `getpid` round trip; `bench-fault <n>`: ns per first touch
+//!   of an anonymous page;
 //! - anything else: echoed unchanged.
 #![no_std]
 #![no_main]
@@ -99,6 +101,26 @@ fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
     }
     if let Some(path) = arg(p, b"spawn") {
         return Ok(bformat!("{}", sys::spawn(text(&path))?));
+    }
+    if let Some(n) = arg(p, b"bench-syscall") {
+        let n = num(&n).ok_or(sys::Errno(22))?.max(1);
+        let t = sys::clock_ns();
+        for _ in 0..n {
+            sys::getpid();
+        }
+        return Ok(bformat!("{}", (sys::clock_ns() - t) / n));
+    }
+    if let Some(n) = arg(p, b"bench-fault") {
+        let n = num(&n).ok_or(sys::Errno(22))?.max(1);
+        let addr = sys::mmap(n * 4096, prot::READ | prot::WRITE, None, 0)?;
+        let t = sys::clock_ns();
+        for i in 0..n {
+            // SAFETY: inside the mapping just created.
+            unsafe { ((addr + i * 4096) as *mut u8).write_volatile(1) };
+        }
+        let per = (sys::clock_ns() - t) / n;
+        sys::munmap(addr, n * 4096)?;
+        return Ok(bformat!("{per}"));
     }
     if let Some(code) = arg(p, b"exit") {
         sys::exit(num(&code).unwrap_or(0) as i32);

@@ -138,7 +138,7 @@ impl fmt::Write for LineBuf {
 fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write as _;
     let mut s = LineBuf::new();
-    let _ = write!(s, "user panic: {info}\n");
+    let _ = writeln!(s, "user panic: {info}");
     let _ = sys::write(2, &s.0);
     sys::exit(101)
 }
@@ -146,6 +146,21 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 /// Required by the precompiled `core` of the host target.
 #[no_mangle]
 pub extern "C" fn rust_eh_personality() {}
+
+// The precompiled `alloc` (built with unwinding) refers to `_Unwind_Resume` from landing pads
+// that never run under `panic = "abort"`. Should one ever be reached, exit with status 134.
+core::arch::global_asm!(
+    ".section .text._Unwind_Resume,\"ax\"",
+    ".globl _Unwind_Resume",
+    "_Unwind_Resume:",
+    "mov eax, {exit}",
+    "mov edi, 134",
+    "ud2",
+    "2:",
+    "jmp 2b",
+    ".text",
+    exit = const crate::abi::syscall::EXIT,
+);
 
 /// An open file of the root file system.
 #[derive(Debug)]

@@ -6,3 +6,16 @@ pub mod bus;
 pub mod request;
 pub mod serial;
 pub mod virtio_mmio;
+
+use serde::{Deserialize, Serialize};
+
+/// Saved state of a VM's devices (for clones and snapshots).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// COM1.
+    pub serial: serial::SerialSnapshot,
+    /// The virtio-blk transport.
+    pub block: virtio_mmio::TransportState,
+    /// The request device transport.
+    pub request: virtio_mmio::TransportState,
+}

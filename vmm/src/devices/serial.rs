@@ -4,7 +4,8 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use super::bus::BusDevice;
@@ -89,6 +90,56 @@ impl SerialDevice {
         SerialDevice {
             uart: Serial::new(NoIrq, Capture(out)),
         }
+    }
+}
+
+/// Saved UART registers (serializable mirror of `vm_superio::serial::SerialState`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub regs: [u8; 9],
+    /// Receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDevice {
+    /// Capture the UART registers.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state, writing into `out`.
+    pub fn from_state(st: &SerialSnapshot, out: Arc<ConsoleBuffer>) -> Result<SerialDevice, String> {
+        let r = st.regs;
+        let s = SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: st.in_buffer.clone(),
+        };
+        Serial::from_state(&s, NoIrq, NoEvents, Capture(out))
+            .map(|uart| SerialDevice { uart })
+            .map_err(|e| format!("saved serial state is invalid: {e:?}"))
     }
 }
 

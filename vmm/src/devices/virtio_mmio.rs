@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::bus::BusDevice;
@@ -82,6 +83,51 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {}
 }
 
+/// Saved state of one split virtqueue (serializable mirror of `virtio_queue::QueueState`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Maximum size offered by the device.
+    pub max_size: u16,
+    /// Next available-ring index the device will read.
+    pub next_avail: u16,
+    /// Next used-ring index the device will write.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// Size chosen by the driver.
+    pub size: u16,
+    /// Queue ready.
+    pub ready: bool,
+    /// GPA of the descriptor table.
+    pub desc_table: u64,
+    /// GPA of the available ring.
+    pub avail_ring: u64,
+    /// GPA of the used ring.
+    pub used_ring: u64,
+}
+
+/// Saved state of a virtio-mmio transport: registers and queues (the device behind it is
+/// stateless or restores itself).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// Device status.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// Accepted driver features.
+    pub driver_features: u64,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The queues.
+    pub queues: Vec<QueueSnapshot>,
+}
+
 /// The virtio-mmio transport of one device.
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
@@ -142,6 +188,79 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// True once the driver set DRIVER_OK and the device does not need a reset.
     pub fn is_active(&self) -> bool {
         self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
+    }
+
+    /// Capture the transport's registers and queue state (the VM must be paused).
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features: self.driver_features,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Restore a state captured by [`save_state`](Self::save_state) from the same kind of
+    /// device. Fails (changing nothing) if the queue layout does not match the device's.
+    pub fn restore_state(&mut self, st: &TransportState) -> Result<(), String> {
+        let maxes = self.device.queue_max_sizes();
+        if st.queues.len() != maxes.len()
+            || st.queues.iter().zip(maxes).any(|(q, &m)| q.max_size != m)
+        {
+            return Err(format!(
+                "saved transport has queues {:?}, the device {:?}",
+                st.queues.iter().map(|q| q.max_size).collect::<Vec<_>>(),
+                maxes
+            ));
+        }
+        let queues = st
+            .queues
+            .iter()
+            .map(|q| {
+                Queue::try_from(QueueState {
+                    max_size: q.max_size,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                    event_idx_enabled: q.event_idx,
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .map_err(|e| format!("saved queue state is invalid: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.status = st.status;
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features = st.driver_features;
+        self.driver_features_sel = st.driver_features_sel;
+        self.queue_sel = st.queue_sel;
+        self.interrupt_status = st.interrupt_status;
+        self.config_generation = st.config_generation;
+        Ok(())
     }
 
     fn device_features(&self) -> u64 {

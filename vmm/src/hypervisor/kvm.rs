@@ -10,10 +10,12 @@ use std::ptr;
 use std::sync::{Once, OnceLock};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -21,16 +23,9 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::{BootCpuState, DescTable, Exit, HvVcpu, HvVm, Hypervisor, Regs, Segment};
 use crate::error::VmError;
 
-/// MSRs saved and restored with a vCPU's state besides those in `kvm_sregs`.
-const SAVED_MSRS: [u32; 7] = [
-    0x10,        // IA32_TSC
-    0x174,       // SYSENTER_CS
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-];
+/// MSRs never saved: IA32_TSC is restored separately (first, so that KVM's TSC
+/// synchronisation sees it before TSC-relative MSRs such as the TSC deadline).
+const MSR_TSC: u32 = 0x10;
 
 thread_local! {
     /// The `kvm_run` page of the vCPU run by this thread (null if none).
@@ -143,6 +138,27 @@ impl HvVm for KvmVm {
     }
 
     fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
+        self.create_kvm_vcpu(id)
+    }
+}
+
+impl KvmVm {
+    /// The VM's KVM clock (KVM_GET_CLOCK).
+    pub fn clock(&self) -> Result<kvm_clock_data, VmError> {
+        self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))
+    }
+
+    /// Set the VM's KVM clock (KVM_SET_CLOCK); only the clock value and its `CLOCK_TSC_STABLE`
+    /// flag are meaningful to KVM here.
+    pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), VmError> {
+        let c = kvm_clock_data {
+            clock: clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&c).map_err(kvm_err("KVM_SET_CLOCK"))
+    }
+
+    fn create_kvm_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
         let fd = self
             .fd
             .create_vcpu(u64::from(id))
@@ -155,13 +171,103 @@ impl HvVm for KvmVm {
     }
 }
 
-/// Saved state of a KVM vCPU.
-#[derive(Clone, Debug)]
+/// Saved architectural state of a KVM vCPU: general and special registers, FPU/SSE (and the
+/// whole XSAVE area where KVM offers it), XCRs, every MSR KVM lists and can read, pending
+/// events, debug registers and the MP state. Serializable (snapshots).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KvmVcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
+    #[serde(with = "fpu_bytes")]
     fpu: kvm_fpu,
+    /// The 4 KiB XSAVE area (`kvm_xsave.region`).
+    xsave: Option<Vec<u32>>,
+    xcrs: Option<kvm_xcrs>,
     msrs: Vec<kvm_msr_entry>,
+    events: kvm_vcpu_events,
+    debugregs: kvm_debugregs,
+    mp_state: kvm_mp_state,
+}
+
+impl KvmVcpuState {
+    /// RIP at the time of the save.
+    pub fn rip(&self) -> u64 {
+        self.regs.rip
+    }
+
+    /// Number of MSRs saved.
+    pub fn msr_count(&self) -> usize {
+        self.msrs.len()
+    }
+
+    /// The saved general registers.
+    pub fn regs(&self) -> Regs {
+        from_kvm_regs(&self.regs)
+    }
+}
+
+/// `kvm_fpu` (plain integers, no padding) as bytes in serialized states.
+mod fpu_bytes {
+    use kvm_bindings::kvm_fpu;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(f: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
+        kscope_guest::abi::as_bytes(f).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<kvm_fpu, D::Error> {
+        let b = Vec::<u8>::deserialize(d)?;
+        if b.len() != std::mem::size_of::<kvm_fpu>() {
+            return Err(serde::de::Error::custom("kvm_fpu of the wrong size"));
+        }
+        kscope_guest::abi::from_bytes(&b).ok_or_else(|| serde::de::Error::custom("kvm_fpu"))
+    }
+}
+
+/// The MSRs to save: KVM_GET_MSR_INDEX_LIST minus those this host cannot read (probed once on
+/// a live vCPU), IA32_TSC first.
+fn saved_msr_list(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
+    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(l) = LIST.get() {
+        return Ok(l);
+    }
+    let all = kvm()?
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut list: Vec<u32> = vec![MSR_TSC];
+    list.extend(all.as_slice().iter().copied().filter(|&m| m != MSR_TSC));
+    // KVM_GET_MSRS stops at the first MSR it cannot read: drop that one and try again.
+    let mut start = 0;
+    while start < list.len() {
+        let entries: Vec<kvm_msr_entry> = list[start..]
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        start += n;
+        if start < list.len() {
+            list.remove(start);
+        }
+    }
+    Ok(LIST.get_or_init(|| list))
+}
+
+/// Size of the XSAVE area KVM uses, if the 4 KiB `kvm_xsave` holds it.
+fn xsave_fits() -> bool {
+    static FITS: OnceLock<bool> = OnceLock::new();
+    *FITS.get_or_init(|| {
+        kvm().is_ok_and(|k| {
+            k.check_extension(Cap::Xsave) && {
+                let n = k.check_extension_int(Cap::Xsave2);
+                (0..=4096).contains(&n)
+            }
+        })
+    })
 }
 
 /// A KVM vCPU.
@@ -357,10 +463,22 @@ impl HvVcpu for KvmVcpu {
     }
 
     fn save_state(&self) -> Result<KvmVcpuState, VmError> {
-        let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let fpu = self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
-        let entries: Vec<kvm_msr_entry> = SAVED_MSRS
+        let fd = &self.fd;
+        let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let fpu = fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+        let xsave = if xsave_fits() {
+            Some(
+                fd.get_xsave()
+                    .map_err(kvm_err("KVM_GET_XSAVE"))?
+                    .region
+                    .to_vec(),
+            )
+        } else {
+            None
+        };
+        let xcrs = fd.get_xcrs().ok();
+        let entries: Vec<kvm_msr_entry> = saved_msr_list(fd)?
             .iter()
             .map(|&index| kvm_msr_entry {
                 index,
@@ -369,32 +487,77 @@ impl HvVcpu for KvmVcpu {
             .collect();
         let mut msrs = Msrs::from_entries(&entries)
             .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
-        let n = self
-            .fd
-            .get_msrs(&mut msrs)
-            .map_err(kvm_err("KVM_GET_MSRS"))?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         let msrs = msrs.as_slice()[..n].to_vec();
+        let events = fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        let debugregs = fd
+            .get_debug_regs()
+            .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+        let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
         Ok(KvmVcpuState {
             regs,
             sregs,
             fpu,
+            xsave,
+            xcrs,
             msrs,
+            events,
+            debugregs,
+            mp_state,
         })
     }
 
     fn restore_state(&mut self, state: &KvmVcpuState) -> Result<(), VmError> {
-        self.fd
-            .set_sregs(&state.sregs)
+        let fd = &self.fd;
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        fd.set_sregs(&state.sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        self.fd
-            .set_fpu(&state.fpu)
-            .map_err(kvm_err("KVM_SET_FPU"))?;
-        let msrs = Msrs::from_entries(&state.msrs)
-            .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
-        self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-        self.fd
-            .set_regs(&state.regs)
-            .map_err(kvm_err("KVM_SET_REGS"))
+        fd.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        if let Some(region) = &state.xsave {
+            let mut x = kvm_xsave::default();
+            if region.len() != x.region.len() {
+                return Err(VmError::BadConfig(format!(
+                    "saved XSAVE area has {} words, expected {}",
+                    region.len(),
+                    x.region.len()
+                )));
+            }
+            x.region.copy_from_slice(region);
+            if xsave_fits() {
+                // SAFETY: `xsave_fits` checked that KVM's XSAVE area fits the 4 KiB
+                // `kvm_xsave`, so the kernel reads only inside the struct.
+                unsafe { fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+            }
+        }
+        if let Some(x) = &state.xcrs {
+            fd.set_xcrs(x).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+        // KVM_SET_MSRS stops at the first MSR it refuses (e.g. a paravirtual MSR whose CPUID
+        // feature is hidden): skip that one and set the rest.
+        let mut rest: &[kvm_msr_entry] = &state.msrs;
+        while !rest.is_empty() {
+            let msrs = Msrs::from_entries(rest)
+                .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
+            let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+            if n < rest.len() {
+                tracing::debug!("KVM_SET_MSRS refused MSR {:#x}; skipped", rest[n].index);
+                rest = &rest[n + 1..];
+            } else {
+                rest = &[];
+            }
+        }
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        fd.set_vcpu_events(&state.events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+    }
+
+    fn cpuid(&mut self, vcpu_count: u32) -> Result<(), VmError> {
+        self.set_cpuid(vcpu_count)
     }
 
     fn bind_to_current_thread(&mut self) {

@@ -201,6 +201,8 @@ pub trait HvVcpu: Send + 'static {
     fn save_state(&self) -> Result<Self::State, VmError>;
     /// Restore a saved vCPU state.
     fn restore_state(&mut self, state: &Self::State) -> Result<(), VmError>;
+    /// Set CPUID only (before [`restore_state`](Self::restore_state) on a fresh vCPU).
+    fn cpuid(&mut self, vcpu_count: u32) -> Result<(), VmError>;
     /// Make kicks of the calling thread (see [`kick_signal`]) interrupt this vCPU's run.
     /// Call on the thread that runs the vCPU, before its first run.
     fn bind_to_current_thread(&mut self);

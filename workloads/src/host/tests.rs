@@ -151,6 +151,7 @@ fn default_data_fits_a_small_vm() {
     let d = dataset(&ImageOptions::default());
     let total: usize = d.files.iter().map(|(_, b)| b.len()).sum();
     assert!(total < 24 << 20, "default data is {total} bytes");
+    eprintln!("default data: {} files, {total} bytes", d.files.len());
     let li = d.file(tpch::LINEITEM_PATH).unwrap().len();
     assert!((2 << 20..8 << 20).contains(&li), "lineitem is {li} bytes");
 }

@@ -2,6 +2,14 @@
 //! (one [`GroundTruth`] word per frame: use and owner), both published in KInfo.
 //!
 //! Freed frames are not zeroed (like Linux); callers that need zeroed memory ask for it.
+//!
+//! Every instruction the kernel executes is emulated on this platform (CPL0 under PVM's
+//! native mode), so zeroing a page costs hundreds of microseconds. RAM above the kernel image
+//! is zero when the VMM starts the guest (a fresh memfd), so the allocator keeps a *fresh
+//! frontier*: every frame at or above `fresh` is free and has never been used, hence zero.
+//! Zeroed allocations come from the frontier (no zeroing needed) while it lasts; other
+//! allocations recycle freed frames below it first. The ground-truth table also lives in that
+//! zeroed RAM and is not cleared.
 
 use kscope_guest::abi::kinfo::{frame_use, ground_truth, GroundTruth};
 use kscope_guest::abi::layout::{KINFO_GPA, LOW_RESERVED_END, PAGE_SIZE};
@@ -16,10 +24,13 @@ pub struct Frames {
     gt: u64,
     count: u64,
     free: u64,
-    hint: u64,
+    /// Every frame below `low` is in use.
+    low: u64,
+    /// Every frame at or above `fresh` is free and zero.
+    fresh: u64,
 }
 
-static FRAMES: KCell<Frames> = KCell::new(Frames { bitmap: 0, gt: 0, count: 0, free: 0, hint: 0 });
+static FRAMES: KCell<Frames> = KCell::new(Frames { bitmap: 0, gt: 0, count: 0, free: 0, low: 0, fresh: 0 });
 
 /// Physical ranges the allocator must know about at boot.
 pub struct BootLayout {
@@ -85,11 +96,9 @@ pub fn init(l: &BootLayout) -> u64 {
     fr.bitmap = va(bitmap_phys);
     fr.gt = va(gt_phys);
     fr.count = count;
-    // SAFETY: both tables lie in RAM above the kernel image, owned by nobody else yet.
-    unsafe {
-        klib::memset(fr.bitmap as *mut u8, 0, bitmap_bytes as usize);
-        klib::memset(fr.gt as *mut u8, 0, gt_bytes as usize);
-    }
+    // SAFETY: the bitmap lies in RAM above the kernel image, owned by nobody else yet. (The
+    // ground-truth table is zero already, see the module documentation.)
+    unsafe { klib::memset(fr.bitmap as *mut u8, 0, bitmap_bytes as usize) };
     fr.free = count;
     let mark = |fr: &mut Frames, from: u64, to: u64, use_: u8| {
         let mut p = from & !(PAGE_SIZE - 1);
@@ -104,42 +113,66 @@ pub fn init(l: &BootLayout) -> u64 {
     mark(fr, l.data.0, l.data.1, frame_use::KERNEL_DATA);
     // Whatever lies between the image and the tables (alignment, loader slack) is kernel data.
     mark(fr, l.data.1.max(l.text.1), end, frame_use::KERNEL_DATA);
-    fr.hint = end / PAGE_SIZE;
+    fr.low = 0;
+    fr.fresh = end / PAGE_SIZE;
     crate::kinfo::set_frames(fr.bitmap, count, fr.free, fr.gt);
     end
 }
 
 /// Allocate one frame for `use_`/`owner`; its contents are whatever was there before.
 pub fn alloc(use_: u8, owner: u32) -> Option<u64> {
-    let fr = FRAMES.get();
-    if fr.free == 0 {
-        return None;
-    }
-    let words = fr.count.div_ceil(64);
-    let start = fr.hint / 64;
-    for k in 0..words {
-        let wi = (start + k) % words;
-        // SAFETY: `wi < words`: inside the bitmap.
-        let w = unsafe { *((fr.bitmap + wi * 8) as *const u64) };
-        if w == u64::MAX {
-            continue;
-        }
-        let f = wi * 64 + (!w).trailing_zeros() as u64;
-        if f >= fr.count {
-            continue;
-        }
-        fr.take(f, use_, owner);
-        fr.hint = f + 1;
-        crate::kinfo::set_free_frames(fr.free);
-        return Some(f * PAGE_SIZE);
-    }
-    None
+    alloc_inner(use_, owner).map(|(p, _)| p)
 }
 
-/// Allocate one zeroed frame.
+/// Allocate one frame; also says whether it may hold old data (false: it is all zero).
+/// Freed frames below the frontier first, then the frontier.
+fn alloc_inner(use_: u8, owner: u32) -> Option<(u64, bool)> {
+    let fr = FRAMES.get();
+    let mut wi = fr.low / 64;
+    while wi * 64 < fr.fresh {
+        // SAFETY: `wi * 64 < fresh <= count`: inside the bitmap.
+        let w = unsafe { *((fr.bitmap + wi * 8) as *const u64) };
+        if w != u64::MAX {
+            let f = wi * 64 + (!w).trailing_zeros() as u64;
+            if f < fr.fresh {
+                fr.take(f, use_, owner);
+                fr.low = f + 1;
+                crate::kinfo::set_free_frames(fr.free);
+                return Some((f * PAGE_SIZE, true));
+            }
+            break;
+        }
+        wi += 1;
+    }
+    fr.low = fr.fresh;
+    take_fresh(fr, use_, owner).map(|p| (p, false))
+}
+
+fn take_fresh(fr: &mut Frames, use_: u8, owner: u32) -> Option<u64> {
+    if fr.fresh >= fr.count {
+        return None;
+    }
+    let f = fr.fresh;
+    fr.fresh += 1;
+    fr.take(f, use_, owner);
+    crate::kinfo::set_free_frames(fr.free);
+    Some(f * PAGE_SIZE)
+}
+
+/// A never-used (zero) frame from the fresh frontier, or `None` when the frontier is used up.
+pub fn alloc_fresh(use_: u8, owner: u32) -> Option<u64> {
+    take_fresh(FRAMES.get(), use_, owner)
+}
+
+/// Allocate one zeroed frame (from the fresh frontier while it lasts: no zeroing needed).
 pub fn alloc_zeroed(use_: u8, owner: u32) -> Option<u64> {
-    let p = alloc(use_, owner)?;
-    klib::zero_page(va(p));
+    if let Some(p) = take_fresh(FRAMES.get(), use_, owner) {
+        return Some(p);
+    }
+    let (p, dirty) = alloc_inner(use_, owner)?;
+    if dirty {
+        klib::zero_page(va(p));
+    }
     Some(p)
 }
 
@@ -152,6 +185,20 @@ pub fn alloc_contig(n: u64, use_: u8, owner: u32) -> Option<u64> {
     let mut run = 0;
     let mut f = 0;
     while f < fr.count {
+        if f % 64 == 0 && f + 64 <= fr.count {
+            // SAFETY: word `f / 64` lies inside the bitmap.
+            let w = unsafe { *((fr.bitmap + (f / 64) * 8) as *const u64) };
+            if w == u64::MAX {
+                run = 0;
+                f += 64;
+                continue;
+            }
+            if w == 0 && run + 64 < n {
+                run += 64;
+                f += 64;
+                continue;
+            }
+        }
         if fr.is_used(f) {
             run = 0;
         } else {
@@ -161,6 +208,8 @@ pub fn alloc_contig(n: u64, use_: u8, owner: u32) -> Option<u64> {
                 for g in first..=f {
                     fr.take(g, use_, owner);
                 }
+                // Keep the frontier invariant: everything at or above it is free and zero.
+                fr.fresh = fr.fresh.max(f + 1);
                 crate::kinfo::set_free_frames(fr.free);
                 return Some(first * PAGE_SIZE);
             }
@@ -180,6 +229,7 @@ pub fn free(phys: u64) {
     }
     fr.set_bit(f, false);
     fr.set_gt(f, ground_truth(frame_use::FREE, 0));
+    fr.low = fr.low.min(f);
     fr.free += 1;
     crate::kinfo::set_free_frames(fr.free);
 }

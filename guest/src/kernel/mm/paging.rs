@@ -5,7 +5,7 @@
 
 use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::{
-    DIRECT_MAP_BASE, KERNEL_VIRT_BASE, LARGE_PAGE_SIZE, LOW_RESERVED_END, MMIO_BASE,
+    DIRECT_MAP_BASE, KERNEL_VIRT_BASE, LARGE_PAGE_SIZE, MMIO_BASE,
     MMIO_VIRT_BASE, PAGE_SIZE,
 };
 
@@ -175,12 +175,6 @@ pub fn init_kernel(m: &KernelMap) -> Result<u64, NoMem> {
     while p < m.mem_bytes {
         map_2m(pml4, DIRECT_MAP_BASE + p, p, RW | NX)?;
         p += LARGE_PAGE_SIZE;
-    }
-    // Low boot structures (GDT, IDT, TSS) also through the image mapping, data only.
-    let mut p = 0;
-    while p < LOW_RESERVED_END {
-        map_4k(pml4, KERNEL_VIRT_BASE + p, p, RW | NX)?;
-        p += PAGE_SIZE;
     }
     let sections = [(m.text, 0), (m.rodata, NX), (m.data, RW | NX)];
     for ((start, end), flags) in sections {

@@ -1,0 +1,41 @@
+//! `kscope demo`: the README's quick start.
+
+use clap::Args;
+use kscope_workloads::Workload;
+
+use crate::runner;
+use crate::stats::fmt_us;
+
+/// Arguments of `kscope demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Guest memory of each VM.
+    #[arg(long, default_value = "128M", value_parser = super::mem_arg)]
+    pub mem: u64,
+    /// Requests per workload.
+    #[arg(long, short = 'n', default_value_t = 50)]
+    pub requests: usize,
+}
+
+/// Run the demo.
+pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    println!("kscope demo: booting each workload in its own VM ({} MiB) on kscope's guest kernel,", a.mem >> 20);
+    println!("driving it with {} requests checked against answers computed on the host.\n", a.requests);
+    println!(
+        "{:<10} {:>10} {:>15} {:>10} {:>10} {:>10}",
+        "workload", "boot", "1st response", "req/s", "p50", "p99"
+    );
+    for w in Workload::ALL {
+        let r = runner::run(w, a.mem, a.requests, 4)?;
+        println!(
+            "{:<10} {:>10} {:>15} {:>10.0} {:>10} {:>10}",
+            r.workload,
+            fmt_us(r.boot_ms * 1e3),
+            fmt_us(r.first_response_ms * 1e3),
+            r.run.throughput_rps,
+            fmt_us(r.run.latency.p50_us),
+            fmt_us(r.run.latency.p99_us)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! The `kscope` subcommands: argument types and entry points (printing lives here; the
+//! engines live in [`crate::runner`], the VMM and the other crates).
+
+mod demo;
+mod run;
+
+pub use demo::{demo, DemoArgs};
+pub use run::{run, RunArgs};
+
+use crate::stats::parse_size;
+
+/// Parse a `--mem` value (`64M`, `256M`, `1G`).
+pub(crate) fn mem_arg(s: &str) -> Result<u64, String> {
+    let b = parse_size(s)?;
+    if b < 16 << 20 || b % (2 << 20) != 0 {
+        return Err(format!(
+            "memory size {s:?} must be a multiple of 2 MiB and at least 16 MiB"
+        ));
+    }
+    Ok(b)
+}

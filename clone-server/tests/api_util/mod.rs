@@ -1,0 +1,208 @@
+//! Shared helpers of the API system tests: start the service in-process, and check every
+//! answer against `openapi.yaml` (documented status, required JSON fields).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hyper::{Method, StatusCode};
+use kscope::lb::client::{ApiClient, RawResponse};
+use kscope::server::{self, Limits, ServeOptions, Server};
+use serde_json::Value;
+use serde_yaml::Value as Yaml;
+
+pub fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED: /dev/kvm is absent, VMs cannot be booted on this machine");
+    false
+}
+
+pub fn temp_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "kscope-api-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub async fn start(limits: Limits, tweak: impl FnOnce(&mut ServeOptions)) -> (Server, ApiClient) {
+    let mut o = ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: Some(temp_dir()),
+        limits,
+        default_mem: 64 << 20,
+        ..ServeOptions::default()
+    };
+    tweak(&mut o);
+    let s = server::start(o).await.expect("start the service");
+    let c = ApiClient::new(&format!("http://{}", s.addr()), Some(s.token().to_string()));
+    (s, c)
+}
+
+// ---------- the spec ----------
+
+pub struct Spec {
+    doc: Yaml,
+}
+
+pub fn spec() -> Spec {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
+        .expect("read openapi.yaml");
+    Spec {
+        doc: serde_yaml::from_str(&text).expect("openapi.yaml is valid YAML"),
+    }
+}
+
+impl Spec {
+    pub fn paths(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out = BTreeMap::new();
+        for (p, item) in self.doc["paths"].as_mapping().expect("paths") {
+            let methods = item
+                .as_mapping()
+                .unwrap()
+                .keys()
+                .filter_map(|k| k.as_str())
+                .filter(|k| ["get", "post", "put", "delete", "patch"].contains(k))
+                .map(|k| k.to_uppercase())
+                .collect();
+            out.insert(p.as_str().unwrap().to_string(), methods);
+        }
+        out
+    }
+
+    pub fn resolve<'a>(&'a self, v: &'a Yaml) -> &'a Yaml {
+        match v.get("$ref").and_then(|r| r.as_str()) {
+            Some(r) => {
+                let mut cur = &self.doc;
+                for part in r.trim_start_matches("#/").split('/') {
+                    cur = &cur[part];
+                }
+                self.resolve(cur)
+            }
+            None => v,
+        }
+    }
+
+    /// Check that `v` has every required field of `schema`, recursively.
+    pub fn check_schema(&self, schema: &Yaml, v: &Value, at: &str) {
+        let schema = self.resolve(schema);
+        if v.is_null() {
+            assert!(
+                schema.get("nullable").and_then(|n| n.as_bool()) == Some(true),
+                "{at}: null but not nullable"
+            );
+            return;
+        }
+        if let Some(all) = schema.get("allOf").and_then(|a| a.as_sequence()) {
+            for s in all {
+                self.check_schema(s, v, at);
+            }
+        }
+        match schema.get("type").and_then(|t| t.as_str()) {
+            Some("object") => {
+                let obj = v
+                    .as_object()
+                    .unwrap_or_else(|| panic!("{at}: not an object: {v}"));
+                if let Some(req) = schema.get("required").and_then(|r| r.as_sequence()) {
+                    for f in req {
+                        let f = f.as_str().unwrap();
+                        assert!(
+                            obj.contains_key(f),
+                            "{at}: required field {f:?} missing in {v}"
+                        );
+                    }
+                }
+                if let Some(props) = schema.get("properties").and_then(|p| p.as_mapping()) {
+                    for (k, s) in props {
+                        let k = k.as_str().unwrap();
+                        if let Some(x) = obj.get(k) {
+                            self.check_schema(s, x, &format!("{at}.{k}"));
+                        }
+                    }
+                }
+            }
+            Some("array") => {
+                let arr = v
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{at}: not an array: {v}"));
+                for (i, x) in arr.iter().enumerate() {
+                    self.check_schema(&schema["items"], x, &format!("{at}[{i}]"));
+                }
+            }
+            Some("string") => assert!(v.is_string(), "{at}: not a string: {v}"),
+            Some("integer") => assert!(v.is_u64() || v.is_i64(), "{at}: not an integer: {v}"),
+            Some("number") => assert!(v.is_number(), "{at}: not a number: {v}"),
+            _ => {}
+        }
+    }
+
+    /// Check a response of `method template` against the spec; returns its JSON body.
+    pub fn check(&self, method: &Method, template: &str, r: &RawResponse) -> Value {
+        let op = &self.doc["paths"][template][method.as_str().to_lowercase().as_str()];
+        assert!(!op.is_null(), "{method} {template} is not in the spec");
+        let status = r.status.as_u16().to_string();
+        let resp = &op["responses"][status.as_str()];
+        assert!(
+            !resp.is_null(),
+            "{method} {template} answered {} which the spec does not document: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        let resp = self.resolve(resp);
+        let content = &resp["content"];
+        if let Some(schema) = content.get("application/json").map(|c| &c["schema"]) {
+            let ct = r
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            assert!(
+                ct.starts_with("application/json"),
+                "{method} {template}: content type {ct}"
+            );
+            let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| {
+                panic!("{method} {template}: body is not JSON ({e}): {:?}", r.body)
+            });
+            self.check_schema(schema, &v, &format!("{method} {template} {status}"));
+            return v;
+        }
+        Value::Null
+    }
+}
+
+/// Send and check against the spec.
+pub async fn call(
+    c: &ApiClient,
+    sp: &Spec,
+    method: Method,
+    template: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let (ct, bytes) = match body {
+        Some(b) => (Some("application/json"), b.to_string().into_bytes()),
+        None => (None, Vec::new()),
+    };
+    let r = c
+        .send(method.clone(), path, ct, bytes)
+        .await
+        .expect("HTTP exchange");
+    let v = sp.check(&method, template, &r);
+    (r.status, v)
+}
+
+pub fn assert_error(v: &Value, code: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.len() > 10, "error message too terse: {v}");
+}
+
+pub fn web_request() -> Vec<u8> {
+    b"GET / HTTP/1.1\r\nHost: kscope\r\n\r\n".to_vec()
+}

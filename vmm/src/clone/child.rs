@@ -1,0 +1,210 @@
+//! Creating one VM from a generation image: a clone (new GenPage identity) or a restored VM.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kscope_guest::abi::as_bytes;
+use kscope_guest::abi::boot::{GenPage, Identity, GENPAGE_MAGIC};
+use kscope_guest::abi::layout::GENPAGE_GPA;
+
+use super::{CloneContext, Generation, MemoryMode, PrefetcherFactory};
+use crate::error::VmError;
+use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu};
+use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
+use crate::lazy::{FaultServer, LazyRegion, PageSource, RegionKind, ServerOptions, PAGE_SIZE};
+use crate::memory::{GuestMemory, GuestRam, Keeper};
+use crate::prefetch::{OnDemand, Prefetcher};
+use crate::vm::{Assembly, BootReport, Vm, VmConfig};
+
+/// Generation numbers written into clones' GenPages (0 = a booted VM).
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+/// Clone ids (process-unique).
+static NEXT_CLONE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What to create.
+pub(crate) struct ChildSpec {
+    pub name: String,
+    pub index: usize,
+    pub memory: MemoryMode,
+    pub prefetcher: Option<PrefetcherFactory>,
+    pub start_paused: bool,
+    pub fault_spin: Duration,
+    /// Write a new GenPage (a clone); false for a restored VM.
+    pub identity: bool,
+}
+
+/// 32 bytes from the kernel's CSPRNG.
+fn random_seed() -> Result<[u8; 32], VmError> {
+    let mut b = [0u8; 32];
+    let mut got = 0;
+    while got < b.len() {
+        // SAFETY: writes at most `b.len() - got` bytes into the rest of `b`.
+        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(VmError::Internal(format!("getrandom: {e}")));
+        }
+        got += n as usize;
+    }
+    Ok(b)
+}
+
+/// The identity of clone `id`: MAC 52:54:00:xx:xx:xx, IPv4 10.0.x.y/16, host name `name`.
+pub fn identity_for(id: u64, name: &str) -> Identity {
+    let mut mac = [0u8; 8];
+    mac[..6].copy_from_slice(&[
+        0x52,
+        0x54,
+        0x00,
+        (id >> 16) as u8,
+        (id >> 8) as u8,
+        id as u8,
+    ]);
+    let host = id % (254 * 256);
+    let ipv4 = [10, 0, (host / 254) as u8, (host % 254) as u8 + 1];
+    let mut hostname = [0u8; 32];
+    let n = name.len().min(31);
+    hostname[..n].copy_from_slice(&name.as_bytes()[..n]);
+    Identity {
+        mac,
+        ipv4,
+        prefix_len: 16,
+        hostname,
+    }
+}
+
+/// Copy every non-zero page of `src` into `ram` (eager mode).
+fn eager_fill(src: &dyn PageSource, ram: &GuestRam) -> Result<(), VmError> {
+    let mut page = [0u8; PAGE_SIZE];
+    for g in 0..src.pages() {
+        if src.is_known_zero(g) {
+            continue;
+        }
+        src.read_page(g, &mut page)?;
+        if page.iter().any(|&b| b != 0) {
+            ram.write(g * PAGE_SIZE as u64, &page)?;
+        }
+    }
+    Ok(())
+}
+
+/// Create a VM from `gen` per `spec`.
+pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmError> {
+    let start = Instant::now();
+    let cfg = VmConfig {
+        name: spec.name.clone(),
+        ..gen.cfg.clone()
+    };
+    let size = cfg.mem_bytes;
+    let pages = size / PAGE_SIZE as u64;
+    let hv = KvmHypervisor.create_vm()?;
+    let genpage = if spec.identity {
+        let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
+        Some(GenPage {
+            magic: GENPAGE_MAGIC,
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            clone_id,
+            seed: random_seed()?,
+            identity: identity_for(clone_id, &spec.name),
+        })
+    } else {
+        None
+    };
+    let (ram, lazy) = match spec.memory {
+        MemoryMode::Lazy => {
+            let region = LazyRegion::new(pages, RegionKind::SharedMemfd)?;
+            let ctx = CloneContext {
+                generation: gen.clone(),
+                index: spec.index,
+                clone_id: genpage.map_or(0, |g| g.clone_id),
+            };
+            let policy: Box<dyn Prefetcher> = match &spec.prefetcher {
+                Some(f) => f(&ctx),
+                None => Box::new(OnDemand),
+            };
+            let server = FaultServer::start(
+                region,
+                gen.image.clone(),
+                policy,
+                ServerOptions {
+                    name: spec.name.clone(),
+                    spin: spec.fault_spin,
+                    ..Default::default()
+                },
+            )?;
+            server.before_resume()?;
+            if let Some(g) = &genpage {
+                // Install the page through the server (counted), then overwrite it.
+                server.install(&[GENPAGE_GPA / PAGE_SIZE as u64])?;
+                server.region().write_at(GENPAGE_GPA, as_bytes(g))?;
+            }
+            let fd = server
+                .region()
+                .memfd()
+                .ok_or_else(|| VmError::Internal("lazy region without a memfd".into()))?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| VmError::Memory(format!("dup clone memfd: {e}")))?;
+            let addr = server.region().host_addr() as *mut u8;
+            let server = Arc::new(server);
+            // SAFETY: the region is a live MAP_SHARED, writable mapping of its memfd of
+            // `size` bytes, owned by `server`, which the keeper keeps alive.
+            let ram = unsafe {
+                GuestRam::from_raw(
+                    addr,
+                    size,
+                    Arc::new(File::from(fd)),
+                    Keeper(server.clone()),
+                )
+            }?;
+            (ram, Some(server))
+        }
+        MemoryMode::Eager => {
+            let ram = GuestRam::new(&spec.name, size)?;
+            eager_fill(gen.image.as_ref(), &ram)?;
+            if let Some(g) = &genpage {
+                ram.write(GENPAGE_GPA, as_bytes(g))?;
+            }
+            (ram, None)
+        }
+    };
+    // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
+    unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
+    if let Some(c) = &gen.state.clock {
+        if let Err(e) = hv.set_clock(c) {
+            tracing::debug!(vm = %spec.name, "KVM_SET_CLOCK: {e}");
+        }
+    }
+    let n = gen.state.vcpus.len() as u32;
+    let mut vcpus: Vec<KvmVcpu> = Vec::with_capacity(n as usize);
+    for (i, st) in gen.state.vcpus.iter().enumerate() {
+        let mut v = hv.create_vcpu(i as u32)?;
+        v.cpuid(n)?;
+        v.restore_state(st)?;
+        vcpus.push(v);
+    }
+    let vm = Vm::assemble(Assembly {
+        cfg,
+        hv,
+        memory: Arc::new(GuestMemory::new(ram)),
+        vcpus,
+        devices: Some(&gen.state.devices),
+        start,
+        ready: Some(BootReport {
+            boot_time: Duration::ZERO,
+            setup_time: Duration::ZERO,
+            ready_value: gen.state.ready_value,
+        }),
+        start_paused: spec.start_paused,
+        lazy,
+        origin: spec.identity.then(|| gen.clone()),
+        clone_id: genpage.map(|g| g.clone_id),
+    })?;
+    Ok(vm)
+}

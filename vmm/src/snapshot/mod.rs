@@ -1,0 +1,250 @@
+//! Saving a VM to a directory and restoring it (Picocenter/Firecracker style).
+//!
+//! A snapshot directory holds:
+//! - `state.ksnap`: the [`snapfile`](crate::snapfile) state file (magic, format version,
+//!   CRC-32) whose payload is a [`SnapshotPayload`]: the machine state (vCPUs, devices, clock)
+//!   and the VM's configuration, with the kernel and disk recorded by length and CRC-32;
+//! - `memory.kmem`: the sparse memory file (zero pages are holes);
+//! - `kernel.elf`, `disk.img`: the kernel and disk images, so the VM can be restored by
+//!   another process.
+//!
+//! [`Vm::snapshot`] freezes the VM like a clone does (short pause, no copy while paused) and
+//! writes the files from the frozen image while the VM runs on. [`Vm::restore`] validates
+//! everything (state checksum and version, memory file size, kernel and disk checksums,
+//! configuration) before it creates anything.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clone::child::{spawn, ChildSpec};
+use crate::clone::{FreezeReport, Generation, MachineState, MemoryMode};
+use crate::error::VmError;
+use crate::lazy::PageSource;
+use crate::snapfile::{self, MemoryInfo, SnapError, SnapshotPaths};
+use crate::vm::{Vm, VmConfig};
+
+/// Version of [`SnapshotPayload`] (inside the container's own format version).
+pub const PAYLOAD_VERSION: u32 = 1;
+const KERNEL_FILE: &str = "kernel.elf";
+const DISK_FILE: &str = "disk.img";
+
+/// A file stored next to the state file, recorded by length and CRC-32.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// File name inside the snapshot directory.
+    pub file: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// CRC-32 of the contents.
+    pub crc32: u32,
+}
+
+/// The state file's payload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotPayload {
+    /// [`PAYLOAD_VERSION`].
+    pub version: u32,
+    /// Name of the VM at the time of the snapshot.
+    pub name: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// The kernel image.
+    pub kernel: BlobRef,
+    /// The disk image.
+    pub disk: BlobRef,
+    /// vCPU, device and clock state.
+    pub machine: MachineState,
+}
+
+/// What [`Vm::snapshot`] did.
+#[derive(Clone, Debug)]
+pub struct SnapshotReport {
+    /// The directory.
+    pub dir: PathBuf,
+    /// How long the VM was paused (zero extra if it was paused already).
+    pub pause: Duration,
+    /// The freeze breakdown.
+    pub freeze: FreezeReport,
+    /// The memory file's description.
+    pub memory: MemoryInfo,
+    /// Total wall time.
+    pub total: Duration,
+}
+
+fn snap_err(e: SnapError) -> VmError {
+    match e {
+        SnapError::UnsupportedVersion { ref path, .. } => VmError::SnapshotIncompatible {
+            path: path.display().to_string(),
+            what: e.to_string(),
+        },
+        SnapError::BadMagic { ref path, .. }
+        | SnapError::Length { ref path, .. }
+        | SnapError::Checksum { ref path, .. }
+        | SnapError::MemoryMismatch { ref path, .. } => VmError::SnapshotCorrupt {
+            path: path.display().to_string(),
+            what: e.to_string(),
+        },
+        SnapError::Payload(_) => VmError::SnapshotCorrupt {
+            path: "state payload".into(),
+            what: e.to_string(),
+        },
+        SnapError::Io { .. } | SnapError::NoSpace { .. } | SnapError::Memory(_) => {
+            VmError::SnapshotIo(e.to_string())
+        }
+    }
+}
+
+fn write_blob(dir: &Path, file: &str, data: &[u8]) -> Result<BlobRef, VmError> {
+    let path = dir.join(file);
+    let tmp = dir.join(format!(".{file}.tmp"));
+    let io = |e: std::io::Error| VmError::SnapshotIo(format!("writing {}: {e}", path.display()));
+    std::fs::write(&tmp, data).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(BlobRef {
+        file: file.into(),
+        len: data.len() as u64,
+        crc32: crc32fast::hash(data),
+    })
+}
+
+fn read_blob(dir: &Path, r: &BlobRef) -> Result<Arc<[u8]>, VmError> {
+    let path = dir.join(&r.file);
+    if r.file.contains('/') || r.file.starts_with('.') {
+        return Err(VmError::SnapshotCorrupt {
+            path: path.display().to_string(),
+            what: "blob name escapes the snapshot directory".into(),
+        });
+    }
+    let data = std::fs::read(&path)
+        .map_err(|e| VmError::SnapshotIo(format!("reading {}: {e}", path.display())))?;
+    let crc = crc32fast::hash(&data);
+    if data.len() as u64 != r.len || crc != r.crc32 {
+        return Err(VmError::SnapshotCorrupt {
+            path: path.display().to_string(),
+            what: format!(
+                "{} bytes with CRC-32 {crc:#010x}, the state file records {} bytes with {:#010x}",
+                data.len(),
+                r.len,
+                r.crc32
+            ),
+        });
+    }
+    Ok(Arc::from(data))
+}
+
+impl Vm {
+    /// Save this VM (running: paused briefly; paused: stays paused) into `dir` (created if
+    /// missing; existing snapshot files are replaced atomically).
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, VmError> {
+        let t0 = Instant::now();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| VmError::SnapshotIo(format!("creating {}: {e}", dir.display())))?;
+        let (generation, freeze) = self.freeze()?;
+        let kernel = write_blob(dir, KERNEL_FILE, &self.cfg.kernel)?;
+        let disk = write_blob(dir, DISK_FILE, &self.cfg.disk)?;
+        let payload = SnapshotPayload {
+            version: PAYLOAD_VERSION,
+            name: self.name().to_string(),
+            mem_bytes: self.mem_bytes(),
+            cmdline: self.cfg.cmdline.clone(),
+            kernel,
+            disk,
+            machine: generation.state.clone(),
+        };
+        let memory = snapfile::write_snapshot(
+            &SnapshotPaths::in_dir(dir),
+            &payload,
+            generation.image.as_ref(),
+        )
+        .map_err(snap_err)?;
+        Ok(SnapshotReport {
+            dir: dir.to_path_buf(),
+            pause: freeze.pause,
+            freeze,
+            memory,
+            total: t0.elapsed(),
+        })
+    }
+
+    /// Restore a VM saved by [`Vm::snapshot`] as a new, running VM named `name`, with its
+    /// memory served lazily from the memory file or copied eagerly. Everything is validated
+    /// first: a corrupt snapshot gives [`VmError::SnapshotCorrupt`], another format version
+    /// [`VmError::SnapshotIncompatible`], and nothing is created.
+    pub fn restore(dir: &Path, mode: MemoryMode, name: &str) -> Result<Vm, VmError> {
+        Self::restore_with(dir, mode, name, false)
+    }
+
+    /// [`Vm::restore`], optionally leaving the VM paused.
+    pub fn restore_with(
+        dir: &Path,
+        mode: MemoryMode,
+        name: &str,
+        start_paused: bool,
+    ) -> Result<Vm, VmError> {
+        let paths = SnapshotPaths::in_dir(dir);
+        let (p, info, image): (SnapshotPayload, _, _) =
+            snapfile::open_snapshot(&paths).map_err(snap_err)?;
+        let state_path = paths.state.display().to_string();
+        if p.version != PAYLOAD_VERSION {
+            return Err(VmError::SnapshotIncompatible {
+                path: state_path,
+                what: format!(
+                    "payload version {}, this build reads {PAYLOAD_VERSION}",
+                    p.version
+                ),
+            });
+        }
+        let corrupt = |what: String| VmError::SnapshotCorrupt {
+            path: state_path.clone(),
+            what,
+        };
+        if info.pages * crate::lazy::PAGE_SIZE as u64 != p.mem_bytes {
+            return Err(corrupt(format!(
+                "memory file has {} pages for {} bytes of RAM",
+                info.pages, p.mem_bytes
+            )));
+        }
+        crate::memory::validate_size(p.mem_bytes).map_err(|e| corrupt(e.to_string()))?;
+        let n = p.machine.vcpus.len();
+        if n == 0 || n > crate::vm::MAX_VCPUS as usize {
+            return Err(corrupt(format!("{n} vCPU states")));
+        }
+        let kernel = read_blob(dir, &p.kernel)?;
+        let disk = read_blob(dir, &p.disk)?;
+        let cfg = VmConfig {
+            name: name.into(),
+            mem_bytes: p.mem_bytes,
+            vcpus: n as u32,
+            kernel,
+            cmdline: p.cmdline,
+            disk,
+        };
+        let generation = Arc::new(Generation {
+            id: 0,
+            image: Arc::new(image) as Arc<dyn PageSource>,
+            state: p.machine,
+            cfg,
+            created: Instant::now(),
+        });
+        spawn(
+            &generation,
+            &ChildSpec {
+                name: name.into(),
+                index: 0,
+                memory: mode,
+                prefetcher: None,
+                start_paused,
+                fault_spin: Duration::ZERO,
+                identity: false,
+            },
+        )
+    }
+}

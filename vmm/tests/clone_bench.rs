@@ -1,0 +1,158 @@
+//! Clone and snapshot measurements (ignored by default). Run with
+//! `cargo test -p kscope-vmm --test clone_bench -- --ignored --nocapture --test-threads 1`.
+
+#[path = "clone_support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kscope_vmm::{CloneOptions, MemoryMode, Vm};
+use support::{ask, boot};
+
+const MB: u64 = 1 << 20;
+
+/// Touch about `frac` of guest RAM from inside the guest (ktest `alloc`, in chunks).
+fn populate(vm: &Vm, frac: f64) {
+    let pages = (vm.mem_bytes() as f64 * frac / 4096.0) as u64;
+    let chunk = pages.min(16384);
+    let mut done = 0;
+    while done < pages {
+        let r = ask(vm, &format!("alloc {chunk}"));
+        assert!(r.starts_with("ok"), "{r}");
+        done += chunk;
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+#[test]
+#[ignore]
+fn bench_pause_and_latency_by_memory_size() {
+    println!("| RAM | populated | 1st pause (us) | stop/capture/mem (us) | 1st clone latency (us) | create (us) | 2nd pause (us) | 2nd dirty pages | 2nd latency (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for mb in [64u64, 256, 1024, 2048] {
+        let vm = boot(&format!("b{mb}"), mb * MB);
+        populate(&vm, 0.5);
+        let footprint = vm.memory_stats().footprint_bytes;
+        let b1 = vm.clone_children(1, &CloneOptions::default()).unwrap();
+        assert_eq!(ask(&b1.children[0], "echo x"), "x");
+        // The parent dirties some memory, then is cloned again (a layered generation).
+        populate(&vm, 0.05);
+        let b2 = vm.clone_children(1, &CloneOptions::default()).unwrap();
+        assert_eq!(ask(&b2.children[0], "echo y"), "y");
+        let f = &b1.freeze;
+        println!(
+            "| {mb} MiB | {} MiB | {:.0} | {:.0}/{:.0}/{:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} |",
+            footprint >> 20,
+            us(b1.parent_pause),
+            us(f.stop_vcpus),
+            us(f.capture),
+            us(f.memory),
+            us(b1.clone_latency[0]),
+            us(b1.create_time[0]),
+            us(b2.parent_pause),
+            b2.freeze.pages_copied,
+            us(b2.clone_latency[0]),
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn bench_batch_creation() {
+    let vm = boot("bbatch", 256 * MB);
+    populate(&vm, 0.25);
+    println!("| clones | parent pause (us) | total (ms) | per clone create mean (us) | last clone latency (ms) | all answered (ms) |");
+    println!("|---|---|---|---|---|---|");
+    for n in [1usize, 8, 32] {
+        let t0 = Instant::now();
+        let b = vm.clone_children(n, &CloneOptions::default()).unwrap();
+        let pend: Vec<_> = b
+            .children
+            .iter()
+            .map(|c| c.submit(kscope_guest::abi::request::kind::WORKLOAD, b"echo z").unwrap())
+            .collect();
+        for p in pend {
+            assert_eq!(p.wait(support::T).unwrap().payload, b"z");
+        }
+        let answered = t0.elapsed();
+        let mean = b.create_time.iter().sum::<Duration>() / n as u32;
+        println!(
+            "| {n} | {:.0} | {:.1} | {:.0} | {:.2} | {:.1} |",
+            us(b.parent_pause),
+            b.total.as_secs_f64() * 1e3,
+            us(mean),
+            b.clone_latency.last().unwrap().as_secs_f64() * 1e3,
+            answered.as_secs_f64() * 1e3
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn bench_lazy_vs_eager() {
+    println!("| RAM | mode | call->first response (ms) | clone latency (ms) | faults | fetched | zero-filled | fault p50/p99 (us) | footprint (KiB) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for mb in [256u64, 1024] {
+        let vm = boot(&format!("ble{mb}"), mb * MB);
+        populate(&vm, 0.5);
+        for mode in [MemoryMode::Lazy, MemoryMode::Eager] {
+            let t0 = Instant::now();
+            let b = vm
+                .clone_children(
+                    1,
+                    &CloneOptions {
+                        memory: mode,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            let c = &b.children[0];
+            assert_eq!(ask(c, "echo hi"), "hi");
+            let first = t0.elapsed();
+            // A few more requests touching memory.
+            ask(c, "alloc 256");
+            ask(c, "cat /bin/ktest");
+            let s = c.memory_stats();
+            println!(
+                "| {mb} MiB | {mode:?} | {:.2} | {:.2} | {} | {} | {} | {:.1}/{:.1} | {} |",
+                first.as_secs_f64() * 1e3,
+                b.clone_latency[0].as_secs_f64() * 1e3,
+                s.faults,
+                s.pages_fetched,
+                s.zero_filled,
+                us(s.fault_p50),
+                us(s.fault_p99),
+                s.footprint_bytes / 1024
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn bench_snapshot() {
+    for mb in [256u64, 1024] {
+        let vm = boot(&format!("bsnap{mb}"), mb * MB);
+        populate(&vm, 0.5);
+        let dir = std::env::temp_dir().join(format!("kscope-bench-snap-{}", std::process::id()));
+        let rep = vm.snapshot(&dir).unwrap();
+        drop(vm);
+        for mode in [MemoryMode::Lazy, MemoryMode::Eager] {
+            let t0 = Instant::now();
+            let r = Vm::restore(&dir, mode, "bsr").unwrap();
+            assert_eq!(ask(&r, "echo r"), "r");
+            println!(
+                "{mb} MiB: snapshot pause {:?} write {:?} ({} data pages); {mode:?} restore to first response {:?}, footprint {} KiB",
+                rep.pause,
+                rep.total,
+                rep.memory.data_pages,
+                t0.elapsed(),
+                r.memory_stats().footprint_bytes / 1024
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
