@@ -16,7 +16,10 @@ fn core_panic_symbols() -> Vec<String> {
         .output()
         .expect("rustc --print sysroot");
     let sysroot = String::from_utf8(out.stdout).expect("sysroot utf8");
-    let libdir = Path::new(sysroot.trim()).join("lib/rustlib").join(GUEST_TRIPLE).join("lib");
+    let libdir = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(GUEST_TRIPLE)
+        .join("lib");
     let rlib = std::fs::read_dir(&libdir)
         .expect("sysroot lib dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -36,7 +39,10 @@ fn core_panic_symbols() -> Vec<String> {
         .expect("run ar (binutils) to inspect libcore");
     assert!(st.success(), "ar x libcore failed");
     let mut syms = Vec::new();
-    for obj in std::fs::read_dir(&tmp).expect("tmp dir").filter_map(|e| e.ok().map(|e| e.path())) {
+    for obj in std::fs::read_dir(&tmp)
+        .expect("tmp dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+    {
         if obj.extension().and_then(|e| e.to_str()) != Some("o") {
             continue;
         }
@@ -63,7 +69,10 @@ fn core_panic_symbols() -> Vec<String> {
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    assert!(!syms.is_empty(), "found no panic functions in libcore: cannot keep core::fmt out of the kernel");
+    assert!(
+        !syms.is_empty(),
+        "found no panic functions in libcore: cannot keep core::fmt out of the kernel"
+    );
     syms
 }
 
@@ -94,19 +103,36 @@ fn main() {
     .collect();
     for s in core_panic_symbols() {
         flags.push(format!("-Clink-arg=-Wl,--wrap={s}"));
-        flags.push(format!("-Clink-arg=-Wl,--defsym=__wrap_{s}=kscope_core_panic"));
+        flags.push(format!(
+            "-Clink-arg=-Wl,--defsym=__wrap_{s}=kscope_core_panic"
+        ));
     }
-    let bins = nested_build("kscope-guest", &["kscope-kernel"], "kernel", &flags, "kernel");
+    let bins = nested_build(
+        "kscope-guest",
+        &["kscope-kernel"],
+        "kernel",
+        &flags,
+        "kernel",
+    );
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     std::fs::copy(&bins[0], out.join("kscope-kernel.elf")).expect("copy kernel ELF");
 
     let names: Vec<&str> = PROGRAMS.iter().map(|(b, _)| *b).collect();
-    let progs = nested_build("kscope-guest", &names, "user", &user_rustflags(), "programs");
+    let progs = nested_build(
+        "kscope-guest",
+        &names,
+        "user",
+        &user_rustflags(),
+        "programs",
+    );
     let mut table = String::from("&[\n");
     for ((bin, path), built) in PROGRAMS.iter().zip(&progs) {
         let dst = out.join(format!("{bin}.elf"));
         std::fs::copy(built, &dst).expect("copy program ELF");
-        table.push_str(&format!("    ({path:?}, include_bytes!({:?})),\n", dst.display().to_string()));
+        table.push_str(&format!(
+            "    ({path:?}, include_bytes!({:?})),\n",
+            dst.display().to_string()
+        ));
     }
     table.push_str("]\n");
     std::fs::write(out.join("programs.rs"), table).expect("write programs.rs");

@@ -19,6 +19,8 @@ enum Cmd {
     Run(cli::RunArgs),
     /// The quick-start demo: boot every workload, then clone a warm parent.
     Demo(cli::DemoArgs),
+    /// Boot and warm a workload, color its memory, print the histogram and accuracy.
+    Color(cli::ColorArgs),
 }
 
 fn main() {
@@ -33,6 +35,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Run(a) => cli::run(a),
         Cmd::Demo(a) => cli::demo(a),
+        Cmd::Color(a) => cli::color(a),
     };
     if let Err(e) = result.context("kscope failed") {
         eprintln!("error: {e:#}");

@@ -271,20 +271,7 @@ async fn whole_lifecycle_of_a_web_vm() {
         );
     }
 
-    // Snapshots and clones: wired or an honest 501.
-    let (st, v) = call(
-        &c,
-        &sp,
-        Method::POST,
-        "/v1/vms/{id}/snapshots",
-        &format!("/v1/vms/{id}/snapshots"),
-        Some(json!({"name": "s1"})),
-    )
-    .await;
-    assert!(
-        st == StatusCode::CREATED || st == StatusCode::NOT_IMPLEMENTED,
-        "{st} {v}"
-    );
+    // Clones: each answers requests, has its own identity and lazy-memory statistics.
     let (st, v) = call(
         &c,
         &sp,
@@ -294,40 +281,144 @@ async fn whole_lifecycle_of_a_web_vm() {
         Some(json!({"n": 2, "memory_mode": "lazy", "prefetch": "lazy"})),
     )
     .await;
-    let mut expect_deleted = 1;
-    if st == StatusCode::CREATED {
-        let clones = v["clones"].as_array().unwrap();
-        assert_eq!(clones.len(), 2);
-        assert_ne!(clones[0]["identity"]["mac"], clones[1]["identity"]["mac"]);
-        for cl in clones {
-            let r = c
-                .send(
-                    Method::POST,
-                    cl["request_url"].as_str().unwrap(),
-                    Some("application/octet-stream"),
-                    web_request(),
-                )
-                .await
-                .unwrap();
-            assert_eq!(r.status, StatusCode::OK);
-            assert!(String::from_utf8_lossy(&r.body).starts_with("HTTP/1.1 200"));
-            let (_, cv) = call(
-                &c,
-                &sp,
-                Method::GET,
-                "/v1/vms/{id}",
-                &format!("/v1/vms/{}", cl["id"].as_str().unwrap()),
-                None,
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert!(v["parent_pause_ms"].as_f64().unwrap() > 0.0);
+    let clones = v["clones"].as_array().unwrap().clone();
+    assert_eq!(clones.len(), 2);
+    assert_ne!(clones[0]["identity"]["mac"], clones[1]["identity"]["mac"]);
+    assert_ne!(clones[0]["identity"]["ip"], clones[1]["identity"]["ip"]);
+    for cl in &clones {
+        let req = Workload::Web.requests(77, 1).remove(0);
+        let r = c
+            .send(
+                Method::POST,
+                cl["request_url"].as_str().unwrap(),
+                Some("application/octet-stream"),
+                req.clone(),
             )
-            .await;
-            assert_eq!(cv["kind"], "clone");
-            assert_eq!(cv["parent"], id.as_str());
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        if r.headers["x-kscope-status"] == "0" {
+            Workload::Web.check(&req, &r.body).unwrap();
         }
-        expect_deleted = 3;
-    } else {
-        assert_eq!(st, StatusCode::NOT_IMPLEMENTED, "{v}");
-        assert_error(&v, "not_implemented");
+        let (_, cv) = call(
+            &c,
+            &sp,
+            Method::GET,
+            "/v1/vms/{id}",
+            &format!("/v1/vms/{}", cl["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+        assert_eq!(cv["kind"], "clone");
+        assert_eq!(cv["parent"], id.as_str());
+        assert_eq!(cv["identity"], cl["identity"]);
+        assert_eq!(cv["stats"]["memory"]["lazy"], true);
+        assert!(
+            cv["stats"]["memory"]["faults"].as_u64().unwrap() > 0,
+            "{cv}"
+        );
+        assert!(
+            cv["stats"]["memory"]["pages_fetched"].as_u64().unwrap() > 0,
+            "{cv}"
+        );
     }
+    let (_, pv) = call(
+        &c,
+        &sp,
+        Method::GET,
+        "/v1/vms/{id}",
+        &format!("/v1/vms/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(pv["clones"].as_array().unwrap().len(), 2);
+    // A colored policy and eager memory work too.
+    for body in [
+        json!({"n": 1, "prefetch": "kaleidoscope"}),
+        json!({"n": 1, "memory_mode": "eager"}),
+    ] {
+        let (st, v) = call(
+            &c,
+            &sp,
+            Method::POST,
+            "/v1/vms/{id}/clones",
+            &format!("/v1/vms/{id}/clones"),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(st, StatusCode::CREATED, "{body}: {v}");
+        let url = v["clones"][0]["request_url"].as_str().unwrap();
+        let r = c
+            .send(
+                Method::POST,
+                url,
+                Some("application/octet-stream"),
+                web_request(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{body}");
+    }
+    let r = c.send(Method::GET, "/metrics", None, vec![]).await.unwrap();
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(text.lines().any(|l| l == "kscope_clones 4"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == "kscope_clone_latency_seconds_count 3"),
+        "{text}"
+    );
+
+    // Snapshot, then restore it as a new parent that answers requests.
+    let (st, v) = call(
+        &c,
+        &sp,
+        Method::POST,
+        "/v1/vms/{id}/snapshots",
+        &format!("/v1/vms/{id}/snapshots"),
+        Some(json!({"name": "s1"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert!(std::path::Path::new(v["path"].as_str().unwrap()).is_dir());
+    let (st, rv) = call(
+        &c,
+        &sp,
+        Method::POST,
+        "/v1/snapshots/{name}/restore",
+        "/v1/snapshots/s1/restore",
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{rv}");
+    assert_eq!(
+        (rv["kind"].as_str(), rv["workload"].as_str()),
+        (Some("parent"), Some("web"))
+    );
+    let r = c
+        .send(
+            Method::POST,
+            rv["request_url"].as_str().unwrap(),
+            Some("application/octet-stream"),
+            web_request(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&r.body).starts_with("HTTP/1.1 200"));
+    let rid = rv["id"].as_str().unwrap();
+    let (st, _) = call(
+        &c,
+        &sp,
+        Method::DELETE,
+        "/v1/vms/{id}",
+        &format!("/v1/vms/{rid}"),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let expect_deleted = 5;
 
     // Destroy (with its clones).
     let (st, v) = call(
@@ -448,14 +539,14 @@ async fn fifty_concurrent_requests_and_clone_calls() {
             lat.push(d);
             clone_ids.push(v["clones"][0]["id"].as_str().unwrap().to_string());
         } else {
-            assert_eq!(r.status, StatusCode::NOT_IMPLEMENTED, "{v}");
+            panic!("clone call failed: {} {v}", r.status);
         }
     }
     eprintln!(
         "50 concurrent clone calls in {:?}: {by_status:?}",
         t0.elapsed()
     );
-    if !lat.is_empty() {
+    {
         let s = LatencySummary::of(&lat);
         eprintln!(
             "clone call latency under 50-way concurrency: p50 {:.1} ms p99 {:.1} ms",

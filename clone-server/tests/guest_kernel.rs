@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kscope_guest::abi::from_bytes;
 use kscope_guest::abi::kinfo::{
     file_kind, frame_use, proc_state, FileAbi, KInfo, ProcAbi, RadixNode, KINFO_MAGIC,
 };
@@ -12,7 +13,6 @@ use kscope_guest::abi::layout::{
     DIRECT_MAP_BASE, KERNEL_VIRT_BASE, KINFO_GPA, MMIO_BASE, MMIO_VIRT_BASE, USER_END,
 };
 use kscope_guest::abi::request::kind;
-use kscope_guest::abi::from_bytes;
 use kscope_vmm::{Vm, VmConfig, VmError};
 
 const T: Duration = Duration::from_secs(30);
@@ -34,13 +34,17 @@ fn program(path: &str) -> &'static [u8] {
 
 /// A data file of 3 pages and a tail, with a position-dependent pattern.
 fn data_file(len: u32, salt: u32) -> Vec<u8> {
-    (0..len).map(|i| ((i ^ salt).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+    (0..len)
+        .map(|i| ((i ^ salt).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
 }
 
 fn start(name: &str, mem_mib: u64, cmdline: &str, files: &[(&str, u32, Vec<u8>)]) -> Vm {
     let mut b = kscope_guest::mkfs::FsBuilder::new();
-    b.add("/bin/ktest", file_kind::EXEC, program("/bin/ktest")).unwrap();
-    b.add("/bin/kcrash", file_kind::EXEC, program("/bin/kcrash")).unwrap();
+    b.add("/bin/ktest", file_kind::EXEC, program("/bin/ktest"))
+        .unwrap();
+    b.add("/bin/kcrash", file_kind::EXEC, program("/bin/kcrash"))
+        .unwrap();
     for (p, k, d) in files {
         b.add(p, *k, d).unwrap();
     }
@@ -70,7 +74,13 @@ fn boot(name: &str) -> Vm {
 fn ask(vm: &Vm, payload: &[u8]) -> Vec<u8> {
     match vm.request(kind::WORKLOAD, payload, T) {
         Ok(r) => {
-            assert_eq!(r.status, 0, "status of {:?}: {:?}", String::from_utf8_lossy(payload), String::from_utf8_lossy(&r.payload));
+            assert_eq!(
+                r.status,
+                0,
+                "status of {:?}: {:?}",
+                String::from_utf8_lossy(payload),
+                String::from_utf8_lossy(&r.payload)
+            );
             r.payload
         }
         Err(e) => panic!(
@@ -164,7 +174,10 @@ fn files_read_by_pread_and_mmap_match_the_image() {
     let vm = boot_with(
         "kt-files",
         64,
-        &[("/data/small", file_kind::DATA, small.clone()), ("/data/large", file_kind::DATA, large.clone())],
+        &[
+            ("/data/small", file_kind::DATA, small.clone()),
+            ("/data/large", file_kind::DATA, large.clone()),
+        ],
     );
     assert_eq!(ask(&vm, b"cat /data/small"), small);
     assert_eq!(ask(&vm, b"mmap /data/small"), small);
@@ -182,7 +195,10 @@ fn files_read_by_pread_and_mmap_match_the_image() {
 fn anonymous_memory_is_given_back() {
     let vm = boot("kt-alloc");
     let before = kinfo(&vm).free_frames;
-    assert_eq!(ask_str(&vm, "alloc 300"), format!("ok 300 {}", 300 * 301 / 2));
+    assert_eq!(
+        ask_str(&vm, "alloc 300"),
+        format!("ok 300 {}", 300 * 301 / 2)
+    );
     let after = kinfo(&vm).free_frames;
     // Page tables created for the area stay; the 300 data pages come back.
     assert!(before - after < 20, "free frames {before} -> {after}");
@@ -196,7 +212,11 @@ fn a_crashing_process_is_killed_and_the_rest_goes_on() {
     assert_eq!(pid, "2");
     let deadline = Instant::now() + T;
     while !vm.serial_output().contains("killed pid 2") {
-        assert!(Instant::now() < deadline, "no kill message:\n{}", vm.serial_output());
+        assert!(
+            Instant::now() < deadline,
+            "no kill message:\n{}",
+            vm.serial_output()
+        );
         ask(&vm, b"echo wait");
     }
     assert_eq!(ask(&vm, b"echo still here"), b"still here");
@@ -211,7 +231,15 @@ fn a_crashing_process_is_killed_and_the_rest_goes_on() {
 
 #[test]
 fn every_kind_of_user_fault_kills_only_the_offender() {
-    let modes = ["null", "write-text", "exec-data", "bad-syscall", "ud", "gp", "div0"];
+    let modes = [
+        "null",
+        "write-text",
+        "exec-data",
+        "bad-syscall",
+        "ud",
+        "gp",
+        "div0",
+    ];
     let list = modes.join("\n").into_bytes();
     let vm = boot_with("kt-faults", 64, &[("/etc/kcrash", file_kind::DATA, list)]);
     ask(&vm, b"alloc 1");
@@ -221,18 +249,45 @@ fn every_kind_of_user_fault_kills_only_the_offender() {
         assert_eq!(ask_str(&vm, "crash"), pid.to_string());
         let deadline = Instant::now() + T;
         while !vm.serial_output().contains(&format!("killed pid {pid} ")) {
-            assert!(Instant::now() < deadline, "{m}: no kill message:\n{}", vm.serial_output());
+            assert!(
+                Instant::now() < deadline,
+                "{m}: no kill message:\n{}",
+                vm.serial_output()
+            );
             ask(&vm, b"echo wait");
         }
         assert!(vm.serial_output().contains(&format!("kcrash: mode {m}")));
     }
     let serial = vm.serial_output();
+    println!("{serial}");
     assert!(!serial.contains("survived"), "{serial}");
     assert_eq!(ask(&vm, b"echo alive"), b"alive");
     let k = kinfo(&vm);
     assert_eq!(procs(&vm, &k).len(), 1);
     // The killed processes' memory came back (page cache pages of /bin/kcrash stay cached).
-    assert!(free_before - k.free_frames < 40, "free frames {free_before} -> {}", k.free_frames);
+    assert!(
+        free_before - k.free_frames < 40,
+        "free frames {free_before} -> {}",
+        k.free_frames
+    );
+    vm.stop().unwrap();
+}
+
+#[test]
+fn user_sse_state_survives_process_switches() {
+    let vm = boot_with(
+        "kt-fpu",
+        64,
+        &[("/etc/kcrash", file_kind::DATA, b"fpu-clobber".to_vec())],
+    );
+    assert_eq!(ask_str(&vm, "fpu"), "ok");
+    let deadline = Instant::now() + T;
+    while procs(&vm, &kinfo(&vm)).len() > 1 {
+        assert!(Instant::now() < deadline, "kcrash did not exit");
+        ask(&vm, b"echo wait");
+    }
+    assert!(vm.serial_output().contains("kcrash: mode fpu-clobber"));
+    assert!(!vm.serial_output().contains("killed"));
     vm.stop().unwrap();
 }
 
@@ -274,7 +329,10 @@ fn page_tables_have_the_documented_layout() {
     // Direct map: 2 MiB, supervisor, NX, all of RAM and nothing more.
     for gpa in [0, 0x20_0000, k.mem_bytes - 0x20_0000] {
         let (e, size) = walk(&vm, pml4, DIRECT_MAP_BASE + gpa).unwrap();
-        assert_eq!((size, e & (US | NX), e & ADDR & !(size - 1)), (2 << 20, NX, gpa));
+        assert_eq!(
+            (size, e & (US | NX), e & ADDR & !(size - 1)),
+            (2 << 20, NX, gpa)
+        );
     }
     assert!(walk(&vm, pml4, DIRECT_MAP_BASE + k.mem_bytes).is_none());
     // MMIO: uncached, NX.
@@ -289,7 +347,11 @@ fn page_tables_have_the_documented_layout() {
     assert_eq!(&ktest.name[..10], b"/bin/ktest");
     // The process shares the kernel half.
     for i in 256..512 {
-        assert_eq!(read_u64(&vm, ktest.cr3 + i * 8), read_u64(&vm, pml4 + i * 8), "entry {i}");
+        assert_eq!(
+            read_u64(&vm, ktest.cr3 + i * 8),
+            read_u64(&vm, pml4 + i * 8),
+            "entry {i}"
+        );
     }
     // User text: user, read-only, executable, mapped from the page cache (bytes of the ELF).
     let elf = program("/bin/ktest");
@@ -342,11 +404,18 @@ fn for_each_user_leaf(vm: &Vm, cr3: u64, f: &mut dyn FnMut(u64, u64)) {
 fn page_cache_radix_trees_index_the_file_data() {
     // 70 pages: the tree needs two levels.
     let big = data_file(70 * 4096 + 100, 3);
-    let vm = boot_with("kt-radix", 64, &[("/data/big", file_kind::DATA, big.clone())]);
+    let vm = boot_with(
+        "kt-radix",
+        64,
+        &[("/data/big", file_kind::DATA, big.clone())],
+    );
     assert_eq!(ask(&vm, b"cat /data/big"), big);
     let k = kinfo(&vm);
-    let image_files: Vec<(&str, Vec<u8>)> =
-        vec![("/bin/ktest", program("/bin/ktest").to_vec()), ("/bin/kcrash", program("/bin/kcrash").to_vec()), ("/data/big", big)];
+    let image_files: Vec<(&str, Vec<u8>)> = vec![
+        ("/bin/ktest", program("/bin/ktest").to_vec()),
+        ("/bin/kcrash", program("/bin/kcrash").to_vec()),
+        ("/data/big", big),
+    ];
     let fs = files(&vm, &k);
     assert_eq!(fs.len(), 3);
     for f in &fs {
@@ -372,7 +441,16 @@ fn page_cache_radix_trees_index_the_file_data() {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_node(vm: &Vm, k: &KInfo, f: &FileAbi, n: &RadixNode, va: u64, base: u64, data: &[u8], found: &mut u64) {
+fn check_node(
+    vm: &Vm,
+    k: &KInfo,
+    f: &FileAbi,
+    n: &RadixNode,
+    va: u64,
+    base: u64,
+    data: &[u8],
+    found: &mut u64,
+) {
     let mut count = 0;
     for (i, &slot) in n.slots.iter().enumerate() {
         if slot == 0 {
@@ -388,7 +466,10 @@ fn check_node(vm: &Vm, k: &KInfo, f: &FileAbi, n: &RadixNode, va: u64, base: u64
             let off = (index * 4096) as usize;
             let end = (off + 4096).min(data.len());
             assert_eq!(&page[..end - off], &data[off..end], "page {index}");
-            assert!(page[end - off..].iter().all(|&b| b == 0), "tail of page {index} is zero");
+            assert!(
+                page[end - off..].iter().all(|&b| b == 0),
+                "tail of page {index} is zero"
+            );
             let (u, owner) = gt(vm, k, gpa >> 12);
             match u {
                 frame_use::PAGE_CACHE_DATA | frame_use::PAGE_CACHE_EXEC => assert_eq!(owner, f.ino),
@@ -413,24 +494,41 @@ fn frame_bitmap_and_ground_truth_agree() {
     let k = kinfo(&vm);
     assert_eq!(k.frame_count, k.mem_bytes / 4096);
     let mut bitmap = vec![0u8; (k.frame_count / 8) as usize];
-    vm.read_phys(kphys(&vm, &k, k.frame_bitmap), &mut bitmap).unwrap();
+    vm.read_phys(kphys(&vm, &k, k.frame_bitmap), &mut bitmap)
+        .unwrap();
     let mut truth = vec![0u8; (k.frame_count * 4) as usize];
-    vm.read_phys(kphys(&vm, &k, k.ground_truth), &mut truth).unwrap();
+    vm.read_phys(kphys(&vm, &k, k.ground_truth), &mut truth)
+        .unwrap();
     let mut free = 0;
     let mut counts = [0u64; frame_use::COUNT as usize];
     for f in 0..k.frame_count as usize {
         let used = bitmap[f / 8] >> (f % 8) & 1 == 1;
         let u = truth[f * 4];
         assert!(u < frame_use::COUNT);
-        assert_eq!(used, u != frame_use::FREE, "frame {f}: bitmap {used}, use {u}");
+        assert_eq!(
+            used,
+            u != frame_use::FREE,
+            "frame {f}: bitmap {used}, use {u}"
+        );
         counts[u as usize] += 1;
         if !used {
             free += 1;
         }
     }
     assert_eq!(free, k.free_frames);
-    assert_eq!(counts[frame_use::BOOT as usize], 255, "first MiB minus the KInfo page");
-    for u in [frame_use::KERNEL_TEXT, frame_use::KERNEL_DATA, frame_use::PAGE_TABLE, frame_use::USER_CODE, frame_use::USER_DATA, frame_use::PAGE_CACHE_EXEC] {
+    assert_eq!(
+        counts[frame_use::BOOT as usize],
+        255,
+        "first MiB minus the KInfo page"
+    );
+    for u in [
+        frame_use::KERNEL_TEXT,
+        frame_use::KERNEL_DATA,
+        frame_use::PAGE_TABLE,
+        frame_use::USER_CODE,
+        frame_use::USER_DATA,
+        frame_use::PAGE_CACHE_EXEC,
+    ] {
         assert!(counts[u as usize] > 0, "no frame of use {u}: {counts:?}");
     }
     // Kernel text frames are exactly the text section.
@@ -461,16 +559,25 @@ fn bump_generation(vm: &Vm, clone_id: u64) {
     g.generation += 1;
     g.clone_id = clone_id;
     g.seed = [0x5a; 32];
-    vm.memory().load().write(GENPAGE_GPA, kscope_guest::abi::as_bytes(&g)).unwrap();
+    vm.memory()
+        .load()
+        .write(GENPAGE_GPA, kscope_guest::abi::as_bytes(&g))
+        .unwrap();
     vm.resume().unwrap();
 }
 
 #[test]
 fn an_agent_runs_beside_init_and_both_get_sigclone() {
     let vm = start("kt-agent", 64, "init=/bin/ktest agent=/bin/ktest", &[]);
-    let report = vm.wait_ready(T).unwrap_or_else(|e| panic!("{e}\n{}", vm.serial_output()));
+    let report = vm
+        .wait_ready(T)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.serial_output()));
     assert_eq!(report.ready_value, 2, "two processes started");
-    assert_eq!(ask_str(&vm, "pid"), "1", "workload requests go to init, never to the agent");
+    assert_eq!(
+        ask_str(&vm, "pid"),
+        "1",
+        "workload requests go to init, never to the agent"
+    );
     bump_generation(&vm, 3);
     assert_eq!(ask_str(&vm, "sigclone"), "1 1");
     assert_eq!(ask_str(&vm, "pid"), "1");
@@ -488,7 +595,10 @@ fn a_missing_init_is_reported_as_a_guest_panic() {
     match vm.wait_ready(T) {
         Err(VmError::GuestPanic { code, serial_tail }) => {
             assert_eq!(code, kscope_guest::abi::panic_code::NO_INIT);
-            assert!(serial_tail.contains("cannot start the init program"), "{serial_tail}");
+            assert!(
+                serial_tail.contains("cannot start the init program"),
+                "{serial_tail}"
+            );
         }
         other => panic!("expected a guest panic, got {other:?}"),
     }
@@ -505,7 +615,11 @@ fn init_exit_powers_the_vm_off_with_its_code() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let report = vm.stop().unwrap();
-    assert!(matches!(report.reason, kscope_vmm::ExitReason::PowerOff(3)), "{:?}", report.reason);
+    assert!(
+        matches!(report.reason, kscope_vmm::ExitReason::PowerOff(3)),
+        "{:?}",
+        report.reason
+    );
 }
 
 #[test]
@@ -528,6 +642,8 @@ fn measure_kernel_costs() {
     for l in vm.serial_output().lines().filter(|l| l.starts_with("prof")) {
         println!("{l}");
     }
-    println!("boot {boot_time:?}, ping {ping:?}, echo {echo:?}, getpid {sys} ns, anon fault {pf} ns");
+    println!(
+        "boot {boot_time:?}, ping {ping:?}, echo {echo:?}, getpid {sys} ns, anon fault {pf} ns"
+    );
     vm.stop().unwrap();
 }

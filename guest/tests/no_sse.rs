@@ -14,7 +14,11 @@ fn kernel_contains_no_sse_instruction() {
         .output()
         .expect("objdump (binutils) is needed to check the kernel for SSE");
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "objdump failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "objdump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let mut function = String::new();
     let mut bad = Vec::new();
@@ -24,7 +28,9 @@ fn kernel_contains_no_sse_instruction() {
             function = line.to_string();
             continue;
         }
-        let Some((addr, _)) = line.split_once(":\t") else { continue };
+        let Some((addr, _)) = line.split_once(":\t") else {
+            continue;
+        };
         if addr.trim().is_empty() || !addr.trim().chars().all(|c| c.is_ascii_hexdigit()) {
             continue;
         }
@@ -34,7 +40,10 @@ fn kernel_contains_no_sse_instruction() {
             bad.push(format!("{function} {line}"));
         }
     }
-    assert!(instructions > 1000, "disassembly looks empty ({instructions} instructions)");
+    assert!(
+        instructions > 1000,
+        "disassembly looks empty ({instructions} instructions)"
+    );
     assert!(bad.is_empty(), "SSE in the kernel:\n{}", bad.join("\n"));
 }
 
@@ -43,5 +52,8 @@ fn kernel_links_no_core_formatting() {
     // core::fmt is the usual way SSE sneaks in (precompiled with SSE); the kernel redirects
     // core's panic helpers so that none of it is linked (see build.rs).
     let s = String::from_utf8_lossy(kscope_guest::KERNEL_ELF);
-    assert!(!s.contains("pad_integral"), "core::fmt::Formatter::pad_integral is linked");
+    assert!(
+        !s.contains("pad_integral"),
+        "core::fmt::Formatter::pad_integral is linked"
+    );
 }

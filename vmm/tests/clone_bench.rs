@@ -23,6 +23,22 @@ fn populate(vm: &Vm, frac: f64) {
     }
 }
 
+/// Sizes in MiB from `KSCOPE_BENCH_SIZES` (comma separated) or `default`.
+fn sizes(default: &[u64]) -> Vec<u64> {
+    std::env::var("KSCOPE_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+/// Fraction of RAM the guest touches before cloning (`KSCOPE_BENCH_FILL`, default 0.5).
+fn fill() -> f64 {
+    std::env::var("KSCOPE_BENCH_FILL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.5)
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -32,9 +48,9 @@ fn us(d: Duration) -> f64 {
 fn bench_pause_and_latency_by_memory_size() {
     println!("| RAM | populated | 1st pause (us) | stop/capture/mem (us) | 1st clone latency (us) | create (us) | 2nd pause (us) | 2nd dirty pages | 2nd latency (us) |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for mb in [64u64, 256, 1024, 2048] {
+    for mb in sizes(&[64, 256, 1024, 2048]) {
         let vm = boot(&format!("b{mb}"), mb * MB);
-        populate(&vm, 0.5);
+        populate(&vm, fill());
         let footprint = vm.memory_stats().footprint_bytes;
         let b1 = vm.clone_children(1, &CloneOptions::default()).unwrap();
         assert_eq!(ask(&b1.children[0], "echo x"), "x");
@@ -56,6 +72,7 @@ fn bench_pause_and_latency_by_memory_size() {
             b2.freeze.pages_copied,
             us(b2.clone_latency[0]),
         );
+        println!("  first freeze {:?}\n  second freeze {:?}", b1.freeze, b2.freeze);
     }
 }
 
@@ -63,7 +80,7 @@ fn bench_pause_and_latency_by_memory_size() {
 #[ignore]
 fn bench_batch_creation() {
     let vm = boot("bbatch", 256 * MB);
-    populate(&vm, 0.25);
+    populate(&vm, fill() / 2.0);
     println!("| clones | parent pause (us) | total (ms) | per clone create mean (us) | last clone latency (ms) | all answered (ms) |");
     println!("|---|---|---|---|---|---|");
     for n in [1usize, 8, 32] {
@@ -95,9 +112,9 @@ fn bench_batch_creation() {
 fn bench_lazy_vs_eager() {
     println!("| RAM | mode | call->first response (ms) | clone latency (ms) | faults | fetched | zero-filled | fault p50/p99 (us) | footprint (KiB) |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for mb in [256u64, 1024] {
+    for mb in sizes(&[256, 1024]) {
         let vm = boot(&format!("ble{mb}"), mb * MB);
-        populate(&vm, 0.5);
+        populate(&vm, fill());
         for mode in [MemoryMode::Lazy, MemoryMode::Eager] {
             let t0 = Instant::now();
             let b = vm
@@ -134,9 +151,9 @@ fn bench_lazy_vs_eager() {
 #[test]
 #[ignore]
 fn bench_snapshot() {
-    for mb in [256u64, 1024] {
+    for mb in sizes(&[256, 1024]) {
         let vm = boot(&format!("bsnap{mb}"), mb * MB);
-        populate(&vm, 0.5);
+        populate(&vm, fill());
         let dir = std::env::temp_dir().join(format!("kscope-bench-snap-{}", std::process::id()));
         let rep = vm.snapshot(&dir).unwrap();
         drop(vm);

@@ -1,9 +1,11 @@
 //! The `kscope` subcommands: argument types and entry points (printing lives here; the
 //! engines live in [`crate::runner`], the VMM and the other crates).
 
+mod color;
 mod demo;
 mod run;
 
+pub use color::{color, color_workload, ColorArgs};
 pub use demo::{demo, DemoArgs};
 pub use run::{run, RunArgs};
 

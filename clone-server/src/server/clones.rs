@@ -174,17 +174,19 @@ impl PhysMem for GenerationMem {
     }
 
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0
-            .read_phys(gpa, buf)
-            .map_err(|e| MemError::Backend {
-                gpa,
-                reason: e.to_string(),
-            })
+        self.0.read_phys(gpa, buf).map_err(|e| MemError::Backend {
+            gpa,
+            reason: e.to_string(),
+        })
     }
 }
 
 /// Clone `parent` `req.n` times (blocking): the parent is paused for the freeze only.
-pub fn make_clones(parent: &Arc<VmEntry>, req: &CloneRequest, prefix: &str) -> ApiResult<MadeBatch> {
+pub fn make_clones(
+    parent: &Arc<VmEntry>,
+    req: &CloneRequest,
+    prefix: &str,
+) -> ApiResult<MadeBatch> {
     let opts = CloneOptions {
         memory: match req.mode {
             MemoryMode::Lazy => kscope_vmm::MemoryMode::Lazy,

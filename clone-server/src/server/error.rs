@@ -44,9 +44,6 @@ pub enum ApiError {
     /// The VM failed (panicked, unresponsive, stopped).
     #[error("{0}")]
     VmFailed(String),
-    /// Not available in this build of the VMM.
-    #[error("{0}")]
-    NotImplemented(String),
     /// A bug or a host failure.
     #[error("{0}")]
     Internal(String),
@@ -73,7 +70,6 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::VmFailed(_) => StatusCode::BAD_GATEWAY,
-            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -91,7 +87,6 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Limit(_) => "limit_exceeded",
             ApiError::VmFailed(_) => "vm_failed",
-            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
         }
     }

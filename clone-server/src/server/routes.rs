@@ -17,7 +17,7 @@ use kscope_vmm::devices::request::MAX_PAYLOAD;
 use kscope_vmm::{Vm, VmConfig, VmState};
 use kscope_workloads::Workload;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::clones::{self, CreateClones};
@@ -394,7 +394,30 @@ struct CreateSnapshot {
     name: String,
 }
 
-const NO_SNAPSHOTS: &str = "snapshots of running VMs are not wired in this build: the VMM cannot yet save a VM's vCPU and device state to disk or boot a VM from it";
+/// What the service stores next to a VMM snapshot to restore it as a parent.
+#[derive(Serialize, Deserialize)]
+struct SnapshotMeta {
+    workload: String,
+    memory_bytes: u64,
+    vm: String,
+}
+
+const META_FILE: &str = "service.json";
+
+fn snapshot_dir(s: &AppState, name: &str) -> std::path::PathBuf {
+    s.state_dir.join("snapshots").join(name)
+}
+
+fn snap_error(what: &str, e: kscope_vmm::VmError) -> ApiError {
+    use kscope_vmm::VmError as E;
+    match e {
+        E::BadState { .. } => ApiError::Conflict(format!("{what}: {e}")),
+        E::SnapshotCorrupt { .. } | E::SnapshotIncompatible { .. } => {
+            ApiError::bad("bad_snapshot", format!("{what}: {e}; take a new snapshot"))
+        }
+        _ => ApiError::Internal(format!("{what}: {e}")),
+    }
+}
 
 async fn create_snapshot(
     State(s): St,
@@ -402,20 +425,85 @@ async fn create_snapshot(
     JsonBody(body): JsonBody<CreateSnapshot>,
 ) -> ApiResult<Response> {
     snapshot_name(&body.name)?;
-    s.registry.get(&id)?;
-    Err(ApiError::NotImplemented(NO_SNAPSHOTS.into()))
+    let e = s.registry.get(&id)?;
+    let dir = snapshot_dir(&s, &body.name);
+    let name = body.name.clone();
+    let report = blocking(move || {
+        let r =
+            e.vm.snapshot(&dir)
+                .map_err(|err| snap_error(&format!("snapshot of VM {}", e.id), err))?;
+        let meta = SnapshotMeta {
+            workload: e.workload.name().into(),
+            memory_bytes: e.mem_bytes,
+            vm: e.id.clone(),
+        };
+        let text = serde_json::to_vec(&meta).map_err(|err| ApiError::Internal(err.to_string()))?;
+        std::fs::write(dir.join(META_FILE), text).map_err(|err| {
+            ApiError::Internal(format!("writing {}: {err}", dir.join(META_FILE).display()))
+        })?;
+        Ok(r)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "name": name,
+            "vm": id,
+            "path": report.dir.display().to_string(),
+            "memory_bytes": report.memory.pages * 4096,
+            "pause_ms": report.pause.as_secs_f64() * 1e3,
+            "total_ms": report.total.as_secs_f64() * 1e3,
+        })),
+    )
+        .into_response())
 }
 
 async fn restore_snapshot(State(s): St, Path(name): Path<String>) -> ApiResult<Response> {
     snapshot_name(&name)?;
-    let dir = s.state_dir.join("snapshots").join(&name);
-    if !dir.is_dir() {
-        return Err(ApiError::NotFound(format!(
-            "no snapshot {name:?} in {}; create one with POST /v1/vms/{{id}}/snapshots",
-            dir.display()
-        )));
-    }
-    Err(ApiError::NotImplemented(NO_SNAPSHOTS.into()))
+    let dir = snapshot_dir(&s, &name);
+    let meta: SnapshotMeta = match std::fs::read(dir.join(META_FILE)) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            ApiError::bad(
+                "bad_snapshot",
+                format!("snapshot {name:?}: {META_FILE} is corrupt ({e}); take a new snapshot"),
+            )
+        })?,
+        Err(_) => {
+            return Err(ApiError::NotFound(format!(
+                "no snapshot {name:?} in {}; create one with POST /v1/vms/{{id}}/snapshots",
+                dir.display()
+            )))
+        }
+    };
+    let workload = parse_workload(&meta.workload)?;
+    let reservation = s.registry.reserve(1, 0, meta.memory_bytes)?;
+    let id = s.registry.new_id();
+    let vid = id.clone();
+    let entry = blocking(move || {
+        let t0 = Instant::now();
+        let vm = Vm::restore(&dir, kscope_vmm::MemoryMode::Lazy, &vid)
+            .map_err(|e| snap_error(&format!("restoring snapshot {name:?}"), e))?;
+        Ok(VmEntry {
+            id: vid,
+            kind: VmKind::Parent,
+            parent: None,
+            workload,
+            mem_bytes: vm.mem_bytes(),
+            vm,
+            identity: None,
+            boot: t0.elapsed(),
+            stats: RequestStats::default(),
+            children: Default::default(),
+            policy: None,
+            failure_counted: Default::default(),
+        })
+    })
+    .await?;
+    let entry = Arc::new(entry);
+    s.registry.insert(entry.clone());
+    reservation.commit();
+    tracing::info!(vm = %id, "VM restored from a snapshot");
+    Ok((StatusCode::CREATED, Json(entry.view())).into_response())
 }
 
 async fn metrics(State(s): St) -> Response {

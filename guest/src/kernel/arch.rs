@@ -37,13 +37,17 @@ impl<T> KCell<T> {
 /// Write a byte to an I/O port.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: port I/O has no memory effects; the kernel only uses the ports of its ABI.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Write a 32-bit value to an I/O port.
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as for `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Read the time-stamp counter.
@@ -51,7 +55,9 @@ pub fn rdtsc() -> u64 {
     let lo: u32;
     let hi: u32;
     // SAFETY: `rdtsc` only reads the TSC.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     ((hi as u64) << 32) | lo as u64
 }
 
@@ -107,7 +113,9 @@ pub struct DescTable {
 pub fn sgdt() -> DescTable {
     let mut t = DescTable::default();
     // SAFETY: `sgdt` writes 10 bytes into `t`, which is exactly that large.
-    unsafe { asm!("sgdt [{}]", in(reg) &mut t as *mut DescTable, options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("sgdt [{}]", in(reg) &mut t as *mut DescTable, options(nostack, preserves_flags))
+    };
     t
 }
 
@@ -115,7 +123,9 @@ pub fn sgdt() -> DescTable {
 pub fn sidt() -> DescTable {
     let mut t = DescTable::default();
     // SAFETY: `sidt` writes 10 bytes into `t`, which is exactly that large.
-    unsafe { asm!("sidt [{}]", in(reg) &mut t as *mut DescTable, options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("sidt [{}]", in(reg) &mut t as *mut DescTable, options(nostack, preserves_flags))
+    };
     t
 }
 
@@ -150,12 +160,16 @@ impl FxArea {
 /// instruction).
 pub fn fxsave(area: &mut FxArea) {
     // SAFETY: `area` is 512 bytes, 16-byte aligned, writable.
-    unsafe { asm!("fxsave64 [{}]", in(reg) area as *mut FxArea, options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("fxsave64 [{}]", in(reg) area as *mut FxArea, options(nostack, preserves_flags))
+    };
 }
 
 /// Load the x87/SSE state from `area`.
 pub fn fxrstor(area: &FxArea) {
     // SAFETY: `area` is 512 bytes, 16-byte aligned; its MXCSR comes from `initial` or from
     // `fxsave`, so reserved bits are clear.
-    unsafe { asm!("fxrstor64 [{}]", in(reg) area as *const FxArea, options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("fxrstor64 [{}]", in(reg) area as *const FxArea, options(nostack, preserves_flags))
+    };
 }

@@ -42,7 +42,12 @@ pub fn init(mmio: u64) -> Result<u64, VirtioError> {
     dev.finish();
     let sectors = dev.read(R_CONFIG) as u64 | ((dev.read(R_CONFIG + 4) as u64) << 32);
     let hdr = frame::alloc_zeroed(frame_use::KERNEL_DATA, 0).ok_or(VirtioError::NoMem)?;
-    *BLK.get() = Some(Blk { dev, q, hdr, sectors });
+    *BLK.get() = Some(Blk {
+        dev,
+        q,
+        hdr,
+        sectors,
+    });
     Ok(sectors * SECTOR_SIZE)
 }
 

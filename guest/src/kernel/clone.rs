@@ -3,9 +3,9 @@
 //! discarded), and delivers SIGCLONE to every process that registered a handler.
 
 use kscope_guest::abi::boot::{GenPage, Identity, GENPAGE_MAGIC};
+use kscope_guest::abi::kinfo::proc_state;
 use kscope_guest::abi::layout::{phys_to_virt, GENPAGE_GPA};
 use kscope_guest::abi::syscall::{CloneInfo, RECV_REQUEST};
-use kscope_guest::abi::kinfo::proc_state;
 
 use crate::arch::KCell;
 use crate::proc::{self, Wait, PROC_MAX};
@@ -20,8 +20,23 @@ struct CloneState {
 
 static C: KCell<CloneState> = KCell::new(CloneState {
     seen: 0,
-    info: CloneInfo { generation: 0, clone_id: 0, seed: [0; 32], identity: Identity { mac: [0; 8], ipv4: [0; 4], prefix_len: 0, hostname: [0; 32] } },
-    identity: Identity { mac: [0; 8], ipv4: [0; 4], prefix_len: 0, hostname: [0; 32] },
+    info: CloneInfo {
+        generation: 0,
+        clone_id: 0,
+        seed: [0; 32],
+        identity: Identity {
+            mac: [0; 8],
+            ipv4: [0; 4],
+            prefix_len: 0,
+            hostname: [0; 32],
+        },
+    },
+    identity: Identity {
+        mac: [0; 8],
+        ipv4: [0; 4],
+        prefix_len: 0,
+        hostname: [0; 32],
+    },
 });
 
 fn genpage() -> GenPage {
@@ -60,7 +75,12 @@ pub fn check() {
     }
     c.seen = g.generation;
     c.identity = g.identity;
-    c.info = CloneInfo { generation: g.generation, clone_id: g.clone_id, seed: g.seed, identity: g.identity };
+    c.info = CloneInfo {
+        generation: g.generation,
+        clone_id: g.clone_id,
+        seed: g.seed,
+        identity: g.identity,
+    };
     rng::reseed(&g.seed);
     let dropped = request::drop_all();
     kinfo::set_generation(g.generation);

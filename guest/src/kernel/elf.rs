@@ -81,7 +81,15 @@ pub fn load(p: &mut Proc, file: usize) -> Result<u64, SpawnError> {
         let start = page_down(vaddr);
         let end = page_up(vaddr + memsz);
         let vma = if flags & PF_W == 0 && filesz == memsz {
-            Vma { start, end, prot: pr, kind: VmaKind::File, file, offset: page_down(offset), ..Vma::FREE }
+            Vma {
+                start,
+                end,
+                prot: pr,
+                kind: VmaKind::File,
+                file,
+                offset: page_down(offset),
+                ..Vma::FREE
+            }
         } else {
             Vma {
                 start,

@@ -28,7 +28,14 @@ pub struct FileEntry {
 }
 
 const EMPTY: FileEntry = FileEntry {
-    abi: FileAbi { kind: file_kind::NONE, ino: 0, size: 0, radix_root: 0, nr_cached: 0, name: [0; 64] },
+    abi: FileAbi {
+        kind: file_kind::NONE,
+        ino: 0,
+        size: 0,
+        radix_root: 0,
+        nr_cached: 0,
+        name: [0; 64],
+    },
     disk_offset: 0,
     crc32: 0,
     pad: 0,
@@ -42,7 +49,10 @@ pub struct FileTable {
     pub count: usize,
 }
 
-static FILES: KCell<FileTable> = KCell::new(FileTable { files: [EMPTY; FILE_MAX], count: 0 });
+static FILES: KCell<FileTable> = KCell::new(FileTable {
+    files: [EMPTY; FILE_MAX],
+    count: 0,
+});
 
 /// Why the root file system could not be mounted.
 #[derive(Debug, Clone, Copy)]

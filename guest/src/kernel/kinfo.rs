@@ -60,7 +60,14 @@ pub fn set_free_frames(n: u64) {
 }
 
 /// Record the process and file tables.
-pub fn set_tables(proc_table: u64, proc_max: u32, proc_stride: u32, file_table: u64, file_max: u32, file_stride: u32) {
+pub fn set_tables(
+    proc_table: u64,
+    proc_max: u32,
+    proc_stride: u32,
+    file_table: u64,
+    file_max: u32,
+    file_stride: u32,
+) {
     let d = k();
     d.proc_table = proc_table;
     d.proc_max = proc_max;

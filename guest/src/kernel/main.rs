@@ -99,24 +99,21 @@ pub fn fatal(msg: &str, code: u32) -> ! {
     }
 }
 
-/// Print a boot phase with the time since boot (for boot-time profiling).
-fn phase(what: &str) {
-    kprint!(s "kscope: [", d clock_ns() / 1000, s " us] ", s what, s "\n");
-}
-
 fn sym(s: &u8) -> u64 {
     s as *const u8 as u64
 }
 
 /// Parse `key=value` out of the command line.
 fn cmdline_arg<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
-    cmdline.split(|&b| b == b' ' || b == b'\n' || b == b'\t').find_map(|w| {
-        if w.len() > key.len() && w[key.len()] == b'=' && klib::bytes_eq(&w[..key.len()], key) {
-            Some(&w[key.len() + 1..])
-        } else {
-            None
-        }
-    })
+    cmdline
+        .split(|&b| b == b' ' || b == b'\n' || b == b'\t')
+        .find_map(|w| {
+            if w.len() > key.len() && w[key.len()] == b'=' && klib::bytes_eq(&w[..key.len()], key) {
+                Some(&w[key.len() + 1..])
+            } else {
+                None
+            }
+        })
 }
 
 fn rng_selftest() {
@@ -157,7 +154,6 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             sym(&__kernel_end),
         )
     };
-    phase("frames");
     kinfo::init_header();
     let phys = |v: u64| v - KERNEL_VIRT_BASE;
     let free_start = (kend - KERNEL_VIRT_BASE).max(bi.kernel_phys_end);
@@ -176,20 +172,37 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             fatal("device outside the MMIO window", panic_code::BAD_BOOT);
         }
     }
-    phase("paging");
     // The kernel's own tables map no low identity or image alias of the boot structures:
     // the descriptor tables must be reached through the direct map.
     let (gdtr, idtr) = (arch::sgdt(), arch::sidt());
     let (gb, ib) = (gdtr.base, idtr.base);
     let in_dm = |b: u64| (DIRECT_MAP_BASE..DIRECT_MAP_BASE + LOW_RESERVED_END).contains(&b);
     if !in_dm(gb) || !in_dm(ib) {
-        fatal("GDTR/IDTR must point into the direct map", panic_code::BAD_BOOT);
+        fatal(
+            "GDTR/IDTR must point into the direct map",
+            panic_code::BAD_BOOT,
+        );
     }
-    let map = paging::KernelMap { mem_bytes: bi.mem_bytes, text, rodata, data, mmio: &mmio[..ndev] };
-    let Ok(pml4) = paging::init_kernel(&map) else {
-        fatal("out of memory building the kernel page tables", panic_code::OUT_OF_MEMORY)
+    let map = paging::KernelMap {
+        mem_bytes: bi.mem_bytes,
+        text,
+        rodata,
+        data,
+        mmio: &mmio[..ndev],
     };
-    kinfo::set_layout(&kinfo::Layout { mem_bytes: bi.mem_bytes, kernel_pml4: pml4, text, rodata, data });
+    let Ok(pml4) = paging::init_kernel(&map) else {
+        fatal(
+            "out of memory building the kernel page tables",
+            panic_code::OUT_OF_MEMORY,
+        )
+    };
+    kinfo::set_layout(&kinfo::Layout {
+        mem_bytes: bi.mem_bytes,
+        kernel_pml4: pml4,
+        text,
+        rodata,
+        data,
+    });
     trap::init_idt();
     kinfo::set_tables(
         proc::table_addr(),
@@ -199,11 +212,9 @@ extern "C" fn kmain(bi_va: u64) -> ! {
         fs::FILE_MAX as u32,
         core::mem::size_of::<fs::FileEntry>() as u32,
     );
-    phase("rng");
     rng_selftest();
     clone::init();
 
-    phase("devices");
     let mut disk = None;
     for d in &bi.devices[..ndev] {
         let va = paging::mmio_va(d.gpa);
@@ -216,8 +227,9 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             fatal("request device setup failed", panic_code::BAD_BOOT);
         }
     }
-    let Some(disk_bytes) = disk else { fatal("no block device", panic_code::BAD_BOOT) };
-    phase("mount");
+    let Some(disk_bytes) = disk else {
+        fatal("no block device", panic_code::BAD_BOOT)
+    };
     let nfiles = match fs::mount(disk_bytes) {
         Ok(n) => n,
         Err(_) => fatal("cannot mount the root file system", panic_code::BAD_FS),

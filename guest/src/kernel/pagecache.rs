@@ -2,7 +2,9 @@
 //! slots per node, leaves hold direct-map addresses of cached pages), filled on demand from
 //! the block device. Cached pages stay until the VM dies (the cache never shrinks).
 
-use kscope_guest::abi::kinfo::{file_kind, frame_use, RadixNode, RADIX_FANOUT, RADIX_NODE_SIZE, RADIX_SHIFT};
+use kscope_guest::abi::kinfo::{
+    file_kind, frame_use, RadixNode, RADIX_FANOUT, RADIX_NODE_SIZE, RADIX_SHIFT,
+};
 use kscope_guest::abi::layout::{virt_to_phys, PAGE_SIZE};
 
 use crate::arch::KCell;
@@ -131,7 +133,13 @@ pub fn get(file: usize, index: u64) -> Result<u64, PcError> {
         let valid = (size - off).min(PAGE_SIZE);
         if valid < PAGE_SIZE {
             // SAFETY: the tail of the frame we just filled.
-            unsafe { klib::memset((va(phys) + valid) as *mut u8, 0, (PAGE_SIZE - valid) as usize) };
+            unsafe {
+                klib::memset(
+                    (va(phys) + valid) as *mut u8,
+                    0,
+                    (PAGE_SIZE - valid) as usize,
+                )
+            };
         }
         if let Err(e) = insert(file, index + k as u64, va(phys)) {
             frames[k..n].iter().for_each(|&p| frame::free(p));
@@ -144,6 +152,10 @@ pub fn get(file: usize, index: u64) -> Result<u64, PcError> {
 /// The ground-truth use of an unmapped page-cache page of `file`.
 pub fn cache_use(file: usize) -> (u8, u32) {
     let f = fs::file(file);
-    let u = if f.abi.kind == file_kind::EXEC { frame_use::PAGE_CACHE_EXEC } else { frame_use::PAGE_CACHE_DATA };
+    let u = if f.abi.kind == file_kind::EXEC {
+        frame_use::PAGE_CACHE_EXEC
+    } else {
+        frame_use::PAGE_CACHE_DATA
+    };
     (u, f.abi.ino)
 }

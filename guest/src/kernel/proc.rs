@@ -2,7 +2,7 @@
 //! executable of the root file system, and teardown.
 
 use kscope_guest::abi::kinfo::{file_kind, frame_use, proc_state, ProcAbi};
-use kscope_guest::abi::layout::{USER_STACK_MAX, USER_STACK_TOP, USER_MMAP_BASE};
+use kscope_guest::abi::layout::{USER_MMAP_BASE, USER_STACK_MAX, USER_STACK_TOP};
 use kscope_guest::abi::syscall::prot;
 
 use crate::arch::{FxArea, KCell};
@@ -53,11 +53,26 @@ pub struct Vma {
 
 impl Vma {
     /// An unused slot.
-    pub const FREE: Vma = Vma { start: 0, end: 0, prot: 0, kind: VmaKind::Free, file: 0, offset: 0, seg_va: 0, seg_end: 0 };
+    pub const FREE: Vma = Vma {
+        start: 0,
+        end: 0,
+        prot: 0,
+        kind: VmaKind::Free,
+        file: 0,
+        offset: 0,
+        seg_va: 0,
+        seg_end: 0,
+    };
 
     /// An anonymous area.
     pub fn anon(start: u64, end: u64, prot: u64) -> Vma {
-        Vma { start, end, prot, kind: VmaKind::Anon, ..Vma::FREE }
+        Vma {
+            start,
+            end,
+            prot,
+            kind: VmaKind::Anon,
+            ..Vma::FREE
+        }
     }
 }
 
@@ -113,15 +128,62 @@ pub struct Proc {
 }
 
 const EMPTY: Proc = Proc {
-    abi: ProcAbi { state: proc_state::FREE, pid: 0, cr3: 0, name: [0; 32] },
-    ctx: Context { r15: 0, r14: 0, r13: 0, r12: 0, r11: 0, r10: 0, r9: 0, r8: 0, rbp: 0, rdi: 0,
-        rsi: 0, rdx: 0, rcx: 0, rbx: 0, rax: 0, vector: 0, error: 0, rip: 0, cs: 0, rflags: 0,
-        rsp: 0, ss: 0 },
+    abi: ProcAbi {
+        state: proc_state::FREE,
+        pid: 0,
+        cr3: 0,
+        name: [0; 32],
+    },
+    ctx: Context {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rcx: 0,
+        rbx: 0,
+        rax: 0,
+        vector: 0,
+        error: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
+    },
     fx: FxArea::initial(),
     sig_fx: FxArea::initial(),
-    sig_ctx: Context { r15: 0, r14: 0, r13: 0, r12: 0, r11: 0, r10: 0, r9: 0, r8: 0, rbp: 0,
-        rdi: 0, rsi: 0, rdx: 0, rcx: 0, rbx: 0, rax: 0, vector: 0, error: 0, rip: 0, cs: 0,
-        rflags: 0, rsp: 0, ss: 0 },
+    sig_ctx: Context {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rcx: 0,
+        rbx: 0,
+        rax: 0,
+        vector: 0,
+        error: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
+    },
     vmas: [Vma::FREE; MAX_VMAS],
     fds: [0; MAX_FDS],
     mmap_next: 0,
@@ -172,7 +234,9 @@ pub fn spawn(path: &[u8], is_agent: bool) -> Result<usize, SpawnError> {
     if fs::file(file).abi.kind != file_kind::EXEC {
         return Err(SpawnError::BadExec);
     }
-    let slot = (0..PROC_MAX).find(|&i| get(i).abi.state == proc_state::FREE).ok_or(SpawnError::TooMany)?;
+    let slot = (0..PROC_MAX)
+        .find(|&i| get(i).abi.state == proc_state::FREE)
+        .ok_or(SpawnError::TooMany)?;
     let pid = {
         let n = NEXT_PID.get();
         let pid = *n;
@@ -196,7 +260,11 @@ pub fn spawn(path: &[u8], is_agent: bool) -> Result<usize, SpawnError> {
             return Err(e);
         }
     };
-    let stack = Vma::anon(USER_STACK_TOP - USER_STACK_MAX, USER_STACK_TOP, prot::READ | prot::WRITE);
+    let stack = Vma::anon(
+        USER_STACK_TOP - USER_STACK_MAX,
+        USER_STACK_TOP,
+        prot::READ | prot::WRITE,
+    );
     if crate::uvm::add_vma(p, stack).is_err() {
         paging::free_user_tables(pml4);
         p.abi = EMPTY.abi;
@@ -236,7 +304,9 @@ pub fn destroy(i: usize) {
     let pid = p.abi.pid;
     if pml4 != 0 {
         for vma in p.vmas.iter().filter(|v| v.kind != VmaKind::Free) {
-            paging::for_each_leaf(pml4, vma.start, vma.end, &mut |_, pte| release_page(vma, pid, pte));
+            paging::for_each_leaf(pml4, vma.start, vma.end, &mut |_, pte| {
+                release_page(vma, pid, pte)
+            });
         }
         if crate::arch::read_cr3() & paging::ADDR == pml4 {
             // SAFETY: the kernel PML4 maps the kernel half identically.

@@ -6,7 +6,10 @@
 
 use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::PAGE_SIZE;
-use kscope_guest::abi::request::{kind, RequestHeader, ResponseHeader, DEVICE_ID, MAX_REQUEST, QUEUE_SIZE, RX_QUEUE, STATUS_NO_WORKLOAD, TX_QUEUE};
+use kscope_guest::abi::request::{
+    kind, RequestHeader, ResponseHeader, DEVICE_ID, MAX_REQUEST, QUEUE_SIZE, RX_QUEUE,
+    STATUS_NO_WORKLOAD, TX_QUEUE,
+};
 use kscope_guest::abi::{as_bytes, from_bytes};
 
 use crate::arch::KCell;
@@ -66,7 +69,10 @@ impl Default for Segs {
 impl Segs {
     /// No segments.
     pub const fn new() -> Self {
-        Segs { s: [(0, 0); MAX_SEGS], n: 0 }
+        Segs {
+            s: [(0, 0); MAX_SEGS],
+            n: 0,
+        }
     }
 
     /// Append a piece, merging with the previous one when contiguous; false when full.
@@ -139,11 +145,25 @@ impl ReqDev {
     }
 
     fn send(&mut self, id: u64, status: u32, segs: &Segs, total: u32) {
-        let h = ResponseHeader { id, status, len: total };
-        crate::klib::copy(va(self.hdr), as_bytes(&h).as_ptr() as u64, core::mem::size_of::<ResponseHeader>());
+        let h = ResponseHeader {
+            id,
+            status,
+            len: total,
+        };
+        crate::klib::copy(
+            va(self.hdr),
+            as_bytes(&h).as_ptr() as u64,
+            core::mem::size_of::<ResponseHeader>(),
+        );
         let n = segs.n as u16;
         let hflags = if n > 0 { F_NEXT } else { 0 };
-        self.tx.set_desc(0, self.hdr, core::mem::size_of::<ResponseHeader>() as u32, hflags, 1);
+        self.tx.set_desc(
+            0,
+            self.hdr,
+            core::mem::size_of::<ResponseHeader>() as u32,
+            hflags,
+            1,
+        );
         for (k, &(p, l)) in segs.s[..segs.n].iter().enumerate() {
             let k = k as u16 + 1;
             let f = if k < n { F_NEXT } else { 0 };
@@ -167,7 +187,11 @@ pub fn poll(has_receiver: bool) -> usize {
         d.lens[i] = len;
         let h = d.header(i);
         if h.kind == kind::PING || h.kind != kind::WORKLOAD || !has_receiver {
-            let status = if h.kind == kind::PING { 0 } else { STATUS_NO_WORKLOAD };
+            let status = if h.kind == kind::PING {
+                0
+            } else {
+                STATUS_NO_WORKLOAD
+            };
             d.send(h.id, status, &Segs::new(), 0);
             d.repost(i);
             continue;
@@ -187,8 +211,15 @@ pub fn peek() -> Option<Pending> {
     }
     let i = d.pending[d.p_head] as usize;
     let hdr = d.header(i);
-    let avail = (d.lens[i] as usize).saturating_sub(16).min(MAX_REQUEST - 16);
-    Some(Pending { buf: i, hdr, payload: va(d.bufs[i]) + 16, len: avail.min(hdr.len as usize) })
+    let avail = (d.lens[i] as usize)
+        .saturating_sub(16)
+        .min(MAX_REQUEST - 16);
+    Some(Pending {
+        buf: i,
+        hdr,
+        payload: va(d.bufs[i]) + 16,
+        len: avail.min(hdr.len as usize),
+    })
 }
 
 /// Remove the oldest pending request: its buffer is reposted; with `handed_out` its id

@@ -9,7 +9,10 @@ struct Rng {
     counter: u64,
 }
 
-static RNG: KCell<Rng> = KCell::new(Rng { key: [0; 8], counter: 0 });
+static RNG: KCell<Rng> = KCell::new(Rng {
+    key: [0; 8],
+    counter: 0,
+});
 
 fn qr(s: &mut [u32; 16], a: usize, b: usize, c: usize, d: usize) {
     s[a] = s[a].wrapping_add(s[b]);
@@ -53,7 +56,11 @@ impl Rng {
     fn next_block(&mut self) -> [u32; 16] {
         let c = self.counter;
         self.counter = self.counter.wrapping_add(1);
-        block(&self.key, c as u32, [(c >> 32) as u32, 0x6b73_636f, 0x7065_726e])
+        block(
+            &self.key,
+            c as u32,
+            [(c >> 32) as u32, 0x6b73_636f, 0x7065_726e],
+        )
     }
 
     fn rekey(&mut self) {

@@ -81,7 +81,10 @@ pub fn yield_now() {
 /// Entry from user mode (any exception).
 pub fn from_user(frame: &mut Context) -> ! {
     let Some(cur) = S.get().current else {
-        crate::fatal("trap from user mode without a current process", kscope_guest::abi::panic_code::KERNEL_EXCEPTION);
+        crate::fatal(
+            "trap from user mode without a current process",
+            kscope_guest::abi::panic_code::KERNEL_EXCEPTION,
+        );
     };
     proc::get(cur).ctx = *frame;
     match frame.vector {
@@ -149,15 +152,22 @@ fn deliver_requests() {
         let waiter = (0..PROC_MAX)
             .filter(|&i| {
                 let p = proc::get(i);
-                p.abi.state == proc_state::BLOCKED && !p.is_agent && matches!(p.wait, Wait::Recv { .. })
+                p.abi.state == proc_state::BLOCKED
+                    && !p.is_agent
+                    && matches!(p.wait, Wait::Recv { .. })
             })
             .min_by_key(|&i| proc::get(i).wait_seq);
         let Some(w) = waiter else { return };
-        let Wait::Recv { buf, len, meta } = proc::get(w).wait else { return };
+        let Wait::Recv { buf, len, meta } = proc::get(w).wait else {
+            return;
+        };
         let n = (req.len as u64).min(len) as usize;
         // SAFETY: the payload lies in the request's RX buffer (kernel memory), `n` bytes.
         let payload = unsafe { core::slice::from_raw_parts(req.payload as *const u8, n) };
-        let m = RequestMeta { id: req.hdr.id, len: req.hdr.len as u64 };
+        let m = RequestMeta {
+            id: req.hdr.id,
+            len: req.hdr.len as u64,
+        };
         let r = uvm::copy_to_user(w, buf, payload).and_then(|_| uvm::put(w, meta, &m));
         match r {
             Ok(()) => {

@@ -4,10 +4,10 @@
 
 use kscope_guest::abi::boot::Identity;
 use kscope_guest::abi::fs::NAME_MAX;
+use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::{virt_to_phys, PAGE_SIZE};
 use kscope_guest::abi::request::MAX_RESPONSE;
 use kscope_guest::abi::syscall::{self as nr, errno, FileStat};
-use kscope_guest::abi::kinfo::frame_use;
 
 use crate::mm::{frame, va};
 use crate::proc::{self, SpawnError, MAX_FDS};
@@ -97,10 +97,16 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
             Ok(Ret::Val(a[2] as i64))
         }
         nr::OPEN => {
-            let Some((b, len)) = read_path(slot, a[0], a[1])? else { return err(errno::ENOENT) };
-            let Some(f) = fs::lookup(&b[..len]) else { return err(errno::ENOENT) };
+            let Some((b, len)) = read_path(slot, a[0], a[1])? else {
+                return err(errno::ENOENT);
+            };
+            let Some(f) = fs::lookup(&b[..len]) else {
+                return err(errno::ENOENT);
+            };
             let p = proc::get(slot);
-            let Some(fd) = (3..MAX_FDS).find(|&i| p.fds[i] == 0) else { return err(errno::EMFILE) };
+            let Some(fd) = (3..MAX_FDS).find(|&i| p.fds[i] == 0) else {
+                return err(errno::EMFILE);
+            };
             p.fds[fd] = f as u32 + 1;
             Ok(Ret::Val(fd as i64))
         }
@@ -113,9 +119,15 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
         }
         nr::PREAD => pread(slot, a[0], a[1], a[2], a[3]),
         nr::FSTAT => {
-            let Some(f) = fd_file(slot, a[0]) else { return err(errno::EBADF) };
+            let Some(f) = fd_file(slot, a[0]) else {
+                return err(errno::EBADF);
+            };
             let e = fs::file(f);
-            let st = FileStat { size: e.abi.size, kind: e.abi.kind, ino: e.abi.ino };
+            let st = FileStat {
+                size: e.abi.size,
+                kind: e.abi.kind,
+                ino: e.abi.ino,
+            };
             uvm::put(slot, a[1], &st)?;
             Ok(Ret::Val(0))
         }
@@ -123,7 +135,9 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
             let file = if a[2] == u64::MAX {
                 None
             } else {
-                let Some(f) = fd_file(slot, a[2]) else { return err(errno::EBADF) };
+                let Some(f) = fd_file(slot, a[2]) else {
+                    return err(errno::EBADF);
+                };
                 Some((f, a[3]))
             };
             match uvm::mmap(slot, a[0], a[1], file) {
@@ -188,7 +202,9 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
             Ok(Ret::Val(0))
         }
         nr::SPAWN => {
-            let Some((b, len)) = read_path(slot, a[0], a[1])? else { return err(errno::ENOENT) };
+            let Some((b, len)) = read_path(slot, a[0], a[1])? else {
+                return err(errno::ENOENT);
+            };
             match proc::spawn(&b[..len], false) {
                 Ok(s) => {
                     sched::started(s, false);
@@ -225,7 +241,9 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
 }
 
 fn pread(slot: usize, fd: u64, buf: u64, len: u64, off: u64) -> Result<Ret, Fault> {
-    let Some(f) = fd_file(slot, fd) else { return err(errno::EBADF) };
+    let Some(f) = fd_file(slot, fd) else {
+        return err(errno::EBADF);
+    };
     let size = fs::file(f).abi.size;
     if off >= size {
         return Ok(Ret::Val(0));
@@ -241,7 +259,9 @@ fn pread(slot: usize, fd: u64, buf: u64, len: u64, off: u64) -> Result<Ret, Faul
         };
         let n = (PAGE_SIZE - pos % PAGE_SIZE).min(total - done);
         // SAFETY: `n` bytes inside a cached page (direct-mapped, never freed).
-        let src = unsafe { core::slice::from_raw_parts((va(page) + pos % PAGE_SIZE) as *const u8, n as usize) };
+        let src = unsafe {
+            core::slice::from_raw_parts((va(page) + pos % PAGE_SIZE) as *const u8, n as usize)
+        };
         uvm::copy_to_user(slot, buf + done, src)?;
         done += n;
     }

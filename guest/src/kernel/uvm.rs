@@ -5,7 +5,9 @@
 //! can access processes other than the current one.
 
 use kscope_guest::abi::kinfo::frame_use;
-use kscope_guest::abi::layout::{PAGE_SIZE, USER_END, USER_IMAGE_BASE, USER_STACK_MAX, USER_STACK_TOP};
+use kscope_guest::abi::layout::{
+    PAGE_SIZE, USER_END, USER_IMAGE_BASE, USER_STACK_MAX, USER_STACK_TOP,
+};
 use kscope_guest::abi::syscall::prot;
 
 use crate::mm::{frame, page_down, page_up, paging, va};
@@ -37,7 +39,9 @@ pub enum Access {
 }
 
 fn find(p: &Proc, v: u64) -> Option<usize> {
-    p.vmas.iter().position(|m| m.kind != VmaKind::Free && m.start <= v && v < m.end)
+    p.vmas
+        .iter()
+        .position(|m| m.kind != VmaKind::Free && m.start <= v && v < m.end)
 }
 
 /// Add an area (must not overlap an existing one).
@@ -45,10 +49,17 @@ pub fn add_vma(p: &mut Proc, vma: Vma) -> Result<(), Fault> {
     if vma.start >= vma.end || vma.end > USER_END || vma.start < USER_IMAGE_BASE {
         return Err(Fault::Perm);
     }
-    if p.vmas.iter().any(|m| m.kind != VmaKind::Free && m.start < vma.end && vma.start < m.end) {
+    if p.vmas
+        .iter()
+        .any(|m| m.kind != VmaKind::Free && m.start < vma.end && vma.start < m.end)
+    {
         return Err(Fault::Perm);
     }
-    let slot = p.vmas.iter().position(|m| m.kind == VmaKind::Free).ok_or(Fault::NoMem)?;
+    let slot = p
+        .vmas
+        .iter()
+        .position(|m| m.kind == VmaKind::Free)
+        .ok_or(Fault::NoMem)?;
     p.vmas[slot] = vma;
     Ok(())
 }
@@ -88,7 +99,11 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
     let phys = match vma.kind {
         VmaKind::Free => return Err(Fault::NoVma),
         VmaKind::Anon => {
-            let use_ = if vma.prot & prot::EXEC != 0 { frame_use::USER_CODE } else { frame_use::USER_DATA };
+            let use_ = if vma.prot & prot::EXEC != 0 {
+                frame_use::USER_CODE
+            } else {
+                frame_use::USER_DATA
+            };
             let f = frame::alloc_zeroed(use_, pid).ok_or(Fault::NoMem)?;
             map(pml4, v, f, flags | paging::ANON)?;
             anon_around(&vma, pid, pml4, v, flags | paging::ANON, use_);
@@ -105,7 +120,11 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
             f
         }
         VmaKind::Private => {
-            let use_ = if vma.prot & prot::EXEC != 0 { frame_use::USER_CODE } else { frame_use::USER_DATA };
+            let use_ = if vma.prot & prot::EXEC != 0 {
+                frame_use::USER_CODE
+            } else {
+                frame_use::USER_DATA
+            };
             let f = frame::alloc_zeroed(use_, pid).ok_or(Fault::NoMem)?;
             if let Err(e) = fill_private(&vma, v, f) {
                 frame::free(f);
@@ -162,7 +181,9 @@ fn anon_around(vma: &Vma, pid: u32, pml4: u64, v: u64, flags: u64, use_: u8) {
     let mut w = lo;
     while w < hi {
         if w != v && paging::lookup(pml4, w) & paging::P == 0 {
-            let Some(f) = frame::alloc_fresh(use_, pid) else { return };
+            let Some(f) = frame::alloc_fresh(use_, pid) else {
+                return;
+            };
             if map(pml4, w, f, flags).is_err() {
                 return;
             }
@@ -299,7 +320,15 @@ pub fn mmap(slot: usize, len: u64, prot_: u64, file: Option<(usize, u64)>) -> Re
             if prot_ & prot::WRITE != 0 || offset % PAGE_SIZE != 0 {
                 return Err(Fault::Perm);
             }
-            Vma { start, end: start + len, prot: prot_ | prot::READ, kind: VmaKind::File, file: f, offset, ..Vma::FREE }
+            Vma {
+                start,
+                end: start + len,
+                prot: prot_ | prot::READ,
+                kind: VmaKind::File,
+                file: f,
+                offset,
+                ..Vma::FREE
+            }
         }
     };
     if start + len > USER_STACK_TOP - USER_STACK_MAX {

@@ -154,7 +154,13 @@ impl Queue {
         put(R_QUEUE_DRIVER, phys + AVAIL_OFF);
         put(R_QUEUE_DEVICE, phys + USED_OFF);
         dev.write(R_QUEUE_READY, 1);
-        Ok(Queue { index, size, base: va(phys), avail_idx: 0, last_used: 0 })
+        Ok(Queue {
+            index,
+            size,
+            base: va(phys),
+            avail_idx: 0,
+            last_used: 0,
+        })
     }
 
     /// Fill descriptor `i`.
@@ -194,7 +200,12 @@ impl Queue {
         fence(Ordering::SeqCst);
         let e = u + 4 + (self.last_used % self.size) as u64 * 8;
         // SAFETY: used ring element inside this queue's frame.
-        let (id, len) = unsafe { ((e as *const u32).read_volatile(), ((e + 4) as *const u32).read_volatile()) };
+        let (id, len) = unsafe {
+            (
+                (e as *const u32).read_volatile(),
+                ((e + 4) as *const u32).read_volatile(),
+            )
+        };
         self.last_used = self.last_used.wrapping_add(1);
         Some((id as u16, len))
     }

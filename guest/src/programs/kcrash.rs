@@ -4,7 +4,9 @@
 //!
 //! `null` (read address 0), `write-text` (write to its own code), `exec-data` (jump into a
 //! stack buffer), `bad-syscall` (pass an unmapped buffer to `write`), `ud` (an invalid opcode
-//! that is not the `ud2` gate), `gp` (`hlt` in user mode), `div0` (divide by zero).
+//! that is not the `ud2` gate), `gp` (`hlt` in user mode), `div0` (divide by zero); and one
+//! well-behaved mode, `fpu-clobber`: fill xmm7 with garbage and yield 20 times, then exit 0
+//! (for ktest's `fpu` check that user SSE state survives process switches).
 #![no_std]
 #![no_main]
 
@@ -14,9 +16,14 @@ use kscope_guest::println;
 use kscope_guest::ulib::{sys, File};
 
 fn mode() -> alloc::vec::Vec<u8> {
-    let Ok(f) = File::open("/etc/kcrash") else { return b"null".to_vec() };
+    let Ok(f) = File::open("/etc/kcrash") else {
+        return b"null".to_vec();
+    };
     let all = f.read_all().unwrap_or_default();
-    let lines: alloc::vec::Vec<&[u8]> = all.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let lines: alloc::vec::Vec<&[u8]> = all
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
     if lines.is_empty() {
         return b"null".to_vec();
     }
@@ -40,15 +47,36 @@ fn main() -> i32 {
             f();
         }
         b"bad-syscall" => {
-            sys::syscall6(kscope_guest::abi::syscall::WRITE, 1, 0xdead_0000, 10, 0, 0, 0);
+            sys::syscall6(
+                kscope_guest::abi::syscall::WRITE,
+                1,
+                0xdead_0000,
+                10,
+                0,
+                0,
+                0,
+            );
         }
-        // SAFETY (the asm arms): deliberately invalid instructions.
+        b"fpu-clobber" => {
+            for i in 0..20u64 {
+                // SAFETY: writes xmm7 only (user mode may use SSE).
+                unsafe {
+                    core::arch::asm!("movq xmm7, {0}", in(reg) 0xdead_0000 + i, out("xmm7") _)
+                };
+                sys::yield_now();
+            }
+            return 0;
+        }
+        // SAFETY: deliberately an invalid opcode (not the ud2 gate).
         b"ud" => unsafe { core::arch::asm!(".byte 0x0f, 0xff") },
+        // SAFETY: deliberately privileged in user mode (#GP).
         b"gp" => unsafe { core::arch::asm!("hlt") },
         b"div0" => {
             let z = core::hint::black_box(0u64);
             // SAFETY: deliberately divides by zero (#DE); plain `/` would panic instead.
-            unsafe { core::arch::asm!("div {0}", in(reg) z, inout("rax") 1u64 => _, inout("rdx") 0u64 => _) };
+            unsafe {
+                core::arch::asm!("div {0}", in(reg) z, inout("rax") 1u64 => _, inout("rdx") 0u64 => _)
+            };
         }
         _ => {
             let p = core::hint::black_box(0usize) as *const u64;

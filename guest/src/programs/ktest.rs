@@ -10,6 +10,8 @@
 //! - `random`: 32 bytes from `getrandom`;
 //! - `sigclone`: the number of SIGCLONEs this process's handler saw, and the last generation;
 //! - `pid`, `clock`, `ls`, `identity`, `exit <code>`;
+//! - `fpu`: put a value in xmm7, spawn `/bin/kcrash` (which should be in `fpu-clobber`
+//!   mode), yield 40 times, check xmm7; answers `ok` or `corrupted <value>`;
 //! - `bench-syscall <n>`: ns per `getpid` round trip; `bench-fault <n>`: ns per first touch
 //!   of an anonymous page;
 //! - anything else: echoed unchanged.
@@ -143,6 +145,36 @@ fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
             LAST_GEN.load(Ordering::Relaxed)
         )),
         b"pid" => Ok(bformat!("{}", sys::getpid())),
+        b"fpu" => {
+            let mine = 0x1234_5678_9abc_def0u64;
+            sys::spawn("/bin/kcrash")?;
+            let got: u64;
+            // SAFETY: only xmm7 and the yield system call (ud2 gate, preserves registers but
+            // rax; the kernel restores xmm7 from this process's saved FPU state).
+            unsafe {
+                core::arch::asm!(
+                    "movq xmm7, {v}",
+                    "mov {n:e}, 40",
+                    "2:",
+                    "mov eax, {nr}",
+                    "ud2",
+                    "dec {n:e}",
+                    "jnz 2b",
+                    "movq {out}, xmm7",
+                    v = in(reg) mine,
+                    n = out(reg) _,
+                    out = lateout(reg) got,
+                    nr = const kscope_guest::abi::syscall::YIELD,
+                    out("rax") _,
+                    out("xmm7") _,
+                );
+            }
+            if got == mine {
+                Ok(b"ok".to_vec())
+            } else {
+                Ok(bformat!("corrupted {got:#x}"))
+            }
+        }
         b"clock" => Ok(bformat!("{}", sys::clock_ns())),
         b"identity" => {
             let id = sys::get_identity()?;

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::{Generation, MachineState};
 use crate::devices::DeviceStates;
 use crate::error::VmError;
-use crate::lazy::{Bitmap, LayeredImage, MemfdImage, PageSource, PAGE_SIZE};
+use crate::lazy::{Bitmap, LayeredImage, LazyError, MemfdImage, PageSource, PAGE_SIZE};
 use crate::memory::GuestRam;
 use crate::prefetch::Gfn;
 use crate::vm::{Vm, VmState};
@@ -36,9 +36,72 @@ static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Default)]
 pub struct ParentState {
     /// The memfd frozen by the first freeze (`None` until then).
-    base: Option<Arc<MemfdImage>>,
+    base: Option<Arc<DeferredImage>>,
     /// Number of freezes so far.
     freezes: u64,
+}
+
+/// A [`MemfdImage`] whose hole scan (`SEEK_DATA` over the whole memfd, proportional to its
+/// size) runs on a helper thread, so that children can be created and started while it runs;
+/// the first read waits for it.
+struct DeferredImage {
+    pages: u64,
+    ready: Mutex<Option<Result<Arc<MemfdImage>, String>>>,
+    cond: Condvar,
+}
+
+impl DeferredImage {
+    fn start(fd: OwnedFd, pages: u64) -> Arc<DeferredImage> {
+        let me = Arc::new(DeferredImage {
+            pages,
+            ready: Mutex::new(None),
+            cond: Condvar::new(),
+        });
+        let target = me.clone();
+        let scan = move || {
+            let r = MemfdImage::new(fd, pages)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            *target.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            target.cond.notify_all();
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("kscope-imgscan".into())
+            .spawn(scan)
+        {
+            *me.ready.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Err(format!("cannot start the image scan thread: {e}")));
+        }
+        me
+    }
+
+    fn get(&self) -> Result<Arc<MemfdImage>, LazyError> {
+        let mut g = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone().map_err(LazyError::Size);
+            }
+            g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl PageSource for DeferredImage {
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn read_page(&self, gfn: Gfn, buf: &mut [u8; PAGE_SIZE]) -> Result<(), LazyError> {
+        self.get()?.read_page(gfn, buf)
+    }
+
+    fn read_run(&self, gfn: Gfn, buf: &mut [u8]) -> Result<(), LazyError> {
+        self.get()?.read_run(gfn, buf)
+    }
+
+    fn is_known_zero(&self, gfn: Gfn) -> bool {
+        self.get().is_ok_and(|i| i.is_known_zero(gfn))
+    }
 }
 
 /// Where the time of a freeze went.
@@ -93,29 +156,32 @@ pub(crate) fn private_pages(addr: u64, pages: u64) -> Result<Bitmap, VmError> {
     Ok(map)
 }
 
-/// Copy the pages set in `dirty` from `ram` into a new memfd of the same size.
+/// Copy the pages set in `dirty` from `ram` into a new memfd of the same size (VM paused).
 fn copy_delta(ram: &GuestRam, dirty: &Bitmap) -> Result<OwnedFd, VmError> {
     let file = new_memfd("kscope-delta", ram.size())?;
-    let mut buf = vec![0u8; 64 * PAGE_SIZE];
-    let mut run: Option<(Gfn, usize)> = None;
-    let flush = |start: Gfn, n: usize, buf: &mut [u8]| -> Result<(), VmError> {
-        let b = &mut buf[..n * PAGE_SIZE];
-        ram.read(start * PAGE_SIZE as u64, b)?;
-        file.write_all_at(b, start * PAGE_SIZE as u64)
+    let base = ram.host_addr();
+    let flush = |start: Gfn, n: usize| -> Result<(), VmError> {
+        let off = start as usize * PAGE_SIZE;
+        // SAFETY: `[off, off + n pages)` lies inside `ram`'s live mapping (frames come from
+        // a bitmap of `ram`'s size); the VM is paused, so nothing writes the range while the
+        // kernel copies it into the file.
+        let src = unsafe { std::slice::from_raw_parts(base.add(off), n * PAGE_SIZE) };
+        file.write_all_at(src, off as u64)
             .map_err(|e| io("write delta memfd", e))
     };
+    let mut run: Option<(Gfn, usize)> = None;
     for g in dirty.iter_set() {
         run = match run {
-            Some((s, n)) if s + n as u64 == g && n < 64 => Some((s, n + 1)),
+            Some((s, n)) if s + n as u64 == g && n < 256 => Some((s, n + 1)),
             Some((s, n)) => {
-                flush(s, n, &mut buf)?;
+                flush(s, n)?;
                 Some((g, 1))
             }
             None => Some((g, 1)),
         };
     }
     if let Some((s, n)) = run {
-        flush(s, n, &mut buf)?;
+        flush(s, n)?;
     }
     Ok(OwnedFd::from(file))
 }
@@ -230,8 +296,15 @@ impl Vm {
         let t1 = Instant::now();
         let image: Arc<dyn PageSource> = match pending {
             Pending::First { file, old } => {
-                drop(old); // unmap the old shared mapping outside the pause
-                let base = Arc::new(MemfdImage::new(dup(&file)?, self.pages())?);
+                // Unmapping the old shared mapping costs time proportional to its populated
+                // pages: leave it to a short-lived thread.
+                let reaper = std::thread::Builder::new()
+                    .name("kscope-unmap".into())
+                    .spawn(move || drop(old));
+                if let Err(e) = reaper {
+                    tracing::debug!("no unmap thread ({e}); unmapping inline");
+                }
+                let base = DeferredImage::start(dup(&file)?, self.pages());
                 ps.base = Some(base.clone());
                 base
             }
@@ -304,7 +377,7 @@ enum Pending {
         old: Arc<GuestRam>,
     },
     Later {
-        base: Arc<MemfdImage>,
+        base: Arc<DeferredImage>,
         delta: OwnedFd,
         dirty: Bitmap,
     },

@@ -30,7 +30,14 @@ pub struct Frames {
     fresh: u64,
 }
 
-static FRAMES: KCell<Frames> = KCell::new(Frames { bitmap: 0, gt: 0, count: 0, free: 0, low: 0, fresh: 0 });
+static FRAMES: KCell<Frames> = KCell::new(Frames {
+    bitmap: 0,
+    gt: 0,
+    count: 0,
+    free: 0,
+    low: 0,
+    fresh: 0,
+});
 
 /// Physical ranges the allocator must know about at boot.
 pub struct BootLayout {
@@ -108,7 +115,10 @@ pub fn init(l: &BootLayout) -> u64 {
         }
     };
     mark(fr, 0, LOW_RESERVED_END, frame_use::BOOT);
-    fr.set_gt(KINFO_GPA / PAGE_SIZE, ground_truth(frame_use::KERNEL_DATA, 0));
+    fr.set_gt(
+        KINFO_GPA / PAGE_SIZE,
+        ground_truth(frame_use::KERNEL_DATA, 0),
+    );
     mark(fr, l.text.0, l.text.1, frame_use::KERNEL_TEXT);
     mark(fr, l.data.0, l.data.1, frame_use::KERNEL_DATA);
     // Whatever lies between the image and the tables (alignment, loader slack) is kernel data.

@@ -5,8 +5,7 @@
 
 use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::{
-    DIRECT_MAP_BASE, KERNEL_VIRT_BASE, LARGE_PAGE_SIZE, MMIO_BASE,
-    MMIO_VIRT_BASE, PAGE_SIZE,
+    DIRECT_MAP_BASE, KERNEL_VIRT_BASE, LARGE_PAGE_SIZE, MMIO_BASE, MMIO_VIRT_BASE, PAGE_SIZE,
 };
 
 use super::{frame, va};

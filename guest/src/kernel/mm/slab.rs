@@ -16,7 +16,10 @@ pub struct Slab {
 impl Slab {
     /// A cache of `size`-byte objects (8-byte aligned, at most a page).
     pub const fn new(size: u64) -> Self {
-        Slab { size: (size + 7) & !7, free: 0 }
+        Slab {
+            size: (size + 7) & !7,
+            free: 0,
+        }
     }
 
     /// A zeroed object (kernel virtual address), or `None` when out of memory.
