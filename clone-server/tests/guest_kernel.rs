@@ -192,6 +192,26 @@ fn files_read_by_pread_and_mmap_match_the_image() {
 }
 
 #[test]
+fn fragmented_large_responses_arrive_intact() {
+    let vm = boot_with("kt-scatter", 64, &[]);
+    // 2.4 MB from a buffer whose 8-page physical runs alternate with another area's: more
+    // pieces than one descriptor chain holds, so the kernel bounces it.
+    let n = 600;
+    let r = ask(&vm, format!("scatter {n}").as_bytes());
+    assert_eq!(r.len(), n * 4096);
+    for i in 0..n {
+        assert_eq!(r[i * 4096], i as u8, "page {i}");
+        assert!(
+            r[i * 4096 + 1..(i + 1) * 4096].iter().all(|&b| b == 0),
+            "page {i}"
+        );
+    }
+    // And the bounce buffer went back to the allocator.
+    assert_eq!(ask(&vm, b"echo ok"), b"ok");
+    vm.stop().unwrap();
+}
+
+#[test]
 fn anonymous_memory_is_given_back() {
     let vm = boot("kt-alloc");
     let before = kinfo(&vm).free_frames;
@@ -620,6 +640,43 @@ fn init_exit_powers_the_vm_off_with_its_code() {
         "{:?}",
         report.reason
     );
+}
+
+#[test]
+fn clones_get_sigclone_fresh_randomness_and_a_warm_page_cache() {
+    let data = data_file(20 * 4096, 9);
+    let vm = boot_with("kt-clone", 64, &[("/data/warm", file_kind::DATA, data.clone())]);
+    assert_eq!(ask(&vm, b"cat /data/warm"), data);
+    let parent_random = ask(&vm, b"random");
+    let batch = vm
+        .clone_children(2, &kscope_vmm::CloneOptions::default())
+        .unwrap_or_else(|e| panic!("clone: {e}"));
+    let mut randoms = vec![parent_random];
+    for child in &batch.children {
+        let sig = ask_str(child, "sigclone");
+        let (count, generation) = sig.split_once(' ').unwrap();
+        assert_eq!(count, "1", "{}", child.serial_output());
+        let generation: u64 = generation.parse().unwrap();
+        assert!(generation > 0);
+        let k = kinfo(child);
+        assert_eq!((k.sigclone_count, k.seen_generation), (1, generation));
+        // The page cache came along: the file is served without a disk read (its radix
+        // tree already holds every page).
+        let f = files(child, &k).into_iter().find(|f| f.name.starts_with(b"/data/warm")).unwrap();
+        assert_eq!(f.nr_cached, 20);
+        assert_eq!(ask(child, b"cat /data/warm"), data);
+        randoms.push(ask(child, b"random"));
+        assert!(child.serial_output().contains("clone generation"));
+    }
+    randoms.sort();
+    randoms.dedup();
+    assert_eq!(randoms.len(), 3, "parent and both clones draw different random bytes");
+    assert_eq!(ask_str(&vm, "sigclone"), "0 0", "the parent saw no clone event");
+    assert_eq!(ask(&vm, b"echo parent"), b"parent");
+    for child in batch.children {
+        child.stop().unwrap();
+    }
+    vm.stop().unwrap();
 }
 
 #[test]

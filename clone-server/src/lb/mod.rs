@@ -205,6 +205,7 @@ struct Shared {
     api: ApiClient,
     workers: Mutex<Vec<Arc<Worker>>>,
     done: Mutex<Vec<Done>>,
+    sent: AtomicUsize,
     start: Instant,
     scaling: AtomicBool,
     mode: Mutex<ScaleMode>,
@@ -440,6 +441,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         api,
         workers: Mutex::default(),
         done: Mutex::default(),
+        sent: AtomicUsize::new(0),
         start,
         scaling: AtomicBool::new(false),
         mode,
@@ -456,6 +458,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             let mut tick = tokio::time::interval(o.window);
             tick.tick().await;
             let mut last = Duration::ZERO;
+            let mut last_sent = 0;
             while !stop.load(Ordering::Acquire) {
                 tick.tick().await;
                 let now = sh.start.elapsed();
@@ -466,10 +469,9 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                     .filter(|d| d.finished >= last && d.finished < now && d.outcome.is_ok())
                     .map(|d| d.finished - d.arrived)
                     .collect();
-                let arrived = done
-                    .iter()
-                    .filter(|d| d.arrived >= last && d.arrived < now)
-                    .count();
+                let sent = sh.sent.load(Ordering::Relaxed);
+                let arrived = sent - last_sent;
+                last_sent = sent;
                 drop(done);
                 let ws = sh.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 timeline.push(Interval {
@@ -495,6 +497,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             anyhow::bail!("no workers left");
         };
         w.in_flight.fetch_add(1, Ordering::Relaxed);
+        sh.sent.fetch_add(1, Ordering::Relaxed);
         let sh2 = sh.clone();
         tasks.spawn(async move {
             let arrived = sh2.start.elapsed();

@@ -116,6 +116,13 @@ impl IntoResponse for ApiError {
             "error": { "code": self.code(), "message": self.to_string() }
         });
         let mut r = (self.status(), Json(body)).into_response();
+        if matches!(self, ApiError::PayloadTooLarge(_)) {
+            // The rest of the body was not read: the connection cannot be reused.
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         r.extensions_mut().insert(ErrorCode(self.code()));
         r
     }

@@ -81,12 +81,32 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
+/// Run a blocking request wait on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::Internal(format!("a VM operation panicked: {e}")))?
+}
+
+/// Run a VM control operation (boot, clone, pause, snapshot, stop) on a thread of its own, so
+/// that it never queues behind thousands of request waits on the blocking pool.
+async fn control<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kscope-control".into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(r);
+        })
+        .map_err(|e| ApiError::Internal(format!("cannot start a control thread: {e}")))?;
+    match rx.await {
+        Ok(Ok(r)) => r,
+        _ => Err(ApiError::Internal("a VM control operation panicked".into())),
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -147,7 +167,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
     let id = s.registry.new_id();
     let st = s.clone();
     let vid = id.clone();
-    let entry = blocking(move || {
+    let entry = control(move || {
         let start = Instant::now();
         let vm = Vm::boot(VmConfig {
             name: vid.clone(),
@@ -204,7 +224,7 @@ async fn get_stats(State(s): St, Path(id): Path<String>) -> ApiResult<Response> 
 async fn delete_vm(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
     let removed = s.registry.remove_tree(&id)?;
     let ids: Vec<String> = removed.iter().map(|e| e.id.clone()).collect();
-    blocking(move || {
+    control(move || {
         for e in removed {
             if let Err(err) = e.vm.stop() {
                 tracing::warn!(vm = %e.id, "stop failed: {err}");
@@ -220,14 +240,14 @@ async fn delete_vm(State(s): St, Path(id): Path<String>) -> ApiResult<Response> 
 async fn pause_vm(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
     let e = s.registry.get(&id)?;
     let e2 = e.clone();
-    blocking(move || e2.vm.pause().map_err(|err| ApiError::from_vm(&e2.id, err))).await?;
+    control(move || e2.vm.pause().map_err(|err| ApiError::from_vm(&e2.id, err))).await?;
     Ok(Json(e.view()).into_response())
 }
 
 async fn resume_vm(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
     let e = s.registry.get(&id)?;
     let e2 = e.clone();
-    blocking(move || e2.vm.resume().map_err(|err| ApiError::from_vm(&e2.id, err))).await?;
+    control(move || e2.vm.resume().map_err(|err| ApiError::from_vm(&e2.id, err))).await?;
     Ok(Json(e.view()).into_response())
 }
 
@@ -328,7 +348,7 @@ async fn create_clones(
     let generation = s.registry.new_generation();
     let prefix = format!("{}-g{generation}-", parent.id);
     let (p2, r2) = (parent.clone(), req.clone());
-    let batch = blocking(move || clones::make_clones(&p2, &r2, &prefix)).await?;
+    let batch = control(move || clones::make_clones(&p2, &r2, &prefix)).await?;
     let made = batch.clones.len();
     reservation.shrink_clones(req.n - made.min(req.n), parent.mem_bytes);
     let policy = format!("{:?}", req.mode).to_lowercase() + ":" + req.prefetch.name.as_str();
@@ -428,7 +448,7 @@ async fn create_snapshot(
     let e = s.registry.get(&id)?;
     let dir = snapshot_dir(&s, &body.name);
     let name = body.name.clone();
-    let report = blocking(move || {
+    let report = control(move || {
         let r =
             e.vm.snapshot(&dir)
                 .map_err(|err| snap_error(&format!("snapshot of VM {}", e.id), err))?;
@@ -479,7 +499,7 @@ async fn restore_snapshot(State(s): St, Path(name): Path<String>) -> ApiResult<R
     let reservation = s.registry.reserve(1, 0, meta.memory_bytes)?;
     let id = s.registry.new_id();
     let vid = id.clone();
-    let entry = blocking(move || {
+    let entry = control(move || {
         let t0 = Instant::now();
         let vm = Vm::restore(&dir, kscope_vmm::MemoryMode::Lazy, &vid)
             .map_err(|e| snap_error(&format!("restoring snapshot {name:?}"), e))?;

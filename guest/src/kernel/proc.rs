@@ -13,7 +13,7 @@ use crate::{elf, fs, pagecache};
 /// Capacity of the process table.
 pub const PROC_MAX: usize = 16;
 /// Memory areas per process.
-pub const MAX_VMAS: usize = 32;
+pub const MAX_VMAS: usize = 64;
 /// File descriptors per process (0..2 are the console).
 pub const MAX_FDS: usize = 16;
 
@@ -111,6 +111,8 @@ pub struct Proc {
     pub fds: [u32; MAX_FDS],
     /// Next address handed out by `mmap`.
     pub mmap_next: u64,
+    /// Index of the area found last (checked first on the next lookup).
+    pub last_vma: usize,
     /// Blocking state.
     pub wait: Wait,
     /// Order in which waiters blocked (FIFO request delivery).
@@ -187,6 +189,7 @@ const EMPTY: Proc = Proc {
     vmas: [Vma::FREE; MAX_VMAS],
     fds: [0; MAX_FDS],
     mmap_next: 0,
+    last_vma: 0,
     wait: Wait::None,
     wait_seq: 0,
     sig_handler: 0,

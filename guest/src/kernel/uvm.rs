@@ -38,10 +38,14 @@ pub enum Access {
     Exec,
 }
 
-fn find(p: &Proc, v: u64) -> Option<usize> {
-    p.vmas
-        .iter()
-        .position(|m| m.kind != VmaKind::Free && m.start <= v && v < m.end)
+fn find(p: &mut Proc, v: u64) -> Option<usize> {
+    let hit = |m: &Vma| m.kind != VmaKind::Free && m.start <= v && v < m.end;
+    if hit(&p.vmas[p.last_vma % MAX_VMAS]) {
+        return Some(p.last_vma % MAX_VMAS);
+    }
+    let i = p.vmas.iter().position(hit)?;
+    p.last_vma = i;
+    Some(i)
 }
 
 /// Add an area (must not overlap an existing one).
@@ -91,22 +95,20 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
     }
     let pml4 = p.abi.cr3;
     let pid = p.abi.pid;
-    let old = paging::lookup(pml4, v);
+    // One walk for the fault and its fault-around window (they share the page table).
+    let pt = paging::pt_for(pml4, v, true).map_err(|_| Fault::NoMem)?;
+    let old = paging::pte(pt, v);
     if old & paging::P != 0 {
         return Ok(old & paging::ADDR);
     }
-    let flags = pte_flags(&vma);
+    let flags = pte_flags(&vma) | paging::P;
     let phys = match vma.kind {
         VmaKind::Free => return Err(Fault::NoVma),
         VmaKind::Anon => {
-            let use_ = if vma.prot & prot::EXEC != 0 {
-                frame_use::USER_CODE
-            } else {
-                frame_use::USER_DATA
-            };
+            let use_ = if vma.prot & prot::EXEC != 0 { frame_use::USER_CODE } else { frame_use::USER_DATA };
             let f = frame::alloc_zeroed(use_, pid).ok_or(Fault::NoMem)?;
-            map(pml4, v, f, flags | paging::ANON)?;
-            anon_around(&vma, pid, pml4, v, flags | paging::ANON, use_);
+            paging::set_pte(pt, v, f | flags | paging::ANON);
+            anon_around(&vma, pid, pt, v, flags | paging::ANON, use_);
             f
         }
         VmaKind::File => {
@@ -115,22 +117,18 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
                 pagecache::PcError::NoMem => Fault::NoMem,
                 _ => Fault::Io,
             })?;
-            map_cached(&vma, pid, pml4, v, f, flags)?;
-            fault_around(&vma, pid, pml4, v, flags);
+            map_cached(&vma, pid, pt, v, f, flags);
+            fault_around(&vma, pid, pt, v, flags);
             f
         }
         VmaKind::Private => {
-            let use_ = if vma.prot & prot::EXEC != 0 {
-                frame_use::USER_CODE
-            } else {
-                frame_use::USER_DATA
-            };
+            let use_ = if vma.prot & prot::EXEC != 0 { frame_use::USER_CODE } else { frame_use::USER_DATA };
             let f = frame::alloc_zeroed(use_, pid).ok_or(Fault::NoMem)?;
             if let Err(e) = fill_private(&vma, v, f) {
                 frame::free(f);
                 return Err(e);
             }
-            map(pml4, v, f, flags | paging::ANON)?;
+            paging::set_pte(pt, v, f | flags | paging::ANON);
             f
         }
     };
@@ -142,30 +140,37 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
 /// saves whole faults.
 const FAULT_AROUND_PAGES: u64 = 16;
 
-/// Map page-cache page `f` at `v` (tagging it as code when mapped executable).
-fn map_cached(vma: &Vma, pid: u32, pml4: u64, v: u64, f: u64, flags: u64) -> Result<(), Fault> {
+/// Window of anonymous fault-around (pages).
+const ANON_AROUND_PAGES: u64 = 8;
+
+/// Map page-cache page `f` at `v` in page table `pt` (tagging it as code when mapped
+/// executable).
+fn map_cached(vma: &Vma, pid: u32, pt: u64, v: u64, f: u64, flags: u64) {
     if vma.prot & prot::EXEC != 0 {
         let g = frame::get_use(f) & 0xff;
         if g == frame_use::PAGE_CACHE_EXEC as u32 || g == frame_use::PAGE_CACHE_DATA as u32 {
             frame::set_use(f, frame_use::USER_CODE, pid);
         }
     }
-    map(pml4, v, f, flags)
+    paging::set_pte(pt, v, f | flags);
+}
+
+/// The aligned window of `pages` pages around `v`, clipped to the area.
+fn window(vma: &Vma, v: u64, pages: u64) -> (u64, u64) {
+    let win = pages * PAGE_SIZE;
+    let base = v & !(win - 1);
+    (base.max(vma.start), (base + win).min(vma.end))
 }
 
 /// Map the cached, not yet mapped pages of the fault-around window of `v`.
-fn fault_around(vma: &Vma, pid: u32, pml4: u64, v: u64, flags: u64) {
-    let win = FAULT_AROUND_PAGES * PAGE_SIZE;
-    let lo = (v & !(win - 1)).max(vma.start);
-    let hi = ((v & !(win - 1)) + win).min(vma.end);
+fn fault_around(vma: &Vma, pid: u32, pt: u64, v: u64, flags: u64) {
+    let (lo, hi) = window(vma, v, FAULT_AROUND_PAGES);
     let mut w = lo;
     while w < hi {
-        if w != v && paging::lookup(pml4, w) & paging::P == 0 {
+        if w != v && paging::pte(pt, w) & paging::P == 0 {
             let index = (vma.offset + (w - vma.start)) / PAGE_SIZE;
             if let Some(f) = pagecache::lookup(vma.file, index) {
-                if map_cached(vma, pid, pml4, w, f, flags).is_err() {
-                    return;
-                }
+                map_cached(vma, pid, pt, w, f, flags);
             }
         }
         w += PAGE_SIZE;
@@ -174,34 +179,16 @@ fn fault_around(vma: &Vma, pid: u32, pml4: u64, v: u64, flags: u64) {
 
 /// Anonymous fault-around: map never-used (hence zero, no zeroing cost) frames for the rest
 /// of the aligned window of `v`, while the allocator's fresh frontier lasts.
-fn anon_around(vma: &Vma, pid: u32, pml4: u64, v: u64, flags: u64, use_: u8) {
-    let win = ANON_AROUND_PAGES * PAGE_SIZE;
-    let lo = (v & !(win - 1)).max(vma.start);
-    let hi = ((v & !(win - 1)) + win).min(vma.end);
+fn anon_around(vma: &Vma, pid: u32, pt: u64, v: u64, flags: u64, use_: u8) {
+    let (lo, hi) = window(vma, v, ANON_AROUND_PAGES);
     let mut w = lo;
     while w < hi {
-        if w != v && paging::lookup(pml4, w) & paging::P == 0 {
-            let Some(f) = frame::alloc_fresh(use_, pid) else {
-                return;
-            };
-            if map(pml4, w, f, flags).is_err() {
-                return;
-            }
+        if w != v && paging::pte(pt, w) & paging::P == 0 {
+            let Some(f) = frame::alloc_fresh(use_, pid) else { return };
+            paging::set_pte(pt, w, f | flags);
         }
         w += PAGE_SIZE;
     }
-}
-
-/// Window of anonymous fault-around (pages).
-const ANON_AROUND_PAGES: u64 = 8;
-
-fn map(pml4: u64, v: u64, f: u64, flags: u64) -> Result<(), Fault> {
-    paging::map_4k(pml4, v, f, flags).map_err(|_| {
-        if flags & paging::ANON != 0 {
-            frame::free(f);
-        }
-        Fault::NoMem
-    })
 }
 
 /// Copy the file bytes that fall into page `v` of a private area into frame `f`.
@@ -231,8 +218,11 @@ pub fn page_fault(slot: usize, addr: u64, err: u64) -> Result<(), Fault> {
     if addr >= USER_END {
         return Err(Fault::NoVma);
     }
-    let p = proc::get(slot);
-    let pte = paging::lookup(p.abi.cr3, page_down(addr));
+    // Error code bit 0 clear: the page was not present (the common case): populate it.
+    if err & 1 == 0 {
+        return fault_in(slot, addr, access).map(|_| ());
+    }
+    let pte = paging::lookup(proc::get(slot).abi.cr3, page_down(addr));
     if pte & paging::P != 0 {
         // Present but the access is not allowed by the entry: a protection violation
         // (entries are never made more permissive after they are created).
@@ -314,6 +304,20 @@ pub fn mmap(slot: usize, len: u64, prot_: u64, file: Option<(usize, u64)>) -> Re
     let p = proc::get(slot);
     let len = page_up(len);
     let start = p.mmap_next;
+    if start + len > USER_STACK_TOP - USER_STACK_MAX {
+        return Err(Fault::NoMem);
+    }
+    if file.is_none() {
+        // Extend the previous anonymous area when it ends here with the same protection
+        // (like Linux's VMA merging): heaps grow without using up area slots.
+        let prot_ = prot_ | prot::READ;
+        let prev = p.vmas.iter_mut().find(|m| m.kind == VmaKind::Anon && m.end == start && m.prot == prot_);
+        if let Some(m) = prev {
+            m.end = start + len;
+            p.mmap_next = start + len;
+            return Ok(start);
+        }
+    }
     let vma = match file {
         None => Vma::anon(start, start + len, prot_ | prot::READ),
         Some((f, offset)) => {
@@ -331,12 +335,8 @@ pub fn mmap(slot: usize, len: u64, prot_: u64, file: Option<(usize, u64)>) -> Re
             }
         }
     };
-    if start + len > USER_STACK_TOP - USER_STACK_MAX {
-        return Err(Fault::NoMem);
-    }
     add_vma(p, vma)?;
-    // Leave an unmapped guard page between areas.
-    p.mmap_next = start + len + PAGE_SIZE;
+    p.mmap_next = start + len;
     Ok(start)
 }
 

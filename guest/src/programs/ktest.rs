@@ -12,6 +12,9 @@
 //! - `pid`, `clock`, `ls`, `identity`, `exit <code>`;
 //! - `fpu`: put a value in xmm7, spawn `/bin/kcrash` (which should be in `fpu-clobber`
 //!   mode), yield 40 times, check xmm7; answers `ok` or `corrupted <value>`;
+//! - `scatter <n>`: answer `n` pages of a pattern from a buffer whose 8-page runs are
+//!   interleaved in physical memory with another area's (exercises the kernel's bounce path
+//!   for responses too fragmented for one descriptor chain);
 //! - `bench-syscall <n>`: ns per `getpid` round trip; `bench-fault <n>`: ns per first touch
 //!   of an anonymous page;
 //! - anything else: echoed unchanged.
@@ -191,6 +194,27 @@ fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
     }
 }
 
+/// `scatter <n>`: answer straight from a buffer whose 8-page runs alternate in physical memory
+/// with another area's.
+fn scatter(id: u64, n: &[u8]) -> Result<(), sys::Errno> {
+    let n = num(n).ok_or(sys::Errno(22))?.max(1);
+    let len = n * 4096;
+    let a = sys::mmap(len, prot::READ | prot::WRITE, None, 0)?;
+    let b = sys::mmap(len, prot::READ | prot::WRITE, None, 0)?;
+    for i in 0..n {
+        for (base, v) in [(a, i as u8), (b, 0xee)] {
+            // SAFETY: page `i` of a mapping of `n` pages just created.
+            unsafe { ((base + i * 4096) as *mut u8).write_volatile(v) };
+        }
+    }
+    // SAFETY: `a` maps `len` readable bytes, written above.
+    let body = unsafe { core::slice::from_raw_parts(a as *const u8, len as usize) };
+    ulib::respond(id, 0, body)?;
+    sys::munmap(a, len)?;
+    sys::munmap(b, len)?;
+    Ok(())
+}
+
 fn main() -> i32 {
     if let Err(e) = ulib::on_clone(on_clone) {
         println!("ktest: sigclone_register failed: {e:?}");
@@ -204,6 +228,12 @@ fn main() -> i32 {
                 return 1;
             }
         };
+        if let Some(n) = arg(&req.payload, b"scatter") {
+            if let Err(e) = scatter(req.id, &n) {
+                let _ = ulib::respond(req.id, e.0 as u32, b"scatter failed");
+            }
+            continue;
+        }
         let (status, body) = match run(&req.payload) {
             Ok(b) => (0, b),
             Err(e) => (e.0 as u32, bformat!("error {}", e.0)),

@@ -104,6 +104,8 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     let size = cfg.mem_bytes;
     let pages = size / PAGE_SIZE as u64;
     let hv = KvmHypervisor.create_vm()?;
+    let tr = |what: &str| eprintln!("TRACE {what} {:?}", start.elapsed());
+    tr("vm");
     let genpage = if spec.identity {
         let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
         Some(GenPage {
@@ -138,6 +140,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                     ..Default::default()
                 },
             )?;
+            tr("server");
             server.before_resume()?;
             if let Some(g) = &genpage {
                 // Install the page through the server (counted), then overwrite it.
@@ -151,17 +154,13 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(|e| VmError::Memory(format!("dup clone memfd: {e}")))?;
+            tr("genpage");
             let addr = server.region().host_addr() as *mut u8;
             let server = Arc::new(server);
             // SAFETY: the region is a live MAP_SHARED, writable mapping of its memfd of
             // `size` bytes, owned by `server`, which the keeper keeps alive.
             let ram = unsafe {
-                GuestRam::from_raw(
-                    addr,
-                    size,
-                    Arc::new(File::from(fd)),
-                    Keeper(server.clone()),
-                )
+                GuestRam::from_raw(addr, size, Arc::new(File::from(fd)), Keeper(server.clone()))
             }?;
             (ram, Some(server))
         }
@@ -175,7 +174,9 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         }
     };
     // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
+    tr("ram");
     unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
+    tr("slot");
     if let Some(c) = &gen.state.clock {
         if let Err(e) = hv.set_clock(c) {
             tracing::debug!(vm = %spec.name, "KVM_SET_CLOCK: {e}");
@@ -189,6 +190,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         v.restore_state(st)?;
         vcpus.push(v);
     }
+    tr("vcpus");
     let vm = Vm::assemble(Assembly {
         cfg,
         hv,

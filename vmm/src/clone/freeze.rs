@@ -17,7 +17,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -42,20 +42,21 @@ pub struct ParentState {
 }
 
 /// A [`MemfdImage`] whose hole scan (`SEEK_DATA` over the whole memfd, proportional to its
-/// size) runs on a helper thread, so that children can be created and started while it runs;
-/// the first read waits for it.
+/// size) runs on a helper thread, so that children can be created and started while it runs.
+/// Until it is done, pages are read with `pread` (holes read as zeros without being allocated).
 struct DeferredImage {
     pages: u64,
+    file: File,
     ready: Mutex<Option<Result<Arc<MemfdImage>, String>>>,
-    cond: Condvar,
 }
 
 impl DeferredImage {
-    fn start(fd: OwnedFd, pages: u64) -> Arc<DeferredImage> {
+    fn start(fd: OwnedFd, pages: u64) -> Result<Arc<DeferredImage>, VmError> {
+        let file = File::from(fd.try_clone().map_err(|e| io("dup memfd", e))?);
         let me = Arc::new(DeferredImage {
             pages,
+            file,
             ready: Mutex::new(None),
-            cond: Condvar::new(),
         });
         let target = me.clone();
         let scan = move || {
@@ -63,7 +64,6 @@ impl DeferredImage {
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
             *target.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-            target.cond.notify_all();
         };
         if let Err(e) = std::thread::Builder::new()
             .name("kscope-imgscan".into())
@@ -72,17 +72,36 @@ impl DeferredImage {
             *me.ready.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Err(format!("cannot start the image scan thread: {e}")));
         }
-        me
+        Ok(me)
     }
 
-    fn get(&self) -> Result<Arc<MemfdImage>, LazyError> {
-        let mut g = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(r) = g.as_ref() {
-                return r.clone().map_err(LazyError::Size);
-            }
-            g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+    /// The scanned image if the scan is done.
+    fn done(&self) -> Option<Arc<MemfdImage>> {
+        match self
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(Ok(i)) => Some(i.clone()),
+            _ => None,
         }
+    }
+
+    fn pread(&self, gfn: Gfn, buf: &mut [u8]) -> Result<(), LazyError> {
+        if gfn + (buf.len() / PAGE_SIZE) as u64 > self.pages {
+            return Err(LazyError::OutOfRange {
+                gfn,
+                pages: self.pages,
+                what: "frozen memfd",
+            });
+        }
+        self.file
+            .read_exact_at(buf, gfn * PAGE_SIZE as u64)
+            .map_err(|e| LazyError::Io {
+                op: format!("pread page {gfn} of the frozen memfd"),
+                source: e,
+            })
     }
 }
 
@@ -92,15 +111,21 @@ impl PageSource for DeferredImage {
     }
 
     fn read_page(&self, gfn: Gfn, buf: &mut [u8; PAGE_SIZE]) -> Result<(), LazyError> {
-        self.get()?.read_page(gfn, buf)
+        match self.done() {
+            Some(i) => i.read_page(gfn, buf),
+            None => self.pread(gfn, buf),
+        }
     }
 
     fn read_run(&self, gfn: Gfn, buf: &mut [u8]) -> Result<(), LazyError> {
-        self.get()?.read_run(gfn, buf)
+        match self.done() {
+            Some(i) => i.read_run(gfn, buf),
+            None => self.pread(gfn, buf),
+        }
     }
 
     fn is_known_zero(&self, gfn: Gfn) -> bool {
-        self.get().is_ok_and(|i| i.is_known_zero(gfn))
+        self.done().is_some_and(|i| i.is_known_zero(gfn))
     }
 }
 
@@ -209,7 +234,13 @@ fn dup(f: &File) -> Result<OwnedFd, VmError> {
 /// Bytes of host memory owned by this VM alone (see [`super::MemoryStats::footprint_bytes`]).
 pub(crate) fn footprint(vm: &Vm) -> Result<u64, VmError> {
     if let Some(s) = &vm.lazy {
-        if vm.parent.lock().unwrap_or_else(|p| p.into_inner()).base.is_none() {
+        if vm
+            .parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .base
+            .is_none()
+        {
             return Ok(s.region().resident_bytes()?);
         }
     }
@@ -304,7 +335,7 @@ impl Vm {
                 if let Err(e) = reaper {
                     tracing::debug!("no unmap thread ({e}); unmapping inline");
                 }
-                let base = DeferredImage::start(dup(&file)?, self.pages());
+                let base = DeferredImage::start(dup(&file)?, self.pages())?;
                 ps.base = Some(base.clone());
                 base
             }

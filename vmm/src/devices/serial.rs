@@ -123,7 +123,10 @@ impl SerialDevice {
     }
 
     /// A UART in a saved state, writing into `out`.
-    pub fn from_state(st: &SerialSnapshot, out: Arc<ConsoleBuffer>) -> Result<SerialDevice, String> {
+    pub fn from_state(
+        st: &SerialSnapshot,
+        out: Arc<ConsoleBuffer>,
+    ) -> Result<SerialDevice, String> {
         let r = st.regs;
         let s = SerialState {
             baud_divisor_low: r[0],

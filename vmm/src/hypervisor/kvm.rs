@@ -15,8 +15,8 @@ use kvm_bindings::{
     CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use serde::{Deserialize, Serialize};
 use libc::{c_int, c_void, siginfo_t};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -492,9 +492,7 @@ impl HvVcpu for KvmVcpu {
         let events = fd
             .get_vcpu_events()
             .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-        let debugregs = fd
-            .get_debug_regs()
-            .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+        let debugregs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
         let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
         Ok(KvmVcpuState {
             regs,

@@ -68,6 +68,26 @@ fn next(table: u64, i: u64, flags: u64) -> Result<u64, NoMem> {
     Ok(t)
 }
 
+/// The page table (last level) covering `virt`, creating missing levels (user-accessible
+/// intermediate entries when `user`). All pages of an aligned 2 MiB range share it, so
+/// callers mapping several neighbours walk the tree once.
+pub fn pt_for(pml4: u64, virt: u64, user: bool) -> Result<u64, NoMem> {
+    let inter = P | RW | if user { US } else { 0 };
+    let pdpt = next(pml4, idx(virt, 4), inter)?;
+    let pd = next(pdpt, idx(virt, 3), inter)?;
+    next(pd, idx(virt, 2), inter)
+}
+
+/// The entry of `virt` in page table `pt` (from [`pt_for`]).
+pub fn pte(pt: u64, virt: u64) -> u64 {
+    read(pt, idx(virt, 1))
+}
+
+/// Set the entry of `virt` in page table `pt` (a previously non-present entry: no flush).
+pub fn set_pte(pt: u64, virt: u64, v: u64) {
+    write(pt, idx(virt, 1), v)
+}
+
 /// Map the 4 KiB page `virt` to `phys` with `flags` (P is added).
 pub fn map_4k(pml4: u64, virt: u64, phys: u64, flags: u64) -> Result<(), NoMem> {
     let inter = P | RW | (flags & US);
