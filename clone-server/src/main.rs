@@ -21,6 +21,10 @@ enum Cmd {
     Demo(cli::DemoArgs),
     /// Boot and warm a workload, color its memory, print the histogram and accuracy.
     Color(cli::ColorArgs),
+    /// Run the HTTP clone service (for elastic load balancers).
+    Serve(cli::ServeArgs),
+    /// Run an elastic load balancer that drives a running service with bursty load.
+    Lb(cli::LbArgs),
 }
 
 fn main() {
@@ -36,6 +40,8 @@ fn main() {
         Cmd::Run(a) => cli::run(a),
         Cmd::Demo(a) => cli::demo(a),
         Cmd::Color(a) => cli::color(a),
+        Cmd::Serve(a) => cli::serve(a),
+        Cmd::Lb(a) => cli::lb(a),
     };
     if let Err(e) = result.context("kscope failed") {
         eprintln!("error: {e:#}");

@@ -645,7 +645,11 @@ fn init_exit_powers_the_vm_off_with_its_code() {
 #[test]
 fn clones_get_sigclone_fresh_randomness_and_a_warm_page_cache() {
     let data = data_file(20 * 4096, 9);
-    let vm = boot_with("kt-clone", 64, &[("/data/warm", file_kind::DATA, data.clone())]);
+    let vm = boot_with(
+        "kt-clone",
+        64,
+        &[("/data/warm", file_kind::DATA, data.clone())],
+    );
     assert_eq!(ask(&vm, b"cat /data/warm"), data);
     let parent_random = ask(&vm, b"random");
     let batch = vm
@@ -662,7 +666,10 @@ fn clones_get_sigclone_fresh_randomness_and_a_warm_page_cache() {
         assert_eq!((k.sigclone_count, k.seen_generation), (1, generation));
         // The page cache came along: the file is served without a disk read (its radix
         // tree already holds every page).
-        let f = files(child, &k).into_iter().find(|f| f.name.starts_with(b"/data/warm")).unwrap();
+        let f = files(child, &k)
+            .into_iter()
+            .find(|f| f.name.starts_with(b"/data/warm"))
+            .unwrap();
         assert_eq!(f.nr_cached, 20);
         assert_eq!(ask(child, b"cat /data/warm"), data);
         randoms.push(ask(child, b"random"));
@@ -670,11 +677,41 @@ fn clones_get_sigclone_fresh_randomness_and_a_warm_page_cache() {
     }
     randoms.sort();
     randoms.dedup();
-    assert_eq!(randoms.len(), 3, "parent and both clones draw different random bytes");
-    assert_eq!(ask_str(&vm, "sigclone"), "0 0", "the parent saw no clone event");
+    assert_eq!(
+        randoms.len(),
+        3,
+        "parent and both clones draw different random bytes"
+    );
+    assert_eq!(
+        ask_str(&vm, "sigclone"),
+        "0 0",
+        "the parent saw no clone event"
+    );
     assert_eq!(ask(&vm, b"echo parent"), b"parent");
     for child in batch.children {
         child.stop().unwrap();
+    }
+    vm.stop().unwrap();
+}
+
+#[test]
+fn a_clone_drops_the_requests_in_flight_at_the_clone_point() {
+    let vm = boot("kt-inflight");
+    let pending = vm.submit(kind::WORKLOAD, b"sleep 400").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let batch = vm
+        .clone_children(1, &kscope_vmm::CloneOptions::default())
+        .unwrap();
+    let child = &batch.children[0];
+    // The parent answers its request; the child finishes the same work but drops the answer.
+    let r = pending.wait(T).unwrap();
+    assert_eq!((r.status, r.payload.as_slice()), (0, &b"slept"[..]));
+    assert_eq!(ask(child, b"echo child"), b"child");
+    let serial = child.serial_output();
+    assert!(serial.contains("dropped 1 requests"), "{serial}");
+    assert_eq!(ask_str(child, "sigclone").split(' ').next(), Some("1"));
+    for c in batch.children {
+        c.stop().unwrap();
     }
     vm.stop().unwrap();
 }

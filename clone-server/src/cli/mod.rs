@@ -4,10 +4,12 @@
 mod color;
 mod demo;
 mod run;
+mod service;
 
 pub use color::{color, color_workload, ColorArgs};
 pub use demo::{demo, DemoArgs};
 pub use run::{run, RunArgs};
+pub use service::{lb, serve, LbArgs, ServeArgs};
 
 use crate::stats::parse_size;
 

@@ -115,6 +115,14 @@ pub fn load_or_create(path: &Path) -> Result<String, TokenError> {
     }
 }
 
+/// Read the token a running service stored in `path` (for clients such as `kscope lb`).
+pub fn read_token(path: &Path) -> Result<String, TokenError> {
+    let token = std::fs::read_to_string(path).map_err(io(path))?;
+    let token = token.trim().to_string();
+    validate(&token)?;
+    Ok(token)
+}
+
 /// Middleware: every route but [`PUBLIC`] needs `Authorization: Bearer <token>`.
 pub async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
     if PUBLIC.contains(&req.uri().path()) {

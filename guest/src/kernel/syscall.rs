@@ -278,6 +278,8 @@ fn send_response(slot: usize, id: u64, buf: u64, len: u64, status: u32) -> Resul
     uvm::for_user_chunks(slot, buf, len, Access::Read, &mut |k, n| {
         fits = fits && segs.push(virt_to_phys(k), n as u32);
     })?;
+    // A clone must not answer its parent's requests: notice a new generation first.
+    clone::check();
     if !request::take_inflight(id) {
         // Not in flight (dropped by a clone, or never handed out): discard the answer.
         return Ok(Ret::Val(0));

@@ -105,7 +105,11 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
     let phys = match vma.kind {
         VmaKind::Free => return Err(Fault::NoVma),
         VmaKind::Anon => {
-            let use_ = if vma.prot & prot::EXEC != 0 { frame_use::USER_CODE } else { frame_use::USER_DATA };
+            let use_ = if vma.prot & prot::EXEC != 0 {
+                frame_use::USER_CODE
+            } else {
+                frame_use::USER_DATA
+            };
             let f = frame::alloc_zeroed(use_, pid).ok_or(Fault::NoMem)?;
             paging::set_pte(pt, v, f | flags | paging::ANON);
             anon_around(&vma, pid, pt, v, flags | paging::ANON, use_);
@@ -122,7 +126,11 @@ pub fn fault_in(slot: usize, v: u64, access: Access) -> Result<u64, Fault> {
             f
         }
         VmaKind::Private => {
-            let use_ = if vma.prot & prot::EXEC != 0 { frame_use::USER_CODE } else { frame_use::USER_DATA };
+            let use_ = if vma.prot & prot::EXEC != 0 {
+                frame_use::USER_CODE
+            } else {
+                frame_use::USER_DATA
+            };
             let f = frame::alloc_zeroed(use_, pid).ok_or(Fault::NoMem)?;
             if let Err(e) = fill_private(&vma, v, f) {
                 frame::free(f);
@@ -184,7 +192,9 @@ fn anon_around(vma: &Vma, pid: u32, pt: u64, v: u64, flags: u64, use_: u8) {
     let mut w = lo;
     while w < hi {
         if w != v && paging::pte(pt, w) & paging::P == 0 {
-            let Some(f) = frame::alloc_fresh(use_, pid) else { return };
+            let Some(f) = frame::alloc_fresh(use_, pid) else {
+                return;
+            };
             paging::set_pte(pt, w, f | flags);
         }
         w += PAGE_SIZE;
@@ -311,7 +321,10 @@ pub fn mmap(slot: usize, len: u64, prot_: u64, file: Option<(usize, u64)>) -> Re
         // Extend the previous anonymous area when it ends here with the same protection
         // (like Linux's VMA merging): heaps grow without using up area slots.
         let prot_ = prot_ | prot::READ;
-        let prev = p.vmas.iter_mut().find(|m| m.kind == VmaKind::Anon && m.end == start && m.prot == prot_);
+        let prev = p
+            .vmas
+            .iter_mut()
+            .find(|m| m.kind == VmaKind::Anon && m.end == start && m.prot == prot_);
         if let Some(m) = prev {
             m.end = start + len;
             p.mmap_next = start + len;

@@ -9,7 +9,8 @@
 //! - `spin`: loop forever without answering (a runaway guest for the VMM's watchdog);
 //! - `random`: 32 bytes from `getrandom`;
 //! - `sigclone`: the number of SIGCLONEs this process's handler saw, and the last generation;
-//! - `pid`, `clock`, `ls`, `identity`, `exit <code>`;
+//! - `pid`, `clock`, `ls`, `identity`, `exit <code>`, `sleep <ms>` (busy-waits, then
+//!   answers `slept`);
 //! - `fpu`: put a value in xmm7, spawn `/bin/kcrash` (which should be in `fpu-clobber`
 //!   mode), yield 40 times, check xmm7; answers `ok` or `corrupted <value>`;
 //! - `scatter <n>`: answer `n` pages of a pattern from a buffer whose 8-page runs are
@@ -126,6 +127,11 @@ fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
         let per = (sys::clock_ns() - t) / n;
         sys::munmap(addr, n * 4096)?;
         return Ok(bformat!("{per}"));
+    }
+    if let Some(ms) = arg(p, b"sleep") {
+        let until = sys::clock_ns() + num(&ms).ok_or(sys::Errno(22))? * 1_000_000;
+        while sys::clock_ns() < until {}
+        return Ok(b"slept".to_vec());
     }
     if let Some(code) = arg(p, b"exit") {
         sys::exit(num(&code).unwrap_or(0) as i32);

@@ -104,8 +104,6 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     let size = cfg.mem_bytes;
     let pages = size / PAGE_SIZE as u64;
     let hv = KvmHypervisor.create_vm()?;
-    let tr = |what: &str| eprintln!("TRACE {what} {:?}", start.elapsed());
-    tr("vm");
     let genpage = if spec.identity {
         let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
         Some(GenPage {
@@ -140,7 +138,6 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                     ..Default::default()
                 },
             )?;
-            tr("server");
             server.before_resume()?;
             if let Some(g) = &genpage {
                 // Install the page through the server (counted), then overwrite it.
@@ -154,7 +151,6 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(|e| VmError::Memory(format!("dup clone memfd: {e}")))?;
-            tr("genpage");
             let addr = server.region().host_addr() as *mut u8;
             let server = Arc::new(server);
             // SAFETY: the region is a live MAP_SHARED, writable mapping of its memfd of
@@ -174,9 +170,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         }
     };
     // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
-    tr("ram");
     unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
-    tr("slot");
     if let Some(c) = &gen.state.clock {
         if let Err(e) = hv.set_clock(c) {
             tracing::debug!(vm = %spec.name, "KVM_SET_CLOCK: {e}");
@@ -190,7 +184,6 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         v.restore_state(st)?;
         vcpus.push(v);
     }
-    tr("vcpus");
     let vm = Vm::assemble(Assembly {
         cfg,
         hv,

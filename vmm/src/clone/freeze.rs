@@ -225,6 +225,25 @@ pub(crate) fn new_memfd(name: &str, len: u64) -> Result<File, VmError> {
     Ok(f)
 }
 
+/// Drop the page table entries of a `MAP_SHARED` guest RAM mapping nobody uses any more, 32 MiB
+/// at a time (`MADV_DONTNEED` takes the mmap lock shared, per chunk). The file keeps the data.
+fn release_page_tables(ram: &GuestRam) {
+    if ram.is_private() {
+        return;
+    }
+    const CHUNK: usize = 32 << 20;
+    let len = ram.size() as usize;
+    let mut off = 0;
+    while off < len {
+        let n = CHUNK.min(len - off);
+        // SAFETY: the range lies inside `ram`'s live shared mapping, which no longer backs the
+        // KVM slot; dropping PTEs of a shared file mapping leaves the file's contents intact,
+        // and any remaining reader simply faults the pages back in from the file.
+        unsafe { libc::madvise(ram.host_addr().add(off).cast(), n, libc::MADV_DONTNEED) };
+        off += n;
+    }
+}
+
 fn dup(f: &File) -> Result<OwnedFd, VmError> {
     f.as_fd()
         .try_clone_to_owned()
@@ -328,10 +347,15 @@ impl Vm {
         let image: Arc<dyn PageSource> = match pending {
             Pending::First { file, old } => {
                 // Unmapping the old shared mapping costs time proportional to its populated
-                // pages: leave it to a short-lived thread.
+                // pages and holds the process's mmap lock throughout, stalling every mmap
+                // (new clones) meanwhile: drop its page tables in small chunks first, on a
+                // short-lived thread, then unmap the empty range.
                 let reaper = std::thread::Builder::new()
                     .name("kscope-unmap".into())
-                    .spawn(move || drop(old));
+                    .spawn(move || {
+                        release_page_tables(&old);
+                        drop(old);
+                    });
                 if let Err(e) = reaper {
                     tracing::debug!("no unmap thread ({e}); unmapping inline");
                 }

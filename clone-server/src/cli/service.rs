@@ -1,0 +1,161 @@
+//! `kscope serve` and `kscope lb`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::lb::{self, load::Pattern, LbOptions, ScaleMode, Source};
+use crate::runner;
+use crate::server::{self, Limits, ServeOptions};
+
+/// Arguments of `kscope serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback by default: expose it deliberately).
+    #[arg(long, default_value = server::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Bearer token (default: read from, or created in, the token file).
+    #[arg(long, env = "KSCOPE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Token file (default `<state-dir>/token`, created with mode 0600).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// State directory (token, snapshots).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Most parent VMs at once.
+    #[arg(long, default_value_t = Limits::default().max_vms)]
+    pub max_vms: usize,
+    /// Most clones at once.
+    #[arg(long, default_value_t = Limits::default().max_clones)]
+    pub max_clones: usize,
+    /// Most guest memory of all VMs together (e.g. 8G).
+    #[arg(long, default_value = "8G", value_parser = crate::stats::parse_size)]
+    pub max_guest_mem: u64,
+    /// Guest memory of a VM created without one.
+    #[arg(long, default_value = "64M", value_parser = super::mem_arg)]
+    pub default_mem: u64,
+}
+
+/// Run `kscope serve` until SIGTERM/SIGINT.
+pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let opts = ServeOptions {
+        listen: a.listen,
+        token: a.token,
+        token_file: a.token_file,
+        state_dir: a.state_dir,
+        limits: Limits {
+            max_vms: a.max_vms,
+            max_clones: a.max_clones,
+            max_guest_mem: a.max_guest_mem,
+        },
+        default_mem: a.default_mem,
+        ..ServeOptions::default()
+    };
+    tokio_runtime()?.block_on(server::serve(opts))
+}
+
+/// Arguments of `kscope lb`.
+#[derive(Args, Debug)]
+pub struct LbArgs {
+    /// Base URL of a running `kscope serve`.
+    #[arg(long, default_value = concat!("http://", "127.0.0.1:8470"))]
+    pub api: String,
+    /// Bearer token (default: the service's token file).
+    #[arg(long, env = "KSCOPE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Token file to read when no token is given.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Workload of the warm parent.
+    #[arg(long, short, default_value = "web")]
+    pub workload: String,
+    /// Guest memory of the parent.
+    #[arg(long, default_value = "64M")]
+    pub mem: String,
+    /// Arrival pattern: steady, onoff[:on_ms,off_ms,low] or diurnal[:period_ms,burst_every_ms,burst_ms,factor].
+    #[arg(long, default_value = "onoff:2000,3000,0.1")]
+    pub pattern: String,
+    /// Mean arrival rate at factor 1 (requests/s).
+    #[arg(long, default_value_t = 150.0)]
+    pub rate: f64,
+    /// Length of the run in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub duration: f64,
+    /// Replay a file of `time_ms request` lines instead of generating load.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Fewest and most workers.
+    #[arg(long, default_value_t = 1)]
+    pub min_workers: usize,
+    /// Most workers.
+    #[arg(long, default_value_t = 8)]
+    pub max_workers: usize,
+    /// Scale up when the window's p90 latency exceeds this many milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub p90_ms: f64,
+    /// Clone memory mode (lazy or eager).
+    #[arg(long, default_value = "lazy")]
+    pub memory: String,
+    /// Clone prefetch policy.
+    #[arg(long, default_value = "lazy")]
+    pub prefetch: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `kscope lb` against a running service.
+pub fn lb(a: LbArgs) -> anyhow::Result<()> {
+    let token = match a.token {
+        Some(t) => t,
+        None => {
+            let path = match a.token_file.clone() {
+                Some(p) => p,
+                None => server::default_state_dir()?.join("token"),
+            };
+            server::auth::read_token(&path)
+                .with_context(|| format!("reading the service token from {}: pass --token or --token-file", path.display()))?
+        }
+    };
+    let source = match a.file {
+        Some(f) => Source::File(f),
+        None => Source::Generate {
+            pattern: Pattern::parse(&a.pattern).map_err(|e| anyhow::anyhow!("--pattern: {e}"))?,
+            rate: a.rate,
+            duration: Duration::from_secs_f64(a.duration),
+            seed: 1,
+        },
+    };
+    let opts = LbOptions {
+        api: a.api,
+        token,
+        workload: runner::parse_workload(&a.workload)?,
+        memory: a.mem,
+        source,
+        min_workers: a.min_workers,
+        max_workers: a.max_workers,
+        p90_target: Duration::from_secs_f64(a.p90_ms / 1e3),
+        scale: ScaleMode::Auto,
+        memory_mode: a.memory,
+        prefetch: a.prefetch,
+        ..LbOptions::default()
+    };
+    let report = tokio_runtime()?.block_on(lb::run_lb(opts))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
