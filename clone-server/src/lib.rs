@@ -3,6 +3,6 @@
 
 pub mod cli;
 pub mod lb;
-pub mod runner;
 pub mod server;
-pub mod stats;
+
+pub use kscope_bench::{runner, stats};
