@@ -19,12 +19,20 @@ enum Cmd {
     Run(cli::RunArgs),
     /// The quick-start demo: boot every workload, then clone a warm parent.
     Demo(cli::DemoArgs),
+    /// Boot and warm a parent, clone it N times, drive every clone and report per clone.
+    Clone(cli::CloneArgs),
+    /// Save a running VM to a directory, or restore one.
+    #[command(subcommand)]
+    Snapshot(cli::SnapshotCmd),
     /// Boot and warm a workload, color its memory, print the histogram and accuracy.
     Color(cli::ColorArgs),
     /// Run the HTTP clone service (for elastic load balancers).
     Serve(cli::ServeArgs),
     /// Run an elastic load balancer that drives a running service with bursty load.
     Lb(cli::LbArgs),
+    /// Benchmarks: clone warm-up per prefetch policy, color-targeted dedup.
+    #[command(subcommand)]
+    Bench(cli::BenchCmd),
 }
 
 fn main() {
@@ -39,9 +47,12 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Run(a) => cli::run(a),
         Cmd::Demo(a) => cli::demo(a),
+        Cmd::Clone(a) => cli::clone(a),
+        Cmd::Snapshot(c) => cli::snapshot(c),
         Cmd::Color(a) => cli::color(a),
         Cmd::Serve(a) => cli::serve(a),
         Cmd::Lb(a) => cli::lb(a),
+        Cmd::Bench(c) => cli::bench(c),
     };
     if let Err(e) = result.context("kscope failed") {
         eprintln!("error: {e:#}");

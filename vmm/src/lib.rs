@@ -9,6 +9,7 @@
 
 pub mod boot;
 pub mod clone;
+pub mod dedup;
 pub mod devices;
 pub mod error;
 pub mod exit;

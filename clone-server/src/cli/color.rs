@@ -54,7 +54,8 @@ pub fn color_workload(a: &ColorArgs) -> anyhow::Result<ColorReport> {
     b.vm.pause().context("pausing the VM")?;
     let t = Instant::now();
     let mut mem = vec![0u8; b.vm.mem_bytes() as usize];
-    b.vm.read_phys(0, &mut mem).context("reading guest memory")?;
+    b.vm.read_phys(0, &mut mem)
+        .context("reading guest memory")?;
     let copy_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let map = kscope_colorer::color_kscope(&mem, None).context("coloring guest memory")?;
@@ -87,7 +88,10 @@ pub fn color(a: ColorArgs) -> anyhow::Result<()> {
         r.stats.processes.len(),
         r.stats.cached_pages
     );
-    println!("\n{:<16} {:>9} {:>11} {:>7}   {:>9} {:>7}", "color", "frames", "size", "share", "precision", "recall");
+    println!(
+        "\n{:<16} {:>9} {:>11} {:>7}   {:>9} {:>7}",
+        "color", "frames", "size", "share", "precision", "recall"
+    );
     for c in Color::ALL {
         let n = r.stats.counts.get(&c).copied().unwrap_or(0);
         let score = r.accuracy.scores.iter().find(|s| s.color == c);

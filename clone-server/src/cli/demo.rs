@@ -15,12 +15,21 @@ pub struct DemoArgs {
     /// Requests per workload.
     #[arg(long, short = 'n', default_value_t = 50)]
     pub requests: usize,
+    /// Clones of the warm parent.
+    #[arg(long, default_value_t = 4)]
+    pub clones: usize,
 }
 
 /// Run the demo.
 pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
-    println!("kscope demo: booting each workload in its own VM ({} MiB) on kscope's guest kernel,", a.mem >> 20);
-    println!("driving it with {} requests checked against answers computed on the host.\n", a.requests);
+    println!(
+        "kscope demo: booting each workload in its own VM ({} MiB) on kscope's guest kernel,",
+        a.mem >> 20
+    );
+    println!(
+        "driving it with {} requests checked against answers computed on the host.\n",
+        a.requests
+    );
     println!(
         "{:<10} {:>10} {:>15} {:>10} {:>10} {:>10}",
         "workload", "boot", "1st response", "req/s", "p50", "p99"
@@ -37,5 +46,31 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             fmt_us(r.run.latency.p99_us)
         );
     }
+    println!(
+        "\nCloning: a warm web parent is cloned {} times with lazy memory (pages fetched on first\n\
+         touch through userfaultfd); each clone answers its own requests, checked.\n",
+        a.clones
+    );
+    let r = super::clone_workload(
+        Workload::Web,
+        a.mem,
+        a.clones,
+        super::Memory::Lazy,
+        a.requests,
+        a.requests,
+    )?;
+    super::print_clone_report(&r);
+    println!(
+        "\nThe same with eager memory (copy everything before the clone runs: the baseline):\n"
+    );
+    let r = super::clone_workload(
+        Workload::Web,
+        a.mem,
+        a.clones,
+        super::Memory::Eager,
+        a.requests,
+        a.requests,
+    )?;
+    super::print_clone_report(&r);
     Ok(())
 }

@@ -1,15 +1,23 @@
 //! The `kscope` subcommands: argument types and entry points (printing lives here; the
 //! engines live in [`crate::runner`], the VMM and the other crates).
 
+mod bench;
+mod clone;
 mod color;
 mod demo;
 mod run;
 mod service;
+mod snapshot;
 
+pub use bench::{bench, BenchCmd};
+pub use clone::{
+    clone, clone_workload, print_report as print_clone_report, CloneArgs, CloneReport, Memory,
+};
 pub use color::{color, color_workload, ColorArgs};
 pub use demo::{demo, DemoArgs};
 pub use run::{run, RunArgs};
 pub use service::{lb, serve, LbArgs, ServeArgs};
+pub use snapshot::{snapshot, SnapshotCmd};
 
 use crate::stats::parse_size;
 

@@ -117,8 +117,12 @@ pub fn lb(a: LbArgs) -> anyhow::Result<()> {
                 Some(p) => p,
                 None => server::default_state_dir()?.join("token"),
             };
-            server::auth::read_token(&path)
-                .with_context(|| format!("reading the service token from {}: pass --token or --token-file", path.display()))?
+            server::auth::read_token(&path).with_context(|| {
+                format!(
+                    "reading the service token from {}: pass --token or --token-file",
+                    path.display()
+                )
+            })?
         }
     };
     let source = match a.file {

@@ -2,16 +2,14 @@
 //! `kscope_vmm`'s clone API.
 
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use kscope_colorer::{MemError, PhysMem};
 use kscope_guest::abi::boot::{GenPage, GENPAGE_MAGIC};
 use kscope_guest::abi::from_bytes;
 use kscope_guest::abi::layout::GENPAGE_GPA;
-use kscope_policies::{PolicyContext, PolicyName, PolicySpec};
-use kscope_vmm::prefetch::OnDemand;
-use kscope_vmm::{CloneContext, CloneOptions, Generation, PrefetcherFactory, Vm};
+use kscope_policies::{PolicyName, PolicySpec};
+use kscope_vmm::{CloneOptions, PrefetcherFactory, Vm};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ApiResult};
@@ -143,42 +141,7 @@ fn factory(spec: &PolicySpec) -> ApiResult<Option<PrefetcherFactory>> {
             ),
         ));
     }
-    let spec = spec.clone();
-    let ctx: Arc<OnceLock<Option<Arc<PolicyContext>>>> = Arc::default();
-    Ok(Some(Arc::new(move |c: &CloneContext| {
-        let pc = ctx.get_or_init(|| {
-            let mem = GenerationMem(c.generation.clone());
-            match kscope_colorer::color_kscope(&mem, None) {
-                Ok(map) => Some(PolicyContext::new(&map)),
-                Err(e) => {
-                    tracing::warn!("cannot color the generation image ({e}); clones fall back to on-demand paging");
-                    None
-                }
-            }
-        });
-        match pc {
-            Some(pc) => spec
-                .build_with(pc.clone(), None)
-                .unwrap_or_else(|_| Box::new(OnDemand)),
-            None => Box::new(OnDemand),
-        }
-    })))
-}
-
-/// A generation image as the colorer's physical memory.
-struct GenerationMem(Arc<Generation>);
-
-impl PhysMem for GenerationMem {
-    fn size(&self) -> u64 {
-        self.0.mem_bytes()
-    }
-
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0.read_phys(gpa, buf).map_err(|e| MemError::Backend {
-            gpa,
-            reason: e.to_string(),
-        })
-    }
+    Ok(kscope_bench::policy::factory(spec, None, None))
 }
 
 /// Clone `parent` `req.n` times (blocking): the parent is paused for the freeze only.

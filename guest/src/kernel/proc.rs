@@ -160,8 +160,9 @@ const EMPTY: Proc = Proc {
         rsp: 0,
         ss: 0,
     },
-    fx: FxArea::initial(),
-    sig_fx: FxArea::initial(),
+    // Zero here (so the table lives in .bss); `spawn` installs the initial FPU state.
+    fx: FxArea([0; 512]),
+    sig_fx: FxArea([0; 512]),
     sig_ctx: Context {
         r15: 0,
         r14: 0,

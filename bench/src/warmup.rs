@@ -1,0 +1,740 @@
+//! `kscope bench warmup`: how fast a clone of a warm parent becomes warm under each prefetch
+//! policy (Kaleidoscope's warm-up experiment), all measured on one parent in one run.
+//!
+//! 1. Boot the workload, warm it with a request mix, then measure the warm parent's throughput
+//!    on the measured stream (the baseline); pause it so that every clone sees the same memory.
+//! 2. Record the working set (first-fault order) of one lazy clone driven with the recording
+//!    stream: the measured stream itself, or for the working-set-change case another input
+//!    ([`ws_streams`], as in FaaSnap). In the plain case the `lazy` run doubles as recording.
+//! 3. Per policy, clone the parent (lazy memory + the policy's prefetcher) and drive the clone
+//!    with the measured stream, every response checked: time to first response, time until a
+//!    sliding window of completions reaches 90% of the parent's throughput
+//!    ([`time_to_fraction`]), time of the first K requests, throughput over time, blocking
+//!    faults, pages installed, wasted prefetch (installed, not in the touched set of the `lazy`
+//!    run of the same stream: [`wasted`]) and footprint.
+//!
+//! All times are measured from the `clone_children` call. Coloring happens once per parent
+//! (on the recording clone's image) and is reported separately, as in the paper.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kscope_policies::{Gfn, PolicyContext, PolicyName, PolicySpec};
+use kscope_vmm::lazy::Bitmap;
+use kscope_vmm::{CloneOptions, MemoryMode, Vm};
+use kscope_workloads::{ImageOptions, Workload};
+use serde::Serialize;
+
+use crate::runner::{self, drive, DriveReport};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct WarmupConfig {
+    /// The workload.
+    pub workload: Workload,
+    /// Policies to compare (`lazy` is added if missing: it is the reference).
+    pub policies: Vec<PolicySpec>,
+    /// Clones per policy, run one after another; the report gives medians.
+    pub clones: usize,
+    /// Requests per measured stream (K).
+    pub requests: usize,
+    /// Requests in flight.
+    pub window: usize,
+    /// Guest memory.
+    pub mem_bytes: u64,
+    /// Record with one input and run with another.
+    pub ws_change: bool,
+    /// Fraction of the warm throughput that counts as warm.
+    pub warm_fraction: f64,
+}
+
+/// One policy's measurements (medians over its clones).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyResult {
+    /// Policy spec.
+    pub policy: String,
+    /// Clones measured.
+    pub clones: usize,
+    /// `clone_children` call to the clone's first `KVM_RUN`.
+    pub clone_ms: f64,
+    /// Call to the first response.
+    pub first_response_ms: f64,
+    /// Call to reaching `warm_fraction` of the parent's throughput (None: never in K requests).
+    pub time_to_warm_ms: Option<f64>,
+    /// Call to the K-th response.
+    pub first_k_ms: f64,
+    /// Faults that blocked a vCPU.
+    pub blocking_faults: u64,
+    /// Time vCPUs were blocked in faults.
+    pub blocked_ms: f64,
+    /// Faulting pages installed with data.
+    pub fault_pages: u64,
+    /// Pages installed ahead of a fault (prefetch, before resume, background).
+    pub prefetched_pages: u64,
+    /// Pages installed as zeros.
+    pub zero_filled: u64,
+    /// Distinct pages present in the clone at the end (everything it was given).
+    pub installed_pages: u64,
+    /// Pages copied (bytes copied / 4 KiB).
+    pub copied_pages: u64,
+    /// Installed pages outside the touched set of the `lazy` run of the same stream.
+    pub wasted_pages: u64,
+    /// `installed_pages` / touched pages of the `lazy` run.
+    pub installed_per_touched: f64,
+    /// Host memory of the clone at the end.
+    pub footprint_bytes: u64,
+    /// Throughput over time of the first clone: (seconds since the call, requests/s).
+    pub curve: Vec<(f64, f64)>,
+}
+
+/// Everything `kscope bench warmup` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct WarmupReport {
+    /// Workload.
+    pub workload: String,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Requests per measured stream.
+    pub requests: usize,
+    /// Requests in flight.
+    pub window: usize,
+    /// Working-set-change case.
+    pub ws_change: bool,
+    /// Description of the streams.
+    pub streams: String,
+    /// The warm parent on the measured stream.
+    pub parent: DriveReport,
+    /// Its throughput (the 100% line).
+    pub parent_rps: f64,
+    /// Completions per sliding window.
+    pub rate_window: usize,
+    /// Warm threshold.
+    pub warm_fraction: f64,
+    /// Pages touched by the recording clone (the reap/faasnap/activeset recording).
+    pub recorded_pages: u64,
+    /// Pages touched by the `lazy` run of the measured stream.
+    pub touched_pages: u64,
+    /// Time to color the generation image.
+    pub color_ms: f64,
+    /// Per policy, in the order given.
+    pub policies: Vec<PolicyResult>,
+    /// The issue's goals, evaluated.
+    pub goals: Vec<Goal>,
+}
+
+/// A goal of the issue and whether this run meets it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Goal {
+    /// What is claimed.
+    pub goal: String,
+    /// Met, not met, or not measured (missing policy / case).
+    pub met: Option<bool>,
+    /// The numbers behind it.
+    pub evidence: String,
+}
+
+/// The first time a sliding window of `win` completions runs at `fraction * target_rps` or
+/// more: completion times are since the start; the start counts as a completion at 0 so a
+/// clone that is warm at once qualifies at its `win`-th completion.
+pub fn time_to_fraction(
+    completions: &[Duration],
+    target_rps: f64,
+    fraction: f64,
+    win: usize,
+) -> Option<Duration> {
+    let win = win.max(1);
+    let times: Vec<Duration> = std::iter::once(Duration::ZERO)
+        .chain(completions.iter().copied())
+        .collect();
+    (win..times.len()).find_map(|i| {
+        let dt = (times[i] - times[i - win]).as_secs_f64();
+        let rate = win as f64 / dt.max(1e-9);
+        (rate >= fraction * target_rps).then_some(times[i])
+    })
+}
+
+/// Sliding-window throughput after every completion from the `win`-th on: `(t, rps)`, with
+/// `offset` added to the times.
+pub fn rate_curve(completions: &[Duration], win: usize, offset: Duration) -> Vec<(f64, f64)> {
+    let win = win.max(1);
+    let times: Vec<Duration> = std::iter::once(Duration::ZERO)
+        .chain(completions.iter().copied())
+        .collect();
+    (win..times.len())
+        .map(|i| {
+            let dt = (times[i] - times[i - win]).as_secs_f64().max(1e-9);
+            ((times[i] + offset).as_secs_f64(), win as f64 / dt)
+        })
+        .collect()
+}
+
+/// Pages installed in a clone (`present`) that a lazy run of the same stream never touched.
+pub fn wasted(present: &Bitmap, touched: &Bitmap) -> u64 {
+    present.iter_set().filter(|&g| !touched.get(g)).count() as u64
+}
+
+/// Record and run streams of `n` requests for `w`: the same mix (seed 2) for both, or with
+/// `ws_change` two different inputs drawn from the workload's mix (json small vs large, aes and
+/// compress small vs whole input, matmul n=48 vs 256, olap Q6 vs Q1, web static files vs
+/// dynamic pages). Returns `(record, run, description)`.
+pub fn ws_streams(
+    w: Workload,
+    n: usize,
+    ws_change: bool,
+) -> anyhow::Result<(Vec<Vec<u8>>, Vec<Vec<u8>>, String)> {
+    if !ws_change {
+        let s = w.requests(2, n);
+        return Ok((s.clone(), s, "record = run = the standard mix (seed 2)".into()));
+    }
+    let pool = kscope_workloads::requests(w, &ImageOptions::default(), 3, n * 40 + 200);
+    let text = |r: &Vec<u8>| String::from_utf8_lossy(r).into_owned();
+    type Pred = fn(&str) -> bool;
+    let (rec, run, what): (Pred, Pred, &str) = match w {
+        Workload::Json => (
+            |s| s.trim() == "small",
+            |s| s.trim() == "large",
+            "record json small, run json large",
+        ),
+        Workload::Aes => (
+            |s| s.starts_with("kib=4 "),
+            |s| !s.starts_with("kib=4 "),
+            "record aes 4 KiB, run aes whole input",
+        ),
+        Workload::Compress => (
+            |s| s.starts_with("kib=16 "),
+            |s| !s.starts_with("kib=16 "),
+            "record compress 16 KiB, run compress whole corpus",
+        ),
+        Workload::Matmul => (
+            |s| s.starts_with("n=48 "),
+            |s| s.starts_with("n=256 "),
+            "record matmul n=48, run matmul n=256",
+        ),
+        Workload::Olap => (
+            |s| s.starts_with("Q6"),
+            |s| s.starts_with("Q1 "),
+            "record olap Q6, run olap Q1",
+        ),
+        Workload::Web => (
+            |s| s.starts_with("GET /dir") || s.starts_with("HEAD /dir"),
+            |s| {
+                ["/bank/", "/shop/", "/support/"]
+                    .iter()
+                    .any(|p| s.split_whitespace().nth(1).is_some_and(|u| u.starts_with(p)))
+            },
+            "record web static files, run web bank/shop/support pages",
+        ),
+    };
+    let pick = |p: Pred| -> Vec<Vec<u8>> {
+        pool.iter().filter(|r| p(&text(r))).take(n).cloned().collect()
+    };
+    let (a, b) = (pick(rec), pick(run));
+    if a.len() < n || b.len() < n {
+        bail!(
+            "the {} mix yields only {}/{} requests of the two inputs; ask for fewer requests",
+            w.name(),
+            a.len(),
+            b.len()
+        );
+    }
+    Ok((a, b, what.into()))
+}
+
+/// A measured clone run.
+struct CloneRun {
+    result: PolicyResult,
+    present: Bitmap,
+    touched: Bitmap,
+    order: Vec<Gfn>,
+}
+
+/// How clones of one parent are measured.
+struct Measure<'a> {
+    parent: &'a Vm,
+    w: Workload,
+    window: usize,
+    rate_window: usize,
+    target_rps: f64,
+    fraction: f64,
+}
+
+impl Measure<'_> {
+    /// Clone the parent once with `opts` and drive the clone with `reqs`.
+    fn run(
+        &self,
+        opts: &CloneOptions,
+        reqs: &[Vec<u8>],
+    ) -> anyhow::Result<(CloneRun, Arc<kscope_vmm::Generation>)> {
+        run_clone(self, opts, reqs)
+    }
+}
+
+fn run_clone(
+    me: &Measure<'_>,
+    opts: &CloneOptions,
+    reqs: &[Vec<u8>],
+) -> anyhow::Result<(CloneRun, Arc<kscope_vmm::Generation>)> {
+    let (parent, w, window, rate_window, target_rps, fraction) = (
+        me.parent,
+        me.w,
+        me.window,
+        me.rate_window,
+        me.target_rps,
+        me.fraction,
+    );
+    let t_call = Instant::now();
+    let mut batch = parent
+        .clone_children(1, opts)
+        .context("cloning the warm parent")?;
+    let child = batch.children.pop().context("no clone made")?;
+    let t_drive = Instant::now();
+    let rep = drive(&child, w, reqs, window, true)
+        .with_context(|| format!("driving clone {}", child.name()))?;
+    let offset = t_drive - t_call;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let m = child.memory_stats();
+    let server = child
+        .fault_server()
+        .context("the clone is not lazily served")?;
+    let present = server.present_bitmap();
+    let touched = server.touched_bitmap();
+    let order = server.touched();
+    let result = PolicyResult {
+        clones: 1,
+        clone_ms: ms(batch.clone_latency[0]),
+        first_response_ms: ms(offset + rep.completions[0]),
+        time_to_warm_ms: time_to_fraction(&rep.completions, target_rps, fraction, rate_window)
+            .map(|d| ms(d + offset)),
+        first_k_ms: ms(offset + *rep.completions.last().context("no completions")?),
+        blocking_faults: m.faults,
+        blocked_ms: ms(m.blocked),
+        fault_pages: m.pages_fetched,
+        prefetched_pages: m.pages_prefetched,
+        zero_filled: m.zero_filled,
+        installed_pages: present.count(),
+        copied_pages: m.bytes / 4096,
+        footprint_bytes: m.footprint_bytes,
+        curve: rate_curve(&rep.completions, rate_window, offset),
+        ..Default::default()
+    };
+    child.stop().context("stopping the clone")?;
+    Ok((
+        CloneRun {
+            result,
+            present,
+            touched,
+            order,
+        },
+        batch.generation,
+    ))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Median of each metric over the runs of one policy; the curve of the first run.
+fn summarize(policy: &str, runs: &[PolicyResult]) -> PolicyResult {
+    let f = |g: fn(&PolicyResult) -> f64| median(runs.iter().map(g).collect());
+    let u = |g: fn(&PolicyResult) -> u64| {
+        let mut v: Vec<u64> = runs.iter().map(g).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    let warm: Vec<Option<f64>> = runs.iter().map(|r| r.time_to_warm_ms).collect();
+    let reached: Vec<f64> = warm.iter().flatten().copied().collect();
+    PolicyResult {
+        policy: policy.to_string(),
+        clones: runs.len(),
+        clone_ms: f(|r| r.clone_ms),
+        first_response_ms: f(|r| r.first_response_ms),
+        // Warm in the median run only if most runs got warm.
+        time_to_warm_ms: (reached.len() * 2 > warm.len()).then(|| median(reached)),
+        first_k_ms: f(|r| r.first_k_ms),
+        blocking_faults: u(|r| r.blocking_faults),
+        blocked_ms: f(|r| r.blocked_ms),
+        fault_pages: u(|r| r.fault_pages),
+        prefetched_pages: u(|r| r.prefetched_pages),
+        zero_filled: u(|r| r.zero_filled),
+        installed_pages: u(|r| r.installed_pages),
+        copied_pages: u(|r| r.copied_pages),
+        wasted_pages: u(|r| r.wasted_pages),
+        installed_per_touched: f(|r| r.installed_per_touched),
+        footprint_bytes: u(|r| r.footprint_bytes),
+        curve: runs.first().map(|r| r.curve.clone()).unwrap_or_default(),
+    }
+}
+
+/// Run the benchmark.
+pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
+    let w = cfg.workload;
+    let k = cfg.requests.max(2);
+    let mut specs = cfg.policies.clone();
+    if !specs.iter().any(|s| s.name == PolicyName::Lazy) {
+        specs.insert(0, "lazy".parse().expect("lazy parses"));
+    }
+    // Lazy first: its touched set is the reference for wasted prefetch (and, without a
+    // working-set change, the recording).
+    specs.sort_by_key(|s| s.name != PolicyName::Lazy);
+    let (record, measured, streams) = ws_streams(w, k, cfg.ws_change)?;
+
+    let b = runner::boot(w, cfg.mem_bytes, &format!("{}-warmup", w.name()))?;
+    let parent = b.vm;
+    drive(&parent, w, &w.requests(1, k), cfg.window, true).context("warming the parent")?;
+    if cfg.ws_change {
+        drive(&parent, w, &record, cfg.window, true).context("warming the parent")?;
+    }
+    let base = drive(&parent, w, &measured, cfg.window, true).context("parent baseline")?;
+    let parent_rps = base.throughput_rps;
+    parent.pause().context("pausing the warm parent")?;
+    let rate_window = (k / 10).max(5).min(k);
+    let lazy_opts = CloneOptions {
+        memory: MemoryMode::Lazy,
+        ..CloneOptions::default()
+    };
+    let m = Measure {
+        parent: &parent,
+        w,
+        window: cfg.window,
+        rate_window,
+        target_rps: parent_rps,
+        fraction: cfg.warm_fraction,
+    };
+    let go = |opts: &CloneOptions, reqs: &[Vec<u8>]| m.run(opts, reqs);
+
+    // The recording clone (its image is also the one colored).
+    let (rec_run, generation) = go(&lazy_opts, &record)?;
+    let (map, color_time) = crate::policy::color_generation(&generation)
+        .context("coloring the parent's generation image")?;
+    let ctx = PolicyContext::new(&map);
+    drop(generation);
+    let recording: Arc<[Gfn]> = rec_run.order.clone().into();
+    let recorded_pages = recording.len() as u64;
+
+    let mut touched_ref: Option<Bitmap> = None;
+    let mut results = Vec::new();
+    for spec in &specs {
+        let opts = CloneOptions {
+            memory: MemoryMode::Lazy,
+            prefetcher: crate::policy::factory(spec, Some(ctx.clone()), Some(recording.clone())),
+            ..CloneOptions::default()
+        };
+        let mut runs = Vec::new();
+        for i in 0..cfg.clones.max(1) {
+            // Without a working-set change the recording clone is the first lazy run.
+            let r = if spec.name == PolicyName::Lazy && i == 0 && !cfg.ws_change {
+                CloneRun {
+                    result: rec_run.result.clone(),
+                    present: rec_run.present.clone(),
+                    touched: rec_run.touched.clone(),
+                    order: Vec::new(),
+                }
+            } else {
+                go(&opts, &measured)
+                    .with_context(|| format!("policy {}", spec.name))?
+                    .0
+            };
+            if spec.name == PolicyName::Lazy && touched_ref.is_none() {
+                touched_ref = Some(r.touched.clone());
+            }
+            let t = touched_ref.as_ref().expect("lazy runs first");
+            let mut res = r.result;
+            res.wasted_pages = wasted(&r.present, t);
+            res.installed_per_touched = res.installed_pages as f64 / t.count().max(1) as f64;
+            runs.push(res);
+        }
+        results.push(summarize(&spec_name(spec), &runs));
+    }
+    let _ = parent.stop();
+    let touched_pages = touched_ref.map_or(0, |t| t.count());
+    let goals = goals(&results, cfg.ws_change);
+    Ok(WarmupReport {
+        workload: w.name().to_string(),
+        mem_mib: cfg.mem_bytes >> 20,
+        requests: k,
+        window: cfg.window,
+        ws_change: cfg.ws_change,
+        streams,
+        parent: base,
+        parent_rps,
+        rate_window,
+        warm_fraction: cfg.warm_fraction,
+        recorded_pages,
+        touched_pages,
+        color_ms: color_time.as_secs_f64() * 1e3,
+        policies: results,
+        goals,
+    })
+}
+
+/// The name of a spec as shown in tables (name plus configuration items if any).
+fn spec_name(s: &PolicySpec) -> String {
+    s.name.as_str().to_string()
+}
+
+/// The time by which a policy counts as warm: time to warm, or if never warm, after all K
+/// requests (ordered after every policy that did get warm).
+fn warm_key(r: &PolicyResult) -> (bool, f64) {
+    match r.time_to_warm_ms {
+        Some(t) => (false, t),
+        None => (true, r.first_k_ms),
+    }
+}
+
+fn fmt_warm(r: &PolicyResult) -> String {
+    match r.time_to_warm_ms {
+        Some(t) => format!("{t:.0} ms"),
+        None => format!("not warm in {:.0} ms", r.first_k_ms),
+    }
+}
+
+/// Evaluate the issue's goals on `results`.
+pub fn goals(results: &[PolicyResult], ws_change: bool) -> Vec<Goal> {
+    let get = |n: &str| results.iter().find(|r| r.policy == n);
+    let mut out = Vec::new();
+    let Some(k) = get("kaleidoscope") else {
+        return vec![Goal {
+            goal: "kaleidoscope goals".into(),
+            met: None,
+            evidence: "kaleidoscope was not run".into(),
+        }];
+    };
+    for other in ["lazy", "blind"] {
+        out.push(match get(other) {
+            Some(o) => Goal {
+                goal: format!("kaleidoscope reaches warm throughput sooner than {other}"),
+                met: Some(warm_key(k) < warm_key(o)),
+                evidence: format!("kaleidoscope {}, {other} {}", fmt_warm(k), fmt_warm(o)),
+            },
+            None => Goal {
+                goal: format!("kaleidoscope reaches warm throughput sooner than {other}"),
+                met: None,
+                evidence: format!("{other} was not run"),
+            },
+        });
+    }
+    out.push(Goal {
+        goal: "kaleidoscope installs no more than 1.2x the pages the lazy run touches".into(),
+        met: Some(k.installed_per_touched <= 1.2),
+        evidence: format!(
+            "{:.2}x ({} installed, {} wasted)",
+            k.installed_per_touched, k.installed_pages, k.wasted_pages
+        ),
+    });
+    for other in ["reap", "faasnap"] {
+        let goal = format!(
+            "with a working-set change, kaleidoscope's first K requests are at least as fast as {other}'s"
+        );
+        out.push(match (ws_change, get(other)) {
+            (true, Some(o)) => Goal {
+                goal,
+                met: Some(k.first_k_ms <= o.first_k_ms),
+                evidence: format!(
+                    "kaleidoscope {:.0} ms, {other} {:.0} ms",
+                    k.first_k_ms, o.first_k_ms
+                ),
+            },
+            (false, _) => Goal {
+                goal,
+                met: None,
+                evidence: "measured only with --ws-change".into(),
+            },
+            (true, None) => Goal {
+                goal,
+                met: None,
+                evidence: format!("{other} was not run"),
+            },
+        });
+    }
+    out
+}
+
+/// The report as a table with ratios against `lazy`.
+pub fn render(r: &WarmupReport) -> String {
+    use crate::stats::fmt_bytes;
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "warm-up of {} clones ({} MiB, {} requests, {} in flight; {}{})",
+        r.workload,
+        r.mem_mib,
+        r.requests,
+        r.window,
+        r.streams,
+        if r.ws_change { ", working-set change" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "warm parent: {:.1} req/s (p50 {:.1} ms); warm = {:.0}% of it over a window of {} completions; colored in {:.0} ms; recording {} pages; lazy touched {} pages",
+        r.parent_rps,
+        r.parent.latency.p50_us / 1e3,
+        r.warm_fraction * 100.0,
+        r.rate_window,
+        r.color_ms,
+        r.recorded_pages,
+        r.touched_pages
+    );
+    let _ = writeln!(
+        s,
+        "{:<13} {:>9} {:>10} {:>18} {:>10} {:>8} {:>9} {:>9} {:>8} {:>8} {:>6} {:>10}",
+        "policy",
+        "clone ms",
+        "first ms",
+        "warm ms (x lazy)",
+        "K ms",
+        "x lazy",
+        "blk flts",
+        "installed",
+        "wasted",
+        "zeroed",
+        "/touch",
+        "footprint"
+    );
+    let lazy = r.policies.iter().find(|p| p.policy == "lazy");
+    for p in &r.policies {
+        let warm = match (p.time_to_warm_ms, lazy.and_then(|l| l.time_to_warm_ms)) {
+            (Some(t), Some(l)) => format!("{t:.0} ({:.2}x)", t / l.max(1e-9)),
+            (Some(t), None) => format!("{t:.0}"),
+            (None, _) => "not warm".into(),
+        };
+        let kx = lazy.map_or(String::from("-"), |l| {
+            format!("{:.2}x", p.first_k_ms / l.first_k_ms.max(1e-9))
+        });
+        let _ = writeln!(
+            s,
+            "{:<13} {:>9.1} {:>10.1} {:>18} {:>10.0} {:>8} {:>9} {:>9} {:>8} {:>8} {:>6.2} {:>10}",
+            p.policy,
+            p.clone_ms,
+            p.first_response_ms,
+            warm,
+            p.first_k_ms,
+            kx,
+            p.blocking_faults,
+            p.installed_pages,
+            p.wasted_pages,
+            p.zero_filled,
+            p.installed_per_touched,
+            fmt_bytes(p.footprint_bytes)
+        );
+    }
+    if let Some(l) = lazy {
+        for p in r.policies.iter().filter(|p| p.policy != "lazy") {
+            let warm = match (p.time_to_warm_ms, l.time_to_warm_ms) {
+                (Some(t), Some(lt)) => format!("{:.2}x lazy time-to-warm", t / lt.max(1e-9)),
+                _ => "time-to-warm not comparable (one never got warm)".into(),
+            };
+            let _ = writeln!(
+                s,
+                "  {}: {warm}, {:.2}x lazy first-K time, {:.2}x lazy blocking faults",
+                p.policy,
+                p.first_k_ms / l.first_k_ms.max(1e-9),
+                p.blocking_faults as f64 / (l.blocking_faults.max(1)) as f64
+            );
+        }
+    }
+    let _ = writeln!(s, "goals:");
+    for g in &r.goals {
+        let v = match g.met {
+            Some(true) => "MET",
+            Some(false) => "NOT MET",
+            None => "not measured",
+        };
+        let _ = writeln!(s, "  [{v}] {} — {}", g.goal, g.evidence);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn time_to_fraction_finds_the_first_fast_window() {
+        // Slow at first (100 ms per request), then 10 ms per request.
+        let c = ms(&[100, 200, 300, 310, 320, 330, 340]);
+        // Target 100 req/s, 90% => 90 req/s over 2 completions: 300->320 is 2/0.02 = 100.
+        assert_eq!(
+            time_to_fraction(&c, 100.0, 0.9, 2),
+            Some(Duration::from_millis(320))
+        );
+        // Never that fast.
+        assert_eq!(time_to_fraction(&c, 1000.0, 0.9, 2), None);
+        // Warm at once: the start counts as a completion.
+        let c = ms(&[10, 20, 30]);
+        assert_eq!(
+            time_to_fraction(&c, 100.0, 0.9, 2),
+            Some(Duration::from_millis(20))
+        );
+        assert_eq!(time_to_fraction(&[], 1.0, 0.9, 2), None);
+    }
+
+    #[test]
+    fn curve_is_offset_and_windowed() {
+        let c = ms(&[100, 200, 300]);
+        let k = rate_curve(&c, 2, Duration::from_millis(50));
+        assert_eq!(k.len(), 2);
+        assert!((k[0].0 - 0.25).abs() < 1e-9 && (k[0].1 - 10.0).abs() < 1e-6);
+        assert!((k[1].0 - 0.35).abs() < 1e-9 && (k[1].1 - 20.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn wasted_counts_installed_but_untouched() {
+        let mut present = Bitmap::new(16);
+        let mut touched = Bitmap::new(16);
+        for g in [1, 2, 3, 8, 9] {
+            present.set(g);
+        }
+        for g in [2, 3, 4, 9] {
+            touched.set(g);
+        }
+        assert_eq!(wasted(&present, &touched), 2);
+        assert_eq!(wasted(&touched, &touched), 0);
+    }
+
+    #[test]
+    fn goals_compare_warm_times_and_fetch_ratio() {
+        let p = |name: &str, warm: Option<f64>, k: f64, ratio: f64| PolicyResult {
+            policy: name.into(),
+            time_to_warm_ms: warm,
+            first_k_ms: k,
+            installed_per_touched: ratio,
+            ..Default::default()
+        };
+        let rs = vec![
+            p("lazy", Some(500.0), 900.0, 1.0),
+            p("blind", None, 950.0, 3.0),
+            p("kaleidoscope", Some(300.0), 800.0, 1.1),
+            p("reap", Some(200.0), 700.0, 1.0),
+            p("faasnap", Some(400.0), 850.0, 1.0),
+        ];
+        let g = goals(&rs, true);
+        let met: Vec<Option<bool>> = g.iter().map(|g| g.met).collect();
+        assert_eq!(
+            met,
+            vec![Some(true), Some(true), Some(true), Some(false), Some(true)]
+        );
+        assert_eq!(goals(&rs, false)[3].met, None);
+    }
+
+    #[test]
+    fn ws_streams_split_inputs() {
+        for w in Workload::ALL {
+            let (a, b, _) = ws_streams(w, 8, true).unwrap();
+            assert_eq!((a.len(), b.len()), (8, 8));
+            assert!(a.iter().all(|r| !b.contains(r)), "{}", w.name());
+        }
+        let (a, b, _) = ws_streams(Workload::Olap, 5, false).unwrap();
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,40 @@
+//! Runs `kscope bench warmup` for two policies on a few requests under real KVM.
+
+use kscope_bench::warmup::{self, WarmupConfig};
+use kscope_workloads::Workload;
+
+#[test]
+fn warmup_runs_two_policies_under_kvm() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        panic!("/dev/kvm is required for this test");
+    }
+    let cfg = WarmupConfig {
+        workload: Workload::Json,
+        policies: vec!["lazy".parse().unwrap(), "kaleidoscope".parse().unwrap()],
+        clones: 1,
+        requests: 6,
+        window: 2,
+        mem_bytes: 64 << 20,
+        ws_change: false,
+        warm_fraction: 0.9,
+    };
+    let r = warmup::run(&cfg).expect("warmup runs");
+    assert_eq!(r.policies.len(), 2);
+    assert!(r.parent_rps > 0.0);
+    assert!(r.touched_pages > 0, "a lazy clone touches pages");
+    let lazy = &r.policies[0];
+    let k = &r.policies[1];
+    assert_eq!((lazy.policy.as_str(), k.policy.as_str()), ("lazy", "kaleidoscope"));
+    // A lazy clone installs exactly what it touches, nothing wasted.
+    assert_eq!(lazy.wasted_pages, 0);
+    assert_eq!(lazy.installed_pages, r.touched_pages);
+    for p in &r.policies {
+        assert!(p.first_response_ms > 0.0 && p.first_response_ms <= p.first_k_ms);
+        assert!(p.installed_pages > 0 && p.footprint_bytes > 0);
+        assert!(!p.curve.is_empty());
+    }
+    // Kaleidoscope prefetches: fewer blocking faults than lazy.
+    assert!(k.blocking_faults < lazy.blocking_faults, "{} vs {}", k.blocking_faults, lazy.blocking_faults);
+    let text = warmup::render(&r);
+    assert!(text.contains("kaleidoscope") && text.contains("goals:"));
+}

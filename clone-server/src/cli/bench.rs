@@ -1,0 +1,162 @@
+//! `kscope bench ...`: the benchmarks of [`kscope_bench`], printed as tables (or JSON).
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use kscope_bench::{dedup, plot, warmup};
+use kscope_policies::PolicySpec;
+
+use crate::runner;
+
+/// The benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Clone a warm parent per prefetch policy and measure how fast each clone gets warm.
+    Warmup(WarmupArgs),
+    /// Color-targeted deduplication across parents and clones vs hashing every frame.
+    Dedup(DedupArgs),
+}
+
+/// Arguments of `kscope bench warmup`.
+#[derive(Args, Debug)]
+pub struct WarmupArgs {
+    /// Workload: web, olap, json, aes, matmul, compress.
+    #[arg(long, short)]
+    pub workload: String,
+    /// Policies, comma-separated (lazy, eager, blind, kaleidoscope, reap, faasnap, activeset,
+    /// each optionally `name:items`); `lazy` is always measured as the reference.
+    #[arg(
+        long,
+        short,
+        default_value = "lazy,eager,blind,kaleidoscope,reap,faasnap,activeset"
+    )]
+    pub policy: String,
+    /// Clones per policy (run one after another; medians are reported).
+    #[arg(long, default_value_t = 1)]
+    pub clones: usize,
+    /// Requests per measured stream (K).
+    #[arg(long, short = 'k', default_value_t = 60)]
+    pub requests: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    /// Guest memory.
+    #[arg(long, default_value = "128M", value_parser = super::mem_arg)]
+    pub mem: u64,
+    /// Record the working set with one input and run with another (FaaSnap's case).
+    #[arg(long)]
+    pub ws_change: bool,
+    /// Fraction of the warm parent's throughput that counts as warm.
+    #[arg(long, default_value_t = 0.9)]
+    pub warm_fraction: f64,
+    /// Write the throughput-over-time plot (SVG) here.
+    #[arg(long)]
+    pub svg: Option<std::path::PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `kscope bench dedup`.
+#[derive(Args, Debug)]
+pub struct DedupArgs {
+    /// Workload.
+    #[arg(long, short)]
+    pub workload: String,
+    /// Parents booted from the same image.
+    #[arg(long, default_value_t = 2)]
+    pub parents: usize,
+    /// Lazy clones per parent.
+    #[arg(long, default_value_t = 2)]
+    pub clones: usize,
+    /// Requests per VM.
+    #[arg(long, short = 'k', default_value_t = 30)]
+    pub requests: usize,
+    /// Guest memory.
+    #[arg(long, default_value = "128M", value_parser = super::mem_arg)]
+    pub mem: u64,
+    /// Also merge for real with Linux KSM (needs /sys/kernel/mm/ksm; takes control of ksmd
+    /// for the run and restores its settings).
+    #[arg(long)]
+    pub ksm: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The warm-up plot of a report.
+pub fn warmup_svg(r: &warmup::WarmupReport) -> anyhow::Result<String> {
+    let series: Vec<plot::Series> = r
+        .policies
+        .iter()
+        .map(|p| plot::Series {
+            label: p.policy.clone(),
+            points: p.curve.clone(),
+        })
+        .collect();
+    Ok(plot::line_chart_svg(
+        &format!(
+            "{} clone warm-up{}",
+            r.workload,
+            if r.ws_change {
+                " (working-set change)"
+            } else {
+                ""
+            }
+        ),
+        "seconds since clone",
+        &format!("requests/s (window of {})", r.rate_window),
+        &series,
+        Some(("warm parent", r.parent_rps)),
+    )?)
+}
+
+/// Run `kscope bench ...`.
+pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Warmup(a) => {
+            let policies = a
+                .policy
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse::<PolicySpec>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let cfg = warmup::WarmupConfig {
+                workload: runner::parse_workload(&a.workload)?,
+                policies,
+                clones: a.clones,
+                requests: a.requests,
+                window: a.window,
+                mem_bytes: a.mem,
+                ws_change: a.ws_change,
+                warm_fraction: a.warm_fraction,
+            };
+            let r = warmup::run(&cfg)?;
+            if let Some(path) = &a.svg {
+                std::fs::write(path, warmup_svg(&r)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", warmup::render(&r));
+            }
+        }
+        BenchCmd::Dedup(a) => {
+            let cfg = dedup::DedupConfig {
+                workload: runner::parse_workload(&a.workload)?,
+                parents: a.parents,
+                clones: a.clones,
+                requests: a.requests,
+                mem_bytes: a.mem,
+                ksm: a.ksm,
+            };
+            let r = dedup::run(&cfg)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", dedup::render(&r));
+            }
+        }
+    }
+    Ok(())
+}
