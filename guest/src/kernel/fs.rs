@@ -24,7 +24,8 @@ pub struct FileEntry {
     /// CRC-32 recorded in the image.
     pub crc32: u32,
     /// Padding.
-    pub pad: u32,
+    /// FNV-1a hash of the name (the lookup index key).
+    pub hash: u32,
 }
 
 const EMPTY: FileEntry = FileEntry {
@@ -38,7 +39,7 @@ const EMPTY: FileEntry = FileEntry {
     },
     disk_offset: 0,
     crc32: 0,
-    pad: 0,
+    hash: 0,
 };
 
 /// The file table.
@@ -47,11 +48,29 @@ pub struct FileTable {
     pub files: [FileEntry; FILE_MAX],
     /// Number of files.
     pub count: usize,
+    /// Open-addressing index by name hash: 0 = empty, `i + 1` = file `i`. The kernel runs
+    /// under KVM's instruction emulator on PVM hosts (docs/PERFORMANCE-NOTES.md), so a lookup
+    /// must touch a few entries, not scan every name.
+    pub index: [u16; INDEX_SLOTS],
+}
+
+/// Slots of the name index (a power of two, at least twice FILE_MAX).
+const INDEX_SLOTS: usize = 2 * FILE_MAX;
+
+/// FNV-1a over a path.
+fn name_hash(path: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in path {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
 }
 
 static FILES: KCell<FileTable> = KCell::new(FileTable {
     files: [EMPTY; FILE_MAX],
     count: 0,
+    index: [0; INDEX_SLOTS],
 });
 
 /// Why the root file system could not be mounted.
@@ -120,6 +139,12 @@ fn mount_with(tmp: u64, disk_bytes: u64) -> Result<usize, FsError> {
         f.abi.name = e.name;
         f.disk_offset = e.offset;
         f.crc32 = e.crc32;
+        f.hash = name_hash(&e.name[..name_len(&e.name)]);
+        let mut slot = f.hash as usize & (INDEX_SLOTS - 1);
+        while ft.index[slot] != 0 {
+            slot = (slot + 1) & (INDEX_SLOTS - 1);
+        }
+        ft.index[slot] = i as u16 + 1;
     }
     ft.count = n;
     Ok(n)
@@ -133,10 +158,22 @@ pub fn name_len(n: &[u8]) -> usize {
 /// Index of the file named `path`.
 pub fn lookup(path: &[u8]) -> Option<usize> {
     let ft = FILES.get();
-    (0..ft.count).find(|&i| {
-        let n = &ft.files[i].abi.name;
-        crate::klib::bytes_eq(&n[..name_len(n)], path)
-    })
+    let h = name_hash(path);
+    let mut slot = h as usize & (INDEX_SLOTS - 1);
+    loop {
+        let i = ft.index[slot] as usize;
+        if i == 0 {
+            return None;
+        }
+        let f = &ft.files[i - 1];
+        if f.hash == h {
+            let n = &f.abi.name;
+            if n.len() > path.len() && n[path.len()] == 0 && crate::klib::bytes_eq(&n[..path.len()], path) {
+                return Some(i - 1);
+            }
+        }
+        slot = (slot + 1) & (INDEX_SLOTS - 1);
+    }
 }
 
 /// The file with index `i` (callers pass indices from `lookup` or fds).
