@@ -168,6 +168,25 @@ fn boots_echoes_and_answers_ping() {
 }
 
 #[test]
+fn boots_with_small_and_large_memory() {
+    for mib in [16, 1024, 3072] {
+        let t = Instant::now();
+        let vm = boot_with(&format!("kt-mem{mib}"), mib, &[]);
+        let boot = t.elapsed();
+        let k = kinfo(&vm);
+        assert_eq!(k.mem_bytes, mib << 20);
+        assert_eq!(k.frame_count, (mib << 20) / 4096);
+        assert_eq!(ask(&vm, b"echo sized"), b"sized");
+        assert_eq!(ask_str(&vm, "alloc 64"), format!("ok 64 {}", 64 * 65 / 2));
+        // The last RAM page is reachable through the direct map.
+        let (e, _) = walk(&vm, k.kernel_pml4, DIRECT_MAP_BASE + (mib << 20) - 4096).unwrap();
+        assert_eq!(e & NX, NX);
+        println!("{mib} MiB: boot {boot:?}, {} free frames", k.free_frames);
+        vm.stop().unwrap();
+    }
+}
+
+#[test]
 fn files_read_by_pread_and_mmap_match_the_image() {
     let small = data_file(3 * 4096 + 1234, 1);
     let large = data_file(300_000, 2);

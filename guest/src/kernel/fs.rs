@@ -168,7 +168,10 @@ pub fn lookup(path: &[u8]) -> Option<usize> {
         let f = &ft.files[i - 1];
         if f.hash == h {
             let n = &f.abi.name;
-            if n.len() > path.len() && n[path.len()] == 0 && crate::klib::bytes_eq(&n[..path.len()], path) {
+            if n.len() > path.len()
+                && n[path.len()] == 0
+                && crate::klib::bytes_eq(&n[..path.len()], path)
+            {
                 return Some(i - 1);
             }
         }

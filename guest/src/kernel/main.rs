@@ -2,6 +2,27 @@
 //! runs workload programs as ring-3 processes and looks like a real OS from the outside
 //! (its own page tables, a page cache with radix trees, a frame allocator), described for
 //! outside readers by the KInfo page. See `abi` for every contract it implements.
+//!
+//! Physical memory: below 1 MiB the VMM's boot structures (the kernel fills the IDT and the
+//! KInfo page at 0x9000); the image at 1 MiB (text, rodata, data+bss with the process and file
+//! tables); right after it the frame bitmap and the ground-truth table; everything above is
+//! handed out by the frame allocator (page tables, virtqueue rings and RX buffers, radix
+//! nodes from a slab, page-cache pages, user memory), fresh (never used, zero) frames last.
+//!
+//! Virtual memory: the image at `KERNEL_VIRT_BASE + phys` (4 KiB pages: text R+X, rodata R,
+//! data RW, both NX), all RAM at `DIRECT_MAP_BASE` (2 MiB pages, RW, NX), devices at
+//! `MMIO_VIRT_BASE` (uncached, NX); the 256 kernel-half PDPTs exist from boot so every process
+//! PML4 copies entries 256..511 once. User half: the ELF at 4 MiB, `mmap` from
+//! `USER_MMAP_BASE` up, the stack below `USER_STACK_TOP`.
+//!
+//! Control flow: exceptions from ring 3 enter on the single trap stack (TSS.RSP0); `ud2` is
+//! the system-call gate. A call or fault that lets the process go on returns straight from
+//! the trap frame; otherwise the context is saved in the process table and the cooperative
+//! round-robin scheduler picks the next runnable process, or polls the devices and halts.
+//!
+//! Cost model: on this platform every kernel instruction is emulated (CPL0 under PVM's
+//! native mode), so the kernel avoids work: no zeroing of never-used frames, fault-around,
+//! readahead, zero-copy DMA for page-cache fills and responses, fast trap returns.
 #![no_std]
 #![no_main]
 

@@ -14,6 +14,7 @@ use crate::{clone, request, syscall, uvm};
 
 struct Sched {
     current: Option<usize>,
+    live: bool,
     fpu_owner: Option<usize>,
     yielded: bool,
     seq: u64,
@@ -24,6 +25,7 @@ struct Sched {
 
 static S: KCell<Sched> = KCell::new(Sched {
     current: None,
+    live: false,
     fpu_owner: None,
     yielded: false,
     seq: 0,
@@ -78,7 +80,9 @@ pub fn yield_now() {
     S.get().yielded = true;
 }
 
-/// Entry from user mode (any exception).
+/// Entry from user mode (any exception). The trap frame on the trap stack stays the live
+/// context of the current process (no copy: every instruction is emulated at CPL0 here) until
+/// something needs the saved copy in the process table: see [`spill`].
 pub fn from_user(frame: &mut Context) -> ! {
     let Some(cur) = S.get().current else {
         crate::fatal(
@@ -86,20 +90,14 @@ pub fn from_user(frame: &mut Context) -> ! {
             kscope_guest::abi::panic_code::KERNEL_EXCEPTION,
         );
     };
-    proc::get(cur).ctx = *frame;
+    S.get().live = true;
     match frame.vector {
-        vector::UD => {
-            syscall::handle(cur);
-            fast_return(cur);
-        }
+        vector::UD => syscall::handle(cur, frame),
         vector::PF => {
             let cr2 = arch::read_cr2();
-            match uvm::page_fault(cur, cr2, frame.error) {
-                Ok(()) => fast_return(cur),
-                Err(f) => {
-                    crate::kprint!(s "kscope: page fault at ", x cr2, s " rip ", x frame.rip, s " error ", x frame.error, s ": ", s uvm::fault_name(f), s "\n");
-                    kill(cur, "segmentation fault");
-                }
+            if let Err(f) = uvm::page_fault(cur, cr2, frame.error) {
+                crate::kprint!(s "kscope: page fault at ", x cr2, s " rip ", x frame.rip, s " error ", x frame.error, s ": ", s uvm::fault_name(f), s "\n");
+                kill(cur, "segmentation fault");
             }
         }
         v => {
@@ -107,19 +105,40 @@ pub fn from_user(frame: &mut Context) -> ! {
             kill(cur, "fatal exception");
         }
     }
+    // Fast return: the process simply goes on running (no switch, no signal, no yield), so
+    // resume it from the trap frame and skip the scheduler. Devices are polled and the clone
+    // generation checked whenever a process blocks or yields.
+    let s = S.get();
+    if s.live {
+        let p = proc::get(cur);
+        if s.current == Some(cur)
+            && !s.yielded
+            && p.abi.state == proc_state::RUNNABLE
+            && !p.sig_pending
+        {
+            s.live = false;
+            trap::resume_user(frame);
+        }
+        spill(cur, frame);
+    }
     schedule()
 }
 
-/// Return straight to `cur` if it simply goes on running (no switch, no signal, no yield),
-/// skipping the scheduler: every kernel instruction is emulated at CPL0 on this platform.
-/// Devices are polled and the clone generation checked whenever a process blocks or yields.
-fn fast_return(cur: usize) {
+/// Save the live trap frame of the current process `cur` into its process-table entry;
+/// from then on the entry is authoritative (blocking, signals, switches work on it).
+pub fn spill(cur: usize, frame: &Context) {
     let s = S.get();
-    let p = proc::get(cur);
-    if s.current == Some(cur) && !s.yielded && p.abi.state == proc_state::RUNNABLE && !p.sig_pending
-    {
-        trap::resume_user(&mut p.ctx);
+    if s.live {
+        s.live = false;
+        if proc::alive(cur) {
+            proc::get(cur).ctx = *frame;
+        }
     }
+}
+
+/// True while the current process's context lives in the trap frame.
+pub fn is_live() -> bool {
+    S.get().live
 }
 
 /// Kill process `slot` after a fault.

@@ -12,6 +12,7 @@ use kscope_guest::abi::syscall::{self as nr, errno, FileStat};
 use crate::mm::{frame, va};
 use crate::proc::{self, SpawnError, MAX_FDS};
 use crate::request::Segs;
+use crate::trap::Context;
 use crate::uvm::{self, Access, Fault};
 use crate::{clone, console, fs, pagecache, request, rng, sched};
 
@@ -27,18 +28,28 @@ fn err(e: i64) -> Result<Ret, Fault> {
     Ok(Ret::Val(-e))
 }
 
-/// Handle a #UD from user mode in process `slot`.
-pub fn handle(slot: usize) {
-    let rip = proc::get(slot).ctx.rip;
+/// Handle a #UD from user mode in process `slot`; `frame` is its live context (see
+/// [`sched::spill`]).
+pub fn handle(slot: usize, frame: &mut Context) {
+    let rip = frame.rip;
     if !is_ud2(slot, rip) {
         crate::kprint!(s "kscope: invalid opcode at rip ", x rip, s "\n");
         sched::kill(slot, "illegal instruction");
         return;
     }
-    let c = &mut proc::get(slot).ctx;
-    c.rip += 2;
-    let (n, a) = (c.rax, [c.rdi, c.rsi, c.rdx, c.r10, c.r8, c.r9]);
+    frame.rip += 2;
+    let (n, a) = (
+        frame.rax,
+        [
+            frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9,
+        ],
+    );
+    if matches!(n, nr::RECV_REQUEST | nr::SIGRETURN | nr::YIELD) {
+        // These block, replace or hand over the context: work on the saved copy.
+        sched::spill(slot, frame);
+    }
     match call(slot, n, a) {
+        Ok(Ret::Val(v)) if sched::is_live() => frame.rax = v as u64,
         Ok(Ret::Val(v)) => proc::get(slot).ctx.rax = v as u64,
         Ok(Ret::Done) => {}
         Err(f) => {
