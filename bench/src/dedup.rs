@@ -96,7 +96,7 @@ pub fn duplicates_by_color(frames: &[Frame]) -> Vec<(String, u64, u64)> {
         .iter()
         .filter_map(|c| by.get(c).map(|&(n, d)| (c.name().to_string(), n, d)))
         .collect();
-    v.sort_by(|a, b| b.2.cmp(&a.2));
+    v.sort_by_key(|e| std::cmp::Reverse(e.2));
     v
 }
 
@@ -212,7 +212,13 @@ pub struct DedupReport {
     pub ksm_targeted: Option<KsmResult>,
 }
 
-fn collect(vm: &Vm, idx: usize, map: &ColorMap, only: Option<&kscope_vmm::lazy::Bitmap>, out: &mut Vec<Frame>) -> anyhow::Result<()> {
+fn collect(
+    vm: &Vm,
+    idx: usize,
+    map: &ColorMap,
+    only: Option<&kscope_vmm::lazy::Bitmap>,
+    out: &mut Vec<Frame>,
+) -> anyhow::Result<()> {
     let pages = vm.mem_bytes() / PAGE_SIZE as u64;
     for g in 0..pages {
         if only.is_some_and(|b| !b.get(g)) {
@@ -224,7 +230,11 @@ fn collect(vm: &Vm, idx: usize, map: &ColorMap, only: Option<&kscope_vmm::lazy::
         if data.iter().all(|&b| b == 0) {
             continue;
         }
-        let color = map.colors.get(g as usize).copied().unwrap_or(Color::Unknown);
+        let color = map
+            .colors
+            .get(g as usize)
+            .copied()
+            .unwrap_or(Color::Unknown);
         out.push(Frame {
             vm: idx,
             gfn: g,
@@ -243,8 +253,14 @@ pub fn run(cfg: &DedupConfig) -> anyhow::Result<DedupReport> {
     for p in 0..cfg.parents.max(1) {
         let b = runner::boot(w, cfg.mem_bytes, &format!("{}-dedup-p{p}", w.name()))?;
         let parent = b.vm;
-        drive(&parent, w, &w.requests(10 + p as u64, cfg.requests), 4, true)
-            .context("warming a parent")?;
+        drive(
+            &parent,
+            w,
+            &w.requests(10 + p as u64, cfg.requests),
+            4,
+            true,
+        )
+        .context("warming a parent")?;
         parent.pause().context("pausing a parent")?;
         let batch = parent
             .clone_children(cfg.clones, &CloneOptions::default())
@@ -305,9 +321,20 @@ pub fn render(r: &DedupReport) -> String {
         "dedup of {} ({} MiB): {} parents from one image x {} lazy clones each; {} candidate frames (non-zero, held in host memory)",
         r.workload, r.mem_mib, r.parents, r.clones, r.candidates
     );
-    let _ = writeln!(s, "{:<24} {:>10} {:>10} {:>11}", "scan", "hashed", "time ms", "duplicates");
-    for (n, x) in [("brute force (all)", &r.brute), ("targeted colors", &r.targeted)] {
-        let _ = writeln!(s, "{n:<24} {:>10} {:>10.1} {:>11}", x.hashed, x.hash_ms, x.duplicates);
+    let _ = writeln!(
+        s,
+        "{:<24} {:>10} {:>10} {:>11}",
+        "scan", "hashed", "time ms", "duplicates"
+    );
+    for (n, x) in [
+        ("brute force (all)", &r.brute),
+        ("targeted colors", &r.targeted),
+    ] {
+        let _ = writeln!(
+            s,
+            "{n:<24} {:>10} {:>10.1} {:>11}",
+            x.hashed, x.hash_ms, x.duplicates
+        );
     }
     let _ = writeln!(
         s,
@@ -322,7 +349,10 @@ pub fn render(r: &DedupReport) -> String {
         let _ = writeln!(s, "  {c:<16} {n:>8} {d:>8}");
     }
     if let (Some(b), Some(t)) = (&r.ksm_brute, &r.ksm_targeted) {
-        let _ = writeln!(s, "KSM (real copy-on-write merging of the candidates in anonymous memory):");
+        let _ = writeln!(
+            s,
+            "KSM (real copy-on-write merging of the candidates in anonymous memory):"
+        );
         for (n, x) in [("all mergeable", b), ("targeted mergeable", t)] {
             let _ = writeln!(
                 s,
@@ -330,10 +360,11 @@ pub fn render(r: &DedupReport) -> String {
                 x.marked, x.pages_scanned, x.full_scans, x.ksm_ms, x.pages_sharing, x.pages_shared
             );
         }
+        let per_scan = |x: &KsmResult| x.pages_scanned as f64 / x.full_scans.max(1) as f64;
         let _ = writeln!(
             s,
-            "  targeted: {:.1}% of the pages scanned for {:.1}% of the frames freed",
-            pct(t.pages_scanned, b.pages_scanned),
+            "  targeted: {:.1}% of the pages scanned per full scan for {:.1}% of the frames freed",
+            100.0 * per_scan(t) / per_scan(b).max(1e-9),
             pct(t.pages_sharing, b.pages_sharing)
         );
     }

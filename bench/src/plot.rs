@@ -71,13 +71,12 @@ pub fn line_chart_svg(
         for (i, s) in series.iter().enumerate() {
             let c = COLORS[i % COLORS.len()];
             chart
-                .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
-                    c.stroke_width(2),
-                ))
+                .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
                 .map_err(draw_err)?
                 .label(s.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
         }
         if let Some((label, y)) = reference {
             let grey = RGBColor(0x55, 0x55, 0x55);
@@ -122,11 +121,22 @@ mod tests {
         ];
         let svg = line_chart_svg("t", "s", "req/s", &series, Some(("warm parent", 10.0))).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        // Each series is one polyline plus one in the legend; the reference is dashed lines.
-        let polylines = svg.matches("<polyline").count();
-        assert_eq!(polylines, 2 * series.len() + 1, "{svg}");
+        // Each series is one polyline in its own color plus one legend sample.
+        let lower = svg.to_ascii_lowercase();
+        for color in ["#1f77b4", "#d62728"] {
+            let lines = lower
+                .split("<polyline")
+                .skip(1)
+                .filter(|p| p.split("/>").next().unwrap_or("").contains(color))
+                .count();
+            assert_eq!(lines, 2, "{color}");
+        }
+        assert!(!lower.contains("#2ca02c"), "no third series");
         for l in ["lazy", "kaleidoscope", "warm parent"] {
-            assert!(svg.contains(&format!(">{l}<")) || svg.contains(l), "{l} missing");
+            assert!(
+                svg.contains(&format!(">{l}<")) || svg.contains(l),
+                "{l} missing"
+            );
         }
     }
 }

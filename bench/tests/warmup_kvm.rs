@@ -9,7 +9,7 @@ fn warmup_runs_two_policies_under_kvm() {
         panic!("/dev/kvm is required for this test");
     }
     let cfg = WarmupConfig {
-        workload: Workload::Json,
+        workload: Workload::Web,
         policies: vec!["lazy".parse().unwrap(), "kaleidoscope".parse().unwrap()],
         clones: 1,
         requests: 6,
@@ -24,17 +24,27 @@ fn warmup_runs_two_policies_under_kvm() {
     assert!(r.touched_pages > 0, "a lazy clone touches pages");
     let lazy = &r.policies[0];
     let k = &r.policies[1];
-    assert_eq!((lazy.policy.as_str(), k.policy.as_str()), ("lazy", "kaleidoscope"));
-    // A lazy clone installs exactly what it touches, nothing wasted.
-    assert_eq!(lazy.wasted_pages, 0);
-    assert_eq!(lazy.installed_pages, r.touched_pages);
+    assert_eq!(
+        (lazy.policy.as_str(), k.policy.as_str()),
+        ("lazy", "kaleidoscope")
+    );
+    // A lazy clone installs what it touches plus what the VMM writes before it runs (its
+    // GenPage), nothing else.
+    assert!(lazy.wasted_pages <= 2, "lazy wasted {}", lazy.wasted_pages);
+    assert!(lazy.installed_pages >= r.touched_pages);
+    assert!(lazy.installed_pages <= r.touched_pages + 2);
     for p in &r.policies {
         assert!(p.first_response_ms > 0.0 && p.first_response_ms <= p.first_k_ms);
         assert!(p.installed_pages > 0 && p.footprint_bytes > 0);
         assert!(!p.curve.is_empty());
     }
     // Kaleidoscope prefetches: fewer blocking faults than lazy.
-    assert!(k.blocking_faults < lazy.blocking_faults, "{} vs {}", k.blocking_faults, lazy.blocking_faults);
+    assert!(
+        k.blocking_faults < lazy.blocking_faults,
+        "{} vs {}",
+        k.blocking_faults,
+        lazy.blocking_faults
+    );
     let text = warmup::render(&r);
     assert!(text.contains("kaleidoscope") && text.contains("goals:"));
 }

@@ -178,7 +178,9 @@ impl AnonFrames {
             )
         };
         if r != 0 {
-            return Err(os_err(format!("madvise(MADV_MERGEABLE) of frames {start}+{n}")));
+            return Err(os_err(format!(
+                "madvise(MADV_MERGEABLE) of frames {start}+{n}"
+            )));
         }
         Ok(())
     }

@@ -9,11 +9,13 @@ use kscope_guest::ulib::{self, File};
 use crate::files::{FileError, Files};
 use crate::handlers::Handler;
 
-/// [`Files`] over the guest's root file system: `map` maps page-cache pages (mappings live
-/// for the rest of the process), `read_at` is one `pread` on a descriptor kept open.
+/// [`Files`] over the guest's root file system: `map` maps page-cache pages once per file
+/// (mappings live for the rest of the process and are reused), `read_at` is one `pread` on a
+/// descriptor kept open.
 #[derive(Default)]
 pub struct GuestFiles {
     open: Vec<(String, File)>,
+    mapped: Vec<(String, &'static [u8])>,
 }
 
 impl Clone for GuestFiles {
@@ -66,8 +68,13 @@ impl GuestFiles {
 
 impl Files for GuestFiles {
     fn map(&mut self, path: &str) -> Result<&'static [u8], FileError> {
+        if let Some((_, m)) = self.mapped.iter().find(|(p, _)| p == path) {
+            return Ok(m);
+        }
         let f = self.open_fresh(path)?;
-        f.map().map_err(|e| sys_err("mmap", path, e))
+        let m = f.map().map_err(|e| sys_err("mmap", path, e))?;
+        self.mapped.push((path.into(), m));
+        Ok(m)
     }
 
     fn read_at(&mut self, path: &str, offset: u64, buf: &mut [u8]) -> Result<usize, FileError> {

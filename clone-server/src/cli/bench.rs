@@ -40,7 +40,7 @@ pub struct WarmupArgs {
     #[arg(long, default_value_t = 4)]
     pub window: usize,
     /// Guest memory.
-    #[arg(long, default_value = "128M", value_parser = super::mem_arg)]
+    #[arg(long, default_value = "256M", value_parser = super::mem_arg)]
     pub mem: u64,
     /// Record the working set with one input and run with another (FaaSnap's case).
     #[arg(long)]
@@ -72,7 +72,7 @@ pub struct DedupArgs {
     #[arg(long, short = 'k', default_value_t = 30)]
     pub requests: usize,
     /// Guest memory.
-    #[arg(long, default_value = "128M", value_parser = super::mem_arg)]
+    #[arg(long, default_value = "256M", value_parser = super::mem_arg)]
     pub mem: u64,
     /// Also merge for real with Linux KSM (needs /sys/kernel/mm/ksm; takes control of ksmd
     /// for the run and restores its settings).

@@ -2,8 +2,12 @@
 //!
 //! Power-of-two size classes from 16 B to 32 KiB carved out of 256 KiB chunks obtained with
 //! anonymous `mmap` (pages are populated on first touch by the kernel), each class with an
-//! intrusive free list; larger blocks get their own mapping and are unmapped on free. Guest
-//! processes are single-threaded, so there is no locking.
+//! intrusive free list. Blocks from 64 KiB to 64 MiB are power-of-two mappings of their own,
+//! kept on per-size free lists when freed and reused: servers allocate the same sizes request
+//! after request, and unmapping them would fragment the process's address space (the kernel
+//! keeps a small, fixed number of memory areas per process) and cost two system calls per
+//! allocation. Larger blocks are mapped and unmapped directly. Guest processes are
+//! single-threaded, so there is no locking.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -15,11 +19,15 @@ use crate::abi::syscall::prot;
 const MIN_SHIFT: u32 = 4; // 16 bytes
 const MAX_SHIFT: u32 = 15; // 32 KiB
 const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
+const BIG_MIN_SHIFT: u32 = 16; // 64 KiB
+const BIG_MAX_SHIFT: u32 = 26; // 64 MiB
+const BIG_CLASSES: usize = (BIG_MAX_SHIFT - BIG_MIN_SHIFT + 1) as usize;
 const CHUNK: usize = 256 * 1024;
 const PAGE: usize = 4096;
 
 struct State {
     free: [*mut u8; CLASSES],
+    big_free: [*mut u8; BIG_CLASSES],
     bump: *mut u8,
     bump_end: *mut u8,
 }
@@ -34,6 +42,7 @@ unsafe impl Sync for UserAlloc {}
 #[global_allocator]
 static ALLOC: UserAlloc = UserAlloc(UnsafeCell::new(State {
     free: [ptr::null_mut(); CLASSES],
+    big_free: [ptr::null_mut(); BIG_CLASSES],
     bump: ptr::null_mut(),
     bump_end: ptr::null_mut(),
 }));
@@ -45,6 +54,16 @@ fn class_of(layout: &Layout) -> Option<usize> {
     }
     let shift = usize::BITS - (size - 1).leading_zeros();
     Some((shift - MIN_SHIFT) as usize)
+}
+
+/// The big class of a layout too large for the small classes, if it has one.
+fn big_class_of(layout: &Layout) -> Option<usize> {
+    let size = layout.size().max(1 << BIG_MIN_SHIFT);
+    if size > 1 << BIG_MAX_SHIFT {
+        return None;
+    }
+    let shift = usize::BITS - (size - 1).leading_zeros();
+    Some((shift - BIG_MIN_SHIFT) as usize)
 }
 
 fn map_anon(len: usize) -> *mut u8 {
@@ -65,7 +84,16 @@ unsafe impl GlobalAlloc for UserAlloc {
         // SAFETY: single-threaded (see `Sync` impl): this is the only live reference.
         let st = unsafe { &mut *self.0.get() };
         let Some(class) = class_of(&layout) else {
-            return map_anon(layout.size().next_multiple_of(PAGE));
+            let Some(big) = big_class_of(&layout) else {
+                return map_anon(layout.size().next_multiple_of(PAGE));
+            };
+            let head = st.big_free[big];
+            if !head.is_null() {
+                // SAFETY: free blocks store the next pointer in their first word.
+                st.big_free[big] = unsafe { (head as *mut *mut u8).read() };
+                return head;
+            }
+            return map_anon(1 << (big as u32 + BIG_MIN_SHIFT));
         };
         let head = st.free[class];
         if !head.is_null() {
@@ -102,9 +130,16 @@ unsafe impl GlobalAlloc for UserAlloc {
                 unsafe { (p as *mut *mut u8).write(st.free[class]) };
                 st.free[class] = p;
             }
-            None => {
-                let _ = sys::munmap(p as u64, layout.size().next_multiple_of(PAGE) as u64);
-            }
+            None => match big_class_of(&layout) {
+                Some(big) => {
+                    // SAFETY: `p` is a mapped block of this big class we handed out.
+                    unsafe { (p as *mut *mut u8).write(st.big_free[big]) };
+                    st.big_free[big] = p;
+                }
+                None => {
+                    let _ = sys::munmap(p as u64, layout.size().next_multiple_of(PAGE) as u64);
+                }
+            },
         }
     }
 }

@@ -128,7 +128,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 Some(f) => f(&ctx),
                 None => Box::new(OnDemand),
             };
-            let server = FaultServer::start(
+            let mut server = FaultServer::start(
                 region,
                 gen.image.clone(),
                 policy,
@@ -152,6 +152,10 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 .try_clone_to_owned()
                 .map_err(|e| VmError::Memory(format!("dup clone memfd: {e}")))?;
             let addr = server.region().host_addr() as *mut u8;
+            // The policy's background list (FaaSnap's loading set, Kaleidoscope's background
+            // colors) is fetched by its own thread while the clone runs; it never blocks a
+            // vCPU and races safely with fault handling.
+            server.start_background()?;
             let server = Arc::new(server);
             // SAFETY: the region is a live MAP_SHARED, writable mapping of its memfd of
             // `size` bytes, owned by `server`, which the keeper keeps alive.
