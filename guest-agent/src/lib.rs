@@ -86,7 +86,12 @@ mod tests {
     use super::*;
 
     fn info(clone_id: u64, seed: u8) -> CloneInfo {
-        CloneInfo { generation: 3, clone_id, seed: [seed; 32], identity: Identity::default() }
+        CloneInfo {
+            generation: 3,
+            clone_id,
+            seed: [seed; 32],
+            identity: Identity::default(),
+        }
     }
 
     #[test]

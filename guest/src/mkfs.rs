@@ -158,10 +158,16 @@ mod tests {
     #[test]
     fn rejects_bad_input() {
         let mut b = FsBuilder::new();
-        assert!(matches!(b.add("rel", file_kind::DATA, b""), Err(MkfsError::BadPath(_))));
+        assert!(matches!(
+            b.add("rel", file_kind::DATA, b""),
+            Err(MkfsError::BadPath(_))
+        ));
         assert!(matches!(b.add("/x", 9, b""), Err(MkfsError::BadKind(9))));
         b.add("/x", file_kind::DATA, b"").unwrap();
-        assert!(matches!(b.add("/x", file_kind::DATA, b""), Err(MkfsError::Duplicate(_))));
+        assert!(matches!(
+            b.add("/x", file_kind::DATA, b""),
+            Err(MkfsError::Duplicate(_))
+        ));
         assert!(list(b"garbage").is_none());
     }
 }

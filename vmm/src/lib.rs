@@ -20,14 +20,14 @@ pub mod prefetch;
 pub mod vcpu;
 pub mod vm;
 
-pub use devices::request::{PendingResponse, RequestTransport, Response};
-pub use error::VmError;
-pub use vcpu::{ExitCounts, ExitReason};
 pub use clone::{
     CloneBatch, CloneContext, CloneOptions, Generation, MemoryMode, MemoryStats, PrefetcherFactory,
 };
+pub use devices::request::{PendingResponse, RequestTransport, Response};
+pub use error::VmError;
+pub use vcpu::{ExitCounts, ExitReason};
 pub use vm::{BootReport, ExitReport, Vm, VmConfig, VmState};
-pub mod uffd;
 pub mod lazy;
 pub mod snapfile;
 pub mod snapshot;
+pub mod uffd;

@@ -66,7 +66,13 @@ mod tests {
     fn on_demand_fetches_only_the_faulting_page() {
         let mut p = OnDemand;
         let mut out = vec![];
-        p.on_fault(Fault { gfn: 7, write: false }, &mut out);
+        p.on_fault(
+            Fault {
+                gfn: 7,
+                write: false,
+            },
+            &mut out,
+        );
         assert!(out.is_empty());
         assert!(!p.zero_fill(7));
         assert!(p.before_resume().is_empty());

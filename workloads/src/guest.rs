@@ -108,4 +108,3 @@ pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
         }
     }
 }
-

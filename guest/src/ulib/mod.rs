@@ -220,7 +220,12 @@ impl File {
         if self.stat.size == 0 {
             return Ok(&[]);
         }
-        let addr = sys::mmap(self.stat.size, crate::abi::syscall::prot::READ, Some(self.fd), 0)?;
+        let addr = sys::mmap(
+            self.stat.size,
+            crate::abi::syscall::prot::READ,
+            Some(self.fd),
+            0,
+        )?;
         // SAFETY: the kernel mapped `size` readable bytes at `addr` for the rest of the
         // process's life (we never unmap it), and nothing writes to a read-only file mapping.
         Ok(unsafe { core::slice::from_raw_parts(addr as *const u8, self.stat.size as usize) })
@@ -277,5 +282,9 @@ extern "C" fn clone_dispatch(info: *const CloneInfo) {
 pub fn on_clone(hook: CloneHook) -> Result<(), Errno> {
     // SAFETY: single-threaded process; no signal handler runs concurrently with this store.
     unsafe { *core::ptr::addr_of_mut!(CLONE_HOOK) = Some(hook) };
-    sys::sigclone_register(clone_dispatch, __kscope_sigreturn as *const () as usize as u64).map(|_| ())
+    sys::sigclone_register(
+        clone_dispatch,
+        __kscope_sigreturn as *const () as usize as u64,
+    )
+    .map(|_| ())
 }

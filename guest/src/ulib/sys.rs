@@ -48,12 +48,28 @@ pub fn exit(code: i32) -> ! {
 
 /// Write bytes to a console descriptor (1 = stdout, 2 = stderr).
 pub fn write(fd: u64, buf: &[u8]) -> SysResult {
-    check(syscall6(nr::WRITE, fd, buf.as_ptr() as u64, buf.len() as u64, 0, 0, 0))
+    check(syscall6(
+        nr::WRITE,
+        fd,
+        buf.as_ptr() as u64,
+        buf.len() as u64,
+        0,
+        0,
+        0,
+    ))
 }
 
 /// Open a file of the root file system.
 pub fn open(path: &str) -> SysResult {
-    check(syscall6(nr::OPEN, path.as_ptr() as u64, path.len() as u64, 0, 0, 0, 0))
+    check(syscall6(
+        nr::OPEN,
+        path.as_ptr() as u64,
+        path.len() as u64,
+        0,
+        0,
+        0,
+        0,
+    ))
 }
 
 /// Close a descriptor.
@@ -63,19 +79,43 @@ pub fn close(fd: u64) -> SysResult {
 
 /// Read up to `buf.len()` bytes at `offset` through the page cache.
 pub fn pread(fd: u64, buf: &mut [u8], offset: u64) -> SysResult {
-    check(syscall6(nr::PREAD, fd, buf.as_mut_ptr() as u64, buf.len() as u64, offset, 0, 0))
+    check(syscall6(
+        nr::PREAD,
+        fd,
+        buf.as_mut_ptr() as u64,
+        buf.len() as u64,
+        offset,
+        0,
+        0,
+    ))
 }
 
 /// File metadata.
 pub fn fstat(fd: u64) -> Result<FileStat, Errno> {
     let mut st = FileStat::default();
-    check(syscall6(nr::FSTAT, fd, &mut st as *mut FileStat as u64, 0, 0, 0, 0))?;
+    check(syscall6(
+        nr::FSTAT,
+        fd,
+        &mut st as *mut FileStat as u64,
+        0,
+        0,
+        0,
+        0,
+    ))?;
     Ok(st)
 }
 
 /// Map `len` bytes: anonymous (`fd = None`) or a read-only view of a file.
 pub fn mmap(len: u64, prot: u64, fd: Option<u64>, offset: u64) -> SysResult {
-    check(syscall6(nr::MMAP, len, prot, fd.unwrap_or(u64::MAX), offset, 0, 0))
+    check(syscall6(
+        nr::MMAP,
+        len,
+        prot,
+        fd.unwrap_or(u64::MAX),
+        offset,
+        0,
+        0,
+    ))
 }
 
 /// Unmap a range.
@@ -113,7 +153,15 @@ pub fn send_response(id: u64, payload: &[u8], status: u32) -> SysResult {
 
 /// Fill `buf` from the kernel RNG.
 pub fn getrandom(buf: &mut [u8]) -> SysResult {
-    check(syscall6(nr::GETRANDOM, buf.as_mut_ptr() as u64, buf.len() as u64, 0, 0, 0, 0))
+    check(syscall6(
+        nr::GETRANDOM,
+        buf.as_mut_ptr() as u64,
+        buf.len() as u64,
+        0,
+        0,
+        0,
+        0,
+    ))
 }
 
 /// Monotonic nanoseconds since boot.
@@ -123,29 +171,69 @@ pub fn clock_ns() -> u64 {
 
 /// Register a SIGCLONE handler (see [`crate::abi::syscall::SIGCLONE_REGISTER`]).
 pub fn sigclone_register(handler: extern "C" fn(*const CloneInfo), trampoline: u64) -> SysResult {
-    check(syscall6(nr::SIGCLONE_REGISTER, handler as usize as u64, trampoline, 0, 0, 0, 0))
+    check(syscall6(
+        nr::SIGCLONE_REGISTER,
+        handler as usize as u64,
+        trampoline,
+        0,
+        0,
+        0,
+        0,
+    ))
 }
 
 /// Mix `seed` into the kernel RNG.
 pub fn reseed(seed: &[u8]) -> SysResult {
-    check(syscall6(nr::RESEED, seed.as_ptr() as u64, seed.len() as u64, 0, 0, 0, 0))
+    check(syscall6(
+        nr::RESEED,
+        seed.as_ptr() as u64,
+        seed.len() as u64,
+        0,
+        0,
+        0,
+        0,
+    ))
 }
 
 /// Set the VM's identity.
 pub fn set_identity(id: &Identity) -> SysResult {
-    check(syscall6(nr::SET_IDENTITY, id as *const Identity as u64, 0, 0, 0, 0, 0))
+    check(syscall6(
+        nr::SET_IDENTITY,
+        id as *const Identity as u64,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ))
 }
 
 /// Read the VM's identity.
 pub fn get_identity() -> Result<Identity, Errno> {
     let mut id = Identity::default();
-    check(syscall6(nr::GET_IDENTITY, &mut id as *mut Identity as u64, 0, 0, 0, 0, 0))?;
+    check(syscall6(
+        nr::GET_IDENTITY,
+        &mut id as *mut Identity as u64,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ))?;
     Ok(id)
 }
 
 /// Start a new process.
 pub fn spawn(path: &str) -> SysResult {
-    check(syscall6(nr::SPAWN, path.as_ptr() as u64, path.len() as u64, 0, 0, 0, 0))
+    check(syscall6(
+        nr::SPAWN,
+        path.as_ptr() as u64,
+        path.len() as u64,
+        0,
+        0,
+        0,
+        0,
+    ))
 }
 
 /// Let other processes run.
@@ -165,5 +253,13 @@ pub fn drop_inflight() -> SysResult {
 
 /// NUL-separated paths of all files, into `buf`.
 pub fn listdir(buf: &mut [u8]) -> SysResult {
-    check(syscall6(nr::LISTDIR, buf.as_mut_ptr() as u64, buf.len() as u64, 0, 0, 0, 0))
+    check(syscall6(
+        nr::LISTDIR,
+        buf.as_mut_ptr() as u64,
+        buf.len() as u64,
+        0,
+        0,
+        0,
+        0,
+    ))
 }
