@@ -46,31 +46,32 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             fmt_us(r.run.latency.p99_us)
         );
     }
-    println!(
-        "\nCloning: a warm web parent is cloned {} times with lazy memory (pages fetched on first\n\
-         touch through userfaultfd); each clone answers its own requests, checked.\n",
-        a.clones
-    );
-    let r = super::clone_workload(
-        Workload::Web,
-        a.mem,
-        a.clones,
-        super::Memory::Lazy,
-        a.requests,
-        a.requests,
-    )?;
-    super::print_clone_report(&r);
-    println!(
-        "\nThe same with eager memory (copy everything before the clone runs: the baseline):\n"
-    );
-    let r = super::clone_workload(
-        Workload::Web,
-        a.mem,
-        a.clones,
-        super::Memory::Eager,
-        a.requests,
-        a.requests,
-    )?;
-    super::print_clone_report(&r);
+    let intros = [
+        (
+            super::Memory::Lazy,
+            format!(
+                "Cloning: a warm web parent is cloned {} times with lazy memory (pages fetched on \
+                 first touch through userfaultfd); each clone answers its own requests, checked.",
+                a.clones
+            ),
+        ),
+        (
+            super::Memory::Eager,
+            "The same with eager memory (everything copied before the clones run: the baseline)."
+                .to_string(),
+        ),
+    ];
+    for (memory, intro) in intros {
+        println!("\n{intro}\n");
+        let r = super::clone_workload(
+            Workload::Web,
+            a.mem,
+            a.clones,
+            memory,
+            a.requests,
+            a.requests,
+        )?;
+        super::print_clone_report(&r);
+    }
     Ok(())
 }
