@@ -122,46 +122,39 @@ pub fn names() -> Vec<&'static str> {
 /// What the policies of one memory generation share (built once, used by many clones).
 #[derive(Debug)]
 pub struct PolicyContext {
-    colors: Vec<Color>,
-    zero: FrameSet,
-    files: Vec<Vec<Gfn>>,
+    /// The generation's color map (colors, zero frames, files in file order).
+    map: ColorMap,
+    /// For every cached frame: its file (index in `map.file_pages`) and position in it.
     file_pos: HashMap<Gfn, (u32, u32)>,
 }
 
 impl PolicyContext {
     /// Precompute what policies need from `map`.
     pub fn new(map: &ColorMap) -> Arc<Self> {
-        let files: Vec<Vec<Gfn>> = map.file_pages.iter().map(|f| f.gfns.clone()).collect();
         let file_pos = map
             .file_positions()
             .into_iter()
             .map(|(g, (f, p))| (g, (f as u32, p as u32)))
             .collect();
         Arc::new(PolicyContext {
-            colors: map.colors.clone(),
-            zero: map.zero.clone(),
-            files,
+            map: map.clone(),
             file_pos,
         })
     }
 
     /// Number of frames.
     pub fn frames(&self) -> u64 {
-        self.colors.len() as u64
+        self.map.frames()
     }
 
     /// Color of `gfn` (Unknown beyond the map).
     pub fn color(&self, gfn: Gfn) -> Color {
-        usize::try_from(gfn)
-            .ok()
-            .and_then(|i| self.colors.get(i))
-            .copied()
-            .unwrap_or(Color::Unknown)
+        self.map.color(gfn)
     }
 
     /// True if `gfn`'s content is all zero.
     pub fn is_zero(&self, gfn: Gfn) -> bool {
-        self.zero.contains(gfn)
+        self.map.zero.contains(gfn)
     }
 
     /// The file and position of a cached frame.
@@ -173,7 +166,10 @@ impl PolicyContext {
 
     /// The frames of file `f` in file order.
     pub fn file(&self, f: usize) -> &[Gfn] {
-        self.files.get(f).map_or(&[], Vec::as_slice)
+        self.map
+            .file_pages
+            .get(f)
+            .map_or(&[], |p| p.gfns.as_slice())
     }
 }
 
