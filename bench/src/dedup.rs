@@ -12,6 +12,13 @@
 //! ([`AnonFrames`]) and Linux KSM merges them for real, copy-on-write: once with only the
 //! targeted frames marked `MADV_MERGEABLE`, once with all; effort = pages KSM scanned, savings
 //! = `pages_sharing`.
+//!
+//! Also with `ksm`, the **live** mode: the clones are created with
+//! [`CloneOptions::anon_memory`], so their own guest memory is anonymous private memory that
+//! KSM can merge while they run. After serving their requests, first only the targeted
+//! colors' installed non-zero frames are marked mergeable ([`Vm::mark_mergeable`]) and ksmd
+//! runs, then all of them; after each pass every clone serves requests again, checked by the
+//! workload's checker (copy-on-write must keep them correct).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -168,6 +175,76 @@ pub fn ksm_merge(
     Ok(r)
 }
 
+/// Real KSM merging of the clones' live memory.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LiveKsmResult {
+    /// What ksmd did with the selected frames marked mergeable.
+    pub ksm: KsmResult,
+    /// Pages of this process merged by KSM (`/proc/self/ksm_merging_pages`; the live clones
+    /// are the only mergeable memory), `None` on kernels without the file.
+    pub process_merging_pages: Option<u64>,
+    /// Duplicates the hash scan predicts among the marked frames (an upper bound: frames
+    /// changed by the clones' idle activity since they were read may no longer match).
+    pub predicted: u64,
+    /// Requests every clone served correctly after the merge.
+    pub verified_requests: usize,
+}
+
+/// Pages of this process merged by KSM.
+fn process_merging_pages() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/ksm_merging_pages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Mark the selected frames of the live clones mergeable (cumulatively: earlier marks stay),
+/// run ksmd for `scans` full scans, then check every clone still answers correctly.
+fn ksm_live(
+    ksm: &Ksm,
+    frames: &[Frame],
+    clones: &[(usize, &Vm)],
+    select: impl Fn(&Frame) -> bool,
+    scans: u64,
+    w: Workload,
+    requests: usize,
+) -> anyhow::Result<LiveKsmResult> {
+    let mut marked = 0u64;
+    for &(idx, vm) in clones {
+        let gfns: Vec<u64> = frames
+            .iter()
+            .filter(|f| f.vm == idx && select(f))
+            .map(|f| f.gfn)
+            .collect();
+        marked += vm
+            .mark_mergeable(&gfns)
+            .with_context(|| format!("marking frames of {} mergeable", vm.name()))?
+            as u64;
+    }
+    let predicted = scan(frames, |f| clones.iter().any(|c| c.0 == f.vm) && select(f)).duplicates;
+    let before = ksm.counters()?;
+    let t = ksm.scan(4096, scans, Duration::from_secs(120))?;
+    let after = ksm.counters()?;
+    let process_merging_pages = process_merging_pages();
+    for (i, &(_, vm)) in clones.iter().enumerate() {
+        drive(vm, w, &w.requests(500 + i as u64, requests), 4, true).with_context(|| {
+            format!("{} answers wrongly after KSM merged its memory", vm.name())
+        })?;
+    }
+    Ok(LiveKsmResult {
+        ksm: KsmResult {
+            marked,
+            pages_scanned: after.pages_scanned.saturating_sub(before.pages_scanned),
+            full_scans: after.full_scans - before.full_scans,
+            pages_sharing: after.pages_sharing,
+            pages_shared: after.pages_shared,
+            ksm_ms: t.as_secs_f64() * 1e3,
+        },
+        process_merging_pages,
+        predicted,
+        verified_requests: requests,
+    })
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct DedupConfig {
@@ -210,6 +287,10 @@ pub struct DedupReport {
     pub ksm_brute: Option<KsmResult>,
     /// KSM with only the targeted colors mergeable.
     pub ksm_targeted: Option<KsmResult>,
+    /// Live clones: KSM with only the targeted colors' frames of the clones mergeable.
+    pub live_targeted: Option<LiveKsmResult>,
+    /// Live clones: then with all their installed non-zero frames mergeable.
+    pub live_all: Option<LiveKsmResult>,
 }
 
 fn collect(
@@ -250,6 +331,13 @@ pub fn run(cfg: &DedupConfig) -> anyhow::Result<DedupReport> {
     let w = cfg.workload;
     let mut frames = Vec::new();
     let mut vms = 0usize;
+    // With KSM, the clones are kept running (anonymous memory) for the live mode.
+    let mut live: Vec<(usize, Vm)> = Vec::new();
+    let mut parents = Vec::new();
+    let clone_opts = CloneOptions {
+        anon_memory: cfg.ksm,
+        ..CloneOptions::default()
+    };
     for p in 0..cfg.parents.max(1) {
         let b = runner::boot(w, cfg.mem_bytes, &format!("{}-dedup-p{p}", w.name()))?;
         let parent = b.vm;
@@ -263,7 +351,7 @@ pub fn run(cfg: &DedupConfig) -> anyhow::Result<DedupReport> {
         .context("warming a parent")?;
         parent.pause().context("pausing a parent")?;
         let batch = parent
-            .clone_children(cfg.clones, &CloneOptions::default())
+            .clone_children(cfg.clones, &clone_opts)
             .context("cloning a parent")?;
         let (map, _) = crate::policy::color_generation(&batch.generation)
             .context("coloring a parent's image")?;
@@ -276,13 +364,21 @@ pub fn run(cfg: &DedupConfig) -> anyhow::Result<DedupReport> {
                 .fault_server()
                 .context("a clone is not lazily served")?
                 .present_bitmap();
-            collect(c, vms, &map, Some(&present), &mut frames)?;
+            collect(c, vms + i, &map, Some(&present), &mut frames)?;
+        }
+        for c in batch.children {
+            if cfg.ksm {
+                live.push((vms, c));
+            } else {
+                let _ = c.stop();
+            }
             vms += 1;
         }
-        for c in &batch.children {
-            let _ = c.stop();
+        if cfg.ksm {
+            parents.push(parent);
+        } else {
+            let _ = parent.stop();
         }
-        let _ = parent.stop();
     }
     let targeted_sel = |f: &Frame| TARGET_COLORS.contains(&f.color);
     let brute = scan(&frames, |_| true);
@@ -296,6 +392,23 @@ pub fn run(cfg: &DedupConfig) -> anyhow::Result<DedupReport> {
     } else {
         (None, None)
     };
+    let (live_targeted, live_all) = if cfg.ksm {
+        let ksm = Ksm::open().context("taking control of KSM")?;
+        let clones: Vec<(usize, &Vm)> = live.iter().map(|(i, c)| (*i, c)).collect();
+        let reqs = cfg.requests.min(20);
+        let t = ksm_live(&ksm, &frames, &clones, targeted_sel, 3, w, reqs)?;
+        let a = ksm_live(&ksm, &frames, &clones, |_| true, 3, w, reqs)?;
+        for (_, c) in &live {
+            let _ = c.stop();
+        }
+        drop(ksm);
+        (Some(t), Some(a))
+    } else {
+        (None, None)
+    };
+    for p in &parents {
+        let _ = p.stop();
+    }
     Ok(DedupReport {
         workload: w.name().into(),
         mem_mib: cfg.mem_bytes >> 20,
@@ -308,6 +421,8 @@ pub fn run(cfg: &DedupConfig) -> anyhow::Result<DedupReport> {
         by_color,
         ksm_brute,
         ksm_targeted,
+        live_targeted,
+        live_all,
     })
 }
 
@@ -366,6 +481,32 @@ pub fn render(r: &DedupReport) -> String {
             "  targeted: {:.1}% of the pages scanned per full scan for {:.1}% of the frames freed",
             100.0 * per_scan(t) / per_scan(b).max(1e-9),
             pct(t.pages_sharing, b.pages_sharing)
+        );
+    }
+    if let (Some(t), Some(a)) = (&r.live_targeted, &r.live_all) {
+        let _ = writeln!(
+            s,
+            "KSM on the clones' live memory (anon-memory clones, installed non-zero frames marked; targeted first, then all):"
+        );
+        for (n, x) in [("targeted mergeable", t), ("all mergeable", a)] {
+            let _ = writeln!(
+                s,
+                "  {n:<20} marked {:>8}, {} full scans, {:.0} ms; pages_sharing {} (shared copies {}), this process's merged pages {}, hash-predicted duplicates {}; {} requests per clone answered correctly afterwards",
+                x.ksm.marked,
+                x.ksm.full_scans,
+                x.ksm.ksm_ms,
+                x.ksm.pages_sharing,
+                x.ksm.pages_shared,
+                x.process_merging_pages.map_or("n/a".into(), |n| n.to_string()),
+                x.predicted,
+                x.verified_requests
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  targeted: {:.1}% of the frames marked for {:.1}% of the pages_sharing",
+            pct(t.ksm.marked, a.ksm.marked),
+            pct(t.ksm.pages_sharing, a.ksm.pages_sharing)
         );
     }
     s

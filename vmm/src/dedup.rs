@@ -2,6 +2,9 @@
 //!
 //! - [`Vm::fault_server`]: a lazy VM's fault server, whose first-fault order and present set
 //!   are what working-set recordings and wasted-prefetch accounting need.
+//! - [`Vm::mark_mergeable`]: `madvise(MADV_MERGEABLE)` on chosen frames of a clone's *live*
+//!   memory (clones made with [`CloneOptions::anon_memory`](crate::CloneOptions)), so that KSM
+//!   shares them copy-on-write while the clone keeps running.
 //! - [`AnonFrames`]: anonymous private memory holding guest frames, with
 //!   `madvise(MADV_MERGEABLE)` on chosen runs: what Linux KSM can merge copy-on-write.
 //! - [`Ksm`]: control and counters of the host's KSM daemon (`/sys/kernel/mm/ksm`); the
@@ -11,7 +14,9 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::lazy::{FaultServer, PAGE_SIZE};
+use crate::error::VmError;
+use crate::lazy::{FaultServer, RegionKind, PAGE_SIZE};
+use crate::prefetch::Gfn;
 use crate::vm::Vm;
 
 /// Errors of the dedup support.
@@ -63,6 +68,43 @@ impl Vm {
     /// [`present_bitmap`](FaultServer::present_bitmap) what was installed.
     pub fn fault_server(&self) -> Option<&Arc<FaultServer>> {
         self.lazy.as_ref()
+    }
+
+    /// Mark frames `gfns` of this VM's live memory mergeable by KSM (`MADV_MERGEABLE`, one call
+    /// per run of consecutive frames; duplicates and order do not matter). Returns the number
+    /// of distinct frames marked. Only clones created with
+    /// [`CloneOptions::anon_memory`](crate::CloneOptions) have anonymous memory KSM can merge;
+    /// any other VM (memfd-backed) is an error.
+    pub fn mark_mergeable(&self, gfns: &[Gfn]) -> Result<usize, VmError> {
+        let server = self
+            .lazy
+            .as_ref()
+            .filter(|s| s.region().kind() == RegionKind::AnonPrivate)
+            .ok_or_else(|| {
+                VmError::BadConfig(format!(
+                    "{} is memfd-backed (MAP_SHARED), which KSM does not merge; create it as a \
+                     clone with CloneOptions.anon_memory = true",
+                    self.name()
+                ))
+            })?;
+        let mut v = gfns.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        let mut run: Option<(Gfn, u64)> = None;
+        for &g in &v {
+            run = match run {
+                Some((s, n)) if s + n == g => Some((s, n + 1)),
+                Some((s, n)) => {
+                    server.region().mergeable(s, n)?;
+                    Some((g, 1))
+                }
+                None => Some((g, 1)),
+            };
+        }
+        if let Some((s, n)) = run {
+            server.region().mergeable(s, n)?;
+        }
+        Ok(v.len())
     }
 }
 

@@ -50,11 +50,11 @@ impl std::fmt::Debug for Keeper {
     }
 }
 
-/// One mapping of guest RAM `[0, size)` and the file behind it.
+/// One mapping of guest RAM `[0, size)` and the file behind it (none for anonymous memory).
 #[derive(Debug)]
 pub struct GuestRam {
     mem: GuestMemoryMmap,
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     size: u64,
     host_addr: usize,
     /// MAP_SHARED or MAP_PRIVATE.
@@ -100,7 +100,7 @@ impl GuestRam {
         .map_err(|e| {
             VmError::Internal(format!("mmap of guest RAM ({size:#x} bytes) failed: {e}"))
         })?;
-        Self::wrap(region, file, size, flags, None)
+        Self::wrap(region, Some(file), size, flags, None)
     }
 
     /// Guest RAM over an existing mapping owned by `keep` (e.g. a clone's userfaultfd-served
@@ -129,12 +129,36 @@ impl GuestRam {
             )
         }
         .map_err(|e| VmError::Internal(format!("guest region over {addr:p}: {e}")))?;
-        Self::wrap(region, file, size, libc::MAP_SHARED, Some(keep))
+        Self::wrap(region, Some(file), size, libc::MAP_SHARED, Some(keep))
+    }
+
+    /// Guest RAM over an existing anonymous private mapping owned by `keep` (a clone whose
+    /// userfaultfd-served memory is `MAP_PRIVATE | MAP_ANONYMOUS`, which KSM can merge). Such
+    /// RAM has no [`file`](Self::file) and cannot be frozen.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + size)` must be a live, writable anonymous `MAP_PRIVATE` mapping that
+    /// `keep` keeps mapped for as long as it lives.
+    pub unsafe fn from_raw_anon(
+        addr: *mut u8,
+        size: u64,
+        keep: Keeper,
+    ) -> Result<GuestRam, VmError> {
+        validate_size(size)?;
+        let len = usize::try_from(size).map_err(|_| VmError::BadConfig("mem_bytes".into()))?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // SAFETY: the caller guarantees a live anonymous mapping of `len` bytes at `addr` with
+        // these protections and flags, kept alive by `keep`, which the returned value owns.
+        let region =
+            unsafe { MmapRegion::build_raw(addr, len, libc::PROT_READ | libc::PROT_WRITE, flags) }
+                .map_err(|e| VmError::Internal(format!("guest region over {addr:p}: {e}")))?;
+        Self::wrap(region, None, size, flags, Some(keep))
     }
 
     fn wrap(
         region: MmapRegion,
-        file: Arc<File>,
+        file: Option<Arc<File>>,
         size: u64,
         flags: i32,
         keep: Option<Keeper>,
@@ -164,9 +188,15 @@ impl GuestRam {
         &self.mem
     }
 
-    /// The file backing guest RAM.
-    pub fn file(&self) -> &Arc<File> {
-        &self.file
+    /// The file backing guest RAM (`None` for anonymous memory, see
+    /// [`from_raw_anon`](Self::from_raw_anon)).
+    pub fn file(&self) -> Option<&Arc<File>> {
+        self.file.as_ref()
+    }
+
+    /// True if guest RAM is anonymous memory without a file.
+    pub fn is_anonymous(&self) -> bool {
+        self.file.is_none()
     }
 
     /// Size in bytes.
@@ -257,7 +287,7 @@ mod tests {
         let ram = GuestRam::new("t", 4 << 20).unwrap();
         ram.write(0x1234, b"hello").unwrap();
         let mut buf = [0u8; 5];
-        ram.file().read_exact_at(&mut buf, 0x1234).unwrap();
+        ram.file().unwrap().read_exact_at(&mut buf, 0x1234).unwrap();
         assert_eq!(&buf, b"hello");
         assert!(ram.write((4 << 20) - 2, b"abc").is_err());
         let mut b = [0u8; 5];

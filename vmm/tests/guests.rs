@@ -352,7 +352,8 @@ fn guest_memory_can_be_repointed_while_paused() {
     // A copy-on-write view of the same memfd: the guest keeps running on it, the file (the
     // frozen "generation image") does not change.
     let old = vm.memory().load();
-    let cow = GuestRam::from_file(old.file().clone(), old.size(), libc::MAP_PRIVATE).unwrap();
+    let cow =
+        GuestRam::from_file(old.file().unwrap().clone(), old.size(), libc::MAP_PRIVATE).unwrap();
     let prev = vm.swap_memory(cow).unwrap();
     assert!(std::sync::Arc::ptr_eq(&prev, &old));
     vm.resume().unwrap();
@@ -369,6 +370,7 @@ fn guest_memory_can_be_repointed_while_paused() {
     vm.resume().unwrap();
     assert!(matches!(vm.state(), VmState::Running));
     // Swapping requires a paused VM.
-    let again = GuestRam::from_file(old.file().clone(), old.size(), libc::MAP_PRIVATE).unwrap();
+    let again =
+        GuestRam::from_file(old.file().unwrap().clone(), old.size(), libc::MAP_PRIVATE).unwrap();
     assert!(vm.swap_memory(again).is_err());
 }

@@ -1,7 +1,6 @@
 //! Creating one VM from a generation image: a clone (new GenPage identity) or a restored VM.
 
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +31,8 @@ pub(crate) struct ChildSpec {
     pub prefetcher: Option<PrefetcherFactory>,
     pub start_paused: bool,
     pub fault_spin: Duration,
+    /// Lazy memory is anonymous private memory instead of a memfd.
+    pub anon_memory: bool,
     /// Write a new GenPage (a clone); false for a restored VM.
     pub identity: bool,
 }
@@ -118,7 +119,11 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     };
     let (ram, lazy) = match spec.memory {
         MemoryMode::Lazy => {
-            let region = LazyRegion::new(pages, RegionKind::SharedMemfd)?;
+            let kind = match spec.anon_memory {
+                true => RegionKind::AnonPrivate,
+                false => RegionKind::SharedMemfd,
+            };
+            let region = LazyRegion::new(pages, kind)?;
             let ctx = CloneContext {
                 generation: gen.clone(),
                 index: spec.index,
@@ -144,23 +149,29 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 server.install(&[GENPAGE_GPA / PAGE_SIZE as u64])?;
                 server.region().write_at(GENPAGE_GPA, as_bytes(g))?;
             }
-            let fd = server
-                .region()
-                .memfd()
-                .ok_or_else(|| VmError::Internal("lazy region without a memfd".into()))?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| VmError::Memory(format!("dup clone memfd: {e}")))?;
+            let fd = match server.region().memfd() {
+                Some(f) => Some(
+                    f.try_clone_to_owned()
+                        .map_err(|e| VmError::Memory(format!("dup clone memfd: {e}")))?,
+                ),
+                None => None,
+            };
             let addr = server.region().host_addr() as *mut u8;
             // The policy's background list (FaaSnap's loading set, Kaleidoscope's background
             // colors) is fetched by its own thread while the clone runs; it never blocks a
             // vCPU and races safely with fault handling.
             server.start_background()?;
             let server = Arc::new(server);
-            // SAFETY: the region is a live MAP_SHARED, writable mapping of its memfd of
-            // `size` bytes, owned by `server`, which the keeper keeps alive.
-            let ram = unsafe {
-                GuestRam::from_raw(addr, size, Arc::new(File::from(fd)), Keeper(server.clone()))
+            let keep = Keeper(server.clone());
+            let ram = match fd {
+                // SAFETY: the region is a live MAP_SHARED, writable mapping of its memfd of
+                // `size` bytes, owned by `server`, which the keeper keeps alive.
+                Some(fd) => unsafe {
+                    GuestRam::from_raw(addr, size, Arc::new(File::from(fd)), keep)
+                },
+                // SAFETY: the region is a live anonymous MAP_PRIVATE, writable mapping of
+                // `size` bytes, owned by `server`, which the keeper keeps alive.
+                None => unsafe { GuestRam::from_raw_anon(addr, size, keep) },
             }?;
             (ram, Some(server))
         }

@@ -268,7 +268,10 @@ pub(crate) fn footprint(vm: &Vm) -> Result<u64, VmError> {
         let pages = ram.size() / PAGE_SIZE as u64;
         return Ok(private_pages(ram.host_addr() as u64, pages)?.count() * PAGE_SIZE as u64);
     }
-    let m = ram.file().metadata().map_err(|e| io("fstat memfd", e))?;
+    let file = ram.file().ok_or_else(|| {
+        VmError::Internal("anonymous guest RAM outside a lazily served clone".into())
+    })?;
+    let m = file.metadata().map_err(|e| io("fstat memfd", e))?;
     Ok(std::os::unix::fs::MetadataExt::blocks(&m) * 512)
 }
 
@@ -320,6 +323,13 @@ impl Vm {
                     state: format!("{other:?}"),
                 })
             }
+        }
+        if self.memory.load().is_anonymous() {
+            return Err(VmError::BadConfig(format!(
+                "{} is an anon-memory clone (CloneOptions.anon_memory), which cannot be frozen, \
+                 cloned or snapshotted; clone its parent with anon_memory: false instead",
+                self.name()
+            )));
         }
         let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
         if ps.base.is_none() {
@@ -402,7 +412,12 @@ impl Vm {
                         "guest RAM is a private view without a frozen base".into(),
                     ));
                 }
-                let file = ram.file().clone();
+                let file = ram
+                    .file()
+                    .ok_or_else(|| {
+                        VmError::Internal("anonymous guest RAM cannot be frozen".into())
+                    })?
+                    .clone();
                 let view = GuestRam::from_file(file.clone(), ram.size(), libc::MAP_PRIVATE)?;
                 let old = self.swap_memory(view)?;
                 drop(ram);

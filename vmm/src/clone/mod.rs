@@ -67,6 +67,13 @@ pub struct CloneOptions {
     /// Fault handlers poll this long after their queue runs dry (see
     /// [`ServerOptions::spin`](crate::lazy::ServerOptions)).
     pub fault_spin: Duration,
+    /// Lazy children get anonymous `MAP_PRIVATE` memory ([`RegionKind::AnonPrivate`]) instead
+    /// of a memfd: Linux KSM can then merge their live pages copy-on-write (see
+    /// [`Vm::mark_mergeable`]), but such a child cannot be frozen (cloned again or
+    /// snapshotted). Ignored for eager children. Default false.
+    ///
+    /// [`RegionKind::AnonPrivate`]: crate::lazy::RegionKind::AnonPrivate
+    pub anon_memory: bool,
 }
 
 impl Default for CloneOptions {
@@ -77,6 +84,7 @@ impl Default for CloneOptions {
             name_prefix: String::new(),
             start_paused: false,
             fault_spin: Duration::ZERO,
+            anon_memory: false,
         }
     }
 }
@@ -88,6 +96,7 @@ impl std::fmt::Debug for CloneOptions {
             .field("prefetcher", &self.prefetcher.is_some())
             .field("name_prefix", &self.name_prefix)
             .field("start_paused", &self.start_paused)
+            .field("anon_memory", &self.anon_memory)
             .finish()
     }
 }
@@ -256,6 +265,7 @@ impl Vm {
                 prefetcher: opts.prefetcher.clone(),
                 start_paused: opts.start_paused,
                 fault_spin: opts.fault_spin,
+                anon_memory: opts.anon_memory,
                 identity: true,
             };
             children.push(child::spawn(&generation, &spec)?);

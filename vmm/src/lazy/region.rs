@@ -382,6 +382,40 @@ impl LazyRegion {
         Ok(())
     }
 
+    /// Marks frames `[gfn, gfn + n)` mergeable by Linux KSM (`MADV_MERGEABLE`). Only
+    /// [`RegionKind::AnonPrivate`] memory can be merged: KSM ignores `MAP_SHARED` memory, so
+    /// this fails for a memfd region. Merged pages stay correct: a write to one is a
+    /// copy-on-write fault, not a missing-page fault, so the fault server never sees it.
+    pub fn mergeable(&self, gfn: Gfn, n: u64) -> Result<()> {
+        if self.kind != RegionKind::AnonPrivate {
+            return Err(LazyError::Size(
+                "KSM merges only anonymous private memory; create the clone with \
+                 CloneOptions.anon_memory = true"
+                    .into(),
+            ));
+        }
+        let (off, len) = (gfn as usize * PAGE_SIZE, n as usize * PAGE_SIZE);
+        self.map.check(off, len)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside this live anonymous mapping (checked) and is page
+        // aligned; MADV_MERGEABLE changes how the kernel treats the pages, not their contents.
+        let r = unsafe {
+            libc::madvise(
+                (self.map.addr() as usize + off) as *mut libc::c_void,
+                len,
+                libc::MADV_MERGEABLE,
+            )
+        };
+        if r != 0 {
+            return Err(io_err(format!(
+                "madvise(MADV_MERGEABLE) of frames {gfn}+{n}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Host memory actually allocated to the clone: the memfd's blocks, or for anonymous
     /// memory the pages `mincore` reports resident (zero-page mappings included).
     pub fn resident_bytes(&self) -> Result<u64> {

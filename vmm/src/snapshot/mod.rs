@@ -243,6 +243,7 @@ impl Vm {
                 prefetcher: None,
                 start_paused,
                 fault_spin: Duration::ZERO,
+                anon_memory: false,
                 identity: false,
             },
         )
