@@ -456,8 +456,7 @@ impl Uffd {
         } else {
             0
         }) | (if wp { UFFDIO_COPY_MODE_WP } else { 0 });
-        let mut done = 0u64;
-        loop {
+        self.install_range("UFFDIO_COPY", dst, len, |done| {
             let mut c = UffdioCopy {
                 dst: dst + done,
                 src: src.as_ptr() as u64 + done,
@@ -470,27 +469,8 @@ impl Uffd {
             // registered ranges of this descriptor.
             let r =
                 unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c as *mut UffdioCopy) };
-            if r == 0 {
-                return Ok(Install::Installed);
-            }
-            let err = io::Error::last_os_error();
-            if c.copy > 0 {
-                done += c.copy as u64;
-            }
-            match err.raw_os_error() {
-                Some(libc::EAGAIN) if done < len => continue,
-                Some(libc::EAGAIN) => return Ok(Install::Installed),
-                Some(libc::EEXIST) => return Ok(Install::AlreadyPresent(done)),
-                _ => {
-                    return Err(UffdError::Ioctl {
-                        op: "UFFDIO_COPY",
-                        start: dst + done,
-                        len: len - done,
-                        source: err,
-                    })
-                }
-            }
-        }
+            (r, c.copy)
+        })
     }
 
     /// Maps zero pages over the missing range (anonymous: the shared zero page; shmem: a
@@ -502,8 +482,7 @@ impl Uffd {
         } else {
             0
         };
-        let mut done = 0u64;
-        loop {
+        self.install_range("UFFDIO_ZEROPAGE", start, len, |done| {
             let mut z = UffdioZeropage {
                 range: UffdioRange {
                     start: start + done,
@@ -520,27 +499,8 @@ impl Uffd {
                     &mut z as *mut UffdioZeropage,
                 )
             };
-            if r == 0 {
-                return Ok(Install::Installed);
-            }
-            let err = io::Error::last_os_error();
-            if z.zeropage > 0 {
-                done += z.zeropage as u64;
-            }
-            match err.raw_os_error() {
-                Some(libc::EAGAIN) if done < len => continue,
-                Some(libc::EAGAIN) => return Ok(Install::Installed),
-                Some(libc::EEXIST) => return Ok(Install::AlreadyPresent(done)),
-                _ => {
-                    return Err(UffdError::Ioctl {
-                        op: "UFFDIO_ZEROPAGE",
-                        start: start + done,
-                        len: len - done,
-                        source: err,
-                    })
-                }
-            }
-        }
+            (r, z.zeropage)
+        })
     }
 
     /// Maps page-cache pages that are present but unmapped (MINOR mode on shmem).
@@ -551,8 +511,7 @@ impl Uffd {
         } else {
             0
         };
-        let mut done = 0u64;
-        loop {
+        self.install_range("UFFDIO_CONTINUE", start, len, |done| {
             let mut c = UffdioContinue {
                 range: UffdioRange {
                     start: start + done,
@@ -569,12 +528,30 @@ impl Uffd {
                     &mut c as *mut UffdioContinue,
                 )
             };
+            (r, c.mapped)
+        })
+    }
+
+    /// Drives a page-installing ioctl over `[start, start + len)`: `call(done)` issues it for
+    /// the part from `start + done` and returns the ioctl's result and the bytes the kernel
+    /// reports done. Partial progress with EAGAIN is resumed where the kernel stopped; EEXIST
+    /// (a page already present) is success ([`Install::AlreadyPresent`]).
+    fn install_range(
+        &self,
+        op: &'static str,
+        start: u64,
+        len: u64,
+        mut call: impl FnMut(u64) -> (libc::c_int, i64),
+    ) -> Result<Install> {
+        let mut done = 0u64;
+        loop {
+            let (r, progressed) = call(done);
             if r == 0 {
                 return Ok(Install::Installed);
             }
             let err = io::Error::last_os_error();
-            if c.mapped > 0 {
-                done += c.mapped as u64;
+            if progressed > 0 {
+                done += progressed as u64;
             }
             match err.raw_os_error() {
                 Some(libc::EAGAIN) if done < len => continue,
@@ -582,7 +559,7 @@ impl Uffd {
                 Some(libc::EEXIST) => return Ok(Install::AlreadyPresent(done)),
                 _ => {
                     return Err(UffdError::Ioctl {
-                        op: "UFFDIO_CONTINUE",
+                        op,
                         start: start + done,
                         len: len - done,
                         source: err,
