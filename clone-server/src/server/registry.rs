@@ -132,6 +132,26 @@ pub struct VmEntry {
     pub failure_counted: AtomicBool,
 }
 
+impl VmEntry {
+    /// The entry of a parent VM (booted or restored) that has just become ready.
+    pub fn parent(id: String, workload: Workload, vm: Vm, boot: Duration) -> VmEntry {
+        VmEntry {
+            id,
+            kind: VmKind::Parent,
+            parent: None,
+            workload,
+            mem_bytes: vm.mem_bytes(),
+            vm,
+            identity: None,
+            boot,
+            stats: RequestStats::default(),
+            children: Default::default(),
+            policy: None,
+            failure_counted: Default::default(),
+        }
+    }
+}
+
 impl std::fmt::Debug for VmEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmEntry")

@@ -186,20 +186,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
                 workload.name()
             )));
         }
-        Ok(VmEntry {
-            id: vid,
-            kind: VmKind::Parent,
-            parent: None,
-            workload,
-            mem_bytes: mem,
-            vm,
-            identity: None,
-            boot: start.elapsed(),
-            stats: RequestStats::default(),
-            children: Default::default(),
-            policy: None,
-            failure_counted: Default::default(),
-        })
+        Ok(VmEntry::parent(vid, workload, vm, start.elapsed()))
     })
     .await?;
     let entry = Arc::new(entry);
@@ -503,20 +490,7 @@ async fn restore_snapshot(State(s): St, Path(name): Path<String>) -> ApiResult<R
         let t0 = Instant::now();
         let vm = Vm::restore(&dir, kscope_vmm::MemoryMode::Lazy, &vid)
             .map_err(|e| snap_error(&format!("restoring snapshot {name:?}"), e))?;
-        Ok(VmEntry {
-            id: vid,
-            kind: VmKind::Parent,
-            parent: None,
-            workload,
-            mem_bytes: vm.mem_bytes(),
-            vm,
-            identity: None,
-            boot: t0.elapsed(),
-            stats: RequestStats::default(),
-            children: Default::default(),
-            policy: None,
-            failure_counted: Default::default(),
-        })
+        Ok(VmEntry::parent(vid, workload, vm, t0.elapsed()))
     })
     .await?;
     let entry = Arc::new(entry);
