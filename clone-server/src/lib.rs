@@ -6,3 +6,4 @@ pub mod lb;
 pub mod server;
 
 pub use kscope_bench::{runner, stats};
+pub mod experiment;

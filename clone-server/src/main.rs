@@ -33,6 +33,9 @@ enum Cmd {
     /// Benchmarks: clone warm-up per prefetch policy, color-targeted dedup.
     #[command(subcommand)]
     Bench(cli::BenchCmd),
+    /// The micro-elastic cloud experiment: load traces, real replay, datacenter simulation.
+    #[command(subcommand)]
+    Experiment(cli::ExperimentCmd),
 }
 
 fn main() {
@@ -53,6 +56,7 @@ fn main() {
         Cmd::Serve(a) => cli::serve(a),
         Cmd::Lb(a) => cli::lb(a),
         Cmd::Bench(c) => cli::bench(c),
+        Cmd::Experiment(c) => cli::experiment(c),
     };
     if let Err(e) = result.context("kscope failed") {
         eprintln!("error: {e:#}");

@@ -5,6 +5,7 @@ mod bench;
 mod clone;
 mod color;
 mod demo;
+mod experiment;
 mod run;
 mod service;
 mod snapshot;
@@ -15,6 +16,7 @@ pub use clone::{
 };
 pub use color::{color, color_workload, ColorArgs};
 pub use demo::{demo, DemoArgs};
+pub use experiment::{experiment, ExperimentCmd};
 pub use run::{run, RunArgs};
 pub use service::{lb, serve, LbArgs, ServeArgs};
 pub use snapshot::{snapshot, SnapshotCmd};

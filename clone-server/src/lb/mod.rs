@@ -53,6 +53,8 @@ pub enum Source {
     },
     /// A file of `time_ms request` lines.
     File(PathBuf),
+    /// Arrivals built by the caller (e.g. `kscope experiment replay` from a load trace).
+    Arrivals(Arc<Vec<Arrival>>),
 }
 
 /// Options of `kscope lb`.
@@ -90,6 +92,10 @@ pub struct LbOptions {
     pub prefetch: String,
     /// Delete the workers (and a parent it created) at the end.
     pub cleanup: bool,
+    /// For policies that replay a recorded working set: the lazy clone that recorded it.
+    pub recording_from: Option<String>,
+    /// Sample every worker's memory footprint each window (server usage accounting).
+    pub account: bool,
 }
 
 impl Default for LbOptions {
@@ -120,6 +126,8 @@ impl Default for LbOptions {
             memory_mode: "lazy".into(),
             prefetch: "lazy".into(),
             cleanup: true,
+            recording_from: None,
+            account: false,
         }
     }
 }
@@ -139,6 +147,29 @@ pub struct Interval {
     pub workers: usize,
     /// Requests in flight at the end of the window.
     pub in_flight: usize,
+    /// Requests that failed (API or guest error) in the window.
+    pub failed: usize,
+    /// Summed memory footprint of the workers (bytes; with `account`, else 0).
+    pub memory_bytes: u64,
+}
+
+/// The life of one worker, for usage accounting and cost models.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerLog {
+    /// VM id.
+    pub id: String,
+    /// In the initial pool (not added by a scale-out).
+    pub initial: bool,
+    /// Scale-out decision (s since start; 0 for the initial pool).
+    pub decided_s: f64,
+    /// Created and serving (s).
+    pub ready_s: f64,
+    /// First answer it sent (s).
+    pub first_answer_s: Option<f64>,
+    /// Removed (s), or the end of the run.
+    pub removed_s: f64,
+    /// Per window: (t_s, footprint bytes, requests completed in the window, in flight).
+    pub samples: Vec<(f64, u64, usize, usize)>,
 }
 
 /// A scaling decision.
@@ -187,12 +218,16 @@ pub struct LbReport {
     pub scale_latency: LatencySummary,
     /// First API errors seen (at most 10).
     pub errors: Vec<String>,
+    /// Every worker's life (with `account`: footprint samples).
+    pub workers: Vec<WorkerLog>,
 }
 
 struct Worker {
     id: String,
     in_flight: AtomicUsize,
     last_done: Mutex<Instant>,
+    completed: AtomicUsize,
+    log: Mutex<WorkerLog>,
 }
 
 struct Done {
@@ -210,6 +245,7 @@ struct Shared {
     scaling: AtomicBool,
     mode: Mutex<ScaleMode>,
     events: Mutex<Vec<ScaleEvent>>,
+    retired: Mutex<Vec<WorkerLog>>,
 }
 
 impl Shared {
@@ -243,7 +279,10 @@ async fn add_workers(
 ) -> Result<Vec<String>, ClientError> {
     let mode = *mode_cell.lock().unwrap_or_else(|p| p.into_inner());
     if mode != ScaleMode::Boot {
-        let body = json!({ "n": n, "memory_mode": o.memory_mode, "prefetch": o.prefetch });
+        let mut body = json!({ "n": n, "memory_mode": o.memory_mode, "prefetch": o.prefetch });
+        if let Some(r) = &o.recording_from {
+            body["recording_from"] = json!(r);
+        }
         match api
             .json(
                 Method::POST,
@@ -278,16 +317,68 @@ async fn add_workers(
     Ok(ids)
 }
 
-fn push_workers(sh: &Shared, ids: Vec<String>) {
+fn push_workers(sh: &Shared, ids: Vec<String>, decided: Option<Duration>) {
     let now = Instant::now();
+    let ready_s = now.saturating_duration_since(sh.start).as_secs_f64();
     let mut ws = sh.workers.lock().unwrap_or_else(|p| p.into_inner());
     ws.extend(ids.into_iter().map(|id| {
         Arc::new(Worker {
+            log: Mutex::new(WorkerLog {
+                id: id.clone(),
+                initial: decided.is_none(),
+                decided_s: decided.map_or(0.0, |d| d.as_secs_f64()),
+                ready_s,
+                first_answer_s: None,
+                removed_s: 0.0,
+                samples: Vec::new(),
+            }),
             id,
             in_flight: AtomicUsize::new(0),
             last_done: Mutex::new(now),
+            completed: AtomicUsize::new(0),
         })
     }));
+}
+
+fn retire(sh: &Shared, w: &Worker) {
+    let mut log = w.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    log.removed_s = sh.start.elapsed().as_secs_f64();
+    sh.retired
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(log);
+}
+
+/// Sample every worker's footprint (GET /v1/vms/{id}/stats) and completions; returns the sum
+/// of the footprints.
+async fn sample_workers(sh: &Shared, ws: &[Arc<Worker>], t_s: f64, account: bool) -> u64 {
+    let mut total = 0u64;
+    for w in ws {
+        let bytes = if account {
+            match sh
+                .api
+                .json(Method::GET, &format!("/v1/vms/{}/stats", w.id), None)
+                .await
+            {
+                Ok(v) => v["memory"]["footprint_bytes"].as_u64().unwrap_or(0),
+                Err(e) => {
+                    tracing::debug!("stats of {}: {e}", w.id);
+                    0
+                }
+            }
+        } else {
+            0
+        };
+        total += bytes;
+        let done = w.completed.swap(0, Ordering::Relaxed);
+        let inflight = w.in_flight.load(Ordering::Relaxed);
+        w.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .samples
+            .push((t_s, bytes, done, inflight));
+    }
+    total
 }
 
 /// One controller step: scale up on overload, scale down one idle worker.
@@ -327,7 +418,7 @@ fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, since: Durat
             let delta = match res {
                 Ok(ids) => {
                     let n = ids.len() as i64;
-                    push_workers(&sh, ids);
+                    push_workers(&sh, ids, Some(now));
                     n
                 }
                 Err(e) => {
@@ -365,6 +456,7 @@ fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, since: Durat
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(|x| x.id != w.id);
+            retire(sh, &w);
             let sh = sh.clone();
             let before = ws.len();
             tokio::spawn(async move {
@@ -410,6 +502,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             load::generate(pattern, *rate, *duration, *seed, &mix)?
         }
         Source::File(p) => load::parse_file(p)?,
+        Source::Arrivals(a) => a.as_ref().clone(),
     };
     anyhow::ensure!(!arrivals.is_empty(), "the request stream is empty");
     let api = ApiClient::new(&opts.api, Some(opts.token.clone()));
@@ -446,8 +539,9 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         scaling: AtomicBool::new(false),
         mode,
         events: Mutex::default(),
+        retired: Mutex::default(),
     });
-    push_workers(&sh, initial);
+    push_workers(&sh, initial, None);
 
     // Controller.
     let ctl_stop = Arc::new(AtomicBool::new(false));
@@ -463,17 +557,25 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                 tick.tick().await;
                 let now = sh.start.elapsed();
                 control(&sh, &o, &parent, last);
-                let done = sh.done.lock().unwrap_or_else(|p| p.into_inner());
-                let lat: Vec<Duration> = done
-                    .iter()
-                    .filter(|d| d.finished >= last && d.finished < now && d.outcome.is_ok())
-                    .map(|d| d.finished - d.arrived)
-                    .collect();
+                let (lat, failed) = {
+                    let done = sh.done.lock().unwrap_or_else(|p| p.into_inner());
+                    let in_window = |d: &&Done| d.finished >= last && d.finished < now;
+                    let lat: Vec<Duration> = done
+                        .iter()
+                        .filter(|d| in_window(d) && matches!(d.outcome, Ok(0)))
+                        .map(|d| d.finished - d.arrived)
+                        .collect();
+                    let failed = done
+                        .iter()
+                        .filter(|d| in_window(d) && !matches!(d.outcome, Ok(0)))
+                        .count();
+                    (lat, failed)
+                };
                 let sent = sh.sent.load(Ordering::Relaxed);
                 let arrived = sent - last_sent;
                 last_sent = sent;
-                drop(done);
                 let ws = sh.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let memory_bytes = sample_workers(&sh, &ws, now.as_secs_f64(), o.account).await;
                 timeline.push(Interval {
                     t_s: now.as_secs_f64(),
                     arrived,
@@ -481,6 +583,8 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                     latency: LatencySummary::of(&lat),
                     workers: ws.len(),
                     in_flight: ws.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum(),
+                    failed,
+                    memory_bytes,
                 });
                 last = now;
             }
@@ -505,6 +609,11 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             w.in_flight.fetch_sub(1, Ordering::Relaxed);
             *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             let finished = sh2.start.elapsed();
+            if matches!(res, Ok((0, _, _))) {
+                w.completed.fetch_add(1, Ordering::Relaxed);
+                let mut log = w.log.lock().unwrap_or_else(|p| p.into_inner());
+                log.first_answer_s.get_or_insert(finished.as_secs_f64());
+            }
             sh2.done
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -530,6 +639,12 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         .map(|d| d.finished - d.arrived)
         .collect();
     let events = sh.events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut workers = std::mem::take(&mut *sh.retired.lock().unwrap_or_else(|p| p.into_inner()));
+    for w in sh.workers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let mut log = w.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        log.removed_s = elapsed.as_secs_f64();
+        workers.push(log);
+    }
     let scale_lat: Vec<Duration> = events
         .iter()
         .filter(|e| e.kind == "overload" && e.delta > 0)
@@ -561,6 +676,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             .take(10)
             .collect(),
         events,
+        workers,
     };
     if opts.cleanup {
         let ws = std::mem::take(&mut *sh.workers.lock().unwrap_or_else(|p| p.into_inner()));

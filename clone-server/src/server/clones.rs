@@ -8,7 +8,7 @@ use std::time::Duration;
 use kscope_guest::abi::boot::{GenPage, GENPAGE_MAGIC};
 use kscope_guest::abi::from_bytes;
 use kscope_guest::abi::layout::GENPAGE_GPA;
-use kscope_policies::{PolicyName, PolicySpec};
+use kscope_policies::{Gfn, PolicyName, PolicySpec};
 use kscope_vmm::{CloneOptions, PrefetcherFactory, Vm};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,9 @@ pub struct CreateClones {
     pub memory_mode: Option<String>,
     /// Prefetch policy spec (default `lazy`).
     pub prefetch: Option<String>,
+    /// A lazily served clone of the same parent whose first-fault order is the recorded
+    /// working set that `reap`, `faasnap` and `activeset` replay.
+    pub recording_from: Option<String>,
 }
 
 /// A validated clone request.
@@ -50,6 +53,8 @@ pub struct CloneRequest {
     pub mode: MemoryMode,
     /// Prefetch policy spec.
     pub prefetch: PolicySpec,
+    /// The VM whose recorded working set the policy replays.
+    pub recording_from: Option<String>,
 }
 
 impl CreateClones {
@@ -77,11 +82,27 @@ impl CreateClones {
         let spec = self.prefetch.as_deref().unwrap_or("lazy");
         let prefetch = PolicySpec::from_str(spec)
             .map_err(|e| ApiError::bad("unknown_policy", e.to_string()))?;
-        factory(&prefetch)?;
+        if prefetch.name.needs_recording() != self.recording_from.is_some() {
+            return Err(ApiError::bad(
+                "bad_recording",
+                if self.recording_from.is_some() {
+                    format!(
+                        "recording_from is only for policies that replay a recorded working set (reap, faasnap, activeset), not {}",
+                        prefetch.name.as_str()
+                    )
+                } else {
+                    format!(
+                        "policy {} replays a recorded working set: give recording_from, the id of a lazy clone of this parent that served the requests to record",
+                        prefetch.name.as_str()
+                    )
+                },
+            ));
+        }
         Ok(CloneRequest {
             n: self.n as usize,
             mode,
             prefetch,
+            recording_from: self.recording_from.clone(),
         })
     }
 }
@@ -128,26 +149,52 @@ pub struct MadeBatch {
 /// The prefetcher factory of a policy: `lazy` is the VMM's on-demand default; colored
 /// policies color the generation image once per batch (on the first child) and build one
 /// policy per child.
-fn factory(spec: &PolicySpec) -> ApiResult<Option<PrefetcherFactory>> {
+fn factory(spec: &PolicySpec, recording: Option<Arc<[Gfn]>>) -> Option<PrefetcherFactory> {
     if spec.name == PolicyName::Lazy {
-        return Ok(None);
+        return None;
     }
-    if spec.name.needs_recording() {
+    kscope_bench::policy::factory(spec, None, recording)
+}
+
+/// The recorded working set of `recorder` (a lazily served clone of `parent`): the frames it
+/// faulted on, in first-fault order.
+pub fn recording_of(parent: &VmEntry, recorder: &VmEntry) -> ApiResult<Arc<[Gfn]>> {
+    if recorder.parent.as_deref() != Some(parent.id.as_str()) {
         return Err(ApiError::bad(
-            "unknown_policy",
+            "bad_recording",
             format!(
-                "policy {} replays a recorded working set, which the API does not record; use lazy, eager, blind or kaleidoscope",
-                spec.name.as_str()
+                "recording_from {} is not a clone of {}: record with a lazy clone of the same parent",
+                recorder.id, parent.id
             ),
         ));
     }
-    Ok(kscope_bench::policy::factory(spec, None, None))
+    let server = recorder.vm.fault_server().ok_or_else(|| {
+        ApiError::bad(
+            "bad_recording",
+            format!(
+                "recording_from {} is not lazily served: record with a lazy clone",
+                recorder.id
+            ),
+        )
+    })?;
+    let order = server.touched();
+    if order.is_empty() {
+        return Err(ApiError::bad(
+            "bad_recording",
+            format!(
+                "recording_from {} has not touched any page yet: send it requests first",
+                recorder.id
+            ),
+        ));
+    }
+    Ok(order.into())
 }
 
 /// Clone `parent` `req.n` times (blocking): the parent is paused for the freeze only.
 pub fn make_clones(
     parent: &Arc<VmEntry>,
     req: &CloneRequest,
+    recording: Option<Arc<[Gfn]>>,
     prefix: &str,
 ) -> ApiResult<MadeBatch> {
     let opts = CloneOptions {
@@ -155,7 +202,7 @@ pub fn make_clones(
             MemoryMode::Lazy => kscope_vmm::MemoryMode::Lazy,
             MemoryMode::Eager => kscope_vmm::MemoryMode::Eager,
         },
-        prefetcher: factory(&req.prefetch)?,
+        prefetcher: factory(&req.prefetch, recording),
         name_prefix: prefix.to_string(),
         ..CloneOptions::default()
     };
@@ -189,6 +236,7 @@ mod tests {
             n: 3,
             memory_mode: Some("eager".into()),
             prefetch: Some("blind".into()),
+            recording_from: None,
         };
         let r = ok.validate().unwrap();
         assert_eq!((r.n, r.mode), (3, MemoryMode::Eager));
@@ -197,16 +245,35 @@ mod tests {
             (65, None, None, "bad_clone_count"),
             (1, Some("warm"), None, "bad_memory_mode"),
             (1, None, Some("nonsense"), "unknown_policy"),
-            (1, None, Some("reap"), "unknown_policy"),
+            (1, None, Some("reap"), "bad_recording"),
         ] {
             let e = CreateClones {
                 n,
                 memory_mode: mode.map(Into::into),
                 prefetch: pol.map(Into::into),
+                recording_from: None,
             }
             .validate()
             .unwrap_err();
             assert_eq!(e.code(), code);
         }
+        let e = CreateClones {
+            n: 1,
+            memory_mode: None,
+            prefetch: Some("kaleidoscope".into()),
+            recording_from: Some("vm-2".into()),
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.code(), "bad_recording");
+        let r = CreateClones {
+            n: 1,
+            memory_mode: None,
+            prefetch: Some("faasnap".into()),
+            recording_from: Some("vm-2".into()),
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(r.recording_from.as_deref(), Some("vm-2"));
     }
 }

@@ -329,13 +329,17 @@ async fn create_clones(
     let start = Instant::now();
     let req = body.validate()?;
     let parent = s.registry.get(&id)?;
+    let recording = match &req.recording_from {
+        Some(r) => Some(clones::recording_of(&parent, &*s.registry.get(r)?)?),
+        None => None,
+    };
     let mut reservation =
         s.registry
             .reserve(0, req.n, parent.mem_bytes.saturating_mul(req.n as u64))?;
     let generation = s.registry.new_generation();
     let prefix = format!("{}-g{generation}-", parent.id);
     let (p2, r2) = (parent.clone(), req.clone());
-    let batch = control(move || clones::make_clones(&p2, &r2, &prefix)).await?;
+    let batch = control(move || clones::make_clones(&p2, &r2, recording, &prefix)).await?;
     let made = batch.clones.len();
     reservation.shrink_clones(req.n - made.min(req.n), parent.mem_bytes);
     let policy = format!("{:?}", req.mode).to_lowercase() + ":" + req.prefetch.name.as_str();
