@@ -57,6 +57,12 @@ pub struct GenArgs {
     /// Log-rate noise standard deviation.
     #[arg(long)]
     pub noise_sigma: Option<f64>,
+    /// Log-rate noise lag-1 autocorrelation per step.
+    #[arg(long)]
+    pub noise_rho: Option<f64>,
+    /// Median of the services' mean rates (req/s).
+    #[arg(long)]
+    pub rate_median: Option<f64>,
 }
 
 impl GenArgs {
@@ -70,6 +76,8 @@ impl GenArgs {
             bursts_per_hour: self.bursts_per_hour.unwrap_or(d.bursts_per_hour),
             diurnal_amp: self.diurnal_amp.unwrap_or(d.diurnal_amp),
             noise_sigma: self.noise_sigma.unwrap_or(d.noise_sigma),
+            noise_rho: self.noise_rho.unwrap_or(d.noise_rho),
+            rate_median: self.rate_median.unwrap_or(d.rate_median),
             ..d
         }
     }
@@ -112,7 +120,7 @@ pub struct ControlArgs {
     #[arg(long, default_value_t = 60.0)]
     max_s: f64,
     /// Each service's peak rate needs this many warm workers.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 1.5)]
     peak_workers: f64,
     /// SLO: a window whose p90 latency exceeds this (ms) is an overload.
     #[arg(long, default_value_t = 100.0)]
@@ -152,6 +160,9 @@ pub struct ReplayArgs {
     /// Seed of the generated trace and of the arrivals.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Bursts per hour per service of the generated trace.
+    #[arg(long, default_value_t = 4.0)]
+    bursts_per_hour: f64,
     #[command(flatten)]
     ctl: ControlArgs,
     /// Guest memory per VM.
@@ -277,6 +288,8 @@ fn replay_trace(a: &ReplayArgs) -> anyhow::Result<Trace> {
                 services: a.services,
                 duration_s: a.gen_duration_s,
                 seed: a.seed,
+                // A burst-heavy hour, so that a minute of replay sees several bursts.
+                bursts_per_hour: a.bursts_per_hour,
                 ..GenParams::default()
             })?;
             // A mix: web, olap and functions, in turn.
@@ -327,7 +340,14 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} {spinner} {msg}").expect("style"));
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let progress = |m: &str| bar.println(m);
+    // Periodic status lines also when stderr is not a terminal (the bar is hidden then).
+    let progress = |m: &str| {
+        if bar.is_hidden() {
+            eprintln!("[{:>6.1}s] {m}", bar.elapsed().as_secs_f64());
+        } else {
+            bar.println(m);
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -396,8 +416,15 @@ fn run_all(
     for (i, &s) in strategies.iter().enumerate() {
         bar.set_message(s.name());
         let base = 1000 * i as u64;
+        let mut last = 0u64;
+        let t0 = Instant::now();
         out.push(sim::simulate(trace, model, s, cfg, |f| {
-            bar.set_position(base + (f * 1000.0) as u64)
+            let p = (f * 1000.0) as u64;
+            bar.set_position(base + p);
+            if bar.is_hidden() && p / 250 > last / 250 {
+                eprintln!("simulate {}: {}% ({:.1} s)", s.name(), p / 10, t0.elapsed().as_secs_f64());
+            }
+            last = p;
         })?);
     }
     bar.finish_and_clear();

@@ -53,7 +53,8 @@ pub struct StrategyModel {
     pub ready_ms: Vec<f64>,
     /// Scale-out decision to first answer (ms), every sample.
     pub first_answer_ms: Vec<f64>,
-    /// Throughput fraction of a warm worker by age bucket (busy windows only).
+    /// Speed as a fraction of the warm parent's by age bucket: the parent's mean in-VM
+    /// service time over the worker's, from the guest's latency of every answered request.
     pub warm: Vec<f64>,
     /// Footprint (bytes) by age bucket.
     pub footprint: Vec<f64>,
@@ -155,7 +156,7 @@ impl CostModel {
             let (mut fs, mut fnn) = (vec![0.0; buckets], vec![0usize; buckets]);
             let mut samples = 0;
             for (s, rep) in run.reports.iter().enumerate() {
-                let cap = r.setup.get(s).map_or(1.0, |x| x.capacity_rps.max(1e-9));
+                let warm_ms = r.setup.get(s).map_or(0.0, |x| x.vm_service_ms);
                 for w in rep["workers"].as_array().into_iter().flatten() {
                     // The cold strategy's initial worker is the warm parent: not a new worker.
                     let initial = w["initial"].as_bool().unwrap_or(true);
@@ -174,7 +175,7 @@ impl CostModel {
                         let t = smp[0].as_f64().unwrap_or(0.0);
                         let bytes = smp[1].as_f64().unwrap_or(0.0);
                         let done = smp[2].as_f64().unwrap_or(0.0);
-                        let inflight = smp[3].as_f64().unwrap_or(0.0);
+                        let vm_ms = smp[4].as_f64().unwrap_or(0.0) / 1e3;
                         let age = t - ready_s;
                         if age < 0.0 {
                             continue;
@@ -185,8 +186,8 @@ impl CostModel {
                             fs[b] += bytes;
                             fnn[b] += 1;
                         }
-                        if inflight > 0.0 {
-                            ws[b] += (done / window_s / cap).min(1.0);
+                        if done > 0.0 && vm_ms > 0.0 && warm_ms > 0.0 {
+                            ws[b] += (warm_ms * done / vm_ms).min(1.0);
                             wn[b] += 1;
                         }
                     }

@@ -66,7 +66,7 @@ impl Default for ReplayConfig {
             strategies: Strategy::ALL.to_vec(),
             compress: 60.0,
             max_s: 60.0,
-            peak_workers: 3.0,
+            peak_workers: 1.5,
             mem: "64M".into(),
             slo: Slo::default(),
             scale_p90_ms: 50.0,
@@ -93,6 +93,9 @@ pub struct ServiceSetup {
     pub service_ms: f64,
     /// Its 90th percentile (ms).
     pub service_p90_ms: f64,
+    /// Mean in-VM service time of the warm parent (ms, from the guest's latency header).
+    #[serde(default)]
+    pub vm_service_ms: f64,
     /// Warm parent boot (API call, ms).
     pub parent_boot_ms: f64,
     /// Warm parent's footprint after warming (bytes): the template every clone shares.
@@ -179,9 +182,10 @@ async fn measure(
     id: &str,
     reqs: &[Vec<u8>],
     window: usize,
-) -> anyhow::Result<(f64, Vec<Duration>)> {
+) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
     let t0 = Instant::now();
     let mut lat = Vec::new();
+    let mut vm_us = 0u64;
     for chunk in reqs.chunks(window.max(1)) {
         let mut set = tokio::task::JoinSet::new();
         for r in chunk {
@@ -194,12 +198,17 @@ async fn measure(
         }
         while let Some(j) = set.join_next().await {
             let (res, d) = j.context("request task")?;
-            let (status, _, _) = res?;
+            let (status, us, _) = res?;
             anyhow::ensure!(status == 0, "VM {id} answered guest status {status}");
+            vm_us += us;
             lat.push(d);
         }
     }
-    Ok((reqs.len() as f64 / t0.elapsed().as_secs_f64(), lat))
+    Ok((
+        reqs.len() as f64 / t0.elapsed().as_secs_f64(),
+        lat,
+        vm_us as f64 / reqs.len().max(1) as f64 / 1e3,
+    ))
 }
 
 async fn footprint(api: &ApiClient, id: &str) -> u64 {
@@ -221,7 +230,7 @@ pub async fn run(
     let k = trace.services.len();
     let srv = server::start(ServeOptions {
         listen: "127.0.0.1:0".parse().expect("valid address"),
-        token: Some(format!("experiment-{}", std::process::id())),
+        token: Some(format!("kscope-experiment-{:016x}", rand::random::<u64>())),
         limits: Limits {
             max_vms: k * (cfg.max_workers + 2) + 4,
             max_clones: k * (cfg.max_workers * 2 + 4),
@@ -271,9 +280,11 @@ async fn run_with(
         measure(api, &id, &warm, CAPACITY_WINDOW)
             .await
             .with_context(|| format!("warming {}", sv.name))?;
-        let (cap, _) = measure(api, &id, &warm, CAPACITY_WINDOW).await?;
-        let (_, lat1) = measure(api, &id, &warm[..warm.len().min(50)], 1).await?;
+        let (cap, _, _) = measure(api, &id, &warm, CAPACITY_WINDOW).await?;
+        let (_, lat1, vm_ms) = measure(api, &id, &warm[..warm.len().min(50)], 1).await?;
         let lat1 = crate::stats::LatencySummary::of(&lat1);
+        // Before any clone: afterwards the parent runs on a private view of the frozen image.
+        let parent_bytes = footprint(api, &id).await;
         if needs_recording {
             let v = api
                 .json(
@@ -312,8 +323,9 @@ async fn run_with(
             capacity_rps: cap,
             service_ms: lat1.p50_us / 1e3,
             service_p90_ms: lat1.p90_us / 1e3,
+            vm_service_ms: vm_ms,
             parent_boot_ms: boot_ms,
-            parent_footprint_bytes: footprint(api, &id).await,
+            parent_footprint_bytes: parent_bytes,
             rate_scale,
             arrivals: a.len(),
         });

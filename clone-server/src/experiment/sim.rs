@@ -64,7 +64,7 @@ impl Default for SimConfig {
         SimConfig {
             compress: 60.0,
             max_s: 60.0,
-            peak_workers: 3.0,
+            peak_workers: 1.5,
             slo: Slo::default(),
             scale_p90_ms: 50.0,
             max_queue: 2.0,
@@ -201,7 +201,11 @@ pub fn simulate(
     let mut busy_prev = 0f64;
     let mut timeline0 = Vec::new();
     let mut t = 0.0;
-    while t < end {
+    // Like the replay, which waits for every request: after the trace, drain the backlogs.
+    let drain_end = end + 600.0;
+    let mut backlog_left = false;
+    while t < end || (backlog_left && t < drain_end) {
+        backlog_left = false;
         let t1 = t + dt;
         while let Some(Reverse((at, s, n, _decided))) = events.peek().copied() {
             if at as f64 / 1e9 > t1 {
@@ -225,7 +229,11 @@ pub fn simulate(
         };
         let (mut mem_total, mut workers_total, mut busy_total) = (0f64, 0usize, 0f64);
         for (i, sv) in svcs.iter_mut().enumerate() {
-            let lambda = trace.rate_at(i, (t + dt / 2.0) * cfg.compress) * sv.scale;
+            let lambda = if t < end {
+                trace.rate_at(i, (t + dt / 2.0) * cfg.compress) * sv.scale
+            } else {
+                0.0
+            };
             let ready: Vec<f64> = sv
                 .workers
                 .iter()
@@ -238,6 +246,11 @@ pub fn simulate(
             let offered = lambda * dt + sv.backlog;
             let served = offered.min(cap * dt);
             sv.backlog = offered - served;
+            if sv.backlog > 0.5 {
+                backlog_left = true;
+            } else if t >= end {
+                sv.backlog = 0.0;
+            }
             let frac_avg = if c > 0 { frac_sum / c as f64 } else { 0.0 };
             let svc_p90 = sv.wl.service_p90_ms / frac_avg.max(0.02);
             let svc_mean = sv.wl.service_ms / frac_avg.max(0.02);
@@ -341,7 +354,7 @@ pub fn simulate(
         mem_now = mem_total;
         dc_peak_mem = dc_peak_mem.max(mem_total);
         dc_peak_workers = dc_peak_workers.max(workers_total);
-        tick(t1 / end);
+        tick((t1 / end).min(1.0));
         t = t1;
     }
     let mut services = Vec::with_capacity(svcs.len());
@@ -476,7 +489,8 @@ mod tests {
         };
         let fast = simulate(&bursty(), &model(20.0, 0.8), Strategy::Kaleidoscope, &cfg, |_| {})
             .unwrap();
-        let slow = simulate(&bursty(), &model(5000.0, 0.2), Strategy::Cold, &cfg, |_| {}).unwrap();
+        let slow = simulate(&bursty(), &model(5000.0, 0.2), Strategy::Kaleidoscope, &cfg, |_| {})
+            .unwrap();
         assert!(fast.totals.windows > 100);
         assert!(fast.services[0].scale_outs > 0);
         assert!(

@@ -11,7 +11,7 @@ pub mod client;
 pub mod load;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -168,8 +168,9 @@ pub struct WorkerLog {
     pub first_answer_s: Option<f64>,
     /// Removed (s), or the end of the run.
     pub removed_s: f64,
-    /// Per window: (t_s, footprint bytes, requests completed in the window, in flight).
-    pub samples: Vec<(f64, u64, usize, usize)>,
+    /// Per window: (t_s, footprint bytes, requests completed in the window, in flight,
+    /// summed in-VM service time of those requests in microseconds).
+    pub samples: Vec<(f64, u64, usize, usize, u64)>,
 }
 
 /// A scaling decision.
@@ -227,6 +228,7 @@ struct Worker {
     in_flight: AtomicUsize,
     last_done: Mutex<Instant>,
     completed: AtomicUsize,
+    vm_us: AtomicU64,
     log: Mutex<WorkerLog>,
 }
 
@@ -336,6 +338,7 @@ fn push_workers(sh: &Shared, ids: Vec<String>, decided: Option<Duration>) {
             in_flight: AtomicUsize::new(0),
             last_done: Mutex::new(now),
             completed: AtomicUsize::new(0),
+            vm_us: AtomicU64::new(0),
         })
     }));
 }
@@ -371,12 +374,13 @@ async fn sample_workers(sh: &Shared, ws: &[Arc<Worker>], t_s: f64, account: bool
         };
         total += bytes;
         let done = w.completed.swap(0, Ordering::Relaxed);
+        let vm_us = w.vm_us.swap(0, Ordering::Relaxed);
         let inflight = w.in_flight.load(Ordering::Relaxed);
         w.log
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .samples
-            .push((t_s, bytes, done, inflight));
+            .push((t_s, bytes, done, inflight, vm_us));
     }
     total
 }
@@ -609,7 +613,8 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             w.in_flight.fetch_sub(1, Ordering::Relaxed);
             *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             let finished = sh2.start.elapsed();
-            if matches!(res, Ok((0, _, _))) {
+            if let Ok((0, vm_us, _)) = &res {
+                w.vm_us.fetch_add(*vm_us, Ordering::Relaxed);
                 w.completed.fetch_add(1, Ordering::Relaxed);
                 let mut log = w.log.lock().unwrap_or_else(|p| p.into_inner());
                 log.first_answer_s.get_or_insert(finished.as_secs_f64());
