@@ -122,8 +122,16 @@ fn mean(v: &[f64]) -> f64 {
     }
 }
 
-/// Fill empty buckets from the previous one (or the first measured), trim the tail.
+/// Buckets with fewer samples than this count as empty (too noisy on their own).
+const MIN_SAMPLES: usize = 8;
+
+/// Fill thin buckets from the previous one (or the first well-measured), trim the tail.
 fn fill(sum: &[f64], n: &[usize]) -> Vec<f64> {
+    let n: Vec<usize> = n
+        .iter()
+        .map(|c| if *c >= MIN_SAMPLES { *c } else { 0 })
+        .collect();
+    let n = n.as_slice();
     let first = sum
         .iter()
         .zip(n)
@@ -187,7 +195,10 @@ impl CostModel {
                             fnn[b] += 1;
                         }
                         if done > 0.0 && vm_ms > 0.0 && warm_ms > 0.0 {
-                            ws[b] += (warm_ms * done / vm_ms).min(1.0);
+                            // Requests that overlap in the VM sum to more than the window:
+                            // the VM was busy at most the whole window.
+                            let busy_ms = vm_ms.min(window_s * 1e3);
+                            ws[b] += (warm_ms * done / busy_ms).min(1.0);
                             wn[b] += 1;
                         }
                     }
@@ -312,7 +323,10 @@ mod tests {
 
     #[test]
     fn curves_fill_gaps_and_clamp() {
-        assert_eq!(fill(&[0.0, 2.0, 0.0, 6.0, 0.0], &[0, 2, 0, 2, 0]), vec![1.0, 1.0, 1.0, 3.0]);
+        assert_eq!(
+            fill(&[0.0, 20.0, 1.0, 60.0, 0.0], &[0, 10, 1, 10, 0]),
+            vec![2.0, 2.0, 2.0, 6.0]
+        );
         assert!(fill(&[0.0], &[0]).is_empty());
         let m = StrategyModel {
             strategy: Strategy::Lazy,
