@@ -237,6 +237,7 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
             Ok(Ret::Val(0))
         }
         nr::GETPID => Ok(Ret::Val(proc::get(slot).abi.pid as i64)),
+        nr::CPU_MODE => Ok(Ret::Val(crate::native::detect() as i64)),
         nr::DROP_INFLIGHT => Ok(Ret::Val(request::drop_inflight() as i64)),
         nr::LISTDIR => {
             let (buf, cap) = (a[0], a[1]);
