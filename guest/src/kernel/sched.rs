@@ -92,6 +92,7 @@ pub fn from_user(frame: &mut Context) -> ! {
     };
     S.get().live = true;
     match frame.vector {
+        vector::SYSCALL => syscall::dispatch(cur, frame),
         vector::UD => syscall::handle(cur, frame),
         vector::PF => {
             let cr2 = arch::read_cr2();
@@ -252,7 +253,6 @@ pub fn schedule() -> ! {
             }
             run(i);
         }
-        request::flush();
         arch::hlt();
     }
 }
@@ -265,6 +265,8 @@ fn run(i: usize) -> ! {
     if arch::read_cr3() & crate::mm::paging::ADDR != p.abi.cr3 {
         // SAFETY: process PML4s share the kernel half with the kernel's tables.
         unsafe { arch::write_cr3(p.abi.cr3) };
+        let isolated = crate::mm::paging::isolated();
+        trap::set_tables(p.abi.cr3, crate::mm::paging::user_pml4(p.abi.cr3), isolated);
     }
     if s.fpu_owner != Some(i) {
         if let Some(o) = s.fpu_owner {
