@@ -37,7 +37,9 @@ async fn small_replay_compares_strategies_and_feeds_the_simulation() {
         ..ReplayConfig::default()
     };
     let t0 = std::time::Instant::now();
-    let r = replay::run(&trace, &cfg, &|m: &str| eprintln!("{m}")).await.unwrap();
+    let r = replay::run(&trace, &cfg, &|m: &str| eprintln!("{m}"))
+        .await
+        .unwrap();
     eprintln!("replay took {:.1} s", t0.elapsed().as_secs_f64());
     assert_eq!(r.runs.len(), 3);
     assert_eq!(r.setup.len(), 2);
@@ -53,7 +55,11 @@ async fn small_replay_compares_strategies_and_feeds_the_simulation() {
             assert_eq!(m.requests, s.arrivals, "{} {}", run.strategy.name(), s.name);
         }
         assert!(t.windows > 0);
-        assert!(t.mem_gib_s > 0.0, "no footprint measured for {}", run.strategy.name());
+        assert!(
+            t.mem_gib_s > 0.0,
+            "no footprint measured for {}",
+            run.strategy.name()
+        );
         assert!(t.vcpu_s > 0.0);
         assert!(t.peak_workers >= 2);
     }

@@ -305,7 +305,8 @@ fn replay_trace(a: &ReplayArgs) -> anyhow::Result<Trace> {
 }
 
 fn control_of(c: &ControlArgs) -> anyhow::Result<(Vec<Strategy>, Slo)> {
-    let s = Strategy::parse_list(&c.strategies).map_err(|e| anyhow::anyhow!("--strategies: {e}"))?;
+    let s =
+        Strategy::parse_list(&c.strategies).map_err(|e| anyhow::anyhow!("--strategies: {e}"))?;
     anyhow::ensure!(c.compress > 0.0, "--compress must be > 0");
     anyhow::ensure!(c.window_ms > 0.0, "--window-ms must be > 0");
     anyhow::ensure!(c.max_workers >= 1, "--max-workers must be >= 1");
@@ -338,7 +339,9 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
         ..ReplayConfig::default()
     };
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} {spinner} {msg}").expect("style"));
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} {spinner} {msg}").expect("style"),
+    );
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     // Periodic status lines also when stderr is not a terminal (the bar is hidden then).
     let progress = |m: &str| {
@@ -410,7 +413,8 @@ fn run_all(
 ) -> anyhow::Result<Vec<SimRun>> {
     let bar = ProgressBar::new(1000 * strategies.len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {percent}% {msg}").expect("style"),
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {percent}% {msg}")
+            .expect("style"),
     );
     let mut out = Vec::new();
     for (i, &s) in strategies.iter().enumerate() {
@@ -422,7 +426,12 @@ fn run_all(
             let p = (f * 1000.0) as u64;
             bar.set_position(base + p);
             if bar.is_hidden() && p / 250 > last / 250 {
-                eprintln!("simulate {}: {}% ({:.1} s)", s.name(), p / 10, t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "simulate {}: {}% ({:.1} s)",
+                    s.name(),
+                    p / 10,
+                    t0.elapsed().as_secs_f64()
+                );
             }
             last = p;
         })?);
@@ -456,7 +465,8 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
                 },
                 ..cfg.clone()
             };
-            let r = sim::smallest_datacenter(&trace, &model, s, &c, a.overload_target, a.max_hosts)?;
+            let r =
+                sim::smallest_datacenter(&trace, &model, s, &c, a.overload_target, a.max_hosts)?;
             eprintln!(
                 "SLO {slo_ms} ms, {}: {}",
                 s.name(),
@@ -489,9 +499,10 @@ fn validate(
     strategies: &[Strategy],
     out: &std::path::Path,
 ) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let r: ReplayReport =
-        serde_json::from_str(&text).with_context(|| format!("{} is not a replay result", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let r: ReplayReport = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a replay result", path.display()))?;
     let c = &r.config;
     let cfg = SimConfig {
         compress: c.compress,

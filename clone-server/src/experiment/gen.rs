@@ -138,7 +138,12 @@ impl GenParams {
                 Err(GenError::Param { name, value, what })
             }
         };
-        p("services", self.services as f64, self.services > 0, "use at least 1")?;
+        p(
+            "services",
+            self.services as f64,
+            self.services > 0,
+            "use at least 1",
+        )?;
         p("step_s", self.step_s, self.step_s > 0.0, "must be > 0")?;
         p(
             "duration_s",
@@ -146,16 +151,36 @@ impl GenParams {
             self.duration_s >= self.step_s,
             "must be >= step_s",
         )?;
-        p("rate_median", self.rate_median, self.rate_median > 0.0, "must be > 0")?;
-        p("rate_sigma", self.rate_sigma, self.rate_sigma >= 0.0, "must be >= 0")?;
+        p(
+            "rate_median",
+            self.rate_median,
+            self.rate_median > 0.0,
+            "must be > 0",
+        )?;
+        p(
+            "rate_sigma",
+            self.rate_sigma,
+            self.rate_sigma >= 0.0,
+            "must be >= 0",
+        )?;
         p(
             "diurnal_amp",
             self.diurnal_amp,
             (0.0..1.0).contains(&self.diurnal_amp),
             "must be in [0, 1)",
         )?;
-        p("period_s", self.period_s, self.period_s > 0.0, "must be > 0")?;
-        p("noise_sigma", self.noise_sigma, self.noise_sigma >= 0.0, "must be >= 0")?;
+        p(
+            "period_s",
+            self.period_s,
+            self.period_s > 0.0,
+            "must be > 0",
+        )?;
+        p(
+            "noise_sigma",
+            self.noise_sigma,
+            self.noise_sigma >= 0.0,
+            "must be >= 0",
+        )?;
         p(
             "noise_rho",
             self.noise_rho,
@@ -168,17 +193,37 @@ impl GenParams {
             self.bursts_per_hour >= 0.0,
             "must be >= 0",
         )?;
-        p("burst_alpha", self.burst_alpha, self.burst_alpha > 1.0, "must be > 1")?;
-        p("burst_min_s", self.burst_min_s, self.burst_min_s > 0.0, "must be > 0")?;
+        p(
+            "burst_alpha",
+            self.burst_alpha,
+            self.burst_alpha > 1.0,
+            "must be > 1",
+        )?;
+        p(
+            "burst_min_s",
+            self.burst_min_s,
+            self.burst_min_s > 0.0,
+            "must be > 0",
+        )?;
         p(
             "burst_max_s",
             self.burst_max_s,
             self.burst_max_s >= self.burst_min_s,
             "must be >= burst_min_s",
         )?;
-        p("burst_factor", self.burst_factor, self.burst_factor >= 1.0, "must be >= 1")?;
+        p(
+            "burst_factor",
+            self.burst_factor,
+            self.burst_factor >= 1.0,
+            "must be >= 1",
+        )?;
         let m: f64 = self.mix.iter().sum();
-        p("mix", m, m > 0.0 && self.mix.iter().all(|x| *x >= 0.0), "fractions >= 0, sum > 0")
+        p(
+            "mix",
+            m,
+            m > 0.0 && self.mix.iter().all(|x| *x >= 0.0),
+            "fractions >= 0, sum > 0",
+        )
     }
 
     /// The workload of service `i` (a deterministic interleaving that follows `mix`).
@@ -245,8 +290,8 @@ pub fn generate(p: &GenParams) -> Result<(Trace, Vec<Burst>), GenError> {
         let mut r = Vec::with_capacity(steps);
         for (k, bf) in factor.iter().enumerate() {
             let t = k as f64 * p.step_s;
-            let d = 1.0
-                + p.diurnal_amp * (2.0 * std::f64::consts::PI * (t + phase) / p.period_s).sin();
+            let d =
+                1.0 + p.diurnal_amp * (2.0 * std::f64::consts::PI * (t + phase) / p.period_s).sin();
             r.push(base * d * x.exp() * bf);
             x = p.noise_rho * x + innov * normal(&mut rng);
         }
@@ -301,6 +346,11 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
     s[i]
 }
 
+/// Capacity of a worker in the reference agile cloud (req/s) used to check lifetimes.
+pub const AGILE_WORKER_RPS: f64 = 20.0;
+/// Scale-in cool-down of the reference agile cloud (s).
+pub const AGILE_COOLDOWN_S: f64 = 300.0;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,13 +374,19 @@ mod tests {
             ..GenParams::default()
         };
         assert_eq!(generate(&p).unwrap().0, generate(&p).unwrap().0);
-        let q = GenParams { seed: 2, ..p.clone() };
+        let q = GenParams {
+            seed: 2,
+            ..p.clone()
+        };
         assert_ne!(generate(&p).unwrap().0, generate(&q).unwrap().0);
         let bad = GenParams {
             burst_alpha: 0.9,
             ..p
         };
-        assert!(generate(&bad).unwrap_err().to_string().contains("burst_alpha"));
+        assert!(generate(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("burst_alpha"));
     }
 
     #[test]
@@ -343,7 +399,11 @@ mod tests {
         let mean = r.iter().sum::<f64>() / r.len() as f64;
         assert!((mean / p.rate_median - 1.0).abs() < 0.01, "mean {mean}");
         let want = (1.0 + p.diurnal_amp) / (1.0 - p.diurnal_amp);
-        assert!((max / min / want - 1.0).abs() < 0.02, "max/min {}", max / min);
+        assert!(
+            (max / min / want - 1.0).abs() < 0.02,
+            "max/min {}",
+            max / min
+        );
     }
 
     #[test]
@@ -368,7 +428,11 @@ mod tests {
         }
         let var = s2 / n - (s1 / n).powi(2);
         let rho = (c / n - (s1 / n).powi(2)) / var;
-        assert!((var.sqrt() / p.noise_sigma - 1.0).abs() < 0.08, "sd {}", var.sqrt());
+        assert!(
+            (var.sqrt() / p.noise_sigma - 1.0).abs() < 0.08,
+            "sd {}",
+            var.sqrt()
+        );
         assert!((rho - p.noise_rho).abs() < 0.04, "rho {rho}");
     }
 
@@ -383,7 +447,10 @@ mod tests {
         let (_, b) = generate(&p).unwrap();
         let expected = p.services as f64 * p.duration_s / 3600.0 * p.bursts_per_hour;
         let n = b.len() as f64;
-        assert!((n / expected - 1.0).abs() < 0.05, "{n} bursts vs {expected}");
+        assert!(
+            (n / expected - 1.0).abs() < 0.05,
+            "{n} bursts vs {expected}"
+        );
         let d: Vec<f64> = b.iter().map(|x| x.duration_s).collect();
         // Pareto: median = xmin 2^(1/alpha); P(D > 4 xmin) = 4^-alpha (heavy tail).
         let med = quantile(&d, 0.5);
@@ -391,7 +458,10 @@ mod tests {
         assert!((med / want - 1.0).abs() < 0.06, "median {med} vs {want}");
         let tail = d.iter().filter(|x| **x > 4.0 * p.burst_min_s).count() as f64 / n;
         let want_tail = 4f64.powf(-p.burst_alpha);
-        assert!((tail / want_tail - 1.0).abs() < 0.15, "tail {tail} vs {want_tail}");
+        assert!(
+            (tail / want_tail - 1.0).abs() < 0.15,
+            "tail {tail} vs {want_tail}"
+        );
         assert!(d.iter().all(|x| *x >= p.burst_min_s));
     }
 
@@ -406,7 +476,10 @@ mod tests {
         let under_hour = l.iter().filter(|x| **x < 3600.0).count() as f64 / l.len() as f64;
         assert!(l.len() > 1000, "{} lifetimes", l.len());
         assert!((300.0..=1200.0).contains(&med), "median lifetime {med} s");
-        assert!((0.78..=0.92).contains(&under_hour), "{under_hour} under an hour");
+        assert!(
+            (0.78..=0.92).contains(&under_hour),
+            "{under_hour} under an hour"
+        );
     }
 
     #[test]
@@ -421,8 +494,3 @@ mod tests {
         assert_eq!(l, vec![180.0, 180.0]);
     }
 }
-
-/// Capacity of a worker in the reference agile cloud (req/s) used to check lifetimes.
-pub const AGILE_WORKER_RPS: f64 = 20.0;
-/// Scale-in cool-down of the reference agile cloud (s).
-pub const AGILE_COOLDOWN_S: f64 = 300.0;

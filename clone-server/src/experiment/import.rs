@@ -35,8 +35,9 @@ impl Default for ImportOptions {
 
 fn hash_u64(s: &str) -> u64 {
     // FNV-1a: a stable, documented choice of workload per function hash.
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Parse the per-minute invocation-count CSV text; `origin` names it in errors.
@@ -55,8 +56,9 @@ pub fn parse_invocations(
         let Some((i, l)) = lines.next() else {
             return Err(TraceError::Bad {
                 path: origin.into(),
-                what: "empty file: expected the header HashOwner,HashApp,HashFunction,Trigger,1,..."
-                    .into(),
+                what:
+                    "empty file: expected the header HashOwner,HashApp,HashFunction,Trigger,1,..."
+                        .into(),
             });
         };
         let l = l.trim_end_matches('\r');
@@ -74,7 +76,10 @@ pub fn parse_invocations(
             if col.parse::<usize>().ok() != Some(k + 1) {
                 return Err(line_err(
                     i + 1,
-                    format!("minute column {} is {col:?}; columns must be 1, 2, 3, ...", k + 5),
+                    format!(
+                        "minute column {} is {col:?}; columns must be 1, 2, 3, ...",
+                        k + 5
+                    ),
                 ));
             }
         }
@@ -100,7 +105,10 @@ pub fn parse_invocations(
         let mut total = 0.0;
         for (k, c) in f[4..].iter().enumerate() {
             let v: f64 = c.parse().map_err(|_| {
-                line_err(i + 1, format!("minute {}: count {c:?} is not a number", k + 1))
+                line_err(
+                    i + 1,
+                    format!("minute {}: count {c:?} is not a number", k + 1),
+                )
             })?;
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(line_err(

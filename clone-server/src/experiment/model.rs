@@ -32,7 +32,9 @@ pub enum ModelError {
         msg: String,
     },
     /// The file is not a cost model this version reads.
-    #[error("{path}: {what}; produce one with `kscope experiment replay` or `kscope experiment model`")]
+    #[error(
+        "{path}: {what}; produce one with `kscope experiment replay` or `kscope experiment model`"
+    )]
     Format {
         /// The file.
         path: String,

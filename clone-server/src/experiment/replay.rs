@@ -276,7 +276,12 @@ async fn run_with(
         let boot_ms = t0.elapsed().as_secs_f64() * 1e3;
         let id = v["id"].as_str().unwrap_or_default().to_string();
         let mix = w.requests(sv.mix_seed, 512);
-        let warm: Vec<Vec<u8>> = mix.iter().cycle().take(cfg.warm_requests).cloned().collect();
+        let warm: Vec<Vec<u8>> = mix
+            .iter()
+            .cycle()
+            .take(cfg.warm_requests)
+            .cloned()
+            .collect();
         measure(api, &id, &warm, CAPACITY_WINDOW)
             .await
             .with_context(|| format!("warming {}", sv.name))?;
@@ -294,7 +299,10 @@ async fn run_with(
                 )
                 .await
                 .with_context(|| format!("the recording clone of {}", sv.name))?;
-            let rid = v["clones"][0]["id"].as_str().unwrap_or_default().to_string();
+            let rid = v["clones"][0]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             measure(api, &rid, &warm, CAPACITY_WINDOW)
                 .await
                 .with_context(|| format!("recording the working set of {}", sv.name))?;
@@ -374,7 +382,11 @@ async fn run_with(
         while let Some(j) = set.join_next().await {
             let (s, r) = j.context("load balancer task")?;
             let r = r.with_context(|| {
-                format!("strategy {} service {}", strategy.name(), trace.services[s].name)
+                format!(
+                    "strategy {} service {}",
+                    strategy.name(),
+                    trace.services[s].name
+                )
             })?;
             progress(&format!(
                 "{} {}: {} requests, p99 {:.1} ms, max {} workers",
@@ -403,10 +415,14 @@ async fn run_with(
         });
     }
     for r in recorders.into_iter().flatten() {
-        let _ = api.json(Method::DELETE, &format!("/v1/vms/{r}"), None).await;
+        let _ = api
+            .json(Method::DELETE, &format!("/v1/vms/{r}"), None)
+            .await;
     }
     for p in parents {
-        let _ = api.json(Method::DELETE, &format!("/v1/vms/{p}"), None).await;
+        let _ = api
+            .json(Method::DELETE, &format!("/v1/vms/{p}"), None)
+            .await;
     }
     let cut_steps = ((cfg.max_s * cfg.compress) / trace.step_s).ceil() as usize;
     let mut used = trace.clone();
@@ -450,7 +466,10 @@ mod tests {
         // Expected 20, 80, 40 requests in seconds 0, 2, 3 (Poisson: within 4 sigma).
         for (lo, want) in [(0.0, 20.0), (2.0, 80.0), (3.0, 40.0)] {
             let got = count(lo, lo + 1.0);
-            assert!((got - want).abs() <= 4.0 * f64::sqrt(want), "{lo}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 4.0 * f64::sqrt(want),
+                "{lo}: {got} vs {want}"
+            );
         }
         let cut = arrivals_for(&t, 0, 60.0, 2.0, 2.5, 7, &[b"x".to_vec()]);
         assert!(cut.iter().all(|x| x.at.as_secs_f64() < 2.5));

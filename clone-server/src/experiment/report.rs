@@ -96,7 +96,12 @@ pub fn services_csv(ms: &[ServiceMetrics]) -> String {
 }
 
 /// Scatter: overloads (x) vs server usage (y), one point per strategy.
-pub fn scatter_svg(title: &str, pts: &[(String, f64, f64)], x: &str, y: &str) -> anyhow::Result<String> {
+pub fn scatter_svg(
+    title: &str,
+    pts: &[(String, f64, f64)],
+    x: &str,
+    y: &str,
+) -> anyhow::Result<String> {
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (800, 520)).into_drawing_area();
@@ -142,12 +147,11 @@ pub fn scatter_svg(title: &str, pts: &[(String, f64, f64)], x: &str, y: &str) ->
     Ok(out)
 }
 
+/// Named series of (x, y) points.
+pub type NamedSeries = Vec<(String, Vec<(f64, f64)>)>;
+
 /// Stacked panels sharing the x axis: each panel has a y label and named series.
-pub fn panels_svg(
-    title: &str,
-    x: &str,
-    panels: &[(&str, Vec<(String, Vec<(f64, f64)>)>)],
-) -> anyhow::Result<String> {
+pub fn panels_svg(title: &str, x: &str, panels: &[(&str, NamedSeries)]) -> anyhow::Result<String> {
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (900, 260 * panels.len() as u32 + 40))
@@ -214,7 +218,11 @@ pub fn write_replay(dir: &Path, r: &ReplayReport) -> anyhow::Result<String> {
         .iter()
         .map(|x| totals(x.strategy.name(), &x.services))
         .collect();
-    write(dir, "replay-totals.json", &serde_json::to_string_pretty(&rows)?)?;
+    write(
+        dir,
+        "replay-totals.json",
+        &serde_json::to_string_pretty(&rows)?,
+    )?;
     let pts: Vec<(String, f64, f64)> = rows
         .iter()
         .map(|t| (t.strategy.clone(), t.overloads as f64, t.mem_gib_s))
@@ -234,7 +242,11 @@ pub fn write_replay(dir: &Path, r: &ReplayReport) -> anyhow::Result<String> {
     let mut workers = Vec::new();
     let mut lat = Vec::new();
     for run in &r.runs {
-        let tl = run.reports.first().map(|v| v["timeline"].clone()).unwrap_or_default();
+        let tl = run
+            .reports
+            .first()
+            .map(|v| v["timeline"].clone())
+            .unwrap_or_default();
         let it = tl.as_array().cloned().unwrap_or_default();
         let f = |k: &dyn Fn(&serde_json::Value) -> f64| -> Vec<(f64, f64)> {
             it.iter()
@@ -309,7 +321,11 @@ pub fn write_sim(
     runs: &[SimRun],
     datacenter: &[(String, f64, Option<usize>)],
 ) -> anyhow::Result<String> {
-    write(dir, &format!("{prefix}.json"), &serde_json::to_string(runs)?)?;
+    write(
+        dir,
+        &format!("{prefix}.json"),
+        &serde_json::to_string(runs)?,
+    )?;
     let all: Vec<ServiceMetrics> = runs.iter().flat_map(|x| x.services.clone()).collect();
     if !all.is_empty() {
         write(dir, &format!("{prefix}-services.csv"), &services_csv(&all))?;
@@ -344,10 +360,14 @@ pub fn write_sim(
     }
     if !datacenter.is_empty() {
         let mut csv = String::from("strategy,slo_p90_ms,smallest_hosts\n");
-        let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        let mut series: NamedSeries = Vec::new();
         md.push_str("\n| strategy | SLO p90 ms | smallest datacenter (hosts) meeting the overload target |\n|---|---|---|\n");
         for (s, slo, h) in datacenter {
-            let _ = writeln!(csv, "{s},{slo},{}", h.map_or(String::from(""), |h| h.to_string()));
+            let _ = writeln!(
+                csv,
+                "{s},{slo},{}",
+                h.map_or(String::from(""), |h| h.to_string())
+            );
             let _ = writeln!(
                 md,
                 "| {s} | {slo} | {} |",

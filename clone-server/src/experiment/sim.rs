@@ -174,7 +174,11 @@ pub fn simulate(
             scale,
             // The cold strategy starts from the warm parent; clones start fresh at t = 0.
             workers: vec![Worker {
-                ready_at: if strategy == Strategy::Cold { -1e9 } else { 0.0 },
+                ready_at: if strategy == Strategy::Cold {
+                    -1e9
+                } else {
+                    0.0
+                },
                 initial: true,
             }],
             pending: 0,
@@ -378,7 +382,11 @@ pub fn simulate(
         dc_peak_workers,
         hosts_for_peak: (dc_peak_mem / cfg.host_mem_bytes as f64).ceil().max(1.0) as usize,
         refused,
-        services: if services.len() <= 64 { services } else { Vec::new() },
+        services: if services.len() <= 64 {
+            services
+        } else {
+            Vec::new()
+        },
         timeline0,
     })
 }
@@ -406,9 +414,7 @@ pub fn smallest_datacenter(
             |_| {},
         )
     };
-    let ok = |r: &SimRun| {
-        r.totals.overloads as f64 <= target * r.totals.windows.max(1) as f64
-    };
+    let ok = |r: &SimRun| r.totals.overloads as f64 <= target * r.totals.windows.max(1) as f64;
     let top = run(max_hosts)?;
     if !ok(&top) {
         return Ok(None);
@@ -487,10 +493,22 @@ mod tests {
             compress: 1.0,
             ..SimConfig::default()
         };
-        let fast = simulate(&bursty(), &model(20.0, 0.8), Strategy::Kaleidoscope, &cfg, |_| {})
-            .unwrap();
-        let slow = simulate(&bursty(), &model(5000.0, 0.2), Strategy::Kaleidoscope, &cfg, |_| {})
-            .unwrap();
+        let fast = simulate(
+            &bursty(),
+            &model(20.0, 0.8),
+            Strategy::Kaleidoscope,
+            &cfg,
+            |_| {},
+        )
+        .unwrap();
+        let slow = simulate(
+            &bursty(),
+            &model(5000.0, 0.2),
+            Strategy::Kaleidoscope,
+            &cfg,
+            |_| {},
+        )
+        .unwrap();
         assert!(fast.totals.windows > 100);
         assert!(fast.services[0].scale_outs > 0);
         assert!(
@@ -511,8 +529,14 @@ mod tests {
             host_mem_bytes: 20_000_000,
             ..SimConfig::default()
         };
-        let r = simulate(&bursty(), &model(20.0, 0.8), Strategy::Kaleidoscope, &cfg, |_| {})
-            .unwrap();
+        let r = simulate(
+            &bursty(),
+            &model(20.0, 0.8),
+            Strategy::Kaleidoscope,
+            &cfg,
+            |_| {},
+        )
+        .unwrap();
         assert!(r.refused > 0);
         let big = smallest_datacenter(
             &bursty(),

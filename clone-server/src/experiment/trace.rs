@@ -309,7 +309,9 @@ fn parse_service(v: &str) -> Result<ServiceSpec, String> {
         match k {
             "name" => {
                 if val.is_empty() || val.contains(',') {
-                    return Err(format!("service name {val:?} must be non-empty, without commas"));
+                    return Err(format!(
+                        "service name {val:?} must be non-empty, without commas"
+                    ));
                 }
                 name = Some(val.to_string());
             }
@@ -326,7 +328,11 @@ fn parse_service(v: &str) -> Result<ServiceSpec, String> {
                     .parse()
                     .map_err(|_| format!("mix_seed {val:?} is not an unsigned integer"))?
             }
-            _ => return Err(format!("unknown service field {k:?}: use name, workload, mix_seed")),
+            _ => {
+                return Err(format!(
+                    "unknown service field {k:?}: use name, workload, mix_seed"
+                ))
+            }
         }
     }
     Ok(ServiceSpec {
