@@ -465,7 +465,7 @@ mod tests {
     }
 
     fn bursty() -> Trace {
-        let mut r = vec![10.0; 60];
+        let mut r = vec![1.0; 60];
         for x in &mut r[20..40] {
             *x = 100.0;
         }
