@@ -58,4 +58,3 @@ impl VmConfig {
         Ok(())
     }
 }
-

@@ -181,7 +181,11 @@ impl AnonFrames {
     pub fn mergeable(&self, start: u64, n: u64) -> Result<(), DedupError> {
         self.check(start, n)?;
         self.map
-            .advise(start as usize * PAGE_SIZE, n as usize * PAGE_SIZE, libc::MADV_MERGEABLE)
+            .advise(
+                start as usize * PAGE_SIZE,
+                n as usize * PAGE_SIZE,
+                libc::MADV_MERGEABLE,
+            )
             .map_err(|source| DedupError::Os {
                 op: format!("madvise(MADV_MERGEABLE) of frames {start}+{n}"),
                 source,

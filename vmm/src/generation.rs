@@ -127,4 +127,3 @@ pub struct FreezeReport {
     /// True for the first freeze (zero-copy view swap).
     pub first: bool,
 }
-

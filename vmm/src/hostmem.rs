@@ -55,7 +55,12 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` (or anonymous `MAP_NORESERVE` memory if `None`), shared or
     /// private.
-    pub fn new(fd: Option<BorrowedFd<'_>>, len: usize, writable: bool, shared: bool) -> io::Result<Self> {
+    pub fn new(
+        fd: Option<BorrowedFd<'_>>,
+        len: usize,
+        writable: bool,
+        shared: bool,
+    ) -> io::Result<Self> {
         if len == 0 {
             return Err(size_error("cannot map 0 bytes".into()));
         }
@@ -74,7 +79,8 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Self { ptr, len })
     }
 
@@ -99,7 +105,11 @@ impl Mapping {
         // SAFETY: the source range is inside the live mapping (checked) and cannot overlap the
         // exclusively borrowed destination.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         };
         Ok(())
     }
@@ -109,7 +119,9 @@ impl Mapping {
         self.check(offset, data.len())?;
         // SAFETY: the destination range is inside the live, writable mapping (checked by the
         // callers' construction) and cannot overlap the borrowed source.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
         Ok(())
     }
 
@@ -164,7 +176,13 @@ mod tests {
     #[test]
     fn memfd_mappings_read_back_what_was_written_and_check_bounds() {
         let fd = memfd_create(c"kscope-test", 2 * PAGE_SIZE as u64).unwrap();
-        let m = Mapping::new(Some(std::os::fd::AsFd::as_fd(&fd)), 2 * PAGE_SIZE, true, true).unwrap();
+        let m = Mapping::new(
+            Some(std::os::fd::AsFd::as_fd(&fd)),
+            2 * PAGE_SIZE,
+            true,
+            true,
+        )
+        .unwrap();
         m.write(PAGE_SIZE + 3, b"abc").unwrap();
         let mut b = [0u8; 3];
         m.read(PAGE_SIZE + 3, &mut b).unwrap();

@@ -160,7 +160,16 @@ mod tests {
         );
         assert_eq!(Paused.transition(VmOp::Resume, &Booting), Ok(Booting));
         let e = Stopped.transition(VmOp::Resume, &Running).unwrap_err();
-        assert_eq!(e.to_string(), "VM is stopped, cannot resume; only a paused VM can be resumed");
-        assert_eq!(Running.transition(VmOp::SaveState, &Running).unwrap_err().state, Running);
+        assert_eq!(
+            e.to_string(),
+            "VM is stopped, cannot resume; only a paused VM can be resumed"
+        );
+        assert_eq!(
+            Running
+                .transition(VmOp::SaveState, &Running)
+                .unwrap_err()
+                .state,
+            Running
+        );
     }
 }

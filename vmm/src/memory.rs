@@ -74,8 +74,9 @@ impl GuestRam {
         validate_size(size)?;
         let cname = CString::new(format!("kscope-ram-{name}").replace('\0', "_"))
             .map_err(|e| VmError::BadConfig(format!("VM name: {e}")))?;
-        let fd = crate::hostmem::memfd_create(&cname, size)
-            .map_err(|e| VmError::Memory(format!("memfd_create of {size:#x} bytes of guest RAM: {e}")))?;
+        let fd = crate::hostmem::memfd_create(&cname, size).map_err(|e| {
+            VmError::Memory(format!("memfd_create of {size:#x} bytes of guest RAM: {e}"))
+        })?;
         let file = File::from(fd);
         Self::from_file(Arc::new(file), size, libc::MAP_SHARED)
     }

@@ -80,7 +80,10 @@ pub(crate) fn save_vcpus(controls: &[Arc<VcpuControl>]) -> Result<Vec<VcpuState>
 }
 
 /// Restore one state per vCPU into a paused VM's vCPU threads.
-pub(crate) fn load_vcpus(controls: &[Arc<VcpuControl>], states: &[VcpuState]) -> Result<(), VmError> {
+pub(crate) fn load_vcpus(
+    controls: &[Arc<VcpuControl>],
+    states: &[VcpuState],
+) -> Result<(), VmError> {
     if states.len() != controls.len() {
         return Err(VmError::BadConfig(format!(
             "{} vCPU states for {} vCPUs",
@@ -255,7 +258,10 @@ mod tests {
             vendor: "SomeOtherCPU".into(),
             ..here.clone()
         };
-        assert!(here.incompatibility(&other).unwrap().contains("SomeOtherCPU"));
+        assert!(here
+            .incompatibility(&other)
+            .unwrap()
+            .contains("SomeOtherCPU"));
         let mut more = here.clone();
         more.features.push("quantum".into());
         assert!(here.incompatibility(&more).unwrap().contains("quantum"));

@@ -626,7 +626,12 @@ impl Vm {
     pub fn save_machine_state(&self) -> Result<MachineState, VmError> {
         self.check_op(VmOp::SaveState)?;
         let ready_value = self.boot_report().map_or(0, |r| r.ready_value);
-        state::capture(&self.core.controls, &self.devices, self.hv.as_ref(), ready_value)
+        state::capture(
+            &self.core.controls,
+            &self.devices,
+            self.hv.as_ref(),
+            ready_value,
+        )
     }
 
     /// Fail with a [`StateError`] unless `op` is valid in the VM's current state (the table in

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use kscope_bench::{dedup, plot, warmup};
 use kscope_policies::PolicySpec;
 
-use crate::runner;
+use kscope_bench::runner;
 
 /// The benchmarks.
 #[derive(Subcommand, Debug)]
@@ -22,12 +22,12 @@ pub struct WarmupArgs {
     /// Workload: web, olap, json, aes, matmul, compress.
     #[arg(long, short)]
     pub workload: String,
-    /// Policies, comma-separated (lazy, eager, blind, kaleidoscope, reap, faasnap, activeset,
+    /// Policies, comma-separated (lazy, upfront, blind, kaleidoscope, reap, faasnap, activeset,
     /// each optionally `name:items`); `lazy` is always measured as the reference.
     #[arg(
         long,
         short,
-        default_value = "lazy,eager,blind,kaleidoscope,reap,faasnap,activeset"
+        default_value = "lazy,upfront,blind,kaleidoscope,reap,faasnap,activeset"
     )]
     pub policy: String,
     /// Clones per policy (run one after another; medians are reported).

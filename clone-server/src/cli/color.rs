@@ -8,8 +8,8 @@ use clap::Args;
 use kscope_colorer::{accuracy, Color};
 use serde::Serialize;
 
-use crate::runner;
-use crate::stats::{fmt_bytes, fmt_us};
+use kscope_bench::runner;
+use kscope_vmm::summary::{fmt_bytes, fmt_us};
 
 /// Arguments of `kscope color`.
 #[derive(Args, Debug)]

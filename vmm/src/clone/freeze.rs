@@ -37,7 +37,8 @@ fn io(op: &str, e: std::io::Error) -> VmError {
 
 /// Copy the pages set in `dirty` from `ram` into a new memfd of the same size (VM paused).
 fn copy_delta(ram: &GuestRam, dirty: &Bitmap) -> Result<OwnedFd, VmError> {
-    let file = File::from(memfd_create(c"kscope-delta", ram.size()).map_err(|e| io("memfd_create", e))?);
+    let file =
+        File::from(memfd_create(c"kscope-delta", ram.size()).map_err(|e| io("memfd_create", e))?);
     let base = ram.host_addr();
     let flush = |start: Gfn, n: usize| -> Result<(), VmError> {
         let off = start as usize * PAGE_SIZE;

@@ -157,7 +157,6 @@ impl HvVm for KvmVm {
 }
 
 impl KvmVm {
-
     fn create_kvm_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
         let fd = self
             .fd

@@ -64,7 +64,11 @@ fn bench_fault_service_copy_vs_zeropage() {
         }
     }
     // Floor: first touch of fresh memory without userfaultfd.
-    let g = GuestRam::new("bench-floor", (pages * PAGE_SIZE as u64).next_multiple_of(2 << 20)).unwrap();
+    let g = GuestRam::new(
+        "bench-floor",
+        (pages * PAGE_SIZE as u64).next_multiple_of(2 << 20),
+    )
+    .unwrap();
     let t0 = Instant::now();
     let mut b = [0u8; 1];
     for p in 0..pages {
@@ -83,7 +87,10 @@ impl Prefetcher for Background {
     }
     fn on_fault(&mut self, _f: Fault, _plan: &mut FaultPlan) {}
     fn background(&mut self) -> Vec<Install> {
-        std::mem::take(&mut self.0).into_iter().map(Install::data).collect()
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(Install::data)
+            .collect()
     }
 }
 

@@ -22,7 +22,9 @@ pub(crate) mod tests;
 pub use bitmap::{AtomicBitmap, Bitmap};
 pub use region::{LazyRegion, RegionKind};
 pub use server::{FaultServer, InstallReport, ServerOptions};
-pub use source::{eager_fill, DeferredImage, EagerReport, FileImage, LayeredImage, MemfdImage, PageSource};
+pub use source::{
+    eager_fill, DeferredImage, EagerReport, FileImage, LayeredImage, MemfdImage, PageSource,
+};
 pub use stats::{CloneStats, LatencyHistogram, StatsSnapshot};
 
 pub use crate::hostmem::{Gfn, PAGE_SIZE};

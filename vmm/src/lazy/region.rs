@@ -38,14 +38,16 @@ impl LazyRegion {
         let len = (pages as usize) * PAGE_SIZE;
         let (fd, map) = match kind {
             RegionKind::SharedMemfd => {
-                let fd = memfd_create(c"kscope-clone", len as u64).map_err(io_at("memfd_create"))?;
+                let fd =
+                    memfd_create(c"kscope-clone", len as u64).map_err(io_at("memfd_create"))?;
                 let map = Mapping::new(Some(fd.as_fd()), len, true, true)
                     .map_err(io_at("mmap of the clone memfd"))?;
                 (Some(fd), map)
             }
             RegionKind::AnonPrivate => (
                 None,
-                Mapping::new(None, len, true, false).map_err(io_at("mmap of anonymous clone memory"))?,
+                Mapping::new(None, len, true, false)
+                    .map_err(io_at("mmap of anonymous clone memory"))?,
             ),
         };
         let uffd = Uffd::new(features::MISSING_SHMEM | features::EVENT_REMOVE)?;
@@ -107,12 +109,16 @@ impl LazyRegion {
     /// Reads memory at byte `offset`. Missing pages fault and block until served: never call
     /// this from the thread that serves the region.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.map.read(offset as usize, buf).map_err(io_at("read clone memory"))
+        self.map
+            .read(offset as usize, buf)
+            .map_err(io_at("read clone memory"))
     }
 
     /// Writes memory at byte `offset` (same blocking rule as [`read_at`](Self::read_at)).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.map.write(offset as usize, data).map_err(io_at("write clone memory"))
+        self.map
+            .write(offset as usize, data)
+            .map_err(io_at("write clone memory"))
     }
 
     /// Discards frames `[gfn, gfn + n)` (`MADV_REMOVE` on the memfd, `MADV_DONTNEED` on
@@ -147,7 +153,9 @@ impl LazyRegion {
         let (off, len) = (gfn as usize * PAGE_SIZE, n as usize * PAGE_SIZE);
         self.map
             .advise(off, len, libc::MADV_MERGEABLE)
-            .map_err(io_at(format!("madvise(MADV_MERGEABLE) of frames {gfn}+{n}")))
+            .map_err(io_at(format!(
+                "madvise(MADV_MERGEABLE) of frames {gfn}+{n}"
+            )))
     }
 
     /// Host memory actually allocated to the clone: the memfd's blocks, or for anonymous

@@ -213,13 +213,7 @@ impl Shared {
 
     /// Installs frames in order, skipping present ones. Contiguous data frames are batched
     /// when enabled.
-    fn install_list(
-        &self,
-        list: &[Install],
-        why: Why,
-        rep: &mut InstallReport,
-        sc: &mut Scratch,
-    ) {
+    fn install_list(&self, list: &[Install], why: Why, rep: &mut InstallReport, sc: &mut Scratch) {
         let (buf, run_buf) = (&mut sc.page, &mut sc.run);
         let mut i = 0;
         while i < list.len() {

@@ -101,7 +101,8 @@ impl MemfdImage {
     /// holes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let pages = bytes.len().div_ceil(PAGE_SIZE) as u64;
-        let fd = memfd_create(c"kscope-image", pages * PAGE_SIZE as u64).map_err(io_at("memfd_create"))?;
+        let fd = memfd_create(c"kscope-image", pages * PAGE_SIZE as u64)
+            .map_err(io_at("memfd_create"))?;
         let file = File::from(fd.try_clone().map_err(|e| LazyError::Io {
             op: "dup".into(),
             source: e,

@@ -76,18 +76,23 @@ impl Prefetcher for Script {
     fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
         self.seen.lock().unwrap().push(fault);
         plan.fault = self.fill(fault.gfn);
-        plan.prefetch.extend(
-            (fault.gfn + 1..=fault.gfn + self.ahead).map(|gfn| Install {
+        plan.prefetch
+            .extend((fault.gfn + 1..=fault.gfn + self.ahead).map(|gfn| Install {
                 gfn,
                 fill: self.fill(gfn),
-            }),
-        );
+            }));
     }
     fn before_resume(&mut self) -> Vec<Install> {
-        std::mem::take(&mut self.before).into_iter().map(Install::data).collect()
+        std::mem::take(&mut self.before)
+            .into_iter()
+            .map(Install::data)
+            .collect()
     }
     fn background(&mut self) -> Vec<Install> {
-        std::mem::take(&mut self.background).into_iter().map(Install::data).collect()
+        std::mem::take(&mut self.background)
+            .into_iter()
+            .map(Install::data)
+            .collect()
     }
 }
 
