@@ -130,7 +130,11 @@ impl VcpuHost for VmCore {
                 tracing::warn!(vm = %self.name, "VM failed: {e}");
                 VmState::Failed(e.to_string())
             }
-            _ => VmState::Stopped,
+            // Stop is valid in every state that has no outcome yet (the lifecycle table).
+            _ => s
+                .state
+                .transition(VmOp::Stop, &s.paused_from)
+                .unwrap_or(VmState::Stopped),
         };
         let err = Self::reason_error(&reason);
         s.outcome = Some(reason);
