@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::error::VmError;
+use crate::mode::GuestMode;
 
 /// Largest number of vCPUs.
 pub const MAX_VCPUS: u32 = 64;
@@ -22,6 +23,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Root disk image (read-only; a multiple of 512 bytes; may be empty).
     pub disk: Arc<[u8]>,
+    /// How the guest kernel should run (native where the host allows it, by default).
+    pub guest_mode: GuestMode,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -33,6 +36,7 @@ impl std::fmt::Debug for VmConfig {
             .field("kernel_len", &self.kernel.len())
             .field("cmdline", &self.cmdline)
             .field("disk_len", &self.disk.len())
+            .field("guest_mode", &self.guest_mode)
             .finish()
     }
 }

@@ -38,6 +38,12 @@ pub fn handle(slot: usize, frame: &mut Context) {
         return;
     }
     frame.rip += 2;
+    dispatch(slot, frame);
+}
+
+/// Run the system call in `frame` (number in rax, arguments in rdi, rsi, rdx, r10, r8, r9)
+/// for process `slot`; the `syscall` entry comes here directly (RIP already past it).
+pub fn dispatch(slot: usize, frame: &mut Context) {
     let (n, a) = (
         frame.rax,
         [

@@ -16,6 +16,7 @@ use crate::hostmem::PAGE_SIZE;
 use crate::hypervisor;
 use crate::lazy::{eager_fill, FaultServer, LazyRegion, RegionKind, ServerOptions};
 use crate::memory::{GuestMemory, GuestRam, Keeper};
+use crate::mode::CpuMode;
 use crate::prefetch::{OnDemand, Prefetcher};
 use crate::state;
 use crate::vm::{Assembly, BootReport, Vm};
@@ -190,6 +191,11 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         lazy,
         origin: spec.identity.then(|| gen.clone()),
         identity: genpage.map(|g| (g.clone_id, g.identity)),
+        mode: if gen.state.vcpus.first().is_some_and(|v| v.native()) {
+            CpuMode::Native
+        } else {
+            CpuMode::Emulated
+        },
     })?;
     Ok(vm)
 }

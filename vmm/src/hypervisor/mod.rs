@@ -189,6 +189,13 @@ impl VcpuState {
     pub fn msr(&self, index: u32) -> Option<u64> {
         self.msrs.iter().find(|m| m.index == index).map(|m| m.value)
     }
+
+    /// True if the vCPU ran its kernel natively (PVM's switch registered) when saved.
+    pub fn native(&self) -> bool {
+        use kscope_guest::abi::boot::pvm;
+        self.msr(pvm::MSR_NATIVE)
+            .is_some_and(|v| v & pvm::REGISTERED != 0)
+    }
 }
 
 /// The backend-specific part of a [`VcpuState`].
@@ -260,6 +267,9 @@ pub trait HvVcpu: Send + std::fmt::Debug {
     fn save_state(&self) -> Result<VcpuState, VmError>;
     /// Restore a saved vCPU state (of this backend: another backend's is refused).
     fn restore_state(&mut self, state: &VcpuState) -> Result<(), VmError>;
+    /// True if the host can run this guest's kernel natively (PVM's native-supervisor
+    /// switch, `kscope_guest::abi::boot::pvm`).
+    fn native_available(&self) -> bool;
     /// Set CPUID only (before [`restore_state`](Self::restore_state) on a fresh vCPU).
     fn cpuid(&mut self, vcpu_count: u32) -> Result<(), VmError>;
     /// Make kicks of the calling thread (see [`kick_signal`]) interrupt this vCPU's run.
