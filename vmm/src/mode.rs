@@ -16,14 +16,15 @@ use crate::error::VmError;
 /// What the user asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u8)]
 pub enum GuestMode {
     /// Native where the host offers it, else the emulated mode (with a warning).
     #[default]
-    Auto,
+    Auto = 0,
     /// Native or an error: never a silent fallback.
-    Native,
+    Native = 1,
     /// The instruction emulator (what hosts without the switch give every kernel).
-    Emulated,
+    Emulated = 2,
 }
 
 /// The mode a kernel runs in.
@@ -69,7 +70,25 @@ impl fmt::Display for CpuMode {
     }
 }
 
+/// The process-wide default (`kscope --guest-mode`); [`GuestMode::Auto`] unless set.
+static DEFAULT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 impl GuestMode {
+    /// Set the default mode of VMs this process boots without an explicit choice (the CLI's
+    /// global `--guest-mode`).
+    pub fn set_process_default(self) {
+        DEFAULT.store(self as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The default set by [`set_process_default`](Self::set_process_default).
+    pub fn process_default() -> GuestMode {
+        match DEFAULT.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => GuestMode::Native,
+            2 => GuestMode::Emulated,
+            _ => GuestMode::Auto,
+        }
+    }
+
     /// Lower-case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -85,7 +104,7 @@ impl GuestMode {
         match (self, native_available) {
             (GuestMode::Emulated, _) | (GuestMode::Auto, false) => Ok(CpuMode::Emulated),
             (GuestMode::Native | GuestMode::Auto, true) => Ok(CpuMode::Native),
-            (GuestMode::Native, false) => Err(VmError::BadConfig(
+            (GuestMode::Native, false) => Err(VmError::ModeUnavailable(
                 "guest mode 'native' asked for, but this host's KVM has no PVM native switch \
                  (MSR 0x4b564d11 does not read \"PVM\"); use --guest-mode auto or emulated"
                     .into(),

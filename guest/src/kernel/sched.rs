@@ -253,7 +253,6 @@ pub fn schedule() -> ! {
             }
             run(i);
         }
-        request::flush();
         arch::hlt();
     }
 }

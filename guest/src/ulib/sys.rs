@@ -256,7 +256,12 @@ pub fn yield_now() {
     syscall6(nr::YIELD, 0, 0, 0, 0, 0, 0);
 }
 
-/// The caller's process id.
+/// The `abi::boot::cpu_mode` the kernel runs in right now.
+pub fn cpu_mode() -> u64 {
+    syscall6(nr::CPU_MODE, 0, 0, 0, 0, 0, 0) as u64
+}
+
+/// The id of the calling process.
 pub fn getpid() -> u64 {
     syscall6(nr::GETPID, 0, 0, 0, 0, 0, 0) as u64
 }
