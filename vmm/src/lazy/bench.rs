@@ -24,6 +24,8 @@ fn touch_all(r: &LazyRegion) -> f64 {
             let mut b = [0u8; 1];
             for g in 0..r.pages() {
                 r.read_at(g * PAGE_SIZE as u64, &mut b).unwrap();
+                // Without this the optimizer drops the unused read, and no page faults.
+                std::hint::black_box(&b);
             }
         });
     });
@@ -73,6 +75,7 @@ fn bench_fault_service_copy_vs_zeropage() {
     let mut b = [0u8; 1];
     for p in 0..pages {
         g.read(p * PAGE_SIZE as u64, &mut b).unwrap();
+        std::hint::black_box(&b);
     }
     println!(
         "first touch of a fresh shared memfd page (no uffd): {:.2} us/page",
@@ -193,6 +196,7 @@ fn bench_many_clones() {
                     let mut b = [0u8; 1];
                     for g in 0..pages {
                         srv.region().read_at(g * PAGE_SIZE as u64, &mut b).unwrap();
+                        std::hint::black_box(&b);
                     }
                 });
             }
