@@ -12,7 +12,7 @@
 //! this build's.
 
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -176,8 +176,14 @@ const FEATURES: &[(&str, u32, u8, u32)] = &[
 ];
 
 impl HostCpu {
-    /// This host's CPU (CPUID leaves 0, 1 and 7).
+    /// This host's CPU (CPUID leaves 0, 1 and 7), read once per process: CPUID may exit to an
+    /// outer hypervisor, and a freeze captures the state while the VM is paused.
     pub fn current() -> HostCpu {
+        static HOST: OnceLock<HostCpu> = OnceLock::new();
+        HOST.get_or_init(Self::read).clone()
+    }
+
+    fn read() -> HostCpu {
         #[allow(unused_unsafe)]
         // SAFETY: CPUID is available on every x86-64 CPU and has no side effects.
         let (l0, l1, l7) = unsafe {
