@@ -116,6 +116,9 @@ impl Vm {
                 rep.complete = t.elapsed();
             }
         }
+        // Read the host CPU (CPUID, which may exit to an outer hypervisor) before the pause;
+        // the capture below then finds it cached.
+        crate::state::HostCpu::current();
         let was_paused = self.state() == VmState::Paused;
         let t0 = Instant::now();
         if !was_paused {
