@@ -575,7 +575,7 @@ impl HvVcpu for KvmVcpu {
         // A vCPU that ran natively must run natively here too: the kernel's processes may
         // use `syscall`, which the emulated mode cannot run.
         if let Some(m) = saved.msrs.iter().find(|m| m.index == pvm::MSR_NATIVE) {
-            if m.value & pvm::REGISTERED != 0 && read_msr(fd, pvm::MSR_NATIVE) != Some(m.value) {
+            if pvm::is_registered(m.value) && read_msr(fd, pvm::MSR_NATIVE) != Some(m.value) {
                 return Err(VmError::BadConfig(format!(
                     "the saved vCPU ran the guest kernel natively (PVM MSR {:#x} = {:#x}) but this \
                      host did not accept that value: restore it on a PVM host with the native \

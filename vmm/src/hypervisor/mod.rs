@@ -193,8 +193,7 @@ impl VcpuState {
     /// True if the vCPU ran its kernel natively (PVM's switch registered) when saved.
     pub fn native(&self) -> bool {
         use kscope_guest::abi::boot::pvm;
-        self.msr(pvm::MSR_NATIVE)
-            .is_some_and(|v| v & pvm::REGISTERED != 0)
+        self.msr(pvm::MSR_NATIVE).is_some_and(pvm::is_registered)
     }
 }
 
