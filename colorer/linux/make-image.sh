@@ -18,6 +18,8 @@
 #   DIR/console.log the guest console    DIR/kernel     the kernel package name
 # Default DIR: ${KSCOPE_LINUX_CACHE:-$HOME/.cache/kscope/linux}/<package>-<workload>-<mem>M.
 # Prints DIR on the last line of stdout. Needs root for apt-get only if packages are missing.
+# Exit status 3: a package or the kernel could not be installed/fetched (callers may skip);
+# 4: the guest failed; 2: bad arguments.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,6 +41,9 @@ case $workload in files | anon) ;; *) echo "make-image.sh: workload must be file
 log() { echo "make-image: $*" >&2; }
 cache=${KSCOPE_LINUX_CACHE:-$HOME/.cache/kscope/linux}
 mkdir -p "$cache"
+# One image build at a time per cache (tests run in parallel).
+exec 8>"$cache/.lock"
+flock 8
 
 apt_updated=
 need_pkg() { # need_pkg COMMAND PACKAGE
@@ -47,7 +52,8 @@ need_pkg() { # need_pkg COMMAND PACKAGE
     if [ -z "$apt_updated" ] && ! apt-cache show "$2" >/dev/null 2>&1; then
         apt-get update -qq >&2; apt_updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2 ||
+        { log "cannot install $2 (root and a Debian apt source are needed)"; exit 3; }
 }
 need_pkg qemu-system-x86_64 qemu-system-x86
 need_pkg gcc gcc
@@ -56,7 +62,8 @@ need_pkg cpio cpio
 need_pkg mkfs.ext4 e2fsprogs
 if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
     log "installing busybox-static"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >&2 ||
+        { log "cannot install busybox-static"; exit 3; }
 fi
 
 # Resolve the kernel package.
@@ -108,9 +115,13 @@ cat >"$ird/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk qemu_fw_cfg; do
-    insmod /lib/mod/$m.ko* || echo "init: insmod $m failed"
+# Dependency order differs between kernel builds: retry until every module is in.
+for round in 1 2 3 4 5; do
+    for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk qemu_fw_cfg; do
+        [ -d /sys/module/$m ] || insmod /lib/mod/$m.ko* 2>/dev/null
+    done
 done
+for m in virtio_blk qemu_fw_cfg; do [ -d /sys/module/$m ] || echo "init: module $m did not load"; done
 W=files
 for a in $(cat /proc/cmdline); do case $a in kscope.workload=*) W=${a#*=} ;; esac; done
 mount -t ext4 /dev/vda /mnt || { echo "KSCOPE-FAIL no data disk"; poweroff -f; }

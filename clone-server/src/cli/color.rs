@@ -20,7 +20,12 @@ use crate::stats::{fmt_bytes, fmt_us};
 #[derive(Args, Debug)]
 pub struct ColorArgs {
     /// Workload: web, olap, json, aes, matmul, compress.
-    #[arg(long, short, required_unless_present = "image", conflicts_with = "image")]
+    #[arg(
+        long,
+        short,
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
     pub workload: Option<String>,
     /// Color this memory image instead of booting a workload: an ELF core file (qemu
     /// `dump-guest-memory`, kdump) or a raw memory file of a kscope guest.
@@ -119,10 +124,16 @@ pub struct ImageReport {
     pub accuracy: Option<accuracy::AccuracyReport>,
     /// Linux truth: frames free per kpageflags vs the kernel's nr_free_pages.
     pub truth_free: Option<(u64, Option<u64>)>,
+    /// Linux truth: walked page tables by level and kernel flag.
+    pub tables: Option<ltruth::TableBreakdown>,
 }
 
 /// Color a memory image.
-pub fn color_image(path: &Path, profile: ProfileArg, truth: Option<&Path>) -> anyhow::Result<ImageReport> {
+pub fn color_image(
+    path: &Path,
+    profile: ProfileArg,
+    truth: Option<&Path>,
+) -> anyhow::Result<ImageReport> {
     let t = Instant::now();
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let is_elf = bytes.starts_with(b"\x7fELF");
@@ -142,18 +153,24 @@ pub fn color_image(path: &Path, profile: ProfileArg, truth: Option<&Path>) -> an
     if linux {
         let core = core.context("the Linux profile needs an ELF core file")?;
         let t = Instant::now();
-        let img = LinuxImage::from_core(core).with_context(|| format!("opening {image} with the Linux profile"))?;
+        let img = LinuxImage::from_core(core)
+            .with_context(|| format!("opening {image} with the Linux profile"))?;
         let profile_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let map = img.color().context("coloring the image")?;
         let color_ms = t.elapsed().as_secs_f64() * 1e3;
-        let (acc, free) = match truth {
+        let (acc, free, tables) = match truth {
             Some(tp) => {
                 let tr = Truth::open(tp)?;
                 let a = ltruth::compare(&tr, &map)?;
-                (Some(a.report), Some((a.truth_free_frames, a.nr_free_pages)))
+                let tables = ltruth::table_breakdown(&tr, &img.table_levels());
+                (
+                    Some(a.report),
+                    Some((a.truth_free_frames, a.nr_free_pages)),
+                    Some(tables),
+                )
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         return Ok(ImageReport {
             image,
@@ -165,6 +182,7 @@ pub fn color_image(path: &Path, profile: ProfileArg, truth: Option<&Path>) -> an
             stats: map.stats,
             accuracy: acc,
             truth_free: free,
+            tables,
         });
     }
     if truth.is_some() {
@@ -196,6 +214,7 @@ pub fn color_image(path: &Path, profile: ProfileArg, truth: Option<&Path>) -> an
         stats: map.stats,
         accuracy: acc,
         truth_free: None,
+        tables: None,
     })
 }
 
@@ -272,6 +291,14 @@ fn print_image(r: &ImageReport) {
     if let Some((truth, kernel)) = r.truth_free {
         let k = kernel.map_or("unknown".to_string(), |k| k.to_string());
         println!("\nfree frames per kpageflags: {truth}, per the kernel (nr_free_pages): {k}");
+    }
+    if let Some(t) = &r.tables {
+        let parts: Vec<String> = t.by_level.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "walked page tables: {}; process PTE/PMD pages the kernel flags too: {:.1}%",
+            parts.join(", "),
+            100.0 * t.flagged_levels_agreement
+        );
     }
     let t = &r.stats.timings;
     println!(

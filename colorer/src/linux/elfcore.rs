@@ -304,7 +304,7 @@ impl PhysMem for ElfCore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal core file: one note, one LOAD segment of `pages` pages at `paddr`.

@@ -712,6 +712,46 @@ impl LinuxImage {
         })
     }
 
+    /// Every page-table frame reachable from the roots: (frame, level 4..1, reached from the
+    /// kernel root). Used to explain page-table accuracy (which levels the kernel flags).
+    pub fn table_levels(&self) -> Vec<(Gfn, u8, bool)> {
+        let frames = frame_count(&self.core);
+        let mut kernel = Visited::new(frames);
+        let mut out = Vec::new();
+        let mut seen = FrameSet::new(frames);
+        let _ = walk(
+            &self.core,
+            self.profile.layout.kernel_root,
+            &mut kernel,
+            &mut |e| {
+                if let WalkEvent::Table(t) = e {
+                    if !seen.contains(t.gfn) {
+                        seen.insert(t.gfn);
+                        out.push((t.gfn, t.level, true));
+                    }
+                }
+            },
+        );
+        for r in self
+            .profile
+            .roots
+            .iter()
+            .map(|r| r.cr3)
+            .chain(self.vcpu_cr3s.iter().copied())
+        {
+            let mut v = Visited::new(frames);
+            let _ = walk(&self.core, r, &mut v, &mut |e| {
+                if let WalkEvent::Table(t) = e {
+                    if !seen.contains(t.gfn) {
+                        seen.insert(t.gfn);
+                        out.push((t.gfn, t.level, false));
+                    }
+                }
+            });
+        }
+        out
+    }
+
     /// Color the image.
     pub fn color(&self) -> Result<crate::ColorMap, crate::ColorError> {
         let opts = crate::ColorOptions {

@@ -342,6 +342,42 @@ pub struct LinuxAccuracy {
     pub nr_free_pages: Option<u64>,
 }
 
+/// Page-table frames found by walking, split by whether the kernel flags them
+/// (`KPF_PGTABLE`): Linux 6.1 runs its page-table constructor only for PTE pages of processes
+/// and for PMD pages; PGD/P4D/PUD pages, kernel PTE pages and boot-time tables carry no flag.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TableBreakdown {
+    /// "kernel L2 flagged" / "user L4 unflagged" ... -> frames.
+    pub by_level: BTreeMap<String, u64>,
+    /// Walked process PTE and PMD pages (the levels the kernel flags) that carry the flag,
+    /// over all of them: how well walking matches the kernel's own marks where it makes them.
+    pub flagged_levels_agreement: f64,
+}
+
+/// Split walked page tables (`tables`: frame, level, from the kernel root) by kernel flag.
+pub fn table_breakdown(truth: &Truth, tables: &[(u64, u8, bool)]) -> TableBreakdown {
+    let mut b = TableBreakdown::default();
+    let (mut n, mut ok) = (0u64, 0u64);
+    for &(g, level, kernel) in tables {
+        let flagged = truth
+            .flags
+            .get(g as usize)
+            .is_some_and(|f| f & (1 << kpf::PGTABLE) != 0);
+        let key = format!(
+            "{} L{level} {}",
+            if kernel { "kernel" } else { "user" },
+            if flagged { "flagged" } else { "unflagged" }
+        );
+        *b.by_level.entry(key).or_default() += 1;
+        if !kernel && level <= 2 {
+            n += 1;
+            ok += u64::from(flagged);
+        }
+    }
+    b.flagged_levels_agreement = if n == 0 { 1.0 } else { ok as f64 / n as f64 };
+    b
+}
+
 /// Compare `map` with `truth`.
 pub fn compare(truth: &Truth, map: &ColorMap) -> Result<LinuxAccuracy, TruthError> {
     // kpageflags may run past the last node's span (frames without a struct page): those
