@@ -8,7 +8,7 @@
 
 use kscope_colorer::linux::truth::{compare, table_breakdown, Truth};
 use kscope_colorer::linux::{ElfCore, LinuxError, LinuxImage};
-use kscope_colorer::Color;
+use kscope_colorer::{Color, PhysMem};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -99,6 +99,38 @@ fn linux_images_match_kpageflags() {
         );
         assert!(map.stats.counts[&Color::KernelCode] > 1000);
     }
+}
+
+/// The same memory as raw guest-physical bytes (as a kscope snapshot's memory file holds it)
+/// with VMCOREINFO given apart colors the same.
+#[test]
+fn raw_memory_with_separate_vmcoreinfo_colors_the_same() {
+    let Some(dir) = make_image("files") else {
+        return;
+    };
+    let img = LinuxImage::open(&dir.join("image.elf")).unwrap();
+    let map = img.color().unwrap();
+    let mut raw = vec![0u8; img.core.size() as usize];
+    for s in img.core.segments() {
+        let end = (s.paddr + s.len).min(img.core.size());
+        if s.paddr < end {
+            img.core
+                .read(s.paddr, &mut raw[s.paddr as usize..end as usize])
+                .unwrap();
+        }
+    }
+    let (_, raw_map) =
+        kscope_colorer::linux::color_raw(&raw, img.core.vmcoreinfo().unwrap()).unwrap();
+    let differ = map
+        .colors
+        .iter()
+        .zip(&raw_map.colors)
+        .filter(|(a, b)| a != b)
+        .count();
+    // Only the vCPU root (walked from the ELF's CPU note) and the VGA hole (unreadable in
+    // the ELF, zero in the raw copy) may differ.
+    assert!(differ <= 64, "{differ} frames differ");
+    assert!(kscope_colorer::linux::color_raw(&raw, "PAGESIZE=4096\n").is_err());
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use kscope_bench::{dedup, plot, warmup};
+use kscope_bench::{dedup, linux, plot, warmup};
 use kscope_policies::PolicySpec;
 
 use crate::runner;
@@ -14,6 +14,23 @@ pub enum BenchCmd {
     Warmup(WarmupArgs),
     /// Color-targeted deduplication across parents and clones vs hashing every frame.
     Dedup(DedupArgs),
+    /// Linux memory images (colorer/linux/make-image.sh): coloring time, and color-targeted
+    /// dedup across the images.
+    Linux(LinuxArgs),
+}
+
+/// Arguments of `kscope bench linux`.
+#[derive(Args, Debug)]
+pub struct LinuxArgs {
+    /// ELF memory images of Linux guests (give two or more for dedup).
+    #[arg(long = "image", required = true)]
+    pub images: Vec<std::path::PathBuf>,
+    /// Repetitions of each coloring.
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `kscope bench warmup`.
@@ -155,6 +172,14 @@ pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", dedup::render(&r));
+            }
+        }
+        BenchCmd::Linux(a) => {
+            let r = linux::run(&a.images, a.reps)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", linux::render(&r));
             }
         }
     }

@@ -37,6 +37,10 @@ pub struct ColorArgs {
     /// Ground truth of a Linux image (truth.bin from colorer/linux/make-image.sh).
     #[arg(long, requires = "image")]
     pub truth: Option<PathBuf>,
+    /// VMCOREINFO text for a raw (non-ELF) Linux memory image, e.g. a kscope snapshot's
+    /// memory file: the guest's note (/sys/kernel/vmcoreinfo) as KEY=VALUE lines.
+    #[arg(long, requires = "image")]
+    pub vmcoreinfo: Option<PathBuf>,
     /// Guest memory (e.g. 64M, 256M, 1G).
     #[arg(long, default_value = "256M", value_parser = super::mem_arg)]
     pub mem: u64,
@@ -133,10 +137,40 @@ pub fn color_image(
     path: &Path,
     profile: ProfileArg,
     truth: Option<&Path>,
+    vmcoreinfo: Option<&Path>,
 ) -> anyhow::Result<ImageReport> {
     let t = Instant::now();
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let is_elf = bytes.starts_with(b"\x7fELF");
+    if let (false, Some(vi)) = (is_elf, vmcoreinfo) {
+        // Raw memory of a Linux guest with its VMCOREINFO given apart.
+        let read_ms = t.elapsed().as_secs_f64() * 1e3;
+        let text =
+            std::fs::read_to_string(vi).with_context(|| format!("reading {}", vi.display()))?;
+        let t = Instant::now();
+        let (p, map) = kscope_colorer::linux::color_raw(&bytes, &text)
+            .with_context(|| format!("coloring {} with the Linux profile", path.display()))?;
+        let color_ms = t.elapsed().as_secs_f64() * 1e3;
+        let (acc, free) = match truth {
+            Some(tp) => {
+                let a = ltruth::compare(&Truth::open(tp)?, &map)?;
+                (Some(a.report), Some((a.truth_free_frames, a.nr_free_pages)))
+            }
+            None => (None, None),
+        };
+        return Ok(ImageReport {
+            image: path.display().to_string(),
+            profile: "linux (raw memory + VMCOREINFO)".into(),
+            kernel: p.layout.release.clone(),
+            read_ms,
+            profile_ms: 0.0,
+            color_ms,
+            stats: map.stats,
+            accuracy: acc,
+            truth_free: free,
+            tables: None,
+        });
+    }
     let (core, raw) = if is_elf || profile == ProfileArg::Linux {
         let c = ElfCore::parse(bytes).with_context(|| format!("reading {}", path.display()))?;
         (Some(c), Vec::new())
@@ -314,7 +348,7 @@ fn print_image(r: &ImageReport) {
 /// Run `kscope color`.
 pub fn color(a: ColorArgs) -> anyhow::Result<()> {
     if let Some(img) = &a.image {
-        let r = color_image(img, a.profile, a.truth.as_deref())?;
+        let r = color_image(img, a.profile, a.truth.as_deref(), a.vmcoreinfo.as_deref())?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&r)?);
         } else {

@@ -74,6 +74,9 @@ pub enum LinuxError {
         /// Why.
         why: String,
     },
+    /// The coloring pass failed.
+    #[error(transparent)]
+    Color(#[from] crate::ColorError),
     /// The image contradicts what VMCOREINFO says.
     #[error(
         "the image contradicts its VMCOREINFO: {0}; the image is corrupt or from another kernel"
@@ -760,6 +763,22 @@ impl LinuxImage {
         };
         crate::color(&self.core, &self.profile, &opts)
     }
+}
+
+/// Color raw guest-physical memory of a Linux guest (GPA 0 at offset 0, e.g. a kscope
+/// snapshot's memory file) whose VMCOREINFO text comes separately (the guest's
+/// `/sys/kernel/vmcoreinfo` note, or the note of an ELF dump of the same boot).
+pub fn color_raw<M: PhysMem + ?Sized>(
+    mem: &M,
+    vmcoreinfo: &str,
+) -> Result<(LinuxProfile, crate::ColorMap), LinuxError> {
+    let v = Vmcoreinfo::parse(vmcoreinfo);
+    if v.get("OSRELEASE").is_none() {
+        return Err(VmcoreinfoError::Missing.into());
+    }
+    let profile = LinuxProfile::open(mem, &v, &[])?;
+    let map = crate::color(mem, &profile, &crate::ColorOptions::default())?;
+    Ok((profile, map))
 }
 
 impl GuestProfile for LinuxProfile {
