@@ -802,7 +802,8 @@ impl GuestProfile for LinuxProfile {
     fn ignored_ranges(&self) -> Result<Vec<Range<u64>>, ProfileError> {
         let start = self.layout.direct_map;
         let len = self.layout.ram_end.div_ceil(1 << 30) << 30;
-        let mut r = vec![start..start.saturating_add(len)];
+        let mut r = Vec::with_capacity(1 + self.stale_image.len());
+        r.push(start..start.saturating_add(len));
         r.extend(self.stale_image.iter().cloned());
         Ok(r)
     }

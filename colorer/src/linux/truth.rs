@@ -484,7 +484,7 @@ mod tests {
     fn rows_free_blocks_and_scores() {
         // Frames: 0 buddy head (order 2: 1..3 flag-less), 4 slab, 5 anon, 6 page table,
         // 7 kernel code, 8 flag-less kernel page, 9 user-mapped exec, 10 exec cache, 11 lru.
-        let mut flags = vec![0u64; 12];
+        let mut flags = [0u64; 12];
         flags[0] = 1 << kpf::BUDDY;
         flags[4] = 1 << kpf::SLAB;
         flags[5] = 1 << kpf::ANON;
