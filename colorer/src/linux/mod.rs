@@ -828,3 +828,62 @@ impl GuestProfile for LinuxProfile {
         Ok(Some(self.roles.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pagewalk::{PageSize, PteFlags};
+
+    #[test]
+    fn kernel_versions_outside_the_read_range_are_refused() {
+        for ok in [
+            "4.18.0-553.el8",
+            "5.15.0-91-generic",
+            "6.1.0-48-cloud-amd64",
+            "6.8.12",
+        ] {
+            assert!(check_version(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "3.10.0-1160.el7",
+            "4.14.1",
+            "6.9.0",
+            "6.12.48+deb13-cloud-amd64",
+            "x",
+        ] {
+            let e = check_version(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("unknown kernel version") && e.contains(bad),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn freed_image_frames_become_ignored_ranges() {
+        let leaf = Mapping {
+            va: START_KERNEL_MAP + (2 << 20),
+            pa: 0,
+            size: PageSize::Size2M,
+            flags: PteFlags::default(),
+        };
+        let reserved = PageFacts {
+            flags: 1 << 12,
+            ..PageFacts::default()
+        };
+        let mut facts = vec![Some(reserved); 512];
+        for f in &mut facts[100..110] {
+            *f = Some(PageFacts::default());
+        }
+        facts[300] = None;
+        let r = stale_aliases(&[leaf], &facts, 12);
+        let base = leaf.va;
+        assert_eq!(
+            r,
+            vec![
+                base + 100 * 4096..base + 110 * 4096,
+                base + 300 * 4096..base + 301 * 4096
+            ]
+        );
+    }
+}
