@@ -6,6 +6,7 @@
 
 pub mod dedup;
 pub mod linux;
+pub mod modes;
 pub mod plot;
 pub mod policy;
 pub mod runner;

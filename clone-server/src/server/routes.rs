@@ -123,6 +123,7 @@ async fn list_vms(State(s): St) -> Json<serde_json::Value> {
 struct CreateVm {
     workload: String,
     memory: Option<String>,
+    guest_mode: Option<kscope_vmm::GuestMode>,
 }
 
 fn parse_workload(name: &str) -> ApiResult<Workload> {
@@ -176,8 +177,14 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             kernel: st.kernel(),
             cmdline: format!("init={}", workload.program_path()),
             disk: st.disk(),
+            guest_mode: body
+                .guest_mode
+                .unwrap_or_else(kscope_vmm::GuestMode::process_default),
         })
-        .map_err(|e| ApiError::from_vm(&vid, e))?;
+        .map_err(|e| match e {
+            kscope_vmm::VmError::ModeUnavailable(m) => ApiError::bad("guest_mode_unavailable", m),
+            e => ApiError::from_vm(&vid, e),
+        })?;
         if let Err(e) = vm.wait_ready(st.opts.boot_timeout) {
             st.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
             let _ = vm.stop();
