@@ -438,9 +438,9 @@ impl LinuxProfile {
             unreadable_frames: 0,
             stale_image: Vec::new(),
         };
-        p.classify(mem, &facts);
+        let counted = p.classify(mem, &facts);
         p.stale_image = stale_aliases(&image_leaves, &facts, p.layout.pg[2]);
-        p.find_roots(mem, &facts, vcpu_cr3s);
+        p.find_roots(mem, &counted, vcpu_cr3s);
         Ok(p)
     }
 
@@ -449,7 +449,8 @@ impl LinuxProfile {
         self.roots.len()
     }
 
-    fn classify<M: PhysMem + ?Sized>(&mut self, mem: &M, facts: &[Option<PageFacts>]) {
+    /// Classify every frame; returns the frames with a reference count (live allocations).
+    fn classify<M: PhysMem + ?Sized>(&mut self, mem: &M, facts: &[Option<PageFacts>]) -> FrameSet {
         let l = &self.layout;
         let frames = facts.len() as u64;
         let bit = |f: u64, b: u32| f & (1u64 << b) != 0;
@@ -464,6 +465,7 @@ impl LinuxProfile {
                 }
             }
         }
+        let mut counted = FrameSet::new(frames);
         let mut inode_kind: HashMap<u64, Option<(FileKind, u64)>> = HashMap::new();
         let mut cache: BTreeMap<u64, Vec<(u64, Gfn)>> = BTreeMap::new();
         for (g, f) in facts.iter().enumerate() {
@@ -483,10 +485,13 @@ impl LinuxProfile {
                 *f
             };
             let tail = f.head & 1 == 1;
-            if !tail && f.refcount <= 0 {
-                continue; // free on a per-CPU list, or being freed
-            }
+            // Only buddy blocks are free. A page with no count outside a block may sit on a
+            // per-CPU free list, or be a tail of a multi-page allocation made without
+            // __GFP_COMP (live data, counted in its first page): not guessed, kept in use.
             self.in_use.insert(g);
+            if f.refcount > 0 {
+                counted.insert(g);
+            }
             if bit(h.flags, l.pg[1]) || bit(h.flags, l.pg[2]) {
                 self.roles.kernel.insert(g); // slab, reserved
             } else if h.mapping & 3 == 1 || h.mapping & 3 == 3 {
@@ -521,6 +526,7 @@ impl LinuxProfile {
             });
             self.file_pages.insert(mapping, pages);
         }
+        counted
     }
 
     /// Frame of a tail page's head (a compound page never crosses a section).
@@ -528,24 +534,17 @@ impl LinuxProfile {
         (f.head - 1).wrapping_sub(f.base) / self.layout.page_size
     }
 
-    fn find_roots<M: PhysMem + ?Sized>(
-        &mut self,
-        mem: &M,
-        facts: &[Option<PageFacts>],
-        vcpu_cr3s: &[u64],
-    ) {
+    /// Process PGDs: live frames (`counted`) whose kernel half equals the kernel root's.
+    fn find_roots<M: PhysMem + ?Sized>(&mut self, mem: &M, counted: &FrameSet, vcpu_cr3s: &[u64]) {
         let mut kernel = [0u64; 512];
         if crate::mem::read_entries(mem, self.layout.kernel_root / 4096, &mut kernel).is_err() {
             return;
         }
         let upper = &kernel[256..];
-        let mut seen = FrameSet::new(facts.len() as u64);
-        let candidates = (0..facts.len() as u64)
-            .filter(|&g| {
-                self.in_use.contains(g)
-                    && !self.roles.kernel.contains(g)
-                    && !self.roles.anon.contains(g)
-            })
+        let mut seen = FrameSet::new(counted.frames());
+        let candidates = counted
+            .iter()
+            .filter(|&g| !self.roles.kernel.contains(g) && !self.roles.anon.contains(g))
             .chain(vcpu_cr3s.iter().map(|c| (c & 0x000f_ffff_ffff_f000) / 4096));
         let mut e = [0u64; 512];
         for g in candidates {
