@@ -6,6 +6,7 @@
 //! the clone service does. Only the CLI depends on this crate.
 
 pub mod dedup;
+pub mod linux;
 pub mod modes;
 pub mod plot;
 pub mod runner;

@@ -13,7 +13,7 @@ pub use bench::{bench, BenchCmd};
 pub use clone::{
     clone, clone_workload, print_report as print_clone_report, CloneArgs, CloneReport,
 };
-pub use color::{color, color_workload, ColorArgs};
+pub use color::{color, color_image, color_workload, ColorArgs, ProfileArg};
 pub use demo::{demo, DemoArgs};
 pub use run::{run, RunArgs};
 pub use service::{lb, serve, LbArgs, ServeArgs};
