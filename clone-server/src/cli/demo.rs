@@ -3,8 +3,8 @@
 use clap::Args;
 use kscope_workloads::Workload;
 
-use crate::runner;
-use crate::stats::fmt_us;
+use kscope_bench::runner;
+use kscope_vmm::summary::fmt_us;
 
 /// Arguments of `kscope demo`.
 #[derive(Args, Debug)]
@@ -34,8 +34,10 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "{:<10} {:>10} {:>15} {:>10} {:>10} {:>10}",
         "workload", "boot", "1st response", "req/s", "p50", "p99"
     );
+    let mut modes = Vec::new();
     for w in Workload::ALL {
         let r = runner::run(w, a.mem, a.requests, 4)?;
+        modes.push(r.cpu_mode);
         println!(
             "{:<10} {:>10} {:>15} {:>10.0} {:>10} {:>10}",
             r.workload,
@@ -46,9 +48,21 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             fmt_us(r.run.latency.p99_us)
         );
     }
+    let mode = |m: &Option<kscope_vmm::CpuMode>| m.map_or("unreported", |m| m.as_str());
+    println!(
+        "\nThe guest kernel ran {} (asked for: {}; `--guest-mode` chooses).",
+        modes
+            .iter()
+            .map(mode)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(" and "),
+        kscope_vmm::GuestMode::process_default()
+    );
     let intros = [
         (
-            super::Memory::Lazy,
+            kscope_vmm::MemoryMode::Lazy,
             format!(
                 "Cloning: a warm web parent is cloned {} times with lazy memory (pages fetched on \
                  first touch through userfaultfd); each clone answers its own requests, checked.",
@@ -56,7 +70,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             ),
         ),
         (
-            super::Memory::Eager,
+            kscope_vmm::MemoryMode::Eager,
             "The same with eager memory (everything copied before the clones run: the baseline)."
                 .to_string(),
         ),

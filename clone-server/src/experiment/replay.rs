@@ -287,7 +287,7 @@ async fn run_with(
             .with_context(|| format!("warming {}", sv.name))?;
         let (cap, _, _) = measure(api, &id, &warm, CAPACITY_WINDOW).await?;
         let (_, lat1, vm_ms) = measure(api, &id, &warm[..warm.len().min(50)], 1).await?;
-        let lat1 = crate::stats::LatencySummary::of(&lat1);
+        let lat1 = kscope_vmm::summary::LatencySummary::of(&lat1);
         // Before any clone: afterwards the parent runs on a private view of the frozen image.
         let parent_bytes = footprint(api, &id).await;
         if needs_recording {
