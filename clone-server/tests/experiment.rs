@@ -32,7 +32,7 @@ async fn small_replay_compares_strategies_and_feeds_the_simulation() {
         compress: 100.0,
         max_s: 6.0,
         peak_workers: 1.5,
-        max_workers: 4,
+        max_workers: 3,
         warm_requests: 60,
         ..ReplayConfig::default()
     };

@@ -127,8 +127,14 @@ fn mean(v: &[f64]) -> f64 {
 /// Buckets with fewer samples than this count as empty (too noisy on their own).
 const MIN_SAMPLES: usize = 8;
 
-/// Fill thin buckets from the previous one (or the first well-measured), trim the tail.
+/// Fill thin buckets from the previous one (or the first well-measured), trim the tail. If no
+/// bucket is well measured (a short or quiet replay: few workers lived long), the curve is flat
+/// at the mean of every sample, so a strategy that ran is never modeled as free or stalled.
 fn fill(sum: &[f64], n: &[usize]) -> Vec<f64> {
+    let all: usize = n.iter().sum();
+    if all > 0 && n.iter().all(|c| *c < MIN_SAMPLES) {
+        return vec![sum.iter().sum::<f64>() / all as f64];
+    }
     let n: Vec<usize> = n
         .iter()
         .map(|c| if *c >= MIN_SAMPLES { *c } else { 0 })
@@ -330,6 +336,8 @@ mod tests {
             vec![2.0, 2.0, 2.0, 6.0]
         );
         assert!(fill(&[0.0], &[0]).is_empty());
+        // No bucket reaches MIN_SAMPLES: one flat bucket at the mean of all samples.
+        assert_eq!(fill(&[4.0, 0.0, 8.0], &[2, 0, 2]), vec![3.0]);
         let m = StrategyModel {
             strategy: Strategy::Lazy,
             ready_ms: vec![],
