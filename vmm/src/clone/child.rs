@@ -196,7 +196,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     for (i, st) in gen.state.vcpus.iter().enumerate() {
         let mut v = hv.create_vcpu(i as u32)?;
         v.cpuid(n)?;
-        v.restore_state(st)?;
+        v.restore_state(st).map_err(|e| rejected(i as u32, e))?;
         vcpus.push(v);
     }
     let vm = Vm::assemble(Assembly {
@@ -216,5 +216,44 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         origin: spec.identity.then(|| gen.clone()),
         clone_id: genpage.map(|g| g.clone_id),
     })?;
+    if let Some(server) = &vm.lazy {
+        // A page the image cannot give (a corrupt snapshot page) fails this VM, never the
+        // guest's data.
+        let core = Arc::downgrade(&vm.core);
+        server.on_failure(Box::new(move |e| {
+            if let Some(core) = core.upgrade() {
+                let err = VmError::from_lazy(&e);
+                crate::vcpu::VcpuHost::terminate(core.as_ref(), crate::vcpu::ExitReason::Failed(err));
+            }
+        }));
+    }
     Ok(vm)
+}
+
+/// KVM refusing a saved state with EINVAL means the state, not the host, is wrong: say so
+/// and name the part.
+fn rejected(vcpu: u32, e: VmError) -> VmError {
+    match e {
+        VmError::Kvm { op, source } if source.errno() == libc::EINVAL => {
+            let part = match op {
+                "KVM_SET_MP_STATE" => "multiprocessing state (mp_state)",
+                "KVM_SET_SREGS" => "special registers (sregs: segments, control registers, EFER)",
+                "KVM_SET_REGS" => "general registers (regs: RIP, RSP, RFLAGS)",
+                "KVM_SET_FPU" => "FPU state (fpu)",
+                "KVM_SET_XSAVE" => "XSAVE area (xsave)",
+                "KVM_SET_XCRS" => "extended control registers (xcrs)",
+                "KVM_SET_MSRS" => "model-specific registers (msrs)",
+                "KVM_SET_VCPU_EVENTS" => "pending events (events)",
+                "KVM_SET_DEBUGREGS" => "debug registers (debugregs)",
+                _ => "vCPU state",
+            };
+            VmError::StateRejected {
+                vcpu,
+                op,
+                part,
+                source,
+            }
+        }
+        e => e,
+    }
 }

@@ -23,6 +23,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::{BootCpuState, DescTable, Exit, HvVcpu, HvVm, Hypervisor, Regs, Segment};
 use crate::error::VmError;
 
+mod validate;
+
 /// MSRs never saved: IA32_TSC is restored separately (first, so that KVM's TSC
 /// synchronisation sees it before TSC-relative MSRs such as the TSC deadline).
 const MSR_TSC: u32 = 0x10;

@@ -10,8 +10,14 @@
 //!
 //! [`Vm::snapshot`] freezes the VM like a clone does (short pause, no copy while paused) and
 //! writes the files from the frozen image while the VM runs on. [`Vm::restore`] validates
-//! everything (state checksum and version, memory file size, kernel and disk checksums,
-//! configuration) before it creates anything.
+//! everything (state checksum and version, memory file size, kernel and disk checksums, every
+//! field of the machine state against the configuration: [`validate`]) before it creates
+//! anything. Guest memory is checked page by page against the CRC-32 table of the state file
+//! when a page is first read: eagerly before the VM starts, lazily on the first fault, where a
+//! corrupt page fails the VM with [`VmError::SnapshotCorrupt`] naming the memory file and is
+//! never given to the guest. Both start by removing leftovers of a writer killed mid-write.
+
+mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +28,6 @@ use serde::{Deserialize, Serialize};
 use crate::clone::child::{spawn, ChildSpec};
 use crate::clone::{FreezeReport, Generation, MachineState, MemoryMode};
 use crate::error::VmError;
-use crate::lazy::PageSource;
 use crate::snapfile::{self, MemoryInfo, SnapError, SnapshotPaths};
 use crate::vm::{Vm, VmConfig};
 
@@ -93,6 +98,7 @@ fn snap_err(e: SnapError) -> VmError {
             path: "state payload".into(),
             what: e.to_string(),
         },
+        SnapError::Memory(ref m @ crate::lazy::LazyError::Corrupt { .. }) => VmError::from_lazy(m),
         SnapError::Io { .. } | SnapError::NoSpace { .. } | SnapError::Memory(_) => {
             VmError::SnapshotIo(e.to_string())
         }
@@ -140,6 +146,13 @@ fn read_blob(dir: &Path, r: &BlobRef) -> Result<Arc<[u8]>, VmError> {
     Ok(Arc::from(data))
 }
 
+/// Removes leftovers of an interrupted snapshot write in `dir` (logged).
+fn clean(dir: &Path) {
+    for p in snapfile::clean_leftovers(dir) {
+        tracing::info!(file = %p.display(), "removed the leftover of an interrupted snapshot write");
+    }
+}
+
 impl Vm {
     /// Save this VM (running: paused briefly; paused: stays paused) into `dir` (created if
     /// missing; existing snapshot files are replaced atomically).
@@ -147,6 +160,7 @@ impl Vm {
         let t0 = Instant::now();
         std::fs::create_dir_all(dir)
             .map_err(|e| VmError::SnapshotIo(format!("creating {}: {e}", dir.display())))?;
+        clean(dir);
         let (generation, freeze) = self.freeze()?;
         let kernel = write_blob(dir, KERNEL_FILE, &self.cfg.kernel)?;
         let disk = write_blob(dir, DISK_FILE, &self.cfg.disk)?;
@@ -190,8 +204,9 @@ impl Vm {
         start_paused: bool,
     ) -> Result<Vm, VmError> {
         let paths = SnapshotPaths::in_dir(dir);
+        clean(dir);
         let (p, info, image): (SnapshotPayload, _, _) =
-            snapfile::open_snapshot(&paths).map_err(snap_err)?;
+            snapfile::open_snapshot_verified(&paths).map_err(snap_err)?;
         let state_path = paths.state.display().to_string();
         if p.version != PAYLOAD_VERSION {
             return Err(VmError::SnapshotIncompatible {
@@ -206,17 +221,8 @@ impl Vm {
             path: state_path.clone(),
             what,
         };
-        if info.pages * crate::lazy::PAGE_SIZE as u64 != p.mem_bytes {
-            return Err(corrupt(format!(
-                "memory file has {} pages for {} bytes of RAM",
-                info.pages, p.mem_bytes
-            )));
-        }
-        crate::memory::validate_size(p.mem_bytes).map_err(|e| corrupt(e.to_string()))?;
+        validate::validate_payload(&p, &info).map_err(corrupt)?;
         let n = p.machine.vcpus.len();
-        if n == 0 || n > crate::vm::MAX_VCPUS as usize {
-            return Err(corrupt(format!("{n} vCPU states")));
-        }
         let kernel = read_blob(dir, &p.kernel)?;
         let disk = read_blob(dir, &p.disk)?;
         let cfg = VmConfig {
@@ -229,7 +235,7 @@ impl Vm {
         };
         let generation = Arc::new(Generation {
             id: 0,
-            image: Arc::new(image) as Arc<dyn PageSource>,
+            image,
             state: p.machine,
             cfg,
             created: Instant::now(),
