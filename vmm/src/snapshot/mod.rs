@@ -205,9 +205,18 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let paths = SnapshotPaths::in_dir(dir);
         clean(dir);
-        let (p, info, image): (SnapshotPayload, _, _) =
+        let (raw, info, image): (serde_json::Value, _, _) =
             snapfile::open_snapshot_verified(&paths).map_err(snap_err)?;
         let state_path = paths.state.display().to_string();
+        let corrupt = |what: String| VmError::SnapshotCorrupt {
+            path: state_path.clone(),
+            what,
+        };
+        if raw.get("version").and_then(|v| v.as_u64()) == Some(u64::from(PAYLOAD_VERSION)) {
+            validate::check_raw_lengths(&raw).map_err(corrupt)?;
+        }
+        let p: SnapshotPayload = serde_json::from_value(raw)
+            .map_err(|e| corrupt(format!("state payload: {e}")))?;
         if p.version != PAYLOAD_VERSION {
             return Err(VmError::SnapshotIncompatible {
                 path: state_path,
@@ -217,10 +226,6 @@ impl Vm {
                 ),
             });
         }
-        let corrupt = |what: String| VmError::SnapshotCorrupt {
-            path: state_path.clone(),
-            what,
-        };
         validate::validate_payload(&p, &info).map_err(corrupt)?;
         let n = p.machine.vcpus.len();
         let kernel = read_blob(dir, &p.kernel)?;
