@@ -22,6 +22,7 @@ use serde_json::json;
 
 use super::clones::{self, CreateClones};
 use super::error::{ApiError, ApiResult, ErrorCode};
+use super::limits;
 use super::registry::{request_url, RequestStats, VmEntry, VmKind};
 use super::{AppState, MAX_BODY};
 use crate::stats::parse_size;
@@ -164,6 +165,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
     let workload = parse_workload(&body.workload)?;
     let mem = parse_memory(&s, body.memory.as_deref())?;
     let reservation = s.registry.reserve(1, 0, mem)?;
+    s.fds.check(1)?;
     let id = s.registry.new_id();
     let st = s.clone();
     let vid = id.clone();
@@ -177,7 +179,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             cmdline: format!("init={}", workload.program_path()),
             disk: st.disk(),
         })
-        .map_err(|e| ApiError::from_vm(&vid, e))?;
+        .map_err(|e| ApiError::creating(&format!("booting VM {vid}"), e))?;
         if let Err(e) = vm.wait_ready(st.opts.boot_timeout) {
             st.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
             let _ = vm.stop();
@@ -211,11 +213,13 @@ async fn get_stats(State(s): St, Path(id): Path<String>) -> ApiResult<Response> 
 async fn delete_vm(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
     let removed = s.registry.remove_tree(&id)?;
     let ids: Vec<String> = removed.iter().map(|e| e.id.clone()).collect();
+    let st = s.clone();
     control(move || {
         for e in removed {
             if let Err(err) = e.vm.stop() {
                 tracing::warn!(vm = %e.id, "stop failed: {err}");
             }
+            st.registry.retire(&e);
         }
         Ok(())
     })
@@ -312,6 +316,13 @@ async fn send_request(
             );
             Ok(resp)
         }
+        Err(_) if e.deleted.load(Ordering::Acquire) => {
+            e.stats.errors.fetch_add(1, Ordering::Relaxed);
+            s.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::Gone(format!(
+                "VM {id} was deleted (DELETE /v1/vms/{id}) while this request was in flight; send it to another VM"
+            )))
+        }
         Err(err) => {
             e.stats.errors.fetch_add(1, Ordering::Relaxed);
             s.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
@@ -329,15 +340,18 @@ async fn create_clones(
     let start = Instant::now();
     let req = body.validate()?;
     let parent = s.registry.get(&id)?;
-    let mut reservation =
-        s.registry
-            .reserve(0, req.n, parent.mem_bytes.saturating_mul(req.n as u64))?;
+    let lazy = req.mode == clones::MemoryMode::Lazy;
+    let charge = limits::charge_of(parent.mem_bytes, lazy, s.registry.limits().overcommit);
+    let mut reservation = s
+        .registry
+        .reserve(0, req.n, charge.saturating_mul(req.n as u64))?;
+    s.fds.check(req.n)?;
     let generation = s.registry.new_generation();
     let prefix = format!("{}-g{generation}-", parent.id);
     let (p2, r2) = (parent.clone(), req.clone());
     let batch = control(move || clones::make_clones(&p2, &r2, &prefix)).await?;
     let made = batch.clones.len();
-    reservation.shrink_clones(req.n - made.min(req.n), parent.mem_bytes);
+    reservation.shrink_clones(req.n - made.min(req.n), charge);
     let policy = format!("{:?}", req.mode).to_lowercase() + ":" + req.prefetch.name.as_str();
     let mut out = Vec::with_capacity(made);
     for c in batch.clones {
@@ -355,6 +369,8 @@ async fn create_clones(
             children: Default::default(),
             policy: Some(policy.clone()),
             failure_counted: Default::default(),
+            charge,
+            deleted: Default::default(),
         });
         s.registry.insert(entry);
         out.push(json!({
@@ -484,6 +500,7 @@ async fn restore_snapshot(State(s): St, Path(name): Path<String>) -> ApiResult<R
     };
     let workload = parse_workload(&meta.workload)?;
     let reservation = s.registry.reserve(1, 0, meta.memory_bytes)?;
+    s.fds.check(1)?;
     let id = s.registry.new_id();
     let vid = id.clone();
     let entry = control(move || {

@@ -209,6 +209,15 @@ impl Shared {
             Err(e) => {
                 CloneStats::add(&self.stats.install_errors, 1);
                 tracing::error!(clone = %self.name, gfn, error = %e, "install failed");
+                if why == Why::Fault {
+                    // The faulting vCPU cannot go on without this page (e.g. ENOMEM: the host
+                    // ran out of memory). Fail the VM, then try to release the vCPU with a
+                    // zero page so that it can stop (the guest does not run again).
+                    self.fail(LazyError::Uffd(e));
+                    if !zero {
+                        let _ = uffd.zeropage(addr, PAGE_SIZE as u64, false);
+                    }
+                }
                 false
             }
         }
