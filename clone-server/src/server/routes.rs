@@ -123,7 +123,8 @@ async fn list_vms(State(s): St) -> Json<serde_json::Value> {
 #[serde(deny_unknown_fields)]
 struct CreateVm {
     workload: String,
-    memory: Option<String>,
+    /// A size string ("64M") or a number of bytes (checked by [`parse_memory`]).
+    memory: Option<serde_json::Value>,
 }
 
 fn parse_workload(name: &str) -> ApiResult<Workload> {
@@ -136,17 +137,32 @@ fn parse_workload(name: &str) -> ApiResult<Workload> {
     })
 }
 
-fn parse_memory(s: &AppState, m: Option<&str>) -> ApiResult<u64> {
+/// `memory` of `CreateVm`: a size string ("64M", "1G") or an integer number of bytes, as
+/// the spec says; any other JSON type is refused like a schema violation.
+fn parse_memory(s: &AppState, m: Option<&serde_json::Value>) -> ApiResult<u64> {
+    use serde_json::Value as V;
     let bytes = match m {
-        None => s.opts.default_mem,
-        Some(m) => parse_size(m).map_err(|e| ApiError::bad("bad_memory_size", e))?,
+        None | Some(V::Null) => s.opts.default_mem,
+        Some(V::String(t)) => parse_size(t).map_err(|e| ApiError::bad("bad_memory_size", e))?,
+        Some(V::Number(n)) => n.as_u64().ok_or_else(|| {
+            ApiError::bad(
+                "bad_memory_size",
+                format!("memory {n}: give a whole, positive number of bytes or a size like \"64M\""),
+            )
+        })?,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "invalid_json",
+                format!("memory {other}: must be a size string like \"64M\" or an integer number of bytes; see openapi.yaml"),
+            ))
+        }
     };
     kscope_vmm::memory::validate_size(bytes).map_err(|e| {
         ApiError::bad(
             "bad_memory_size",
             format!(
                 "memory {}: {e}; use e.g. \"64M\" or \"256M\"",
-                m.unwrap_or("default")
+                m.map_or_else(|| "default".to_string(), |v| v.to_string())
             ),
         )
     })?;
@@ -163,7 +179,7 @@ fn count_failure(s: &AppState, e: &VmEntry) {
 
 async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResult<Response> {
     let workload = parse_workload(&body.workload)?;
-    let mem = parse_memory(&s, body.memory.as_deref())?;
+    let mem = parse_memory(&s, body.memory.as_ref())?;
     let reservation = s.registry.reserve(1, 0, mem)?;
     s.fds.check(1)?;
     let id = s.registry.new_id();
@@ -518,7 +534,10 @@ async fn restore_snapshot(State(s): St, Path(name): Path<String>) -> ApiResult<R
 }
 
 async fn metrics(State(s): St) -> Response {
-    let text = s.metrics.render(&s.registry.gauges());
+    let mut g = s.registry.gauges();
+    g.open_files = limits::open_fds();
+    g.open_files_limit = s.fds.limit();
+    let text = s.metrics.render(&g);
     (
         [(
             header::CONTENT_TYPE,
