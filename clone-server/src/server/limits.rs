@@ -93,6 +93,12 @@ impl FdBudget {
         self.soft.load(Ordering::Relaxed)
     }
 
+    /// Budget under a lower limit than the process's (tests; an operator's dry run). Never
+    /// raises the real limit.
+    pub fn set_limit(&self, soft: u64) {
+        self.soft.store(soft, Ordering::Relaxed);
+    }
+
     /// 503 unless `vms` more VMs fit under the limit, keeping [`FD_RESERVE`] free.
     pub fn check(&self, vms: usize) -> Result<(), ApiError> {
         let limit = self.limit();
