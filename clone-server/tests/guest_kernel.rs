@@ -40,6 +40,16 @@ fn data_file(len: u32, salt: u32) -> Vec<u8> {
 }
 
 fn start(name: &str, mem_mib: u64, cmdline: &str, files: &[(&str, u32, Vec<u8>)]) -> Vm {
+    start_in(name, mem_mib, cmdline, files, kscope_vmm::GuestMode::Auto).expect("boot")
+}
+
+fn start_in(
+    name: &str,
+    mem_mib: u64,
+    cmdline: &str,
+    files: &[(&str, u32, Vec<u8>)],
+    guest_mode: kscope_vmm::GuestMode,
+) -> Result<Vm, VmError> {
     let mut b = kscope_guest::mkfs::FsBuilder::new();
     b.add("/bin/ktest", file_kind::EXEC, program("/bin/ktest"))
         .unwrap();
@@ -55,8 +65,8 @@ fn start(name: &str, mem_mib: u64, cmdline: &str, files: &[(&str, u32, Vec<u8>)]
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: cmdline.into(),
         disk: Arc::from(b.build()),
+        guest_mode,
     })
-    .expect("boot")
 }
 
 fn boot_with(name: &str, mem_mib: u64, files: &[(&str, u32, Vec<u8>)]) -> Vm {
@@ -278,6 +288,10 @@ fn every_kind_of_user_fault_kills_only_the_offender() {
         "ud",
         "gp",
         "div0",
+        "read-kernel",
+        "write-kernel",
+        "use-after-munmap",
+        "write-mapped-file",
     ];
     let list = modes.join("\n").into_bytes();
     let vm = boot_with("kt-faults", 64, &[("/etc/kcrash", file_kind::DATA, list)]);
@@ -758,5 +772,88 @@ fn measure_kernel_costs() {
     println!(
         "boot {boot_time:?}, ping {ping:?}, echo {echo:?}, getpid {sys} ns, anon fault {pf} ns"
     );
+    vm.stop().unwrap();
+}
+
+/// What the kernel of `vm` says about its CPU mode, asked live through a system call.
+fn live_mode(vm: &Vm) -> kscope_vmm::CpuMode {
+    let v: u32 = ask_str(vm, "cpumode").parse().unwrap();
+    kscope_vmm::CpuMode::from_abi(v).unwrap()
+}
+
+#[test]
+fn the_emulated_mode_still_boots_serves_faults_and_clones() {
+    use kscope_vmm::CpuMode;
+    let vm = start_in(
+        "kt-emu",
+        64,
+        "init=/bin/ktest",
+        &[],
+        kscope_vmm::GuestMode::Emulated,
+    )
+    .unwrap();
+    vm.wait_ready(T).unwrap();
+    assert_eq!(vm.cpu_mode(), Some(CpuMode::Emulated));
+    assert_eq!(live_mode(&vm), CpuMode::Emulated);
+    assert_eq!(ask(&vm, b"echo emulated"), b"emulated");
+    assert!(ask_str(&vm, "bench-syscall 20").parse::<u64>().unwrap() > 0);
+    ask(&vm, b"alloc 64");
+    let batch = vm
+        .clone_children(1, &kscope_vmm::CloneOptions::default())
+        .unwrap();
+    let child = &batch.children[0];
+    assert_eq!(ask(child, b"echo child"), b"child");
+    assert_eq!(child.cpu_mode(), Some(CpuMode::Emulated));
+    assert_eq!(live_mode(child), CpuMode::Emulated);
+    assert_eq!(live_mode(&vm), CpuMode::Emulated);
+    for c in batch.children {
+        c.stop().unwrap();
+    }
+    vm.stop().unwrap();
+}
+
+#[test]
+fn native_mode_holds_in_clones_restores_and_the_frozen_parent() {
+    use kscope_vmm::{CloneOptions, CpuMode, GuestMode, MemoryMode};
+    let vm = match start_in("kt-nat", 64, "init=/bin/ktest", &[], GuestMode::Native) {
+        Ok(vm) => vm,
+        Err(VmError::ModeUnavailable(m)) => {
+            eprintln!("SKIPPED: this host has no PVM native switch: {m}");
+            return;
+        }
+        Err(e) => panic!("boot: {e}"),
+    };
+    vm.wait_ready(T).unwrap();
+    assert_eq!(vm.cpu_mode(), Some(CpuMode::Native));
+    assert_eq!(live_mode(&vm), CpuMode::Native);
+    ask(&vm, b"alloc 64");
+    for memory in [MemoryMode::Lazy, MemoryMode::Eager] {
+        let opts = CloneOptions {
+            memory,
+            ..CloneOptions::default()
+        };
+        let batch = vm.clone_children(2, &opts).unwrap();
+        for (i, c) in batch.children.iter().enumerate() {
+            let msg = format!("child {i}");
+            assert_eq!(ask(c, msg.as_bytes()), msg.as_bytes());
+            assert_eq!(c.cpu_mode(), Some(CpuMode::Native), "{memory:?} child {i}");
+            assert_eq!(live_mode(c), CpuMode::Native);
+        }
+        // The parent goes on natively after every freeze.
+        assert_eq!(live_mode(&vm), CpuMode::Native);
+        for c in batch.children {
+            c.stop().unwrap();
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("kscope-native-snap-{}", std::process::id()));
+    vm.snapshot(&dir).unwrap();
+    for memory in [MemoryMode::Lazy, MemoryMode::Eager] {
+        let r = Vm::restore(&dir, memory, "kt-nat-restored").unwrap();
+        assert_eq!(ask(&r, b"echo restored"), b"restored");
+        assert_eq!(live_mode(&r), CpuMode::Native, "{memory:?} restore");
+        r.stop().unwrap();
+    }
+    assert_eq!(live_mode(&vm), CpuMode::Native);
+    let _ = std::fs::remove_dir_all(&dir);
     vm.stop().unwrap();
 }

@@ -14,6 +14,25 @@ pub enum BenchCmd {
     Warmup(WarmupArgs),
     /// Color-targeted deduplication across parents and clones vs hashing every frame.
     Dedup(DedupArgs),
+    /// The guest kernel's costs in both CPU modes (emulated vs PVM-native), same run.
+    Modes(ModesArgs),
+}
+
+/// Arguments of `kscope bench modes`.
+#[derive(Args, Debug)]
+pub struct ModesArgs {
+    /// Repetitions per mode (medians with min-max are printed).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// `web` requests per throughput run.
+    #[arg(long, default_value_t = 400)]
+    pub requests: usize,
+    /// Guest memory of the web VMs.
+    #[arg(long, default_value = "256M", value_parser = super::mem_arg)]
+    pub mem: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `kscope bench warmup`.
@@ -155,6 +174,18 @@ pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", dedup::render(&r));
+            }
+        }
+        BenchCmd::Modes(a) => {
+            let r = kscope_bench::modes::run(&kscope_bench::modes::ModesOptions {
+                reps: a.reps,
+                web_requests: a.requests,
+                mem_bytes: a.mem,
+            })?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                kscope_bench::modes::print(&r);
             }
         }
     }

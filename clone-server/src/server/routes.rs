@@ -125,6 +125,7 @@ struct CreateVm {
     workload: String,
     /// A size string ("64M") or a number of bytes (checked by [`parse_memory`]).
     memory: Option<serde_json::Value>,
+    guest_mode: Option<kscope_vmm::GuestMode>,
 }
 
 fn parse_workload(name: &str) -> ApiResult<Workload> {
@@ -194,8 +195,14 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             kernel: st.kernel(),
             cmdline: format!("init={}", workload.program_path()),
             disk: st.disk(),
+            guest_mode: body
+                .guest_mode
+                .unwrap_or_else(kscope_vmm::GuestMode::process_default),
         })
-        .map_err(|e| ApiError::creating(&format!("booting VM {vid}"), e))?;
+        .map_err(|e| match e {
+            kscope_vmm::VmError::ModeUnavailable(m) => ApiError::bad("guest_mode_unavailable", m),
+            e => ApiError::creating(&format!("booting VM {vid}"), e),
+        })?;
         if let Err(e) = vm.wait_ready(st.opts.boot_timeout) {
             st.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
             let _ = vm.stop();

@@ -56,6 +56,8 @@ pub const GETPID: u64 = 19;
 pub const DROP_INFLIGHT: u64 = 20;
 /// `listdir(buf, len) -> bytes`: NUL-separated paths of all files.
 pub const LISTDIR: u64 = 21;
+/// `cpu_mode() -> mode`: the `abi::boot::cpu_mode` the kernel runs in at this moment.
+pub const CPU_MODE: u64 = 22;
 
 /// Error numbers (returned negated).
 pub mod errno {

@@ -82,6 +82,7 @@ pub fn check() {
         identity: g.identity,
     };
     rng::reseed(&g.seed);
+    crate::native::report();
     let dropped = request::drop_all();
     kinfo::set_generation(g.generation);
     crate::kprint!(s "kscope: clone generation ", d g.generation, s " (clone id ", d g.clone_id, s "), dropped ", d dropped, s " requests\n");

@@ -237,6 +237,8 @@ impl Vm {
             kernel,
             cmdline: p.cmdline,
             disk,
+            // The mode comes from the saved vCPU state (see `clone::child::spawn`).
+            guest_mode: crate::mode::GuestMode::Auto,
         };
         let generation = Arc::new(Generation {
             id: 0,
