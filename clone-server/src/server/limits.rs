@@ -1,9 +1,9 @@
 //! Host limits the service lives under: open files (RLIMIT_NOFILE) and guest memory
 //! accounting with overcommit of lazy clones.
 //!
-//! **Open files.** Every clone holds a few descriptors (KVM VM and vCPU, its memfd and the
-//! mapping's copy of it, a userfaultfd, an eventfd: [`FDS_PER_CLONE`], measured by the API
-//! tests). At start the service raises its soft RLIMIT_NOFILE to the hard limit
+//! **Open files.** Every clone holds a few descriptors (KVM VM and vCPU, its memfd shared by
+//! the fault server and guest RAM, a userfaultfd, an eventfd: [`FDS_PER_CLONE`], measured by
+//! the API tests). At start the service raises its soft RLIMIT_NOFILE to the hard limit
 //! ([`raise_nofile`]); before it creates VMs it checks that the descriptors they need are
 //! free ([`FdBudget::check`]) and answers 503 with the numbers otherwise, instead of failing
 //! half-way with EMFILE and blaming the parent.
@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::ApiError;
 
-/// Descriptors one VM holds (measured: KVM VM, vCPU, memfd, mapping's memfd, userfaultfd,
-/// eventfd; a parent about as many). Checked by the API tests.
-pub const FDS_PER_CLONE: u64 = 7;
+/// Descriptors one VM holds (KVM VM, vCPU, memfd, userfaultfd, eventfd, and a share of the
+/// parent's frozen image; a parent about as many). Checked by the API tests.
+pub const FDS_PER_CLONE: u64 = 6;
 /// Descriptors kept free for HTTP connections, snapshot files and logs.
 pub const FD_RESERVE: u64 = 64;
 

@@ -237,7 +237,8 @@ pub enum RegionKind {
 pub struct LazyRegion {
     uffd: Uffd,
     map: Mapping,
-    fd: Option<OwnedFd>,
+    /// Shared with the VM's guest RAM ([`LazyRegion::memfd_file`]): no dup per clone.
+    fd: Option<std::sync::Arc<std::fs::File>>,
     kind: RegionKind,
 }
 
@@ -249,7 +250,7 @@ impl LazyRegion {
             RegionKind::SharedMemfd => {
                 let fd = memfd_create(c"kscope-clone", len as u64)?;
                 let map = Mapping::new(Some(fd.as_fd()), len, true, true)?;
-                (Some(fd), map)
+                (Some(std::sync::Arc::new(std::fs::File::from(fd))), map)
             }
             RegionKind::AnonPrivate => (None, Mapping::new(None, len, true, false)?),
         };
@@ -293,7 +294,7 @@ impl LazyRegion {
         Ok(Self {
             uffd,
             map,
-            fd: memfd,
+            fd: memfd.map(|f| std::sync::Arc::new(std::fs::File::from(f))),
             kind,
         })
     }
@@ -342,6 +343,12 @@ impl LazyRegion {
     /// The destination memfd (`None` for [`RegionKind::AnonPrivate`]).
     pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// The destination memfd as a shared file (`None` for [`RegionKind::AnonPrivate`]), for
+    /// guest RAM that maps the same memory without a descriptor of its own.
+    pub fn memfd_file(&self) -> Option<std::sync::Arc<std::fs::File>> {
+        self.fd.clone()
     }
 
     /// Reads memory at byte `offset`. Missing pages fault and block until served: never call
