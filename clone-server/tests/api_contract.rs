@@ -321,7 +321,12 @@ async fn request_bodies_match_their_schemas() {
     };
     let (srv, c) = start(limits, |_| {}).await;
     let routes = [
-        (Method::POST, "/v1/vms", "/v1/vms", StatusCode::TOO_MANY_REQUESTS),
+        (
+            Method::POST,
+            "/v1/vms",
+            "/v1/vms",
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
         (
             Method::POST,
             "/v1/vms/{id}/clones",
@@ -389,12 +394,26 @@ async fn request_bodies_match_their_schemas() {
                     },
                 }
             };
-            let mut tries: Vec<Value> = ["string", "integer", "number", "boolean", "array", "object", "null"]
-                .into_iter()
-                .map(typed)
-                .collect();
+            let mut tries: Vec<Value> = [
+                "string", "integer", "number", "boolean", "array", "object", "null",
+            ]
+            .into_iter()
+            .map(typed)
+            .collect();
             let s = sp.resolve(s);
-            if s.get("enum").is_some() || s.get("oneOf").is_some_and(|a| a.as_sequence().unwrap().iter().any(|x| x.get("enum").is_some()) && !a.as_sequence().unwrap().iter().any(|x| x.get("pattern").is_some())) {
+            if s.get("enum").is_some()
+                || s.get("oneOf").is_some_and(|a| {
+                    a.as_sequence()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x.get("enum").is_some())
+                        && !a
+                            .as_sequence()
+                            .unwrap()
+                            .iter()
+                            .any(|x| x.get("pattern").is_some())
+                })
+            {
                 tries.push(json!("zzz-not-in-the-enum"));
             }
             for bound in ["minimum", "maximum"] {
@@ -414,7 +433,10 @@ async fn request_bodies_match_their_schemas() {
                 let (st, v) = send(Value::Object(body)).await;
                 checked += 1;
                 if allowed {
-                    assert_eq!(st, valid_status, "{template}: {k} = {x} is allowed by the spec but the server answered {v}");
+                    assert_eq!(
+                        st, valid_status,
+                        "{template}: {k} = {x} is allowed by the spec but the server answered {v}"
+                    );
                 } else {
                     assert_eq!(st, StatusCode::BAD_REQUEST, "{template}: {k} = {x} is not allowed by the spec but the server answered {st} {v}");
                 }
@@ -423,13 +445,21 @@ async fn request_bodies_match_their_schemas() {
                 let mut body = valid.clone();
                 body.remove(k);
                 let (st, v) = send(Value::Object(body)).await;
-                assert_eq!(st, StatusCode::BAD_REQUEST, "{template}: without required {k}: {v}");
+                assert_eq!(
+                    st,
+                    StatusCode::BAD_REQUEST,
+                    "{template}: without required {k}: {v}"
+                );
             }
         }
         let mut body = valid.clone();
         body.insert("colour".into(), json!("red"));
         let (st, v) = send(Value::Object(body)).await;
-        assert_eq!(st, StatusCode::BAD_REQUEST, "{template}: unknown field: {v}");
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            "{template}: unknown field: {v}"
+        );
         // JSON routes refuse other content types with a documented 415.
         let r = c
             .send(m.clone(), path, Some("text/plain"), b"{}".to_vec())
@@ -441,7 +471,9 @@ async fn request_bodies_match_their_schemas() {
     assert!(checked > 20, "only {checked} field values were tried");
 
     // The prefetch enum is exactly the set of policy names the server takes.
-    let clones = sp.request_schema(&Method::POST, "/v1/vms/{id}/clones").unwrap();
+    let clones = sp
+        .request_schema(&Method::POST, "/v1/vms/{id}/clones")
+        .unwrap();
     let enum_names: Vec<String> = sp.resolve(&clones["properties"]["prefetch"])["anyOf"][0]["enum"]
         .as_sequence()
         .unwrap()

@@ -88,7 +88,10 @@ async fn fd_budget_answers_503_spares_the_parent_and_counters_never_fall() {
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct it is given.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) }, 0);
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
     assert_eq!(limit, hard.rlim_max.min(1 << 20), "soft limit not raised");
 
     let parent = create(&c, &sp, json!({"workload": "web", "memory": "64M"})).await;
@@ -117,7 +120,10 @@ async fn fd_budget_answers_503_spares_the_parent_and_counters_never_fall() {
     }
     println!("new descriptors: {l1:?}");
     println!("open files per lazy clone: {per}");
-    assert!(per <= FDS_PER_CLONE as f64, "{per} fds per clone, budget assumes {FDS_PER_CLONE}");
+    assert!(
+        per <= FDS_PER_CLONE as f64,
+        "{per} fds per clone, budget assumes {FDS_PER_CLONE}"
+    );
     let kids: Vec<String> = v["clones"]
         .as_array()
         .unwrap()
@@ -137,7 +143,10 @@ async fn fd_budget_answers_503_spares_the_parent_and_counters_never_fall() {
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_error(&v, "host_limit");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("open files") && msg.contains("No VM failed"), "{msg}");
+    assert!(
+        msg.contains("open files") && msg.contains("No VM failed"),
+        "{msg}"
+    );
     assert!(!msg.contains("delete it"), "{msg}");
     let (st, v) = call(
         &c,
@@ -149,7 +158,11 @@ async fn fd_budget_answers_503_spares_the_parent_and_counters_never_fall() {
     )
     .await;
     assert_eq!((st, v["state"].as_str()), (StatusCode::OK, Some("running")));
-    assert_eq!(v["clones"].as_array().unwrap().len(), 4, "nothing was created");
+    assert_eq!(
+        v["clones"].as_array().unwrap().len(),
+        4,
+        "nothing was created"
+    );
     assert_eq!(request(&c, &sp, &parent, req.clone()).await, StatusCode::OK);
     let (st, v) = clones(&c, &sp, &parent, json!({"n": 2})).await;
     assert_eq!(st, StatusCode::CREATED, "two fit: {v}");
@@ -163,7 +176,10 @@ async fn fd_budget_answers_503_spares_the_parent_and_counters_never_fall() {
         delete(&c, &sp, k).await;
         let f = metric(&c, "kscope_faults_total").await;
         let p = metric(&c, "kscope_pages_fetched_total").await;
-        assert!(f >= faults && p >= pages, "counters fell: {faults} -> {f}, {pages} -> {p}");
+        assert!(
+            f >= faults && p >= pages,
+            "counters fell: {faults} -> {f}, {pages} -> {p}"
+        );
     }
     delete(&c, &sp, &parent).await;
     assert!(metric(&c, "kscope_faults_total").await >= faults);
@@ -211,7 +227,10 @@ async fn a_deleted_vm_answers_in_flight_requests_with_410() {
             StatusCode::OK => {}
             StatusCode::GONE => {
                 assert_error(&v, "vm_deleted");
-                assert!(v["error"]["message"].as_str().unwrap().contains("deleted"), "{v}");
+                assert!(
+                    v["error"]["message"].as_str().unwrap().contains("deleted"),
+                    "{v}"
+                );
                 gone += 1;
             }
             // Sent after the DELETE removed it.

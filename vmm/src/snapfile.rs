@@ -30,7 +30,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::lazy::{page_crc, zero_page_crc, FileImage, LazyError, PageSource, VerifiedImage, PAGE_SIZE};
+use crate::lazy::{
+    page_crc, zero_page_crc, FileImage, LazyError, PageSource, VerifiedImage, PAGE_SIZE,
+};
 
 /// Magic bytes at the start of a state file.
 pub const MAGIC: [u8; 8] = *b"KSCOPESN";
@@ -862,7 +864,13 @@ mod tests {
         let dir = scratch("left");
         let dead = ".memory.kmem.tmp-999999999-0";
         let mine = format!(".memory.kmem.tmp-{}-7", std::process::id());
-        for n in [dead, ".kernel.elf.tmp", mine.as_str(), "memory.kmem", ".keep"] {
+        for n in [
+            dead,
+            ".kernel.elf.tmp",
+            mine.as_str(),
+            "memory.kmem",
+            ".keep",
+        ] {
             std::fs::write(dir.join(n), b"x").unwrap();
         }
         let mut removed: Vec<String> = clean_leftovers(&dir)

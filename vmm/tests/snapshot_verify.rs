@@ -77,7 +77,10 @@ fn a_corrupt_page_fails_its_vm_lazily_and_the_restore_eagerly() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["disk.img", "kernel.elf", "memory.kmem", "state.ksnap"]);
+    assert_eq!(
+        names,
+        ["disk.img", "kernel.elf", "memory.kmem", "state.ksnap"]
+    );
 
     // Pristine: both modes restore and answer.
     for mode in [MemoryMode::Lazy, MemoryMode::Eager] {
@@ -108,10 +111,13 @@ fn a_corrupt_page_fails_its_vm_lazily_and_the_restore_eagerly() {
     let gfn = (rip - KERNEL_VIRT_BASE) / 4096;
     flip_page(&dir, gfn, rip % 4096);
     let t0 = Instant::now();
-    let r = Vm::restore(&dir, MemoryMode::Lazy, "v-lazy-bad").expect("a lazy restore reads no page");
+    let r =
+        Vm::restore(&dir, MemoryMode::Lazy, "v-lazy-bad").expect("a lazy restore reads no page");
     let why = wait_failed(&r);
     assert!(
-        why.contains("memory.kmem") && why.contains(&format!("guest page {gfn}")) && why.contains("corrupt"),
+        why.contains("memory.kmem")
+            && why.contains(&format!("guest page {gfn}"))
+            && why.contains("corrupt"),
         "{why}"
     );
     let e = r
@@ -179,22 +185,82 @@ fn inconsistent_state_fields_are_refused_before_anything_runs() {
         format!("{q}/size"),
     );
     let cases: Vec<(&str, &str, Value, &str)> = vec![
-        ("all-zero registers", "machine/vcpus/0/regs", filled(&regs, 0), "rflags"),
-        ("all-ones registers", "machine/vcpus/0/regs", filled(&regs, 0xff), "rflags"),
-        ("empty sregs", "machine/vcpus/0/sregs", filled(&sregs, 0), "cr0"),
-        ("non-canonical RIP", "machine/vcpus/0/regs", with_u64(&regs, RIP, 1 << 60), "rip"),
-        ("CR3 outside RAM", "machine/vcpus/0/sregs", with_u64(&sregs, CR3, 1 << 40), "cr3"),
-        ("short regs array", "machine/vcpus/0/regs", Value::Array(vec![1.into(); 100]), "regs is 100 bytes"),
-        ("long sregs array", "machine/vcpus/0/sregs", Value::Array(vec![1.into(); 400]), "sregs is 400 bytes"),
-        ("empty MSR entry", "machine/vcpus/0/msrs/0", Value::Array(vec![]), "msrs is 0 bytes"),
-        ("short XSAVE area", "machine/vcpus/0/xsave", Value::Array(vec![0.into(); 10]), "xsave"),
+        (
+            "all-zero registers",
+            "machine/vcpus/0/regs",
+            filled(&regs, 0),
+            "rflags",
+        ),
+        (
+            "all-ones registers",
+            "machine/vcpus/0/regs",
+            filled(&regs, 0xff),
+            "rflags",
+        ),
+        (
+            "empty sregs",
+            "machine/vcpus/0/sregs",
+            filled(&sregs, 0),
+            "cr0",
+        ),
+        (
+            "non-canonical RIP",
+            "machine/vcpus/0/regs",
+            with_u64(&regs, RIP, 1 << 60),
+            "rip",
+        ),
+        (
+            "CR3 outside RAM",
+            "machine/vcpus/0/sregs",
+            with_u64(&sregs, CR3, 1 << 40),
+            "cr3",
+        ),
+        (
+            "short regs array",
+            "machine/vcpus/0/regs",
+            Value::Array(vec![1.into(); 100]),
+            "regs is 100 bytes",
+        ),
+        (
+            "long sregs array",
+            "machine/vcpus/0/sregs",
+            Value::Array(vec![1.into(); 400]),
+            "sregs is 400 bytes",
+        ),
+        (
+            "empty MSR entry",
+            "machine/vcpus/0/msrs/0",
+            Value::Array(vec![]),
+            "msrs is 0 bytes",
+        ),
+        (
+            "short XSAVE area",
+            "machine/vcpus/0/xsave",
+            Value::Array(vec![0.into(); 10]),
+            "xsave",
+        ),
         ("no vCPUs", "machine/vcpus", Value::Array(vec![]), "vCPU"),
-        ("queue at 2^60", &qd, (1u64 << 60).into(), "descriptor table"),
+        (
+            "queue at 2^60",
+            &qd,
+            (1u64 << 60).into(),
+            "descriptor table",
+        ),
         ("used ring past RAM", &qu, (64u64 << 20).into(), "used ring"),
         ("queue size 3", &qs, 3.into(), "power of two"),
-        ("one queue missing", "machine/devices/request/queues/1", Value::Null, "request device"),
+        (
+            "one queue missing",
+            "machine/devices/request/queues/1",
+            Value::Null,
+            "request device",
+        ),
         ("mp_state", "machine/vcpus/0/mp_state", mp(7), "mp_state"),
-        ("device status", "machine/devices/block/status", 0xffff.into(), "status"),
+        (
+            "device status",
+            "machine/devices/block/status",
+            0xffff.into(),
+            "status",
+        ),
     ];
     for (what, path, new, expect) in cases {
         let mut p = good.clone();
@@ -223,8 +289,13 @@ fn inconsistent_state_fields_are_refused_before_anything_runs() {
     let e = Vm::restore(&dir, MemoryMode::Lazy, "v-f").unwrap_err();
     let msg = e.to_string();
     assert!(
-        matches!(&e, VmError::StateRejected { op: "KVM_SET_MP_STATE", .. })
-            && msg.contains("rejected the saved vCPU 0 state")
+        matches!(
+            &e,
+            VmError::StateRejected {
+                op: "KVM_SET_MP_STATE",
+                ..
+            }
+        ) && msg.contains("rejected the saved vCPU 0 state")
             && msg.contains("mp_state")
             && !msg.contains("/dev/kvm"),
         "{msg}"
@@ -394,7 +465,11 @@ fn fuzzed_state_files_are_refused_or_restore_cleanly() {
                 assert!(ts.elapsed() < Duration::from_secs(5), "{what}: slow stop");
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "{what}: took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{what}: took {:?}",
+            t.elapsed()
+        );
     }
     println!("fuzz: {runs} runs in {secs} s (seed {seed}): {refused} refused, {restored} restored");
     assert!(runs >= 10 && refused > 0, "{runs} runs, {refused} refused");

@@ -66,7 +66,9 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
 fn overcommit_arg(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && (1.0..=1000.0).contains(&r) => Ok(r),
-        _ => Err(format!("overcommit {s:?}: give a ratio from 1 to 1000, e.g. 8")),
+        _ => Err(format!(
+            "overcommit {s:?}: give a ratio from 1 to 1000, e.g. 8"
+        )),
     }
 }
 

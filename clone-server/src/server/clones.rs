@@ -159,12 +159,15 @@ pub fn make_clones(
         name_prefix: prefix.to_string(),
         ..CloneOptions::default()
     };
-    let batch = parent.vm.clone_children(req.n, &opts).map_err(|e| match e {
-        // The parent itself cannot be cloned in its state (paused is fine, failed is not).
-        kscope_vmm::VmError::BadState { .. } => ApiError::from_vm(&parent.id, e),
-        e if !parent_ok(parent) => ApiError::from_vm(&parent.id, e),
-        e => ApiError::creating(&format!("creating {} clones of VM {}", req.n, parent.id), e),
-    })?;
+    let batch = parent
+        .vm
+        .clone_children(req.n, &opts)
+        .map_err(|e| match e {
+            // The parent itself cannot be cloned in its state (paused is fine, failed is not).
+            kscope_vmm::VmError::BadState { .. } => ApiError::from_vm(&parent.id, e),
+            e if !parent_ok(parent) => ApiError::from_vm(&parent.id, e),
+            e => ApiError::creating(&format!("creating {} clones of VM {}", req.n, parent.id), e),
+        })?;
     let clones = batch
         .children
         .into_iter()

@@ -126,18 +126,27 @@ impl ApiError {
         let text = e.to_string();
         let host_limit = match &e {
             VmError::Kvm { source, .. } => {
-                matches!(source.errno(), libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+                matches!(
+                    source.errno(),
+                    libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN
+                )
             }
-            _ => ["Too many open files", "Cannot allocate memory", "Resource temporarily unavailable"]
-                .iter()
-                .any(|m| text.contains(m)),
+            _ => [
+                "Too many open files",
+                "Cannot allocate memory",
+                "Resource temporarily unavailable",
+            ]
+            .iter()
+            .any(|m| text.contains(m)),
         };
         if host_limit {
             ApiError::Unavailable(format!(
                 "{what}: the host ran out of a resource: {text}. No existing VM failed; delete VMs or raise the host limit (ulimit -n, memory) and retry"
             ))
         } else {
-            ApiError::Internal(format!("{what} failed: {text}; no existing VM was affected"))
+            ApiError::Internal(format!(
+                "{what} failed: {text}; no existing VM was affected"
+            ))
         }
     }
 }

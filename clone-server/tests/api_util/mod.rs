@@ -165,9 +165,7 @@ impl Spec {
                     match props.and_then(|p| p.get(k.as_str())) {
                         Some(s) => self.conforms(s, x, &format!("{at}.{k}"))?,
                         None if extra_ok => {}
-                        None => {
-                            return Err(format!("{at}: field {k:?} is not in the spec: {v}"))
-                        }
+                        None => return Err(format!("{at}: field {k:?} is not in the spec: {v}")),
                     }
                 }
             }
@@ -184,9 +182,7 @@ impl Spec {
                 return Err(format!("{at}: not an integer: {v}"))
             }
             Some("number") if !v.is_number() => return Err(format!("{at}: not a number: {v}")),
-            Some("boolean") if !v.is_boolean() => {
-                return Err(format!("{at}: not a boolean: {v}"))
-            }
+            Some("boolean") if !v.is_boolean() => return Err(format!("{at}: not a boolean: {v}")),
             _ => {}
         }
         Ok(())

@@ -221,7 +221,10 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         server.on_failure(Box::new(move |e| {
             if let Some(core) = core.upgrade() {
                 let err = VmError::from_lazy(&e);
-                crate::vcpu::VcpuHost::terminate(core.as_ref(), crate::vcpu::ExitReason::Failed(err));
+                crate::vcpu::VcpuHost::terminate(
+                    core.as_ref(),
+                    crate::vcpu::ExitReason::Failed(err),
+                );
             }
         }));
     }

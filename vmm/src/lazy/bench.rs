@@ -245,7 +245,9 @@ fn bench_verified_snapshot_pages() {
             let st = srv.shutdown().unwrap();
             assert_eq!(st.source_errors, 0);
             assert!(st.faults > 0, "no fault served: {st:?}");
-            fault[i].last_mut().map(|x| *x *= pages as f64 / st.faults as f64);
+            fault[i]
+                .last_mut()
+                .map(|x| *x *= pages as f64 / st.faults as f64);
             let t0 = Instant::now();
             for g in 0..pages {
                 src.read_page(g, &mut page).unwrap();
@@ -253,7 +255,10 @@ fn bench_verified_snapshot_pages() {
             read[i].push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    for (what, unit, v) in [("fault round trip", "us/fault", &fault), ("eager read of 32 MiB", "ms", &read)] {
+    for (what, unit, v) in [
+        ("fault round trip", "us/fault", &fault),
+        ("eager read of 32 MiB", "ms", &read),
+    ] {
         let (p, pmin, pmax) = median(v[0].clone());
         let (q, qmin, qmax) = median(v[1].clone());
         println!(

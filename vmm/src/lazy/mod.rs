@@ -23,9 +23,7 @@ mod verified;
 
 pub use bitmap::{AtomicBitmap, Bitmap};
 pub use region::{GuestMemfd, LazyRegion, RegionKind};
-pub use server::{
-    eager_copy, EagerReport, FailureHook, FaultServer, InstallReport, ServerOptions,
-};
+pub use server::{eager_copy, EagerReport, FailureHook, FaultServer, InstallReport, ServerOptions};
 pub use source::{FileImage, LayeredImage, MemfdImage, PageSource};
 pub use stats::{CloneStats, LatencyHistogram, StatsSnapshot};
 pub use verified::{page_crc, zero_page_crc, VerifiedImage};

@@ -150,7 +150,9 @@ impl Shared {
         drop(f);
         match hook {
             Some(h) => h(e),
-            None => tracing::error!(clone = %self.name, error = %e, "fatal source error before the failure hook was set"),
+            None => {
+                tracing::error!(clone = %self.name, error = %e, "fatal source error before the failure hook was set")
+            }
         }
     }
 

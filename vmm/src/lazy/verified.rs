@@ -86,8 +86,7 @@ impl PageSource for VerifiedImage {
 
     /// A hole is zero only if zero was recorded: data written into a hole is caught on read.
     fn is_known_zero(&self, gfn: Gfn) -> bool {
-        self.inner.is_known_zero(gfn)
-            && self.crcs.get(gfn as usize) == Some(&zero_page_crc())
+        self.inner.is_known_zero(gfn) && self.crcs.get(gfn as usize) == Some(&zero_page_crc())
     }
 }
 

@@ -215,8 +215,8 @@ impl Vm {
         if raw.get("version").and_then(|v| v.as_u64()) == Some(u64::from(PAYLOAD_VERSION)) {
             validate::check_raw_lengths(&raw).map_err(corrupt)?;
         }
-        let p: SnapshotPayload = serde_json::from_value(raw)
-            .map_err(|e| corrupt(format!("state payload: {e}")))?;
+        let p: SnapshotPayload =
+            serde_json::from_value(raw).map_err(|e| corrupt(format!("state payload: {e}")))?;
         if p.version != PAYLOAD_VERSION {
             return Err(VmError::SnapshotIncompatible {
                 path: state_path,

@@ -77,7 +77,10 @@ pub(crate) fn validate_payload(p: &SnapshotPayload, info: &MemoryInfo) -> Result
         ));
     }
     if p.name.len() > MAX_NAME {
-        return Err(format!("name is {} bytes, at most {MAX_NAME}", p.name.len()));
+        return Err(format!(
+            "name is {} bytes, at most {MAX_NAME}",
+            p.name.len()
+        ));
     }
     if p.cmdline.len() > MAX_CMDLINE || p.cmdline.contains('\0') {
         return Err(format!(
@@ -87,7 +90,10 @@ pub(crate) fn validate_payload(p: &SnapshotPayload, info: &MemoryInfo) -> Result
     }
     for (what, b) in [("kernel", &p.kernel), ("disk", &p.disk)] {
         if b.file.is_empty() || b.file.contains('/') || b.file.starts_with('.') {
-            return Err(format!("{what} file name {:?} escapes the snapshot directory", b.file));
+            return Err(format!(
+                "{what} file name {:?} escapes the snapshot directory",
+                b.file
+            ));
         }
     }
     if p.kernel.len == 0 {
@@ -98,7 +104,8 @@ pub(crate) fn validate_payload(p: &SnapshotPayload, info: &MemoryInfo) -> Result
         return Err(format!("{n} vCPU states (1..={})", crate::vm::MAX_VCPUS));
     }
     for (i, v) in p.machine.vcpus.iter().enumerate() {
-        v.validate(p.mem_bytes).map_err(|e| format!("vCPU {i}: {e}"))?;
+        v.validate(p.mem_bytes)
+            .map_err(|e| format!("vCPU {i}: {e}"))?;
     }
     let d = &p.machine.devices;
     if d.serial.in_buffer.len() > SERIAL_FIFO {
@@ -107,7 +114,12 @@ pub(crate) fn validate_payload(p: &SnapshotPayload, info: &MemoryInfo) -> Result
             d.serial.in_buffer.len()
         ));
     }
-    transport("block device", &d.block, &[crate::devices::block::QUEUE_SIZE], p.mem_bytes)?;
+    transport(
+        "block device",
+        &d.block,
+        &[crate::devices::block::QUEUE_SIZE],
+        p.mem_bytes,
+    )?;
     let rq = kscope_guest::abi::request::QUEUE_SIZE;
     transport("request device", &d.request, &[rq, rq], p.mem_bytes)?;
     Ok(())

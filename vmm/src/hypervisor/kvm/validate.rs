@@ -71,7 +71,8 @@ impl KvmVcpuState {
             ));
         }
         let pml4 = s.cr3 & CR3_ADDR;
-        if pml4.checked_add(4096).is_none_or(|end| end > mem_bytes) || s.cr3 & !CR3_ADDR & !0xfff != 0
+        if pml4.checked_add(4096).is_none_or(|end| end > mem_bytes)
+            || s.cr3 & !CR3_ADDR & !0xfff != 0
         {
             return Err(format!(
                 "sregs.cr3 {:#x}: the page-table root is outside the {mem_bytes:#x} bytes of guest RAM",
@@ -118,7 +119,10 @@ impl KvmVcpuState {
         }
         if let Some(x) = &self.xcrs {
             if x.nr_xcrs > MAX_XCRS {
-                return Err(format!("xcrs lists {} registers, at most {MAX_XCRS}", x.nr_xcrs));
+                return Err(format!(
+                    "xcrs lists {} registers, at most {MAX_XCRS}",
+                    x.nr_xcrs
+                ));
             }
             for c in x.xcrs.iter().take(x.nr_xcrs as usize) {
                 if c.xcr == 0 && c.value & 1 == 0 {
@@ -136,8 +140,7 @@ impl KvmVcpuState {
                 e.exception.nr, e.exception.injected, e.exception.pending
             ));
         }
-        if e.nmi.injected > 1 || e.nmi.pending > 1 || e.nmi.masked > 1 || e.interrupt.injected > 1
-        {
+        if e.nmi.injected > 1 || e.nmi.pending > 1 || e.nmi.masked > 1 || e.interrupt.injected > 1 {
             return Err("events: NMI or interrupt flags other than 0 or 1".into());
         }
         let d = &self.debugregs;
@@ -164,9 +167,15 @@ mod tests {
     #[test]
     fn constants_and_canonical_addresses() {
         assert_eq!(RFLAGS_RESERVED & 0x202, 0, "IF and bit 1 are not reserved");
-        assert_ne!(RFLAGS_RESERVED & (1 << 3 | 1 << 5 | 1 << 15 | 1 << 22 | 1 << 63), 0);
+        assert_ne!(
+            RFLAGS_RESERVED & (1 << 3 | 1 << 5 | 1 << 15 | 1 << 22 | 1 << 63),
+            0
+        );
         assert_eq!(RFLAGS_RESERVED & (1 << 21 | 1 << 18 | 1 << 9), 0);
-        assert_eq!(EFER_KNOWN & (EFER_LME | EFER_LMA | 1 | 1 << 11), EFER_LME | EFER_LMA | 1 | 1 << 11);
+        assert_eq!(
+            EFER_KNOWN & (EFER_LME | EFER_LMA | 1 | 1 << 11),
+            EFER_LME | EFER_LMA | 1 | 1 << 11
+        );
         assert_eq!(EFER_KNOWN & (1 << 9 | 1 << 20 | 1 << 63), 0);
         assert!(canonical(0xffff_ffff_8010_0000, false));
         assert!(canonical(0x7fff_ffff_f000, false));
