@@ -88,10 +88,8 @@ async fn fd_budget_answers_503_spares_the_parent_and_counters_never_fall() {
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct it is given.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
-        0
-    );
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) };
+    assert_eq!(r, 0);
     assert_eq!(limit, hard.rlim_max.min(1 << 20), "soft limit not raised");
 
     let parent = create(&c, &sp, json!({"workload": "web", "memory": "64M"})).await;
