@@ -367,30 +367,45 @@ fn a_runaway_guest_is_caught_by_the_watchdog() {
 
 #[test]
 fn page_tables_have_the_documented_layout() {
-    let vm = boot("kt-pt");
+    for mode in [kscope_vmm::GuestMode::Auto, kscope_vmm::GuestMode::Emulated] {
+        page_table_layout(mode);
+    }
+}
+
+fn page_table_layout(mode: kscope_vmm::GuestMode) {
+    let vm = start_in("kt-pt", 64, "init=/bin/ktest", &[], mode).unwrap();
+    vm.wait_ready(T).unwrap();
     ask(&vm, b"alloc 4");
+    let native = vm.cpu_mode() == Some(kscope_vmm::CpuMode::Native);
+    // Native mode: the kernel half is user-accessible in the kernel-mode tables (PVM runs
+    // the kernel at hardware CPL3); processes run on user-mode twins without it.
+    let us = if native { US } else { 0 };
     let k = kinfo(&vm);
     let pml4 = k.kernel_pml4;
     // Kernel text: 4 KiB, supervisor, read-only, executable.
     let (e, size) = walk(&vm, pml4, k.text_start).unwrap();
-    assert_eq!((size, e & (RW | US | NX)), (4096, 0), "text {e:#x}");
+    assert_eq!((size, e & (RW | US | NX)), (4096, us), "text {e:#x}");
     let (e, size) = walk(&vm, pml4, k.rodata_start).unwrap();
-    assert_eq!((size, e & (RW | US | NX)), (4096, NX), "rodata {e:#x}");
+    assert_eq!((size, e & (RW | US | NX)), (4096, NX | us), "rodata {e:#x}");
     let (e, size) = walk(&vm, pml4, k.data_start).unwrap();
-    assert_eq!((size, e & (RW | US | NX)), (4096, RW | NX), "data {e:#x}");
+    assert_eq!(
+        (size, e & (RW | US | NX)),
+        (4096, RW | NX | us),
+        "data {e:#x}"
+    );
     assert_eq!(k.text_start, KERNEL_VIRT_BASE + 0x10_0000);
     // Direct map: 2 MiB, supervisor, NX, all of RAM and nothing more.
     for gpa in [0, 0x20_0000, k.mem_bytes - 0x20_0000] {
         let (e, size) = walk(&vm, pml4, DIRECT_MAP_BASE + gpa).unwrap();
         assert_eq!(
             (size, e & (US | NX), e & ADDR & !(size - 1)),
-            (2 << 20, NX, gpa)
+            (2 << 20, NX | us, gpa)
         );
     }
     assert!(walk(&vm, pml4, DIRECT_MAP_BASE + k.mem_bytes).is_none());
     // MMIO: uncached, NX.
     let (e, _) = walk(&vm, pml4, MMIO_VIRT_BASE).unwrap();
-    assert_eq!((e & ADDR, e & (PCD | NX | US)), (MMIO_BASE, PCD | NX));
+    assert_eq!((e & ADDR, e & (PCD | NX | US)), (MMIO_BASE, PCD | NX | us));
     // No user half in the kernel's tables.
     for i in 0..256 {
         assert_eq!(read_u64(&vm, pml4 + i * 8) & P, 0, "kernel PML4 entry {i}");
@@ -404,6 +419,34 @@ fn page_tables_have_the_documented_layout() {
             read_u64(&vm, ktest.cr3 + i * 8),
             read_u64(&vm, pml4 + i * 8),
             "entry {i}"
+        );
+    }
+    if native {
+        // Its user-mode twin (the next frame) has the same user half and, of the kernel,
+        // only the trampoline: a few 4 KiB pages, none of the direct map's 2 MiB pages.
+        let twin = ktest.cr3 + 4096;
+        for i in 0..256 {
+            // (The accessed bit may differ: each table is walked on its own.)
+            assert_eq!(
+                read_u64(&vm, twin + i * 8) & !0x20,
+                read_u64(&vm, ktest.cr3 + i * 8) & !0x20
+            );
+        }
+        assert!(walk(&vm, twin, k.rodata_start).is_none());
+        assert!(walk(&vm, twin, DIRECT_MAP_BASE + 0x20_0000).is_none());
+        assert!(walk(&vm, twin, DIRECT_MAP_BASE + k.mem_bytes - 0x1000).is_none());
+        assert!(walk(&vm, twin, MMIO_VIRT_BASE).is_none());
+        let mut kernel_pages = 0;
+        let mut v = KERNEL_VIRT_BASE + 0x10_0000;
+        while v < k.data_start + (4 << 20) {
+            if walk(&vm, twin, v).is_some() {
+                kernel_pages += 1;
+            }
+            v += 4096;
+        }
+        assert!(
+            (1..=6).contains(&kernel_pages),
+            "{kernel_pages} kernel pages"
         );
     }
     // User text: user, read-only, executable, mapped from the page cache (bytes of the ELF).

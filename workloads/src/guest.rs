@@ -88,13 +88,23 @@ impl Files for GuestFiles {
     }
 }
 
-/// Serve requests forever: one `recv_request`, the handler, one `send_response`.
+/// Serve requests forever: the handler between `reply_recv` calls (one kernel entry per
+/// request: the answer to one request and the wait for the next).
 pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
     kscope_guest::println!("{name}: ready");
     let mut buf = alloc::vec![0u8; kscope_guest::abi::request::MAX_REQUEST];
+    let mut answer: (u64, u32, &[u8]) = (u64::MAX, 0, &[]);
     loop {
-        let meta = match ulib::sys::recv_request(&mut buf) {
+        let (id, status, payload) = answer;
+        let payload = &payload[..payload.len().min(kscope_guest::abi::request::MAX_RESPONSE)];
+        let meta = match ulib::sys::reply_recv(id, payload, status, &mut buf) {
             Ok(m) => m,
+            Err(e) if id != u64::MAX => {
+                // The answer could not be sent (e.g. out of memory): say so, then wait again.
+                kscope_guest::println!("{name}: send_response failed: errno {}", e.0);
+                answer = (u64::MAX, 0, &[]);
+                continue;
+            }
             Err(e) => {
                 kscope_guest::println!("{name}: recv_request failed: errno {}", e.0);
                 return 1;
@@ -102,9 +112,6 @@ pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
         };
         let len = (meta.len as usize).min(buf.len());
         let (status, payload) = handler.handle(&buf[..len]);
-        let payload = &payload[..payload.len().min(kscope_guest::abi::request::MAX_RESPONSE)];
-        if let Err(e) = ulib::respond(meta.id, status, payload) {
-            kscope_guest::println!("{name}: send_response failed: errno {}", e.0);
-        }
+        answer = (meta.id, status, payload);
     }
 }
