@@ -527,8 +527,26 @@ fn open_parts(paths: &SnapshotPaths) -> Result<(StateFile, FileImage)> {
 pub fn open_snapshot_verified<T: DeserializeOwned>(
     paths: &SnapshotPaths,
 ) -> Result<(T, MemoryInfo, Arc<dyn PageSource>)> {
+    let v = open_snapshot_bytes_verified(paths)?;
+    Ok((serde_json::from_slice(&v.payload)?, v.memory, v.image))
+}
+
+/// A snapshot opened by [`open_snapshot_bytes_verified`].
+pub struct VerifiedSnapshot {
+    /// The raw payload.
+    pub payload: Vec<u8>,
+    /// The memory file's description.
+    pub memory: MemoryInfo,
+    /// True if the state file holds a CRC-32 per page (format 2): pages are checked as read.
+    pub page_table: bool,
+    /// The memory, checked as it is read.
+    pub image: Arc<dyn PageSource>,
+}
+
+/// [`open_snapshot_verified`] with the raw payload, and whether the file had a page table.
+pub fn open_snapshot_bytes_verified(paths: &SnapshotPaths) -> Result<VerifiedSnapshot> {
     let (state, image) = open_parts(paths)?;
-    let payload = serde_json::from_slice(&state.payload)?;
+    let page_table = state.page_crcs.is_some();
     let image: Arc<dyn PageSource> = match state.page_crcs {
         Some(crcs) => Arc::new(VerifiedImage::new(
             Arc::new(image),
@@ -540,7 +558,12 @@ pub fn open_snapshot_verified<T: DeserializeOwned>(
             Arc::new(image)
         }
     };
-    Ok((payload, state.memory, image))
+    Ok(VerifiedSnapshot {
+        payload: state.payload,
+        memory: state.memory,
+        page_table,
+        image,
+    })
 }
 
 /// Removes what an interrupted writer (a process killed during [`write_snapshot`]) left in

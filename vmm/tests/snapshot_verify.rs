@@ -107,7 +107,7 @@ fn a_corrupt_page_fails_its_vm_lazily_and_the_restore_eagerly() {
     // The page holding vCPU 0's next instruction: the lazy VM fails on its first fetch, with
     // an error naming the memory file, and never runs with the wrong bytes.
     let p = payload(&dir);
-    let rip = get_u64(&p["machine"]["vcpus"][0]["regs"], RIP);
+    let rip = p["machine"]["vcpus"][0]["regs"]["rip"].as_u64().unwrap();
     let gfn = (rip - KERNEL_VIRT_BASE) / 4096;
     flip_page(&dir, gfn, rip % 4096);
     let t0 = Instant::now();
@@ -132,17 +132,8 @@ fn a_corrupt_page_fails_its_vm_lazily_and_the_restore_eagerly() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Offsets in `kvm_regs` / `kvm_sregs` (stored as byte arrays).
-const RIP: usize = 128;
+/// Offset of CR3 in `kvm_sregs` (the KVM backend's part of a saved vCPU, stored as bytes).
 const CR3: usize = 240;
-
-fn get_u64(bytes: &Value, at: usize) -> u64 {
-    let b: Vec<u8> = bytes.as_array().unwrap()[at..at + 8]
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u8)
-        .collect();
-    u64::from_le_bytes(b.try_into().unwrap())
-}
 
 fn with_u64(bytes: &Value, at: usize, val: u64) -> Value {
     let mut a = bytes.as_array().unwrap().clone();
@@ -154,6 +145,15 @@ fn with_u64(bytes: &Value, at: usize, val: u64) -> Value {
 
 fn filled(bytes: &Value, byte: u8) -> Value {
     Value::Array(vec![byte.into(); bytes.as_array().unwrap().len()])
+}
+
+/// The neutral general registers `regs` with every field set to `val`.
+fn all_regs(regs: &Value, val: u64) -> Value {
+    let mut r = regs.clone();
+    for (_, x) in r.as_object_mut().unwrap().iter_mut() {
+        *x = val.into();
+    }
+    r
 }
 
 /// Sets `path` (slash-separated keys and indices) in `v`.
@@ -176,7 +176,14 @@ fn inconsistent_state_fields_are_refused_before_anything_runs() {
     drop(vm);
     let good = payload(&dir);
     let regs = good["machine"]["vcpus"][0]["regs"].clone();
-    let sregs = good["machine"]["vcpus"][0]["sregs"].clone();
+    let arch = "machine/vcpus/0/arch/Kvm";
+    let sregs = good["machine"]["vcpus"][0]["arch"]["Kvm"]["sregs"].clone();
+    let (sr, ev, xs, ms) = (
+        format!("{arch}/sregs"),
+        format!("{arch}/events"),
+        format!("{arch}/xsave"),
+        format!("{arch}/mp_state"),
+    );
     let mp = |v: u8| Value::Array(vec![v.into(), 0.into(), 0.into(), 0.into()]);
     let q = "machine/devices/request/queues/0";
     let (qd, qu, qs) = (
@@ -188,42 +195,43 @@ fn inconsistent_state_fields_are_refused_before_anything_runs() {
         (
             "all-zero registers",
             "machine/vcpus/0/regs",
-            filled(&regs, 0),
+            all_regs(&regs, 0),
             "rflags",
         ),
         (
             "all-ones registers",
             "machine/vcpus/0/regs",
-            filled(&regs, 0xff),
+            all_regs(&regs, u64::MAX),
             "rflags",
         ),
-        (
-            "empty sregs",
-            "machine/vcpus/0/sregs",
-            filled(&sregs, 0),
-            "cr0",
-        ),
+        ("empty sregs", &sr, filled(&sregs, 0), "cr0"),
         (
             "non-canonical RIP",
-            "machine/vcpus/0/regs",
-            with_u64(&regs, RIP, 1 << 60),
+            "machine/vcpus/0/regs/rip",
+            (1u64 << 60).into(),
             "rip",
         ),
         (
             "CR3 outside RAM",
-            "machine/vcpus/0/sregs",
+            &sr,
             with_u64(&sregs, CR3, 1 << 40),
             "cr3",
         ),
         (
-            "short regs array",
+            "registers missing",
             "machine/vcpus/0/regs",
-            Value::Array(vec![1.into(); 100]),
-            "regs is 100 bytes",
+            serde_json::json!({"rip": 0}),
+            "missing field",
+        ),
+        (
+            "short events array",
+            &ev,
+            Value::Array(vec![1.into(); 10]),
+            "events is 10 bytes",
         ),
         (
             "long sregs array",
-            "machine/vcpus/0/sregs",
+            &sr,
             Value::Array(vec![1.into(); 400]),
             "sregs is 400 bytes",
         ),
@@ -231,11 +239,17 @@ fn inconsistent_state_fields_are_refused_before_anything_runs() {
             "empty MSR entry",
             "machine/vcpus/0/msrs/0",
             Value::Array(vec![]),
-            "msrs is 0 bytes",
+            "state payload",
+        ),
+        (
+            "unknown backend",
+            "machine/vcpus/0/arch",
+            serde_json::json!({"Xen": {}}),
+            "unknown backend",
         ),
         (
             "short XSAVE area",
-            "machine/vcpus/0/xsave",
+            &xs,
             Value::Array(vec![0.into(); 10]),
             "xsave",
         ),
@@ -254,7 +268,7 @@ fn inconsistent_state_fields_are_refused_before_anything_runs() {
             Value::Null,
             "request device",
         ),
-        ("mp_state", "machine/vcpus/0/mp_state", mp(7), "mp_state"),
+        ("mp_state", &ms, mp(7), "mp_state"),
         (
             "device status",
             "machine/devices/block/status",
@@ -284,7 +298,7 @@ fn inconsistent_state_fields_are_refused_before_anything_runs() {
     // KVM refuses a state the checks let through (vCPU 0 in INIT_RECEIVED): the error says the
     // saved state was rejected and which part, not "check /dev/kvm".
     let mut p = good.clone();
-    set(&mut p, "machine/vcpus/0/mp_state", mp(2));
+    set(&mut p, &ms, mp(2));
     set_payload(&dir, &p);
     let e = Vm::restore(&dir, MemoryMode::Lazy, "v-f").unwrap_err();
     let msg = e.to_string();

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::error::{ApiError, ApiResult};
 use super::metrics::Gauges;
-use crate::stats::LatencySummary;
+use kscope_vmm::summary::LatencySummary;
 
 /// Latency samples kept per VM for its summary.
 pub const LATENCY_WINDOW: usize = 4096;
@@ -53,9 +53,10 @@ pub enum VmKind {
     Clone,
 }
 
-/// A clone's identity inside its generation.
+/// Wire view of a clone's identity (`Identity` in the spec), from the VMM's
+/// [`kscope_vmm::Vm::identity`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Identity {
+pub struct IdentityView {
     /// The clone id the VMM wrote into the clone's GenPage.
     pub clone_id: u64,
     /// MAC address the clone would use on a network.
@@ -64,9 +65,10 @@ pub struct Identity {
     pub ip: String,
 }
 
-/// Memory statistics of a VM, as reported by the VMM.
+/// Wire view of a VM's memory statistics (`MemoryStats` in the spec), a summary of the VMM's
+/// [`kscope_vmm::MemoryStats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct MemoryStats {
+pub struct MemoryStatsView {
     /// True if the VM's memory is served lazily (a lazy clone or restored VM).
     pub lazy: bool,
     /// Page faults served.
@@ -124,7 +126,7 @@ pub struct VmEntry {
     /// The VM.
     pub vm: Vm,
     /// The clone's identity.
-    pub identity: Option<Identity>,
+    pub identity: Option<IdentityView>,
     /// Boot (or clone) time.
     pub boot: Duration,
     /// Request statistics.
@@ -191,7 +193,7 @@ pub struct VmStatsView {
     /// Latency over the last [`LATENCY_WINDOW`] requests.
     pub latency: LatencySummary,
     /// Memory statistics from the VMM.
-    pub memory: MemoryStats,
+    pub memory: MemoryStatsView,
 }
 
 /// JSON view of a VM (`Vm` in the spec).
@@ -216,7 +218,7 @@ pub struct VmView {
     /// Boot or clone time.
     pub boot_ms: Option<f64>,
     /// Clone identity.
-    pub identity: Option<Identity>,
+    pub identity: Option<IdentityView>,
     /// Where to send requests.
     pub request_url: String,
     /// Ids of its clones.
@@ -238,9 +240,9 @@ impl VmEntry {
     }
 
     /// Memory statistics from the VMM.
-    pub fn memory(&self) -> MemoryStats {
+    pub fn memory(&self) -> MemoryStatsView {
         let m = self.vm.memory_stats();
-        MemoryStats {
+        MemoryStatsView {
             lazy: m.lazy,
             faults: m.faults,
             pages_fetched: m.pages_fetched + m.pages_prefetched + m.zero_filled,
@@ -560,7 +562,7 @@ impl Registry {
             guest_memory: self.usage.lock().unwrap_or_else(|p| p.into_inner()).mem,
             ..Gauges::default()
         };
-        let live: Vec<(Arc<VmEntry>, MemoryStats)> = {
+        let live: Vec<(Arc<VmEntry>, MemoryStatsView)> = {
             let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
             let r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
             g.faults = r.faults;

@@ -25,7 +25,7 @@ use super::error::{ApiError, ApiResult, ErrorCode};
 use super::limits;
 use super::registry::{request_url, RequestStats, VmEntry, VmKind};
 use super::{AppState, MAX_BODY};
-use crate::stats::parse_size;
+use kscope_vmm::summary::parse_size;
 
 type St = State<Arc<AppState>>;
 
@@ -363,7 +363,7 @@ async fn create_clones(
     let start = Instant::now();
     let req = body.validate()?;
     let parent = s.registry.get(&id)?;
-    let lazy = req.mode == clones::MemoryMode::Lazy;
+    let lazy = req.mode == kscope_vmm::MemoryMode::Lazy;
     let charge = limits::charge_of(parent.mem_bytes, lazy, s.registry.limits().overcommit);
     let mut reservation = s
         .registry
@@ -375,7 +375,7 @@ async fn create_clones(
     let batch = control(move || clones::make_clones(&p2, &r2, &prefix)).await?;
     let made = batch.clones.len();
     reservation.shrink_clones(req.n - made.min(req.n), charge);
-    let policy = format!("{:?}", req.mode).to_lowercase() + ":" + req.prefetch.name.as_str();
+    let policy = format!("{}:{}", req.mode, req.prefetch.name);
     let mut out = Vec::with_capacity(made);
     for c in batch.clones {
         let cid = s.registry.new_id();

@@ -9,14 +9,16 @@ use kscope_guest::abi::boot::{GenPage, Identity, GENPAGE_MAGIC};
 use kscope_guest::abi::layout::GENPAGE_GPA;
 
 use super::{CloneContext, Generation, MemoryMode, PrefetcherFactory};
+use crate::config::VmConfig;
 use crate::error::VmError;
-use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu};
-use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
-use crate::lazy::{FaultServer, LazyRegion, PageSource, RegionKind, ServerOptions, PAGE_SIZE};
+use crate::hostmem::PAGE_SIZE;
+use crate::hypervisor;
+use crate::lazy::{eager_fill, FaultServer, LazyRegion, RegionKind, ServerOptions};
 use crate::memory::{GuestMemory, GuestRam, Keeper};
 use crate::mode::CpuMode;
 use crate::prefetch::{OnDemand, Prefetcher};
-use crate::vm::{Assembly, BootReport, Vm, VmConfig};
+use crate::state;
+use crate::vm::{Assembly, BootReport, Vm};
 
 /// Generation numbers written into clones' GenPages (0 = a booted VM).
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -80,21 +82,6 @@ pub fn identity_for(id: u64, name: &str) -> Identity {
     }
 }
 
-/// Copy every non-zero page of `src` into `ram` (eager mode).
-fn eager_fill(src: &dyn PageSource, ram: &GuestRam) -> Result<(), VmError> {
-    let mut page = [0u8; PAGE_SIZE];
-    for g in 0..src.pages() {
-        if src.is_known_zero(g) {
-            continue;
-        }
-        src.read_page(g, &mut page)?;
-        if page.iter().any(|&b| b != 0) {
-            ram.write(g * PAGE_SIZE as u64, &page)?;
-        }
-    }
-    Ok(())
-}
-
 /// Create a VM from `gen` per `spec`.
 pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmError> {
     let start = Instant::now();
@@ -104,7 +91,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     };
     let size = cfg.mem_bytes;
     let pages = size / PAGE_SIZE as u64;
-    let hv = KvmHypervisor.create_vm()?;
+    let hv = hypervisor::host().create_vm()?;
     let genpage = if spec.identity {
         let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
         Some(GenPage {
@@ -170,7 +157,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         }
         MemoryMode::Eager => {
             let ram = GuestRam::new(&spec.name, size)?;
-            eager_fill(gen.image.as_ref(), &ram)?;
+            eager_fill(gen.image.as_ref(), |gpa, page| ram.write(gpa, page))?;
             if let Some(g) = &genpage {
                 ram.write(GENPAGE_GPA, as_bytes(g))?;
             }
@@ -179,19 +166,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     };
     // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
     unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
-    if let Some(c) = &gen.state.clock {
-        if let Err(e) = hv.set_clock(c) {
-            tracing::debug!(vm = %spec.name, "KVM_SET_CLOCK: {e}");
-        }
-    }
-    let n = gen.state.vcpus.len() as u32;
-    let mut vcpus: Vec<KvmVcpu> = Vec::with_capacity(n as usize);
-    for (i, st) in gen.state.vcpus.iter().enumerate() {
-        let mut v = hv.create_vcpu(i as u32)?;
-        v.cpuid(n)?;
-        v.restore_state(st).map_err(|e| rejected(i as u32, e))?;
-        vcpus.push(v);
-    }
+    let vcpus = state::restore_vcpus(hv.as_ref(), &gen.state, &spec.name)?;
     let vm = Vm::assemble(Assembly {
         cfg,
         hv,
@@ -207,7 +182,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         start_paused: spec.start_paused,
         lazy,
         origin: spec.identity.then(|| gen.clone()),
-        clone_id: genpage.map(|g| g.clone_id),
+        identity: genpage.map(|g| (g.clone_id, g.identity)),
         mode: if gen.state.vcpus.first().is_some_and(|v| v.native()) {
             CpuMode::Native
         } else {
@@ -229,32 +204,4 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         }));
     }
     Ok(vm)
-}
-
-/// KVM refusing a saved state with EINVAL means the state, not the host, is wrong: say so
-/// and name the part.
-fn rejected(vcpu: u32, e: VmError) -> VmError {
-    match e {
-        VmError::Kvm { op, source } if source.errno() == libc::EINVAL => {
-            let part = match op {
-                "KVM_SET_MP_STATE" => "multiprocessing state (mp_state)",
-                "KVM_SET_SREGS" => "special registers (sregs: segments, control registers, EFER)",
-                "KVM_SET_REGS" => "general registers (regs: RIP, RSP, RFLAGS)",
-                "KVM_SET_FPU" => "FPU state (fpu)",
-                "KVM_SET_XSAVE" => "XSAVE area (xsave)",
-                "KVM_SET_XCRS" => "extended control registers (xcrs)",
-                "KVM_SET_MSRS" => "model-specific registers (msrs)",
-                "KVM_SET_VCPU_EVENTS" => "pending events (events)",
-                "KVM_SET_DEBUGREGS" => "debug registers (debugregs)",
-                _ => "vCPU state",
-            };
-            VmError::StateRejected {
-                vcpu,
-                op,
-                part,
-                source,
-            }
-        }
-        e => e,
-    }
 }

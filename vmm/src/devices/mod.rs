@@ -7,6 +7,8 @@ pub mod request;
 pub mod serial;
 pub mod virtio_mmio;
 
+use std::sync::{Arc, Mutex};
+
 use serde::{Deserialize, Serialize};
 
 /// Saved state of a VM's devices (for clones and snapshots).
@@ -18,4 +20,25 @@ pub struct DeviceStates {
     pub block: virtio_mmio::TransportState,
     /// The request device transport.
     pub request: virtio_mmio::TransportState,
+}
+
+/// The devices of a VM, shared with its buses.
+pub(crate) struct DeviceSet {
+    pub(crate) serial: Arc<Mutex<serial::SerialDevice>>,
+    pub(crate) block: Arc<Mutex<virtio_mmio::MmioTransport<block::BlockDevice>>>,
+    pub(crate) request: Arc<Mutex<virtio_mmio::MmioTransport<request::RequestDevice>>>,
+}
+
+impl DeviceSet {
+    /// Capture every device's state (the VM must be paused).
+    pub(crate) fn save_states(&self) -> DeviceStates {
+        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            m.lock().unwrap_or_else(|p| p.into_inner())
+        }
+        DeviceStates {
+            serial: lock(&self.serial).save_state(),
+            block: lock(&self.block).save_state(),
+            request: lock(&self.request).save_state(),
+        }
+    }
 }

@@ -10,12 +10,15 @@
 //!
 //! [`Vm::snapshot`] freezes the VM like a clone does (short pause, no copy while paused) and
 //! writes the files from the frozen image while the VM runs on. [`Vm::restore`] validates
-//! everything (state checksum and version, memory file size, kernel and disk checksums, every
-//! field of the machine state against the configuration: [`validate`]) before it creates
-//! anything. Guest memory is checked page by page against the CRC-32 table of the state file
-//! when a page is first read: eagerly before the VM starts, lazily on the first fault, where a
-//! corrupt page fails the VM with [`VmError::SnapshotCorrupt`] naming the memory file and is
-//! never given to the guest. Both start by removing leftovers of a writer killed mid-write.
+//! everything (state checksum, the payload's version against the rule of
+//! [`crate::state::FormatVersion::can_read`], the host CPU against the saving host's, memory
+//! file size, kernel and disk checksums, every field of the machine state against the
+//! configuration: [`validate`]) before it creates anything. Guest memory is checked page by
+//! page against the CRC-32 table of the state file (state version 2.1 and later) when a page
+//! is first read: eagerly before the VM starts, lazily on the first fault, where a corrupt
+//! page fails the VM with [`VmError::SnapshotCorrupt`] naming the memory file and is never
+//! given to the guest; a 2.0 snapshot's memory is verified whole when opened. Both start by
+//! removing leftovers of a writer killed mid-write.
 
 mod validate;
 
@@ -26,13 +29,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::clone::child::{spawn, ChildSpec};
-use crate::clone::{FreezeReport, Generation, MachineState, MemoryMode};
+use crate::clone::MemoryMode;
+use crate::config::VmConfig;
 use crate::error::VmError;
+use crate::generation::{FreezeReport, Generation};
+use crate::hypervisor::VcpuState;
 use crate::snapfile::{self, MemoryInfo, SnapError, SnapshotPaths};
-use crate::vm::{Vm, VmConfig};
-
-/// Version of [`SnapshotPayload`] (inside the container's own format version).
-pub const PAYLOAD_VERSION: u32 = 1;
+use crate::state::{FormatVersion, HostCpu, MachineState, PAGE_CRC_VERSION, STATE_VERSION};
+use crate::vm::Vm;
 const KERNEL_FILE: &str = "kernel.elf";
 const DISK_FILE: &str = "disk.img";
 
@@ -50,8 +54,8 @@ pub struct BlobRef {
 /// The state file's payload.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SnapshotPayload {
-    /// [`PAYLOAD_VERSION`].
-    pub version: u32,
+    /// Version of this payload and the machine state in it ([`STATE_VERSION`] when written).
+    pub version: FormatVersion,
     /// Name of the VM at the time of the snapshot.
     pub name: String,
     /// Guest RAM in bytes.
@@ -103,6 +107,56 @@ fn snap_err(e: SnapError) -> VmError {
             VmError::SnapshotIo(e.to_string())
         }
     }
+}
+
+/// Decode a state payload: its version first (any payload has one), checked against
+/// [`STATE_VERSION`] with the stated rule (and against the state file: from
+/// [`PAGE_CRC_VERSION`] on, `page_table` must be true), then the serialized vCPU states'
+/// binary blocks ([`VcpuState::check_serialized`]), then the rest.
+fn decode_payload(bytes: &[u8], path: &str, page_table: bool) -> Result<SnapshotPayload, VmError> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: serde_json::Value,
+    }
+    let corrupt = |what: String| VmError::SnapshotCorrupt {
+        path: path.to_string(),
+        what,
+    };
+    let v: Versioned =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("state payload: {e}")))?;
+    let written: FormatVersion = match serde_json::from_value(v.version.clone()) {
+        Ok(w) => w,
+        // Builds before 2.0 wrote a bare integer.
+        Err(_) => FormatVersion {
+            major: v.version.as_u64().unwrap_or(0) as u16,
+            minor: 0,
+        },
+    };
+    if !STATE_VERSION.can_read(written) {
+        return Err(VmError::SnapshotIncompatible {
+            path: path.to_string(),
+            what: format!(
+                "state version {written}, this build reads {}.0 to {STATE_VERSION} (same major, \
+                 no newer minor); take the snapshot again with this build",
+                STATE_VERSION.major
+            ),
+        });
+    }
+    if written >= PAGE_CRC_VERSION && !page_table {
+        return Err(corrupt(format!(
+            "state version {written} records a CRC-32 per memory page, but the state file has no \
+             page table (format 1): the file was altered; take the snapshot again"
+        )));
+    }
+    let raw: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("state payload: {e}")))?;
+    let Some(vcpus) = raw.pointer("/machine/vcpus").and_then(|v| v.as_array()) else {
+        return Err(corrupt("machine.vcpus is missing or not a list".into()));
+    };
+    for (i, v) in vcpus.iter().enumerate() {
+        VcpuState::check_serialized(v).map_err(|e| corrupt(format!("vCPU {i}: {e}")))?;
+    }
+    serde_json::from_value(raw).map_err(|e| corrupt(format!("state payload: {e}")))
 }
 
 fn write_blob(dir: &Path, file: &str, data: &[u8]) -> Result<BlobRef, VmError> {
@@ -161,11 +215,12 @@ impl Vm {
         std::fs::create_dir_all(dir)
             .map_err(|e| VmError::SnapshotIo(format!("creating {}: {e}", dir.display())))?;
         clean(dir);
-        let (generation, freeze) = self.freeze()?;
+        let generation = self.freeze()?;
+        let freeze = *generation.freeze_report();
         let kernel = write_blob(dir, KERNEL_FILE, &self.cfg.kernel)?;
         let disk = write_blob(dir, DISK_FILE, &self.cfg.disk)?;
         let payload = SnapshotPayload {
-            version: PAYLOAD_VERSION,
+            version: STATE_VERSION,
             name: self.name().to_string(),
             mem_bytes: self.mem_bytes(),
             cmdline: self.cfg.cmdline.clone(),
@@ -205,27 +260,20 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let paths = SnapshotPaths::in_dir(dir);
         clean(dir);
-        let (raw, info, image): (serde_json::Value, _, _) =
-            snapfile::open_snapshot_verified(&paths).map_err(snap_err)?;
+        let snap = snapfile::open_snapshot_bytes_verified(&paths).map_err(snap_err)?;
+        let (info, image) = (snap.memory, snap.image);
         let state_path = paths.state.display().to_string();
+        let p = decode_payload(&snap.payload, &state_path, snap.page_table)?;
+        if let Some(why) = HostCpu::current().incompatibility(&p.machine.cpu) {
+            return Err(VmError::SnapshotIncompatible {
+                path: state_path,
+                what: why,
+            });
+        }
         let corrupt = |what: String| VmError::SnapshotCorrupt {
             path: state_path.clone(),
             what,
         };
-        if raw.get("version").and_then(|v| v.as_u64()) == Some(u64::from(PAYLOAD_VERSION)) {
-            validate::check_raw_lengths(&raw).map_err(corrupt)?;
-        }
-        let p: SnapshotPayload =
-            serde_json::from_value(raw).map_err(|e| corrupt(format!("state payload: {e}")))?;
-        if p.version != PAYLOAD_VERSION {
-            return Err(VmError::SnapshotIncompatible {
-                path: state_path,
-                what: format!(
-                    "payload version {}, this build reads {PAYLOAD_VERSION}",
-                    p.version
-                ),
-            });
-        }
         validate::validate_payload(&p, &info).map_err(corrupt)?;
         let n = p.machine.vcpus.len();
         let kernel = read_blob(dir, &p.kernel)?;
@@ -246,6 +294,7 @@ impl Vm {
             state: p.machine,
             cfg,
             created: Instant::now(),
+            freeze: FreezeReport::default(),
         });
         spawn(
             &generation,

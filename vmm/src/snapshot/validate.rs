@@ -18,49 +18,6 @@ const SERIAL_FIFO: usize = 64;
 /// virtio device status bits (ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED).
 const STATUS_BITS: u32 = 0x01 | 0x02 | 0x04 | 0x08 | 0x40 | 0x80;
 
-/// Checks the lengths of the vCPU register blocks in the raw payload, before it is parsed:
-/// `kvm-bindings` stores its structures as byte arrays and silently pads a short array with
-/// zeros or drops the excess of a long one, so a wrong length must be caught here.
-pub(crate) fn check_raw_lengths(raw: &serde_json::Value) -> Result<(), String> {
-    use std::mem::size_of;
-    let blocks: [(&str, usize); 8] = [
-        ("regs", size_of::<kvm_bindings::kvm_regs>()),
-        ("sregs", size_of::<kvm_bindings::kvm_sregs>()),
-        ("fpu", size_of::<kvm_bindings::kvm_fpu>()),
-        ("xcrs", size_of::<kvm_bindings::kvm_xcrs>()),
-        ("events", size_of::<kvm_bindings::kvm_vcpu_events>()),
-        ("debugregs", size_of::<kvm_bindings::kvm_debugregs>()),
-        ("mp_state", size_of::<kvm_bindings::kvm_mp_state>()),
-        ("msrs", size_of::<kvm_bindings::kvm_msr_entry>()),
-    ];
-    let Some(vcpus) = raw.pointer("/machine/vcpus").and_then(|v| v.as_array()) else {
-        return Err("machine.vcpus is missing or not a list".into());
-    };
-    for (i, v) in vcpus.iter().enumerate() {
-        for (name, len) in blocks {
-            let field = &v[name];
-            let arrays: Vec<&serde_json::Value> = match (name, field) {
-                ("msrs", serde_json::Value::Array(list)) => list.iter().collect(),
-                ("xcrs", serde_json::Value::Null) => Vec::new(),
-                _ => vec![field],
-            };
-            for a in arrays {
-                match a.as_array() {
-                    Some(b) if b.len() == len => {}
-                    Some(b) => {
-                        return Err(format!(
-                            "vCPU {i}: {name} is {} bytes long, expected {len}",
-                            b.len()
-                        ))
-                    }
-                    None => return Err(format!("vCPU {i}: {name} is not a byte array")),
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Checks `p` (and the memory file's record `info`); the error names the field.
 pub(crate) fn validate_payload(p: &SnapshotPayload, info: &MemoryInfo) -> Result<(), String> {
     crate::memory::validate_size(p.mem_bytes).map_err(|e| e.to_string())?;
@@ -100,8 +57,11 @@ pub(crate) fn validate_payload(p: &SnapshotPayload, info: &MemoryInfo) -> Result
         return Err("kernel image is empty".into());
     }
     let n = p.machine.vcpus.len();
-    if n == 0 || n > crate::vm::MAX_VCPUS as usize {
-        return Err(format!("{n} vCPU states (1..={})", crate::vm::MAX_VCPUS));
+    if n == 0 || n > crate::config::MAX_VCPUS as usize {
+        return Err(format!(
+            "{n} vCPU states (1..={})",
+            crate::config::MAX_VCPUS
+        ));
     }
     for (i, v) in p.machine.vcpus.iter().enumerate() {
         v.validate(p.mem_bytes)

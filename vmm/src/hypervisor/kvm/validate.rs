@@ -5,7 +5,8 @@
 //! paging and protection on, EFER.LME/LMA set, a 64-bit code segment, a GDT, an IDT and a TSS,
 //! page tables inside guest RAM, architecturally valid RFLAGS and canonical RIP/RSP.
 
-use super::KvmVcpuState;
+use super::KvmArchState;
+use crate::hypervisor::{Msr, Regs};
 
 const CR0_PE: u64 = 1;
 const CR0_PG: u64 = 1 << 31;
@@ -34,11 +35,11 @@ fn canonical(addr: u64, la57: bool) -> bool {
     ((addr << shift) as i64 >> shift) as u64 == addr
 }
 
-impl KvmVcpuState {
-    /// Checks that this is a 64-bit long-mode state whose page tables lie inside `mem_bytes`
-    /// of guest RAM. The error names the field and the value.
-    pub fn validate(&self, mem_bytes: u64) -> Result<(), String> {
-        let r = &self.regs;
+impl KvmArchState {
+    /// Checks that this, with the neutral registers `r` and `msrs`, is a 64-bit long-mode
+    /// state whose page tables lie inside `mem_bytes` of guest RAM. The error names the field
+    /// and the value.
+    pub(crate) fn validate(&self, r: &Regs, msrs: &[Msr], mem_bytes: u64) -> Result<(), String> {
         let s = &self.sregs;
         if r.rflags & RFLAGS_RESERVED != 0 || r.rflags & 2 == 0 {
             return Err(format!(
@@ -130,8 +131,8 @@ impl KvmVcpuState {
                 }
             }
         }
-        if self.msrs.len() > MAX_MSRS {
-            return Err(format!("{} MSRs, at most {MAX_MSRS}", self.msrs.len()));
+        if msrs.len() > MAX_MSRS {
+            return Err(format!("{} MSRs, at most {MAX_MSRS}", msrs.len()));
         }
         let e = &self.events;
         if e.exception.nr >= 32 || e.exception.injected > 1 || e.exception.pending > 1 {
@@ -158,6 +159,33 @@ impl KvmVcpuState {
         }
         Ok(())
     }
+}
+
+/// Checks the lengths of the KVM structures in a serialized [`KvmArchState`] (the value of
+/// `arch.Kvm` in a saved vCPU) before it is parsed: `kvm-bindings` stores its structures as
+/// byte arrays and silently pads a short array with zeros or drops the excess of a long one,
+/// so a wrong length must be caught here.
+pub(crate) fn check_raw_lengths(arch: &serde_json::Value) -> Result<(), String> {
+    use std::mem::size_of;
+    let blocks: [(&str, usize); 6] = [
+        ("sregs", size_of::<kvm_bindings::kvm_sregs>()),
+        ("fpu", size_of::<kvm_bindings::kvm_fpu>()),
+        ("xcrs", size_of::<kvm_bindings::kvm_xcrs>()),
+        ("events", size_of::<kvm_bindings::kvm_vcpu_events>()),
+        ("debugregs", size_of::<kvm_bindings::kvm_debugregs>()),
+        ("mp_state", size_of::<kvm_bindings::kvm_mp_state>()),
+    ];
+    for (name, len) in blocks {
+        match (name, &arch[name]) {
+            ("xcrs", serde_json::Value::Null) => {}
+            (_, a) => match a.as_array() {
+                Some(b) if b.len() == len => {}
+                Some(b) => return Err(format!("{name} is {} bytes long, expected {len}", b.len())),
+                None => return Err(format!("{name} is not a byte array")),
+            },
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
