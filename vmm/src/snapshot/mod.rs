@@ -311,3 +311,29 @@ impl Vm {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_table_goes_with_state_version_2_1() {
+        let at = |minor: u16| format!(r#"{{"version":{{"major":2,"minor":{minor}}}}}"#);
+        // 2.1 and later promise a CRC-32 per page: a state file without the table is altered.
+        let e = decode_payload(at(1).as_bytes(), "s", false).unwrap_err();
+        assert!(
+            matches!(&e, VmError::SnapshotCorrupt { what, .. } if what.contains("no page table")),
+            "{e}"
+        );
+        // 2.0 had none: it passes the version checks (and fails later, on the missing state).
+        for (minor, table) in [(0, false), (0, true), (1, true)] {
+            let e = decode_payload(at(minor).as_bytes(), "s", table).unwrap_err();
+            assert!(
+                e.to_string().contains("machine.vcpus"),
+                "{minor} {table}: {e}"
+            );
+        }
+        let e = decode_payload(at(2).as_bytes(), "s", true).unwrap_err();
+        assert!(matches!(e, VmError::SnapshotIncompatible { .. }), "{e}");
+    }
+}
