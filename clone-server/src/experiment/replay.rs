@@ -235,6 +235,7 @@ pub async fn run(
             max_vms: k * (cfg.max_workers + 2) + 4,
             max_clones: k * (cfg.max_workers * 2 + 4),
             max_guest_mem: 16 << 30,
+            ..Limits::default()
         },
         ..ServeOptions::default()
     })

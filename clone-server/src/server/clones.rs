@@ -62,28 +62,37 @@ impl CreateClones {
         let spec = self.prefetch.as_deref().unwrap_or("lazy");
         let prefetch = PolicySpec::from_str(spec)
             .map_err(|e| ApiError::bad("unknown_policy", e.to_string()))?;
-        if prefetch.name.needs_recording() != self.recording_from.is_some() {
-            return Err(ApiError::bad(
-                "bad_recording",
-                if self.recording_from.is_some() {
-                    format!(
-                        "recording_from is only for policies that replay a recorded working set (reap, faasnap, activeset), not {}",
-                        prefetch.name.as_str()
-                    )
-                } else {
-                    format!(
-                        "policy {} replays a recorded working set: give recording_from, the id of a lazy clone of this parent that served the requests to record",
-                        prefetch.name.as_str()
-                    )
-                },
-            ));
-        }
         Ok(CloneRequest {
             n: self.n as usize,
             mode,
             prefetch,
             recording_from: self.recording_from.clone(),
         })
+    }
+}
+
+impl CloneRequest {
+    /// Check that `recording_from` is given exactly for the policies that replay a recorded
+    /// working set. A dependency between fields that the spec's schema cannot express, so it
+    /// is checked after the parent is found (an unknown parent is a 404 first).
+    pub fn check_recording(&self) -> ApiResult<()> {
+        if self.prefetch.name.needs_recording() != self.recording_from.is_some() {
+            return Err(ApiError::bad(
+                "bad_recording",
+                if self.recording_from.is_some() {
+                    format!(
+                        "recording_from is only for policies that replay a recorded working set (reap, faasnap, activeset), not {}",
+                        self.prefetch.name.as_str()
+                    )
+                } else {
+                    format!(
+                        "policy {} replays a recorded working set: give recording_from, the id of a lazy clone of this parent that served the requests to record",
+                        self.prefetch.name.as_str()
+                    )
+                },
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -168,9 +177,11 @@ pub fn make_clones(
     recording: Option<Arc<[Gfn]>>,
     prefix: &str,
 ) -> ApiResult<MadeBatch> {
-    let vm_err = |e| ApiError::from_vm(&parent.id, e);
     let t_freeze = Instant::now();
-    let generation = parent.vm.freeze().map_err(vm_err)?;
+    let generation = parent
+        .vm
+        .freeze()
+        .map_err(|e| clone_err(parent, &format!("freezing VM {}", parent.id), e))?;
     let freeze = t_freeze.elapsed();
     let t_color = Instant::now();
     let ctx = match req.prefetch.name {
@@ -194,7 +205,13 @@ pub fn make_clones(
         name_prefix: prefix.to_string(),
         ..CloneOptions::default()
     };
-    let batch = generation.spawn(req.n, &opts).map_err(vm_err)?;
+    let batch = generation.spawn(req.n, &opts).map_err(|e| {
+        clone_err(
+            parent,
+            &format!("creating {} clones of VM {}", req.n, parent.id),
+            e,
+        )
+    })?;
     tracing::info!(
         parent = %parent.id,
         n = req.n,
@@ -220,6 +237,26 @@ pub fn make_clones(
     })
 }
 
+/// The API error of a failed freeze or spawn: the parent's only if its state refused the
+/// operation or it is no longer healthy; otherwise a creation error (a host limit, a bad
+/// generation) that never blames a healthy parent.
+fn clone_err(parent: &VmEntry, what: &str, e: kscope_vmm::VmError) -> ApiError {
+    match e {
+        // The parent itself cannot be cloned in its state (paused is fine, failed is not).
+        kscope_vmm::VmError::BadState(_) => ApiError::from_vm(&parent.id, e),
+        e if !parent_ok(parent) => ApiError::from_vm(&parent.id, e),
+        e => ApiError::creating(what, e),
+    }
+}
+
+/// True while the parent runs or is paused (a clone failure is then not the parent's).
+fn parent_ok(parent: &VmEntry) -> bool {
+    matches!(
+        parent.vm.state(),
+        kscope_vmm::VmState::Running | kscope_vmm::VmState::Paused
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,7 +276,6 @@ mod tests {
             (65, None, None, "bad_clone_count"),
             (1, Some("warm"), None, "bad_memory_mode"),
             (1, None, Some("nonsense"), "unknown_policy"),
-            (1, None, Some("reap"), "bad_recording"),
             (1, None, Some("eager"), "unknown_policy"),
         ] {
             let e = CreateClones {
@@ -259,6 +295,19 @@ mod tests {
             recording_from: Some("vm-2".into()),
         }
         .validate()
+        .unwrap()
+        .check_recording()
+        .unwrap_err();
+        assert_eq!(e.code(), "bad_recording");
+        let e = CreateClones {
+            n: 1,
+            memory_mode: None,
+            prefetch: Some("reap".into()),
+            recording_from: None,
+        }
+        .validate()
+        .unwrap()
+        .check_recording()
         .unwrap_err();
         assert_eq!(e.code(), "bad_recording");
         let r = CreateClones {
@@ -269,6 +318,7 @@ mod tests {
         }
         .validate()
         .unwrap();
+        r.check_recording().unwrap();
         assert_eq!(r.recording_from.as_deref(), Some("vm-2"));
     }
 }
