@@ -55,6 +55,7 @@ fn start(name: &str, mem_mib: u64, cmdline: &str, files: &[(&str, u32, Vec<u8>)]
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: cmdline.into(),
         disk: Arc::from(b.build()),
+        net: None,
     })
     .expect("boot")
 }

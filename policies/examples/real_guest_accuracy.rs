@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: "init=/bin/ktest".into(),
         disk: Arc::from(fs.build()),
+        net: None,
     })?;
     if let Err(e) = vm.wait_ready(Duration::from_secs(60)) {
         return Err(format!("kernel not ready: {e}\n{}", vm.serial_output()).into());

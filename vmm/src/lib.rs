@@ -16,6 +16,7 @@ pub mod exit;
 pub mod hypervisor;
 pub mod loader;
 pub mod memory;
+pub mod net;
 pub mod prefetch;
 pub mod vcpu;
 pub mod vm;

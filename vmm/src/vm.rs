@@ -9,6 +9,7 @@ use crate::boot::{self, BootParams};
 use crate::clone::{Generation, ParentState};
 use crate::devices::block::BlockDevice;
 use crate::devices::bus::Bus;
+use crate::devices::net::{NetCounts, NetDevice, TapWatcher};
 use crate::devices::request::{
     PendingResponse, RequestDevice, RequestHub, RequestTransport, Response, VirtioRequestTransport,
     Watchdog,
@@ -22,6 +23,7 @@ use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
 use crate::lazy::FaultServer;
 use crate::loader;
 use crate::memory::{GuestMemory, GuestRam};
+use crate::net::NetAttach;
 use crate::vcpu::{
     ExitCounters, ExitCounts, ExitReason, VcpuControl, VcpuHost, VcpuMsg, VcpuThread,
 };
@@ -40,6 +42,8 @@ const RAM_SLOT: u32 = 0;
 pub const BLOCK_GPA: u64 = MMIO_BASE;
 /// GPA of the request device.
 pub const REQUEST_GPA: u64 = MMIO_BASE + MMIO_DEVICE_SIZE;
+/// GPA of the virtio-net device (VMs with a network).
+pub const NET_GPA: u64 = MMIO_BASE + 2 * MMIO_DEVICE_SIZE;
 
 /// What to boot.
 #[derive(Clone)]
@@ -56,6 +60,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Root disk image (read-only; a multiple of 512 bytes; may be empty).
     pub disk: Arc<[u8]>,
+    /// A virtio-net device on this tap with this address (`None`: no network).
+    pub net: Option<NetAttach>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -67,6 +73,7 @@ impl std::fmt::Debug for VmConfig {
             .field("kernel_len", &self.kernel.len())
             .field("cmdline", &self.cmdline)
             .field("disk_len", &self.disk.len())
+            .field("net", &self.net.as_ref().map(|n| n.ip))
             .finish()
     }
 }
@@ -147,6 +154,7 @@ pub(crate) struct VmCore {
     console: Arc<ConsoleBuffer>,
     controls: Vec<Arc<VcpuControl<KvmVcpuState>>>,
     requests: VirtioRequestTransport,
+    net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
     boot_start: Instant,
     setup_time: Mutex<Duration>,
     counters: Arc<ExitCounters>,
@@ -211,6 +219,16 @@ impl VcpuHost for VmCore {
         self.console.tail(TAIL_LINES)
     }
 
+    fn net_idle(&self) -> (u64, Option<Duration>) {
+        let Some(n) = &self.net else { return (0, None) };
+        let mut t = n.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = t.device().stats();
+        let before = stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed);
+        t.kick_queue(kscope_guest::abi::net::RX_QUEUE);
+        let after = stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed);
+        (after - before, t.device().wake_in())
+    }
+
     fn requests(&self) -> &dyn RequestTransport {
         &self.requests
     }
@@ -244,6 +262,9 @@ pub(crate) struct DeviceSet {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) block: Arc<Mutex<MmioTransport<BlockDevice>>>,
     pub(crate) request: Arc<Mutex<MmioTransport<RequestDevice>>>,
+    pub(crate) net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
+    /// Wakes the idle vCPU on incoming frames (dropped with the VM).
+    pub(crate) _tap_watcher: Option<TapWatcher>,
 }
 
 /// What [`Vm::assemble`] needs.
@@ -310,7 +331,7 @@ impl Vm {
         // `Vm` drops the KVM VM before guest RAM.
         unsafe { hv.set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())? };
         let memory = Arc::new(GuestMemory::new(ram));
-        let devices = [
+        let mut devices = vec![
             DeviceDesc {
                 kind: DeviceKind::Block as u32,
                 irq: 0,
@@ -324,6 +345,14 @@ impl Vm {
                 size: MMIO_DEVICE_SIZE,
             },
         ];
+        if cfg.net.is_some() {
+            devices.push(DeviceDesc {
+                kind: DeviceKind::Net as u32,
+                irq: 0,
+                gpa: NET_GPA,
+                size: MMIO_DEVICE_SIZE,
+            });
+        }
         let mut vcpus: Vec<KvmVcpu> = (0..cfg.vcpus)
             .map(|i| hv.create_vcpu(i))
             .collect::<Result<_, _>>()?;
@@ -403,6 +432,21 @@ impl Vm {
         let mut mmio = Bus::new();
         mmio.insert(BLOCK_GPA, MMIO_DEVICE_SIZE, block.clone())?;
         mmio.insert(REQUEST_GPA, MMIO_DEVICE_SIZE, request.clone())?;
+        // A network device when configured, and in a VM restored from one that had it (then
+        // disconnected if no tap was given, so that the guest's driver keeps working).
+        let saved_net = saved.and_then(|s| s.net.as_ref());
+        let net = if cfg.net.is_some() || saved_net.is_some() {
+            let mut t = MmioTransport::new(NetDevice::new(cfg.net.as_ref()), memory.clone());
+            if let Some(st) = saved_net {
+                t.restore_state(st)
+                    .map_err(|e| VmError::BadConfig(format!("net device: {e}")))?;
+            }
+            let t = Arc::new(Mutex::new(t));
+            mmio.insert(NET_GPA, MMIO_DEVICE_SIZE, t.clone())?;
+            Some(t)
+        } else {
+            None
+        };
 
         let n = vcpus.len();
         let mut controls = Vec::new();
@@ -430,6 +474,7 @@ impl Vm {
             console,
             controls,
             requests: VirtioRequestTransport::new(hub, request.clone()),
+            net: net.clone(),
             boot_start: start,
             setup_time: Mutex::new(Duration::ZERO),
             counters: Arc::new(ExitCounters::default()),
@@ -442,6 +487,25 @@ impl Vm {
                 }
             }
         }));
+
+        let tap_watcher = match cfg.net.as_ref() {
+            Some(a) if net.is_some() => {
+                let target = Arc::downgrade(&core);
+                let w = TapWatcher::start(
+                    a.tap.clone(),
+                    Box::new(move || {
+                        if let Some(core) = target.upgrade() {
+                            if let Some(c) = core.controls.first() {
+                                c.send(VcpuMsg::Wake);
+                            }
+                        }
+                    }),
+                )
+                .map_err(|e| VmError::Internal(format!("cannot watch the tap: {e}")))?;
+                Some(w)
+            }
+            _ => None,
+        };
 
         let first_run = Arc::new(OnceLock::new());
         let mut threads = Vec::new();
@@ -476,6 +540,8 @@ impl Vm {
                 serial,
                 block,
                 request,
+                net,
+                _tap_watcher: tap_watcher,
             },
             cfg,
             lazy,
@@ -650,6 +716,27 @@ impl Vm {
     /// The VM's name.
     pub fn name(&self) -> &str {
         &self.core.name
+    }
+
+    /// The VM's IPv4 address, if it has a network.
+    pub fn net_address(&self) -> Option<std::net::Ipv4Addr> {
+        self.cfg.net.as_ref().map(|n| n.ip)
+    }
+
+    /// The VM's network attachment, if any.
+    pub fn net_attach(&self) -> Option<&NetAttach> {
+        self.cfg.net.as_ref()
+    }
+
+    /// Counters of the VM's network device.
+    pub fn net_counts(&self) -> Option<NetCounts> {
+        self.devices.net.as_ref().map(|n| {
+            n.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device()
+                .stats()
+                .snapshot()
+        })
     }
 
     /// Exit counters so far.

@@ -176,6 +176,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             kernel: st.kernel(),
             cmdline: format!("init={}", workload.program_path()),
             disk: st.disk(),
+            net: None,
         })
         .map_err(|e| ApiError::from_vm(&vid, e))?;
         if let Err(e) = vm.wait_ready(st.opts.boot_timeout) {

@@ -6,8 +6,8 @@ use kscope_guest::abi::boot::Identity;
 use kscope_guest::abi::fs::NAME_MAX;
 use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::{virt_to_phys, PAGE_SIZE};
-use kscope_guest::abi::request::MAX_RESPONSE;
 use kscope_guest::abi::net as nabi;
+use kscope_guest::abi::request::MAX_RESPONSE;
 use kscope_guest::abi::syscall::{self as nr, errno, FileStat};
 
 use crate::mm::{frame, va};
@@ -45,7 +45,10 @@ pub fn handle(slot: usize, frame: &mut Context) {
             frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9,
         ],
     );
-    if matches!(n, nr::RECV_REQUEST | nr::SIGRETURN | nr::YIELD | nabi::NET_POLL) {
+    if matches!(
+        n,
+        nr::RECV_REQUEST | nr::SIGRETURN | nr::YIELD | nabi::NET_POLL
+    ) {
         // These block, replace or hand over the context: work on the saved copy.
         sched::spill(slot, frame);
     }

@@ -298,6 +298,11 @@ impl Vm {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .save_state(),
+            net: self
+                .devices
+                .net
+                .as_ref()
+                .map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).save_state()),
         })
     }
 

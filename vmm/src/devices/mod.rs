@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod bus;
+pub mod net;
 pub mod request;
 pub mod serial;
 pub mod virtio_mmio;
@@ -18,4 +19,7 @@ pub struct DeviceStates {
     pub block: virtio_mmio::TransportState,
     /// The request device transport.
     pub request: virtio_mmio::TransportState,
+    /// The virtio-net transport (VMs with a network).
+    #[serde(default)]
+    pub net: Option<virtio_mmio::TransportState>,
 }

@@ -226,6 +226,7 @@ impl Vm {
             kernel,
             cmdline: p.cmdline,
             disk,
+            net: None,
         };
         let generation = Arc::new(Generation {
             id: 0,

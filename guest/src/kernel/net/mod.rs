@@ -173,10 +173,7 @@ pub fn poll() {
 pub fn before_halt() {
     let Some(n) = net() else { return };
     let t = now();
-    let stack = n
-        .iface
-        .poll_delay(t, &n.sockets)
-        .map(|d| d.total_micros());
+    let stack = n.iface.poll_delay(t, &n.sockets).map(|d| d.total_micros());
     let waiter = socket::next_deadline_ns().map(|d| d.saturating_sub(crate::clock_ns()) / 1000);
     let us = match (stack, waiter) {
         (Some(a), Some(b)) => Some(a.min(b)),

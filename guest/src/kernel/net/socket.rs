@@ -31,7 +31,10 @@ enum Kind {
     Free,
     TcpNew,
     TcpBound(u16),
-    TcpListen { port: u16, pool: [u8; BACKLOG] },
+    TcpListen {
+        port: u16,
+        pool: [u8; BACKLOG],
+    },
     TcpConn(u8),
     /// Closed by its process; the connection finishes its FIN exchange.
     TcpClosing(u8),

@@ -217,8 +217,13 @@ impl phy::RxToken for RxTok {
         let buf = frame_buf(d.rx_phys, self.id);
         let end = (self.len as usize).clamp(VIRTIO_NET_HDR_LEN, BUF as usize);
         let r = f(&buf[VIRTIO_NET_HDR_LEN..end]);
-        d.rx
-            .set_desc(self.id, d.rx_phys + self.id as u64 * BUF, BUF as u32, F_WRITE, 0);
+        d.rx.set_desc(
+            self.id,
+            d.rx_phys + self.id as u64 * BUF,
+            BUF as u32,
+            F_WRITE,
+            0,
+        );
         d.rx.push_avail(self.id);
         r
     }
