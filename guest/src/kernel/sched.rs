@@ -265,8 +265,9 @@ pub fn schedule() -> ! {
             run(i);
         }
         request::flush();
-        crate::net::before_halt();
-        arch::hlt();
+        if crate::net::before_halt() {
+            arch::hlt();
+        }
     }
 }
 

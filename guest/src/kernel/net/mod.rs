@@ -168,10 +168,15 @@ pub fn poll() {
     socket::wake_waiters(n);
 }
 
-/// Before `hlt`: ask the VMM to wake us when the stack's next timer or the nearest `poll`
-/// timeout is due.
-pub fn before_halt() {
-    let Some(n) = net() else { return };
+/// Before `hlt`: false if frames arrived that the stack has not seen (the VMM may fill RX
+/// buffers during any exit, e.g. a TX notification after the stack's last look): then the
+/// scheduler must poll again instead of halting. Otherwise ask the VMM to wake us when the
+/// stack's next timer or the nearest `poll` timeout is due, and return true.
+pub fn before_halt() -> bool {
+    let Some(n) = net() else { return true };
+    if virtio_net::rx_pending() {
+        return false;
+    }
     let t = now();
     let stack = n.iface.poll_delay(t, &n.sockets).map(|d| d.total_micros());
     let waiter = socket::next_deadline_ns().map(|d| d.saturating_sub(crate::clock_ns()) / 1000);
@@ -180,6 +185,7 @@ pub fn before_halt() {
         (a, b) => a.or(b),
     };
     virtio_net::set_wake(us.map_or(0, |u| u.clamp(1, u32::MAX as u64) as u32));
+    true
 }
 
 /// Broadcast a gratuitous ARP for our address (after boot and on every new identity).

@@ -154,6 +154,11 @@ impl NetDev {
     }
 }
 
+/// True if received frames wait in the used ring.
+pub fn rx_pending() -> bool {
+    dev().is_some_and(|d| d.rx.has_used())
+}
+
 /// Send everything queued (one notification) and reclaim the TX buffers.
 pub fn flush() {
     if let Some(d) = dev() {
@@ -162,10 +167,11 @@ pub fn flush() {
 }
 
 /// Ask the VMM to wake the halted guest after `us` microseconds (0: only for frames); one
-/// configuration write (an exit), skipped when the value did not change.
+/// configuration write (an exit). The deadline is relative to the write, so only a repeated
+/// 0 is skipped.
 pub fn set_wake(us: u32) {
     if let Some(d) = dev() {
-        if d.wake_us != us {
+        if us != 0 || d.wake_us != 0 {
             d.wake_us = us;
             d.dev.write(R_CONFIG + config::WAKE_US, us);
         }
