@@ -123,6 +123,8 @@ async fn list_vms(State(s): St) -> Json<serde_json::Value> {
 struct CreateVm {
     workload: String,
     memory: Option<String>,
+    #[serde(default)]
+    network: bool,
 }
 
 fn parse_workload(name: &str) -> ApiResult<Workload> {
@@ -167,8 +169,20 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
     let id = s.registry.new_id();
     let st = s.clone();
     let vid = id.clone();
+    let network = body.network;
     let entry = control(move || {
         let start = Instant::now();
+        let net = if network {
+            let n = kscope_vmm::net::Network::get()
+                .map_err(|e| ApiError::VmFailed(format!("guest networking is unavailable: {e}")))?;
+            let ident = n.boot_identity(&vid);
+            Some(
+                kscope_vmm::net::NetAttach::new(n, &ident)
+                    .map_err(|e| ApiError::VmFailed(format!("no tap device for {vid}: {e}")))?,
+            )
+        } else {
+            None
+        };
         let vm = Vm::boot(VmConfig {
             name: vid.clone(),
             mem_bytes: mem,
@@ -176,7 +190,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             kernel: st.kernel(),
             cmdline: format!("init={}", workload.program_path()),
             disk: st.disk(),
-            net: None,
+            net,
         })
         .map_err(|e| ApiError::from_vm(&vid, e))?;
         if let Err(e) = vm.wait_ready(st.opts.boot_timeout) {
@@ -343,6 +357,7 @@ async fn create_clones(
     let mut out = Vec::with_capacity(made);
     for c in batch.clones {
         let cid = s.registry.new_id();
+        let address = c.vm.net_address().map(|a| a.to_string());
         let entry = Arc::new(VmEntry {
             id: cid.clone(),
             kind: VmKind::Clone,
@@ -362,6 +377,7 @@ async fn create_clones(
             "id": cid,
             "identity": c.identity,
             "request_url": request_url(&cid),
+            "address": address,
             "clone_ms": c.latency.as_secs_f64() * 1e3,
         }));
     }
