@@ -360,6 +360,129 @@ mod tests {
         f
     }
 
+    /// Through the real TX path (virtqueue in guest memory, tap, bridge): the VM's own frame
+    /// reaches the bridge, frames with another VM's MAC or IP do not.
+    #[test]
+    fn spoofed_frames_from_the_guest_never_reach_the_bridge() {
+        use crate::devices::virtio_mmio::tests::{handshake, rd, setup_queue, wr};
+        use crate::devices::virtio_mmio::{reg, status, MmioTransport, VIRTIO_F_VERSION_1};
+        use crate::memory::{GuestMemory, GuestRam};
+        use crate::net::{NetAttach, Network};
+        use kscope_guest::abi::boot::Identity;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+        let net = Network::get().expect("network namespace");
+        let id = Identity {
+            mac: [0x52, 0x54, 0, 0x7e, 0, 1, 0, 0],
+            ipv4: [10, 0, 254, 1],
+            prefix_len: 16,
+            hostname: [0; 32],
+        };
+        let attach = NetAttach::new(net.clone(), &id).expect("tap");
+        // A packet socket on the bridge, inside the namespace: what really left the tap.
+        let sniffer = net
+            .run_in(|| {
+                // SAFETY: plain socket(2); checked below.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_PACKET,
+                        libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                        (libc::ETH_P_ARP as u16).to_be() as i32,
+                    )
+                };
+                assert!(
+                    fd >= 0,
+                    "packet socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                // SAFETY: `fd` is new and ours.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                let name = std::ffi::CString::new(crate::net::BRIDGE).unwrap();
+                // SAFETY: a NUL-terminated name.
+                let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+                let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                sa.sll_family = libc::AF_PACKET as u16;
+                sa.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
+                sa.sll_ifindex = index as i32;
+                // SAFETY: `sa` is a valid sockaddr_ll of the given size.
+                let rc = unsafe {
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                fd
+            })
+            .expect("namespace thread");
+
+        let ram = Arc::new(GuestMemory::new(GuestRam::new("net", 4 << 20).unwrap()));
+        let mut t = MmioTransport::new(NetDevice::new(Some(&attach)), ram.clone());
+        handshake(&mut t, VIRTIO_F_VERSION_1);
+        const Q: u64 = 0x10_0000;
+        const BUF: u64 = 0x20_0000;
+        setup_queue(&mut t, 1, 16, Q);
+        let s = rd(&mut t, reg::STATUS);
+        wr(&mut t, reg::STATUS, s | status::DRIVER_OK);
+        assert!(t.is_active());
+
+        let mac: [u8; 6] = [0x52, 0x54, 0, 0x7e, 0, 1];
+        let other_mac: [u8; 6] = [0x52, 0x54, 0, 0x7e, 0, 2];
+        let ip = [10, 0, 254, 1];
+        let frames = [
+            arp(mac, ip),               // own: passes
+            arp(other_mac, ip),         // another VM's MAC
+            arp(mac, [10, 0, 254, 2]),  // another VM's IP
+            ipv4(mac, [10, 0, 254, 2]), // IPv4 from another VM's IP
+        ];
+        let mem = ram.load();
+        for (i, f) in frames.iter().enumerate() {
+            let a = BUF + i as u64 * 0x1000;
+            let mut buf = vec![0u8; VIRTIO_NET_HDR_LEN];
+            buf.extend_from_slice(f);
+            mem.write(a, &buf).unwrap();
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&a.to_le_bytes());
+            d[8..12].copy_from_slice(&(buf.len() as u32).to_le_bytes());
+            mem.write(Q + i as u64 * 16, &d).unwrap();
+            mem.write(Q + 0x1000 + 4 + i as u64 * 2, &(i as u16).to_le_bytes())
+                .unwrap();
+        }
+        mem.write(Q + 0x1000 + 2, &(frames.len() as u16).to_le_bytes())
+            .unwrap();
+        wr(&mut t, reg::QUEUE_NOTIFY, 1);
+        let k = t.device().stats().snapshot();
+        assert_eq!((k.tx_frames, k.tx_spoofed), (1, 3), "{k:?}");
+
+        // Only the own frame appears on the bridge.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut seen = Vec::new();
+        let mut b = [0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: `b` is writable for its length.
+            let n = unsafe { libc::recv(sniffer.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), 0) };
+            if n > 0 {
+                let f = &b[..n as usize];
+                if f.len() >= 42 && (f[6..12] == mac || f[6..12] == other_mac) {
+                    seen.push(f[22..32].to_vec());
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let own: Vec<u8> = mac.iter().chain(ip.iter()).copied().collect();
+        assert!(
+            seen.contains(&own),
+            "the VM's own ARP did not reach the bridge"
+        );
+        assert!(
+            seen.iter().all(|s| *s == own),
+            "a spoofed frame reached the bridge: {seen:?}"
+        );
+    }
+
     #[test]
     fn filter_passes_own_and_drops_spoofed_frames() {
         let mac = [0x52, 0x54, 0, 0, 0, 1];
