@@ -8,7 +8,7 @@ use super::{NetError, Tap};
 type Factory = Arc<dyn Fn() -> Result<Tap, NetError> + Send + Sync>;
 
 /// Hits and misses of [`TapPool::take`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PoolStats {
     /// Taps taken ready from the pool.
     pub hits: u64,
