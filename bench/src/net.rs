@@ -168,6 +168,7 @@ pub fn run(cfg: &NetBenchConfig) -> anyhow::Result<NetBenchReport> {
         kernel: kernel(),
         cmdline: cmdline(w),
         disk: image(),
+        guest_mode: kscope_vmm::GuestMode::process_default(),
         net: Some(NetAttach::new(net.clone(), &id)?),
     })?;
     vm.wait_ready(BOOT_TIMEOUT)?;

@@ -90,6 +90,7 @@ pub fn boot(w: Workload, mem_bytes: u64, name: &str) -> anyhow::Result<Booted> {
         cmdline,
         disk,
         net: None,
+        guest_mode: kscope_vmm::GuestMode::process_default(),
     })
     .with_context(|| format!("booting {} with {} MiB", w.name(), mem_bytes >> 20))?;
     vm.wait_ready(BOOT_TIMEOUT).with_context(|| {

@@ -8,6 +8,10 @@ use kscope::cli;
 #[derive(Parser)]
 #[command(name = "kscope", version, about = "VM cloning for micro-elastic clouds", long_about = None)]
 struct Cli {
+    /// How guest kernels run: natively through the host's PVM switch, in KVM's instruction
+    /// emulator, or native where available (auto).
+    #[arg(long, global = true, env = "KSCOPE_GUEST_MODE", default_value = "auto")]
+    guest_mode: kscope_vmm::GuestMode,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -44,6 +48,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    cli.guest_mode.set_process_default();
     let result = match cli.cmd {
         Cmd::Run(a) => cli::run(a),
         Cmd::Demo(a) => cli::demo(a),

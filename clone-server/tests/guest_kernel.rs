@@ -56,6 +56,7 @@ fn start(name: &str, mem_mib: u64, cmdline: &str, files: &[(&str, u32, Vec<u8>)]
         cmdline: cmdline.into(),
         disk: Arc::from(b.build()),
         net: None,
+        guest_mode: kscope_vmm::GuestMode::Auto,
     })
     .expect("boot")
 }

@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cmdline: "init=/bin/ktest".into(),
         disk: Arc::from(fs.build()),
         net: None,
+        guest_mode: kscope_vmm::GuestMode::process_default(),
     })?;
     if let Err(e) = vm.wait_ready(Duration::from_secs(60)) {
         return Err(format!("kernel not ready: {e}\n{}", vm.serial_output()).into());

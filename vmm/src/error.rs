@@ -15,6 +15,10 @@ pub enum VmError {
     #[error("invalid VM configuration: {0}")]
     BadConfig(String),
 
+    /// The requested guest CPU mode is not available on this host.
+    #[error("{0}")]
+    ModeUnavailable(String),
+
     /// The kernel image could not be loaded.
     #[error("cannot load the guest kernel: {0}; pass an x86-64 ELF64 linked at KERNEL_VIRT_BASE + p_paddr with p_paddr >= 1 MiB")]
     Loader(String),

@@ -35,6 +35,8 @@ pub enum Action {
     Interrupted,
     /// The guest reported READY with this value.
     Ready(u32),
+    /// The guest kernel reported the CPU mode it runs in (a `cpu_mode` value).
+    CpuMode(u32),
     /// The guest powered off with this exit code.
     PowerOff(u32),
     /// The guest kernel panicked with this code.
@@ -58,11 +60,12 @@ pub fn dispatch(exit: Exit<'_>, io: &Bus, mmio: &Bus) -> Action {
             ports::POWEROFF => Action::PowerOff(port_value(data)),
             ports::PANIC => Action::GuestPanic(port_value(data)),
             ports::READY => Action::Ready(port_value(data)),
+            ports::CPU_MODE => Action::CpuMode(port_value(data)),
             _ if io.write(u64::from(port), data) => Action::Continue,
             _ => Action::Fault(Fault::UnknownPort(port)),
         },
         Exit::IoIn { port, data } => match port {
-            ports::POWEROFF | ports::PANIC | ports::READY => {
+            ports::POWEROFF | ports::PANIC | ports::READY | ports::CPU_MODE => {
                 data.fill(0);
                 Action::Continue
             }
@@ -131,6 +134,7 @@ mod tests {
         assert_eq!(out(ports::POWEROFF), Action::PowerOff(7));
         assert_eq!(out(ports::PANIC), Action::GuestPanic(7));
         assert_eq!(out(ports::READY), Action::Ready(7));
+        assert_eq!(out(ports::CPU_MODE), Action::CpuMode(7));
         // A one-byte outb to POWEROFF.
         assert_eq!(
             dispatch(

@@ -16,6 +16,7 @@ pub mod exit;
 pub mod hypervisor;
 pub mod loader;
 pub mod memory;
+pub mod mode;
 pub mod net;
 pub mod prefetch;
 pub mod vcpu;
@@ -26,6 +27,7 @@ pub use clone::{
 };
 pub use devices::request::{PendingResponse, RequestTransport, Response};
 pub use error::VmError;
+pub use mode::{CpuMode, GuestMode};
 pub use vcpu::{ExitCounts, ExitReason};
 pub use vm::{BootReport, ExitReport, Vm, VmConfig, VmState};
 pub mod lazy;

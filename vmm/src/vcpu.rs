@@ -58,6 +58,8 @@ pub enum ExitReason {
 pub trait VcpuHost: Send + Sync {
     /// The guest reported READY.
     fn ready(&self, value: u32);
+    /// The guest kernel reported the CPU mode it runs in (a `cpu_mode` value).
+    fn cpu_mode(&self, value: u32);
     /// End the VM (first call wins); stops every vCPU.
     fn terminate(&self, reason: ExitReason);
     /// The last lines of the console.
@@ -309,6 +311,10 @@ impl<V: HvVcpu> VcpuThread<V> {
             Action::Continue => RunState::Running,
             Action::Interrupted => self.drain(RunState::Running),
             Action::Idle => self.idle(),
+            Action::CpuMode(v) => {
+                self.host.cpu_mode(v);
+                RunState::Running
+            }
             Action::Ready(v) => {
                 self.host.ready(v);
                 RunState::Running

@@ -1,5 +1,6 @@
 //! The VM: configuration, boot, lifecycle, requests.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -23,6 +24,7 @@ use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
 use crate::lazy::FaultServer;
 use crate::loader;
 use crate::memory::{GuestMemory, GuestRam};
+use crate::mode::{CpuMode, GuestMode};
 use crate::net::NetAttach;
 use crate::vcpu::{
     ExitCounters, ExitCounts, ExitReason, VcpuControl, VcpuHost, VcpuMsg, VcpuThread,
@@ -62,6 +64,8 @@ pub struct VmConfig {
     pub disk: Arc<[u8]>,
     /// A virtio-net device on this tap with this address (`None`: no network).
     pub net: Option<NetAttach>,
+    /// How the guest kernel should run (native where the host allows it, by default).
+    pub guest_mode: GuestMode,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -74,6 +78,7 @@ impl std::fmt::Debug for VmConfig {
             .field("cmdline", &self.cmdline)
             .field("disk_len", &self.disk.len())
             .field("net", &self.net.as_ref().map(|n| n.ip))
+            .field("guest_mode", &self.guest_mode)
             .finish()
     }
 }
@@ -158,7 +163,14 @@ pub(crate) struct VmCore {
     boot_start: Instant,
     setup_time: Mutex<Duration>,
     counters: Arc<ExitCounters>,
+    /// The CPU mode the kernel must run in (asked for at boot; inherited by clones).
+    expected_mode: CpuMode,
+    /// The mode the kernel last reported (`NO_MODE` before its first report).
+    reported_mode: AtomicU32,
 }
+
+/// [`VmCore::reported_mode`] before the kernel's first report.
+const NO_MODE: u32 = u32::MAX;
 
 impl VmCore {
     fn lock(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -190,6 +202,23 @@ impl VcpuHost for VmCore {
             _ => {}
         }
         self.cond.notify_all();
+    }
+
+    fn cpu_mode(&self, value: u32) {
+        self.reported_mode.store(value, Ordering::Relaxed);
+        match CpuMode::from_abi(value) {
+            Some(m) if m == self.expected_mode => {
+                tracing::debug!(vm = %self.name, "guest kernel runs {m}");
+            }
+            got => {
+                let got = got.map_or_else(|| format!("unknown mode {value}"), |m| m.to_string());
+                self.terminate(ExitReason::Failed(VmError::BadConfig(format!(
+                    "the guest kernel was to run {} but reports {got}; see its console:\n{}",
+                    self.expected_mode,
+                    self.console_tail()
+                ))));
+            }
+        }
     }
 
     fn terminate(&self, reason: ExitReason) {
@@ -283,6 +312,9 @@ pub(crate) struct Assembly<'a> {
     pub(crate) lazy: Option<Arc<FaultServer>>,
     pub(crate) origin: Option<Arc<Generation>>,
     pub(crate) clone_id: Option<u64>,
+    /// The CPU mode the kernel must report (booted: the resolved request; restored or
+    /// cloned: the mode of the saved vCPU state).
+    pub(crate) mode: CpuMode,
 }
 
 /// A running VM. `Send + Sync`; dropping it stops the VM.
@@ -356,6 +388,15 @@ impl Vm {
         let mut vcpus: Vec<KvmVcpu> = (0..cfg.vcpus)
             .map(|i| hv.create_vcpu(i))
             .collect::<Result<_, _>>()?;
+        let native_available = vcpus[0].native_available();
+        let mode = cfg.guest_mode.resolve(native_available)?;
+        if cfg.guest_mode == GuestMode::Auto && !native_available {
+            tracing::warn!(
+                vm = %cfg.name,
+                "this host has no PVM native switch: the guest kernel runs in KVM's instruction \
+                 emulator (slow); pass --guest-mode emulated to silence this"
+            );
+        }
         let tsc_khz = vcpus[0].tsc_khz()?;
         let cpu = boot::setup(
             &memory.load(),
@@ -366,6 +407,7 @@ impl Vm {
                 tsc_khz,
                 devices: &devices,
                 cmdline: &cfg.cmdline,
+                mode,
             },
         )?;
         for v in &mut vcpus {
@@ -383,6 +425,7 @@ impl Vm {
             lazy: None,
             origin: None,
             clone_id: None,
+            mode,
         })
     }
 
@@ -401,6 +444,7 @@ impl Vm {
             lazy,
             origin,
             clone_id,
+            mode,
         } = a;
         let echo = std::env::var("KSCOPE_SERIAL").is_ok_and(|v| v == "stderr");
         let console = Arc::new(ConsoleBuffer::new(CONSOLE_CAPACITY, echo));
@@ -478,6 +522,8 @@ impl Vm {
             boot_start: start,
             setup_time: Mutex::new(Duration::ZERO),
             counters: Arc::new(ExitCounters::default()),
+            expected_mode: mode,
+            reported_mode: AtomicU32::new(NO_MODE),
         });
         let waker_target = Arc::downgrade(&core);
         core.requests.set_waker(Box::new(move || {
@@ -555,6 +601,18 @@ impl Vm {
             vm.core.controls[0].send(VcpuMsg::Run);
         }
         Ok(vm)
+    }
+
+    /// The CPU mode the guest kernel last reported it runs in (`None` before its first
+    /// report: at boot it reports before READY; a clone reports when it first sees its new
+    /// generation, before it answers anything).
+    pub fn cpu_mode(&self) -> Option<CpuMode> {
+        CpuMode::from_abi(self.core.reported_mode.load(Ordering::Relaxed))
+    }
+
+    /// The CPU mode this VM's kernel must run in.
+    pub fn expected_cpu_mode(&self) -> CpuMode {
+        self.core.expected_mode
     }
 
     /// Wait until the guest writes the READY port.

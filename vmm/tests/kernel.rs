@@ -28,6 +28,7 @@ fn boot(name: &str) -> (Vm, Duration) {
         cmdline: "init=/bin/ktest".into(),
         disk: Arc::from(disk()),
         net: None,
+        guest_mode: kscope_vmm::GuestMode::Auto,
     })
     .expect("boot");
     match vm.wait_ready(T) {

@@ -148,6 +148,7 @@ fn measure_boot_exit_and_request_costs() {
             tsc_khz: 0,
             devices: &[],
             cmdline: "",
+            mode: kscope_vmm::CpuMode::Emulated,
         };
         let st = kscope_vmm::boot::setup(&ram, &params).unwrap();
         vcpu.configure(&st, 1).unwrap();

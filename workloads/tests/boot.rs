@@ -27,6 +27,7 @@ fn boot(w: Workload, mem_mib: u64) -> Vm {
         cmdline: format!("init={}", w.program_path()),
         disk: Arc::from(default_image()),
         net: None,
+        guest_mode: kscope_vmm::GuestMode::Auto,
     })
     .expect("boot");
     if let Err(e) = vm.wait_ready(T) {

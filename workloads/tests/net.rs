@@ -36,6 +36,7 @@ fn boot(net: &Arc<Network>, w: Workload, name: &str) -> Vm {
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: format!("init={}", w.program_path()),
         disk: Arc::from(default_image()),
+        guest_mode: kscope_vmm::GuestMode::process_default(),
         net: Some(NetAttach::new(net.clone(), &id).expect("tap")),
     })
     .expect("boot");

@@ -190,6 +190,8 @@ pub struct VmView {
     pub workload: &'static str,
     /// Guest RAM.
     pub memory_bytes: u64,
+    /// The CPU mode the guest kernel reported.
+    pub cpu_mode: Option<kscope_vmm::CpuMode>,
     /// State name.
     pub state: &'static str,
     /// Why it failed.
@@ -243,6 +245,7 @@ impl VmEntry {
             parent: self.parent.clone(),
             workload: self.workload.name(),
             memory_bytes: self.mem_bytes,
+            cpu_mode: self.vm.cpu_mode(),
             state,
             error,
             boot_ms: Some(self.boot.as_secs_f64() * 1e3),

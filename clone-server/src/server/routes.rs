@@ -125,6 +125,7 @@ struct CreateVm {
     memory: Option<String>,
     #[serde(default)]
     network: bool,
+    guest_mode: Option<kscope_vmm::GuestMode>,
 }
 
 fn parse_workload(name: &str) -> ApiResult<Workload> {
@@ -191,8 +192,14 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             cmdline: format!("init={}", workload.program_path()),
             disk: st.disk(),
             net,
+            guest_mode: body
+                .guest_mode
+                .unwrap_or_else(kscope_vmm::GuestMode::process_default),
         })
-        .map_err(|e| ApiError::from_vm(&vid, e))?;
+        .map_err(|e| match e {
+            kscope_vmm::VmError::ModeUnavailable(m) => ApiError::bad("guest_mode_unavailable", m),
+            e => ApiError::from_vm(&vid, e),
+        })?;
         if let Err(e) = vm.wait_ready(st.opts.boot_timeout) {
             st.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
             let _ = vm.stop();

@@ -2,8 +2,8 @@
 
 /// Magic of [`BootInfo`].
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"KSBOOT\0\0");
-/// Version of the [`BootInfo`] layout.
-pub const BOOT_INFO_VERSION: u32 = 1;
+/// Version of the [`BootInfo`] layout (2: `guest_mode` and `pvm_page` appended).
+pub const BOOT_INFO_VERSION: u32 = 2;
 /// Maximum number of devices described in [`BootInfo`].
 pub const MAX_DEVICES: usize = 8;
 /// Maximum command-line length, including the terminating NUL.
@@ -63,6 +63,42 @@ pub struct BootInfo {
     pub devices: [DeviceDesc; MAX_DEVICES],
     /// Kernel command line (UTF-8, NUL terminated), e.g. `init=/bin/web agent=/bin/agent`.
     pub cmdline: [u8; CMDLINE_MAX],
+    /// How the kernel should run: a [`cpu_mode`] value chosen by the VMM.
+    pub guest_mode: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// Guest-physical address of the page to register with [`pvm::MSR_NATIVE`] in
+    /// [`cpu_mode::NATIVE`] (0 otherwise): zeroed, page aligned, used for nothing else.
+    pub pvm_page: u64,
+}
+
+/// How the guest kernel runs on the hypervisor. The VMM asks for one in
+/// [`BootInfo::guest_mode`]; the kernel reports the mode it actually runs in on
+/// [`crate::abi::layout::ports::CPU_MODE`] at boot and after every clone.
+pub mod cpu_mode {
+    /// Every kernel instruction is interpreted by KVM's instruction emulator (any KVM host;
+    /// the only mode where PVM's native switch is absent).
+    pub const EMULATED: u32 = 0;
+    /// The kernel runs on the hardware through PVM's native-supervisor switch
+    /// ([`super::pvm::MSR_NATIVE`]).
+    pub const NATIVE: u32 = 1;
+}
+
+/// This host's PVM interface (measured, undocumented: `shared/PLATFORM.md`).
+pub mod pvm {
+    /// Written by the guest kernel with the guest-physical address of a spare page: from the
+    /// next instruction on, CPL0 code runs natively. The VMM reads it back as the page
+    /// address with bit 10 set and restores that value in clones.
+    pub const MSR_NATIVE: u32 = 0x4b56_4d10;
+    /// Reads [`SIGNATURE`] on a PVM host (from the VMM and from the guest).
+    pub const MSR_SIGNATURE: u32 = 0x4b56_4d11;
+    /// "PVM".
+    pub const SIGNATURE: u64 = 0x4d_5650;
+    /// Bit the host sets in [`MSR_NATIVE`] once the page is registered.
+    pub const REGISTERED: u64 = 1 << 10;
+    /// Interrupts are delivered in native mode only while one of these bits of the first
+    /// word of the registered page is set.
+    pub const IRQ_GATE_BITS: u64 = 0xff;
 }
 
 impl BootInfo {

@@ -9,6 +9,7 @@
 //! GPA 0x0000_3000  IDT (256 x 16 bytes; the VMM points IDTR at it, the kernel fills it)
 //! GPA 0x0000_9000  KInfo descriptor (kernel -> outside readers), one page
 //! GPA 0x0000_a000  clone-generation page (VMM -> kernel, VMGenID-like), one page
+//! GPA 0x0000_b000  PVM page: registered by the kernel to run natively (host-owned)
 //! GPA 0x0001_0000  VMM boot page tables (PML4 + PDPTs + PDs), up to 0x2_0000
 //! GPA 0x0002_0000  boot stack (grows down from 0x3_0000)
 //! GPA 0x0003_0000  trap stack: TSS.RSP0 / IST1 (grows down from 0x4_0000)
@@ -34,6 +35,9 @@ pub const IDT_GPA: u64 = 0x3000;
 pub const KINFO_GPA: u64 = 0x9000;
 /// Guest-physical address of the clone-generation page ([`crate::abi::GenPage`]).
 pub const GENPAGE_GPA: u64 = 0xa000;
+/// Guest-physical address of the page the kernel registers with PVM's native switch
+/// ([`crate::abi::boot::pvm::MSR_NATIVE`]); zeroed by the VMM, used for nothing else.
+pub const PVM_PAGE_GPA: u64 = 0xb000;
 /// First guest-physical address of the VMM's boot page tables.
 pub const BOOT_PT_GPA: u64 = 0x1_0000;
 /// End (exclusive) of the area reserved for boot page tables.
@@ -109,4 +113,7 @@ pub mod ports {
     /// `outl` here tells the VMM that the kernel finished booting and the workload is ready
     /// to take requests (value: number of processes started).
     pub const READY: u16 = 0x503;
+    /// `outl` here reports the [`crate::abi::boot::cpu_mode`] the kernel actually runs in
+    /// (at boot, and again in every clone when it sees the new generation).
+    pub const CPU_MODE: u16 = 0x504;
 }

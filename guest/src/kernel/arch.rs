@@ -173,3 +173,36 @@ pub fn fxrstor(area: &FxArea) {
         asm!("fxrstor64 [{}]", in(reg) area as *const FxArea, options(nostack, preserves_flags))
     };
 }
+
+/// Read a model-specific register.
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the kernel only reads MSRs that exist on every host it runs on (EFER, STAR...)
+    // or that it probed for first; reading has no memory effects.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// Write a model-specific register.
+///
+/// # Safety
+/// The write must keep the kernel's execution environment valid (e.g. EFER keeps LME/LMA/NXE,
+/// LSTAR points at the system-call entry).
+pub unsafe fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: the caller guarantees the value is valid for the MSR.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+/// The code-segment selector the CPU really runs with. Under PVM's native mode the kernel
+/// runs on the hardware at CPL3 (`mov %cs` reads a ring-3 selector), while the VMM and the
+/// exception frames still show the kernel's CPL0 selector.
+pub fn read_cs() -> u16 {
+    let v: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { asm!("mov {0:x}, cs", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}

@@ -82,6 +82,7 @@ pub fn check() {
         identity: g.identity,
     };
     rng::reseed(&g.seed);
+    crate::native::report();
     let dropped = request::drop_all();
     crate::net::on_clone(&g.identity);
     kinfo::set_generation(g.generation);

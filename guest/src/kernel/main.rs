@@ -35,6 +35,7 @@ pub mod fs;
 pub mod kinfo;
 pub mod klib;
 pub mod mm;
+pub mod native;
 pub mod net;
 pub mod pagecache;
 pub mod proc;
@@ -152,12 +153,37 @@ fn rng_selftest() {
 }
 
 extern "C" fn kmain(bi_va: u64) -> ! {
+    // First act: leave KVM's instruction emulator if the VMM asks for it (before the copy of
+    // the boot information, which would otherwise run instruction by instruction).
+    // SAFETY: the VMM passes the direct-map address of the BootInfo page in RDI.
+    let (magic, version, wanted, page) = unsafe {
+        let b = bi_va as *const BootInfo;
+        (
+            core::ptr::addr_of!((*b).magic).read_volatile(),
+            core::ptr::addr_of!((*b).version).read_volatile(),
+            core::ptr::addr_of!((*b).guest_mode).read_volatile(),
+            core::ptr::addr_of!((*b).pvm_page).read_volatile(),
+        )
+    };
+    let mode = if magic == BOOT_INFO_MAGIC && version == BOOT_INFO_VERSION {
+        native::enter(wanted, page)
+    } else {
+        native::detect()
+    };
     let t0 = arch::rdtsc();
     console::puts("\nkscope kernel starting\n");
-    // SAFETY: the VMM passes the direct-map address of the BootInfo page in RDI; we copy it.
+    // SAFETY: as above; we copy the whole block.
     let bi: BootInfo = unsafe { core::ptr::read_volatile(bi_va as *const BootInfo) };
     if bi.magic != BOOT_INFO_MAGIC || bi.version != BOOT_INFO_VERSION {
         fatal("bad boot information (magic/version)", panic_code::BAD_BOOT);
+    }
+    native::report();
+    if mode == kscope_guest::abi::boot::cpu_mode::NATIVE {
+        console::puts("kscope: running natively (PVM)\n");
+    } else if wanted == kscope_guest::abi::boot::cpu_mode::NATIVE {
+        console::puts("kscope: native mode requested but not granted: running emulated\n");
+    } else {
+        console::puts("kscope: running in the instruction emulator\n");
     }
     if bi.mem_bytes == 0 || bi.mem_bytes > MAX_GUEST_RAM {
         fatal("bad guest memory size", panic_code::BAD_BOOT);
@@ -211,6 +237,7 @@ extern "C" fn kmain(bi_va: u64) -> ! {
         rodata,
         data,
         mmio: &mmio[..ndev],
+        native: mode == kscope_guest::abi::boot::cpu_mode::NATIVE,
     };
     let Ok(pml4) = paging::init_kernel(&map) else {
         fatal(

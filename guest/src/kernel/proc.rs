@@ -255,6 +255,8 @@ pub fn spawn(path: &[u8], is_agent: bool) -> Result<usize, SpawnError> {
         return Err(SpawnError::NoMem);
     }
     p.ctx = Context::user(entry, USER_STACK_TOP - 64);
+    // The system-call gate for this process (the user runtime keeps it; see `native`).
+    p.ctx.rdi = crate::native::gate();
     p.fx = FxArea::initial();
     p.mmap_next = USER_MMAP_BASE;
     p.wait = Wait::None;

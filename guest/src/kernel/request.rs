@@ -1,8 +1,13 @@
 //! Driver of the kscope request device (`abi::request`): RX buffers stay posted (one 16 KiB
 //! physically contiguous buffer per descriptor); received requests wait in the kernel (their
-//! buffers are not reposted) until a process takes them; responses go out as one descriptor
-//! chain (header + payload segments, usually the user's own pages) and complete during the
-//! notify exit.
+//! buffers are not reposted) until a process takes them; each response goes out as a
+//! two-descriptor chain (header + a kernel copy of the payload) in one of [`TX_SLOTS`] slots.
+//!
+//! Built for native-mode costs, where an exit to the VMM costs 37-47 us: the driver never
+//! notifies the device in steady state. The VMM reads both rings whenever the vCPU exits
+//! anyway (the `hlt` of an idle kernel), so responses, reposted RX buffers and new requests
+//! all travel with that one exit; completed responses are reaped on the next poll. Only a
+//! full TX ring forces a notify.
 
 use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::PAGE_SIZE;
@@ -18,8 +23,10 @@ use crate::virtio::{Mmio, Queue, VirtioError, F_NEXT, F_WRITE};
 
 const RX_BUFS: usize = 16;
 const MAX_INFLIGHT: usize = 64;
-/// Largest number of payload segments in one response chain.
-pub const MAX_SEGS: usize = QUEUE_SIZE as usize - 1;
+/// Responses in the TX ring at once (two descriptors each: header, payload).
+pub const TX_SLOTS: usize = QUEUE_SIZE as usize / 2;
+/// Bytes of one response header in the header page.
+const HDR_SIZE: u64 = core::mem::size_of::<ResponseHeader>() as u64;
 
 struct ReqDev {
     dev: Mmio,
@@ -33,8 +40,11 @@ struct ReqDev {
     p_len: usize,
     inflight: [u64; MAX_INFLIGHT],
     n_inflight: usize,
+    /// Page of TX headers, one per slot.
     hdr: u64,
-    rx_dirty: bool,
+    /// Payload buffer of each busy TX slot: (physical address, pages); pages 0 = free slot.
+    tx_bufs: [(u64, u64); TX_SLOTS],
+    tx_busy: usize,
 }
 
 static REQ: KCell<Option<ReqDev>> = KCell::new(None);
@@ -50,47 +60,6 @@ pub struct Pending {
     pub payload: u64,
     /// Payload bytes present in the buffer.
     pub len: usize,
-}
-
-/// Physically contiguous pieces of a response payload.
-pub struct Segs {
-    /// (physical address, length).
-    pub s: [(u64, u32); MAX_SEGS],
-    /// Number used.
-    pub n: usize,
-}
-
-impl Default for Segs {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Segs {
-    /// No segments.
-    pub const fn new() -> Self {
-        Segs {
-            s: [(0, 0); MAX_SEGS],
-            n: 0,
-        }
-    }
-
-    /// Append a piece, merging with the previous one when contiguous; false when full.
-    pub fn push(&mut self, phys: u64, len: u32) -> bool {
-        if self.n > 0 {
-            let (p, l) = self.s[self.n - 1];
-            if p + l as u64 == phys && (l as u64 + len as u64) < u32::MAX as u64 {
-                self.s[self.n - 1].1 = l + len;
-                return true;
-            }
-        }
-        if self.n == MAX_SEGS {
-            return false;
-        }
-        self.s[self.n] = (phys, len);
-        self.n += 1;
-        true
-    }
 }
 
 /// Set up the request device at kernel virtual address `mmio`.
@@ -123,7 +92,8 @@ pub fn init(mmio: u64) -> Result<(), VirtioError> {
         inflight: [0; MAX_INFLIGHT],
         n_inflight: 0,
         hdr,
-        rx_dirty: false,
+        tx_bufs: [(0, 0); TX_SLOTS],
+        tx_busy: 0,
     });
     Ok(())
 }
@@ -141,37 +111,62 @@ impl ReqDev {
 
     fn repost(&mut self, i: usize) {
         self.rx.push_avail(i as u16);
-        self.rx_dirty = true;
     }
 
-    fn send(&mut self, id: u64, status: u32, segs: &Segs, total: u32) {
+    /// Free the buffers of responses the device has consumed.
+    fn reap(&mut self) {
+        while let Some((head, _)) = self.tx.pop_used() {
+            let k = head as usize / 2;
+            if k >= TX_SLOTS {
+                continue;
+            }
+            let (phys, pages) = core::mem::replace(&mut self.tx_bufs[k], (0, 0));
+            if pages == 0 {
+                continue;
+            }
+            if phys != 0 {
+                for p in 0..pages {
+                    frame::free(phys + p * PAGE_SIZE);
+                }
+            }
+            self.tx_busy -= 1;
+        }
+    }
+
+    /// A free TX slot, forcing the device to consume the ring if it is full.
+    fn free_slot(&mut self) -> usize {
+        loop {
+            self.reap();
+            if let Some(k) = self.tx_bufs.iter().position(|b| b.1 == 0) {
+                return k;
+            }
+            // Full: the one notify of the steady state (completes during the exit).
+            self.dev.notify(TX_QUEUE);
+        }
+    }
+
+    /// Queue a response whose payload is `payload` = (physical address, length) in `pages`
+    /// pages the driver now owns (freed when the device has read them).
+    fn send(&mut self, id: u64, status: u32, payload: (u64, u32), pages: u64) {
+        let k = self.free_slot();
         let h = ResponseHeader {
             id,
             status,
-            len: total,
+            len: payload.1,
         };
-        crate::klib::copy(
-            va(self.hdr),
-            as_bytes(&h).as_ptr() as u64,
-            core::mem::size_of::<ResponseHeader>(),
-        );
-        let n = segs.n as u16;
-        let hflags = if n > 0 { F_NEXT } else { 0 };
-        self.tx.set_desc(
-            0,
-            self.hdr,
-            core::mem::size_of::<ResponseHeader>() as u32,
-            hflags,
-            1,
-        );
-        for (k, &(p, l)) in segs.s[..segs.n].iter().enumerate() {
-            let k = k as u16 + 1;
-            let f = if k < n { F_NEXT } else { 0 };
-            self.tx.set_desc(k, p, l, f, k + 1);
+        let hdr = self.hdr + k as u64 * HDR_SIZE;
+        crate::klib::copy(va(hdr), as_bytes(&h).as_ptr() as u64, HDR_SIZE as usize);
+        let d = 2 * k as u16;
+        if payload.1 > 0 {
+            self.tx.set_desc(d, hdr, HDR_SIZE as u32, F_NEXT, d + 1);
+            self.tx.set_desc(d + 1, payload.0, payload.1, 0, 0);
+        } else {
+            self.tx.set_desc(d, hdr, HDR_SIZE as u32, 0, 0);
         }
-        self.tx.push_avail(0);
-        self.dev.notify(TX_QUEUE);
-        self.tx.wait_used();
+        // A slot is busy while `pages` != 0; header-only responses own no buffer.
+        self.tx_bufs[k] = (if pages == 0 { 0 } else { payload.0 }, pages.max(1));
+        self.tx_busy += 1;
+        self.tx.push_avail(d);
     }
 }
 
@@ -179,6 +174,7 @@ impl ReqDev {
 /// `has_receiver` is false) are answered right here. Returns the number now pending.
 pub fn poll(has_receiver: bool) -> usize {
     let Some(d) = dev() else { return 0 };
+    d.reap();
     while let Some((id, len)) = d.rx.pop_used() {
         let i = id as usize;
         if i >= d.nbufs {
@@ -192,7 +188,7 @@ pub fn poll(has_receiver: bool) -> usize {
             } else {
                 STATUS_NO_WORKLOAD
             };
-            d.send(h.id, status, &Segs::new(), 0);
+            d.send(h.id, status, (0, 0), 0);
             d.repost(i);
             continue;
         }
@@ -257,10 +253,16 @@ pub fn take_inflight(id: u64) -> bool {
     }
 }
 
-/// Send a response for `id` with payload pieces `segs` (`total` bytes).
-pub fn respond(id: u64, status: u32, segs: &Segs, total: u32) {
-    if let Some(d) = dev() {
-        d.send(id, status, segs, total);
+/// Send a response for `id` whose payload (`len` bytes) the caller copied into `pages`
+/// contiguous frames at `phys`; the driver owns and frees them.
+pub fn respond(id: u64, status: u32, phys: u64, len: u32, pages: u64) {
+    match dev() {
+        Some(d) => d.send(id, status, (phys, len), pages),
+        None => {
+            for p in 0..pages {
+                frame::free(phys + p * PAGE_SIZE);
+            }
+        }
     }
 }
 
@@ -287,12 +289,7 @@ pub fn drop_inflight() -> u64 {
     n
 }
 
-/// Tell the device about reposted RX buffers (before halting).
-pub fn flush() {
-    if let Some(d) = dev() {
-        if d.rx_dirty {
-            d.rx_dirty = false;
-            d.dev.notify(RX_QUEUE);
-        }
-    }
+/// Responses queued and not yet consumed by the device.
+pub fn tx_pending() -> usize {
+    dev().map_or(0, |d| d.tx_busy)
 }

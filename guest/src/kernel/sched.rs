@@ -92,6 +92,7 @@ pub fn from_user(frame: &mut Context) -> ! {
     };
     S.get().live = true;
     match frame.vector {
+        vector::SYSCALL => syscall::dispatch(cur, frame),
         vector::UD => syscall::handle(cur, frame),
         vector::PF => {
             let cr2 = arch::read_cr2();
@@ -264,7 +265,6 @@ pub fn schedule() -> ! {
             }
             run(i);
         }
-        request::flush();
         if crate::net::before_halt() {
             arch::hlt();
         }

@@ -12,7 +12,6 @@ use kscope_guest::abi::syscall::{self as nr, errno, FileStat};
 
 use crate::mm::{frame, va};
 use crate::proc::{self, SpawnError, MAX_FDS};
-use crate::request::Segs;
 use crate::trap::Context;
 use crate::uvm::{self, Access, Fault};
 use crate::{clone, console, fs, pagecache, request, rng, sched};
@@ -39,6 +38,12 @@ pub fn handle(slot: usize, frame: &mut Context) {
         return;
     }
     frame.rip += 2;
+    dispatch(slot, frame);
+}
+
+/// Run the system call in `frame` (number in rax, arguments in rdi, rsi, rdx, r10, r8, r9)
+/// for process `slot`; the `syscall` entry comes here directly (RIP already past it).
+pub fn dispatch(slot: usize, frame: &mut Context) {
     let (n, a) = (
         frame.rax,
         [
@@ -298,39 +303,32 @@ fn send_response(slot: usize, id: u64, buf: u64, len: u64, status: u32) -> Resul
     if len > MAX_RESPONSE as u64 {
         return err(errno::EINVAL);
     }
-    // Resolve the payload first: a bad pointer kills the caller before anything is sent.
-    let mut segs = Segs::new();
-    let mut fits = true;
-    uvm::for_user_chunks(slot, buf, len, Access::Read, &mut |k, n| {
-        fits = fits && segs.push(virt_to_phys(k), n as u32);
-    })?;
-    // A clone must not answer its parent's requests: notice a new generation first.
-    clone::check();
-    if !request::take_inflight(id) {
-        // Not in flight (dropped by a clone, or never handed out): discard the answer.
-        return Ok(Ret::Val(0));
-    }
-    if fits {
-        request::respond(id, status, &segs, len as u32);
-        return Ok(Ret::Val(0));
-    }
-    // Too fragmented for one chain: bounce through a contiguous kernel buffer.
+    // Copy the payload into frames the request driver owns until the device has read them
+    // (the process goes on at once; no exit). A bad pointer kills the caller before anything
+    // is sent.
     let pages = len.div_ceil(PAGE_SIZE);
-    let Some(bounce) = frame::alloc_contig(pages, frame_use::KERNEL_DATA, 0) else {
-        return err(errno::ENOMEM);
+    let phys = if pages == 0 {
+        0
+    } else {
+        match frame::alloc_contig(pages, frame_use::KERNEL_DATA, 0) {
+            Some(p) => p,
+            None => return err(errno::ENOMEM),
+        }
     };
     let mut off = 0u64;
-    let r = uvm::for_user_chunks(slot, buf, len, Access::Read, &mut |k, n| {
-        crate::klib::copy(va(bounce) + off, k, n);
+    let copied = uvm::for_user_chunks(slot, buf, len, Access::Read, &mut |k, n| {
+        crate::klib::copy(va(phys) + off, k, n);
         off += n as u64;
     });
-    let mut one = Segs::new();
-    one.push(bounce, len as u32);
-    if r.is_ok() {
-        request::respond(id, status, &one, len as u32);
+    // A clone must not answer its parent's requests: notice a new generation first.
+    clone::check();
+    if copied.is_err() || !request::take_inflight(id) {
+        for i in 0..pages {
+            frame::free(phys + i * PAGE_SIZE);
+        }
+        // Not in flight (dropped by a clone, or never handed out): discard the answer.
+        return copied.map(|_| Ret::Val(0));
     }
-    for i in 0..pages {
-        frame::free(bounce + i * PAGE_SIZE);
-    }
-    r.map(|_| Ret::Val(0))
+    request::respond(id, status, phys, len as u32, pages);
+    Ok(Ret::Val(0))
 }

@@ -61,6 +61,8 @@ pub mod vector {
     pub const UD: u64 = 6;
     /// Page fault.
     pub const PF: u64 = 14;
+    /// Not an exception: a `syscall` instruction (native mode, see `native`).
+    pub const SYSCALL: u64 = 0x100;
 }
 
 global_asm!(
@@ -78,6 +80,8 @@ global_asm!(
         jmp trap_common
     .endr
 
+    .global kscope_trap_common
+    kscope_trap_common:
     trap_common:
         push rax
         push rbx

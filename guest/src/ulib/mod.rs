@@ -41,17 +41,19 @@ macro_rules! user_main {
 }
 
 // The process entry: the kernel starts a process with RSP 16-byte aligned at the top of its
-// stack; realign defensively and call the program's main through the symbol defined by
-// `user_main!`.
+// stack and the system-call gate in RDI (see `sys::GATE`); keep the gate, realign defensively
+// and call the program's main through the symbol defined by `user_main!`.
 core::arch::global_asm!(
     ".section .text.entry,\"ax\"",
     ".globl _start",
     "_start:",
+    "mov byte ptr [rip + {gate}], dil",
     "and rsp, -16",
     "xor ebp, ebp",
     "call __kscope_user_main",
     "ud2",
     ".text",
+    gate = sym sys::GATE,
 );
 
 // The return address of every SIGCLONE handler: returns to the interrupted context.

@@ -11,19 +11,34 @@ pub struct Errno(pub i64);
 /// Result of a system call.
 pub type SysResult = Result<u64, Errno>;
 
+/// The system-call gate the kernel handed this process at start (in RDI): 1 = `syscall`
+/// (the kernel runs natively and takes `syscall`), 0 = the `ud2` gate, which works in every
+/// mode. Written once by `_start`, before any other code runs.
+#[no_mangle]
+pub static mut GATE: u8 = 0;
+
 /// Issue system call `n` with up to six arguments.
 #[inline(always)]
 pub fn syscall6(n: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> i64 {
     let ret: i64;
-    // SAFETY: `ud2` traps into the kscope kernel, which treats it as a system call, may read or
-    // write user memory passed in the arguments (hence no `nomem`), preserves every register
-    // but `rax`, and resumes after the two-byte instruction.
+    // SAFETY: both gates trap into the kscope kernel, which treats them as a system call, may
+    // read or write user memory passed in the arguments (hence no `nomem`), preserves every
+    // register but `rax` (and `rcx`/`r11`, which `syscall` itself overwrites), and resumes
+    // after the two-byte instruction. `GATE` is only written by `_start`.
     unsafe {
         core::arch::asm!(
+            "cmp byte ptr [rip + {gate}], 0",
+            "je 2f",
+            "syscall",
+            "jmp 3f",
+            "2:",
             "ud2",
+            "3:",
+            gate = sym GATE,
             inlateout("rax") n as i64 => ret,
             in("rdi") a0, in("rsi") a1, in("rdx") a2,
             in("r10") a3, in("r8") a4, in("r9") a5,
+            out("rcx") _, out("r11") _,
             options(nostack)
         );
     }

@@ -1,10 +1,12 @@
 //! The BootInfo block and the clone-generation page written before the first instruction.
 
 use crate::error::VmError;
+use crate::mode::CpuMode;
 use kscope_guest::abi::boot::{
     BootInfo, DeviceDesc, GenPage, Identity, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, CMDLINE_MAX,
     GENPAGE_MAGIC, MAX_DEVICES,
 };
+use kscope_guest::abi::layout::PVM_PAGE_GPA;
 
 /// Build the [`BootInfo`] block.
 pub fn boot_info(
@@ -14,6 +16,7 @@ pub fn boot_info(
     tsc_khz: u64,
     devices: &[DeviceDesc],
     cmdline: &str,
+    mode: CpuMode,
 ) -> Result<BootInfo, VmError> {
     if devices.len() > MAX_DEVICES {
         return Err(VmError::BadConfig(format!(
@@ -45,6 +48,12 @@ pub fn boot_info(
         cmdline_len: cmd.len() as u32,
         devices: [DeviceDesc::default(); MAX_DEVICES],
         cmdline: [0; CMDLINE_MAX],
+        guest_mode: mode.abi(),
+        reserved: 0,
+        pvm_page: match mode {
+            CpuMode::Native => PVM_PAGE_GPA,
+            CpuMode::Emulated => 0,
+        },
     };
     info.devices[..devices.len()].copy_from_slice(devices);
     info.cmdline[..cmd.len()].copy_from_slice(cmd);
@@ -102,6 +111,8 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, cmdline_len), 44);
         assert_eq!(offset_of!(BootInfo, devices), 48);
         assert_eq!(offset_of!(BootInfo, cmdline), 48 + 24 * MAX_DEVICES);
+        assert_eq!(offset_of!(BootInfo, guest_mode), 1264);
+        assert_eq!(offset_of!(BootInfo, pvm_page), 1272);
         assert!(std::mem::size_of::<BootInfo>() <= 4096);
         assert!(std::mem::size_of::<GenPage>() <= 4096);
     }
@@ -114,7 +125,17 @@ mod tests {
             gpa: 0xc000_0000,
             size: 0x1000,
         };
-        let info = boot_info(1, 64 << 20, 0x20_0000, 2_000_000, &[dev], "init=/bin/web").unwrap();
+        let info = boot_info(
+            1,
+            64 << 20,
+            0x20_0000,
+            2_000_000,
+            &[dev],
+            "init=/bin/web",
+            CpuMode::Native,
+        )
+        .unwrap();
+        assert_eq!((info.guest_mode, info.pvm_page), (1, PVM_PAGE_GPA));
         let bytes = as_bytes(&info).to_vec();
         assert_eq!(&bytes[0..8], b"KSBOOT\0\0");
         let back: BootInfo = from_bytes(&bytes).unwrap();
@@ -123,8 +144,8 @@ mod tests {
         assert_eq!(back.device_count, 1);
         assert_eq!(back.devices[0].gpa, 0xc000_0000);
         assert_eq!(back.tsc_khz, 2_000_000);
-        assert!(boot_info(1, 0, 0, 0, &[], &"x".repeat(CMDLINE_MAX)).is_err());
-        assert!(boot_info(1, 0, 0, 0, &[dev; MAX_DEVICES + 1], "").is_err());
+        assert!(boot_info(1, 0, 0, 0, &[], &"x".repeat(CMDLINE_MAX), CpuMode::Emulated).is_err());
+        assert!(boot_info(1, 0, 0, 0, &[dev; MAX_DEVICES + 1], "", CpuMode::Emulated).is_err());
     }
 
     #[test]

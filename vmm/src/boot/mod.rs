@@ -8,10 +8,12 @@ pub mod paging;
 use crate::error::VmError;
 use crate::hypervisor::{BootCpuState, DescTable, Regs, SpecialRegs};
 use crate::memory::GuestRam;
+use crate::mode::CpuMode;
 use kscope_guest::abi::as_bytes;
 use kscope_guest::abi::boot::{DeviceDesc, Identity};
 use kscope_guest::abi::layout::{
-    phys_to_virt, BOOT_INFO_GPA, BOOT_STACK_TOP_GPA, GDT_GPA, GENPAGE_GPA, IDT_GPA, TSS_GPA,
+    phys_to_virt, BOOT_INFO_GPA, BOOT_STACK_TOP_GPA, GDT_GPA, GENPAGE_GPA, IDT_GPA, PVM_PAGE_GPA,
+    TSS_GPA,
 };
 
 /// CR0: PE | MP | ET | NE | WP | AM | PG.
@@ -44,6 +46,8 @@ pub struct BootParams<'a> {
     pub devices: &'a [DeviceDesc],
     /// Kernel command line.
     pub cmdline: &'a str,
+    /// The CPU mode the kernel is asked to run in.
+    pub mode: CpuMode,
 }
 
 /// Write every boot structure into `ram` and return the boot vCPU's entry state.
@@ -55,6 +59,7 @@ pub fn setup(ram: &GuestRam, p: &BootParams<'_>) -> Result<BootCpuState, VmError
         p.tsc_khz,
         p.devices,
         p.cmdline,
+        p.mode,
     )?;
     ram.write(BOOT_INFO_GPA, as_bytes(&info))?;
     let gen = info::gen_page(0, 0, Identity::default())?;
@@ -62,7 +67,8 @@ pub fn setup(ram: &GuestRam, p: &BootParams<'_>) -> Result<BootCpuState, VmError
     ram.write(GDT_GPA, &gdt::gdt_bytes())?;
     ram.write(TSS_GPA, &gdt::tss_bytes())?;
     ram.write(IDT_GPA, &[0u8; 4096])?;
-    for (gpa, page) in paging::build(ram.size()) {
+    ram.write(PVM_PAGE_GPA, &[0u8; 4096])?;
+    for (gpa, page) in paging::build(ram.size(), p.mode == CpuMode::Native) {
         ram.write(gpa, &page)?;
     }
     Ok(entry_state(p.entry))
@@ -132,6 +138,7 @@ mod tests {
             tsc_khz: 1000,
             devices: &[],
             cmdline: "x=1",
+            mode: CpuMode::Native,
         };
         setup(&ram, &p).unwrap();
         let mut b = [0u8; 8];

@@ -21,6 +21,8 @@ use kscope_guest::abi::layout::{
 pub const PTE_P: u64 = 1;
 /// Writable.
 pub const PTE_W: u64 = 1 << 1;
+/// User-accessible.
+pub const PTE_U: u64 = 1 << 2;
 /// Page size (2 MiB page in a PD entry).
 pub const PTE_PS: u64 = 1 << 7;
 
@@ -51,8 +53,11 @@ pub const fn pd_index(va: u64) -> usize {
     ((va >> 21) & 511) as usize
 }
 
-/// The boot page tables: `(gpa, 4 KiB page)` pairs to write into guest RAM.
-pub fn build(mem_bytes: u64) -> Vec<(u64, Vec<u8>)> {
+/// The boot page tables: `(gpa, 4 KiB page)` pairs to write into guest RAM. `native`: the
+/// kernel will run under PVM's native switch, where it executes at hardware CPL3 and PVM
+/// lets it reach only pages whose every level has U/S set (measured: a supervisor-only
+/// kernel page refaults forever, see docs/PERFORMANCE-NOTES.md), so every entry gets U/S.
+pub fn build(mem_bytes: u64, native: bool) -> Vec<(u64, Vec<u8>)> {
     let mut pml4 = [0u64; 512];
     let mut direct_pdpt = [0u64; 512];
     let mut kernel_pdpt = [0u64; 512];
@@ -81,6 +86,16 @@ pub fn build(mem_bytes: u64) -> Vec<(u64, Vec<u8>)> {
     pages.push((DIRECT_PDPT_GPA, to_bytes(&direct_pdpt)));
     pages.push((KERNEL_PDPT_GPA, to_bytes(&kernel_pdpt)));
     pages.push((KERNEL_PD_GPA, to_bytes(&kernel_pd)));
+    if native {
+        for (_, page) in &mut pages {
+            for e in page.chunks_mut(8) {
+                let v = u64::from_le_bytes(e.try_into().expect("8-byte chunk"));
+                if v & PTE_P != 0 {
+                    e.copy_from_slice(&(v | PTE_U).to_le_bytes());
+                }
+            }
+        }
+    }
     pages
 }
 
@@ -124,7 +139,7 @@ mod tests {
 
     fn memory(mem_bytes: u64) -> HashMap<u64, u64> {
         let mut m = HashMap::new();
-        for (gpa, page) in build(mem_bytes) {
+        for (gpa, page) in build(mem_bytes, false) {
             assert!((BOOT_PT_GPA..BOOT_PT_END).contains(&gpa));
             for (i, c) in page.chunks(8).enumerate() {
                 m.insert(

@@ -15,6 +15,7 @@ use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu};
 use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
 use crate::lazy::{FaultServer, LazyRegion, PageSource, RegionKind, ServerOptions, PAGE_SIZE};
 use crate::memory::{GuestMemory, GuestRam, Keeper};
+use crate::mode::CpuMode;
 use crate::prefetch::{OnDemand, Prefetcher};
 use crate::vm::{Assembly, BootReport, Vm, VmConfig};
 
@@ -224,6 +225,11 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         lazy,
         origin: spec.identity.then(|| gen.clone()),
         clone_id: genpage.map(|g| g.clone_id),
+        mode: if gen.state.vcpus.first().is_some_and(|v| v.native()) {
+            CpuMode::Native
+        } else {
+            CpuMode::Emulated
+        },
     })?;
     Ok(vm)
 }

@@ -22,6 +22,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::{BootCpuState, DescTable, Exit, HvVcpu, HvVm, Hypervisor, Regs, Segment};
 use crate::error::VmError;
+use kscope_guest::abi::boot::pvm;
 
 /// MSRs never saved: IA32_TSC is restored separately (first, so that KVM's TSC
 /// synchronisation sees it before TSC-relative MSRs such as the TSC deadline).
@@ -200,6 +201,13 @@ impl KvmVcpuState {
         self.msrs.len()
     }
 
+    /// True if the vCPU ran its kernel natively (PVM's switch registered) when saved.
+    pub fn native(&self) -> bool {
+        self.msrs
+            .iter()
+            .any(|m| m.index == pvm::MSR_NATIVE && m.data & pvm::REGISTERED != 0)
+    }
+
     /// The saved general registers.
     pub fn regs(&self) -> Regs {
         from_kvm_regs(&self.regs)
@@ -236,6 +244,11 @@ fn saved_msr_list(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
         .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     let mut list: Vec<u32> = vec![MSR_TSC];
     list.extend(all.as_slice().iter().copied().filter(|&m| m != MSR_TSC));
+    // PVM's native-mode switch is not in KVM's list; it must travel with the vCPU state, or
+    // a clone's kernel would run in the instruction emulator.
+    if pvm_signature(vcpu) {
+        list.push(pvm::MSR_NATIVE);
+    }
     // KVM_GET_MSRS stops at the first MSR it cannot read: drop that one and try again.
     let mut start = 0;
     while start < list.len() {
@@ -255,6 +268,26 @@ fn saved_msr_list(vcpu: &VcpuFd) -> Result<&'static [u32], VmError> {
         }
     }
     Ok(LIST.get_or_init(|| list))
+}
+
+/// Read one MSR (`None` if KVM cannot read it).
+fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
+    }
+}
+
+/// True if this host's KVM is PVM with the native-supervisor interface (its signature MSR
+/// reads "PVM"); probed once.
+fn pvm_signature(vcpu: &VcpuFd) -> bool {
+    static PVM: OnceLock<bool> = OnceLock::new();
+    *PVM.get_or_init(|| read_msr(vcpu, pvm::MSR_SIGNATURE) == Some(pvm::SIGNATURE))
 }
 
 /// Size of the XSAVE area KVM uses, if the 4 KiB `kvm_xsave` holds it.
@@ -548,10 +581,27 @@ impl HvVcpu for KvmVcpu {
                 rest = &[];
             }
         }
+        // A vCPU that ran natively must run natively here too: the kernel's processes may
+        // use `syscall`, which the emulated mode cannot run.
+        if let Some(m) = state.msrs.iter().find(|m| m.index == pvm::MSR_NATIVE) {
+            if m.data & pvm::REGISTERED != 0 && read_msr(fd, pvm::MSR_NATIVE) != Some(m.data) {
+                return Err(VmError::BadConfig(format!(
+                    "the saved vCPU ran the guest kernel natively (PVM MSR {:#x} = {:#x}) but this \
+                     host did not accept that value: restore it on a PVM host with the native \
+                     switch",
+                    pvm::MSR_NATIVE,
+                    m.data
+                )));
+            }
+        }
         fd.set_debug_regs(&state.debugregs)
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         fd.set_vcpu_events(&state.events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+    }
+
+    fn native_available(&self) -> bool {
+        pvm_signature(&self.fd)
     }
 
     fn cpuid(&mut self, vcpu_count: u32) -> Result<(), VmError> {

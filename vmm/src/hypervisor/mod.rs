@@ -201,6 +201,9 @@ pub trait HvVcpu: Send + 'static {
     fn save_state(&self) -> Result<Self::State, VmError>;
     /// Restore a saved vCPU state.
     fn restore_state(&mut self, state: &Self::State) -> Result<(), VmError>;
+    /// True if the host can run this guest's kernel natively (PVM's native-supervisor
+    /// switch, `kscope_guest::abi::boot::pvm`).
+    fn native_available(&self) -> bool;
     /// Set CPUID only (before [`restore_state`](Self::restore_state) on a fresh vCPU).
     fn cpuid(&mut self, vcpu_count: u32) -> Result<(), VmError>;
     /// Make kicks of the calling thread (see [`kick_signal`]) interrupt this vCPU's run.

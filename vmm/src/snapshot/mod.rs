@@ -227,6 +227,8 @@ impl Vm {
             cmdline: p.cmdline,
             disk,
             net: None,
+            // The mode comes from the saved vCPU state (see `clone::child::spawn`).
+            guest_mode: crate::mode::GuestMode::Auto,
         };
         let generation = Arc::new(Generation {
             id: 0,

@@ -30,6 +30,7 @@ pub fn config(name: &str, mem_bytes: u64) -> VmConfig {
         cmdline: "init=/bin/ktest".into(),
         disk: disk(),
         net: None,
+        guest_mode: kscope_vmm::GuestMode::Auto,
     }
 }
 

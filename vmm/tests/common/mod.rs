@@ -266,6 +266,7 @@ pub fn config(name: &str, code: &[u8]) -> VmConfig {
         cmdline: "test=1".into(),
         disk: Arc::from(vec![0u8; 4096]),
         net: None,
+        guest_mode: kscope_vmm::GuestMode::Emulated,
     }
 }
 

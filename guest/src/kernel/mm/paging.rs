@@ -99,8 +99,9 @@ pub fn map_4k(pml4: u64, virt: u64, phys: u64, flags: u64) -> Result<(), NoMem> 
 }
 
 fn map_2m(pml4: u64, virt: u64, phys: u64, flags: u64) -> Result<(), NoMem> {
-    let pdpt = next(pml4, idx(virt, 4), P | RW)?;
-    let pd = next(pdpt, idx(virt, 3), P | RW)?;
+    let inter = P | RW | (flags & US);
+    let pdpt = next(pml4, idx(virt, 4), inter)?;
+    let pd = next(pdpt, idx(virt, 3), inter)?;
     write(pd, idx(virt, 2), phys | flags | P | PS);
     Ok(())
 }
@@ -179,32 +180,38 @@ pub struct KernelMap<'a> {
     pub data: (u64, u64),
     /// Guest-physical bases of the devices' MMIO pages.
     pub mmio: &'a [u64],
+    /// The kernel runs natively (kernel-half entries need U/S, see [`init_kernel`]).
+    pub native: bool,
 }
 
 /// Build the kernel address space and switch to it; returns the PML4's physical address.
 pub fn init_kernel(m: &KernelMap) -> Result<u64, NoMem> {
+    // U/S on every kernel-half entry in native mode: under PVM's native switch the kernel
+    // executes at hardware CPL3 and can only reach pages that are user-accessible at every
+    // level (a supervisor-only page refaults forever; docs/PERFORMANCE-NOTES.md).
+    let us = if m.native { US } else { 0 };
     let pml4 = frame::alloc_zeroed(frame_use::PAGE_TABLE, 0).ok_or(NoMem)?;
     // Pre-allocate a PDPT for every kernel-half PML4 slot: process PML4s copy entries
     // 256..511 once and never need updating.
     for i in 256..512 {
-        next(pml4, i, P | RW)?;
+        next(pml4, i, P | RW | us)?;
     }
     // Direct map of all RAM: supervisor, NX, 2 MiB pages.
     let mut p = 0;
     while p < m.mem_bytes {
-        map_2m(pml4, DIRECT_MAP_BASE + p, p, RW | NX)?;
+        map_2m(pml4, DIRECT_MAP_BASE + p, p, RW | NX | us)?;
         p += LARGE_PAGE_SIZE;
     }
     let sections = [(m.text, 0), (m.rodata, NX), (m.data, RW | NX)];
     for ((start, end), flags) in sections {
         let mut v = start & !(PAGE_SIZE - 1);
         while v < end {
-            map_4k(pml4, v, v - KERNEL_VIRT_BASE, flags)?;
+            map_4k(pml4, v, v - KERNEL_VIRT_BASE, flags | us)?;
             v += PAGE_SIZE;
         }
     }
     for &gpa in m.mmio {
-        map_4k(pml4, mmio_va(gpa), gpa, RW | NX | PCD | PWT)?;
+        map_4k(pml4, mmio_va(gpa), gpa, RW | NX | PCD | PWT | us)?;
     }
     *KERNEL_PML4.get() = pml4;
     // SAFETY: the new tables map the kernel image, the direct map (stacks, boot structures,
