@@ -187,6 +187,8 @@ pub fn run(cfg: &NetBenchConfig) -> anyhow::Result<NetBenchReport> {
             .map_err(|e| anyhow::anyhow!("request-device answer: {e}"))?;
     }
     let url = format!("http://{ip}{path}");
+    // Warm the TCP path too (socket buffers, the server's connection state), then measure.
+    wrk(net.netns(), &url, cfg.connections, Duration::from_secs(1))?;
     let tcp = wrk(net.netns(), &url, cfg.connections, cfg.duration)?;
 
     // The request device, same VM, same concurrency.

@@ -253,7 +253,8 @@ impl VcpuHost for VmCore {
         let mut t = n.lock().unwrap_or_else(|p| p.into_inner());
         let stats = t.device().stats();
         let before = stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed);
-        t.kick_queue(kscope_guest::abi::net::RX_QUEUE);
+        // TX first (the guest does not notify for it), then RX.
+        t.kick_queue(kscope_guest::abi::net::TX_QUEUE);
         let after = stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed);
         (after - before, t.device().wake_in())
     }

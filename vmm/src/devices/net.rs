@@ -2,7 +2,8 @@
 //!
 //! No offloads: the guest's smoltcp computes checksums and sends frames of at most 1514
 //! bytes, so the tap runs without `IFF_VNET_HDR` and the VMM strips or adds the 12-byte
-//! `virtio_net_hdr_v1`. TX is processed synchronously in the guest's notify exit; every TX
+//! `virtio_net_hdr_v1`. TX is drained at the guest's idle exit (the guest does not notify
+//! in steady state) or synchronously in a notify exit; every TX
 //! frame passes the anti-spoofing filter ([`allowed`]): only the VM's own MAC as source, only
 //! its own IPv4 address in IPv4 and ARP. RX frames are moved from the tap into posted buffers
 //! whenever the VM exits (idle `hlt`, notifications); a poller thread wakes the idle vCPU when

@@ -178,13 +178,16 @@ pub fn before_halt() -> bool {
         return false;
     }
     let t = now();
-    let stack = n.iface.poll_delay(t, &n.sockets).map(|d| d.total_micros());
-    let waiter = socket::next_deadline_ns().map(|d| d.saturating_sub(crate::clock_ns()) / 1000);
-    let us = match (stack, waiter) {
+    let ns = crate::clock_ns();
+    let stack = n
+        .iface
+        .poll_delay(t, &n.sockets)
+        .map(|d| ns.saturating_add(d.total_micros() * 1000));
+    let at = match (stack, socket::next_deadline_ns()) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    virtio_net::set_wake(us.map_or(0, |u| u.clamp(1, u32::MAX as u64) as u32));
+    virtio_net::set_wake(at);
     true
 }
 
