@@ -25,8 +25,8 @@ impl Clone for GuestFiles {
     }
 }
 
-/// Files kept open at most (the kernel gives a process 13 descriptors; `map` needs one more
-/// for a moment).
+/// Files kept open at most (the kernel gives a process 61 descriptors, shared with sockets;
+/// `map` needs one more for a moment).
 const MAX_OPEN: usize = 8;
 
 fn sys_err(op: &'static str, path: &str, e: ulib::Errno) -> FileError {
@@ -233,6 +233,8 @@ fn serve_tcp(name: &str, handler: &mut dyn Handler) -> Option<i32> {
     let mut rbuf = alloc::vec![0u8; 16 * 1024];
     let mut conns: Vec<Conn> = Vec::new();
     let mut set: Vec<PollFd> = Vec::new();
+    // Out of descriptors: leave new connections in the kernel's backlog until one closes.
+    let mut out_of_fds = false;
     loop {
         set.clear();
         set.push(PollFd {
@@ -242,7 +244,11 @@ fn serve_tcp(name: &str, handler: &mut dyn Handler) -> Option<i32> {
         });
         set.push(PollFd {
             fd: lfd as i32,
-            events: if conns.len() < MAX_CONNS { POLL_IN } else { 0 },
+            events: if conns.len() < MAX_CONNS && !out_of_fds {
+                POLL_IN
+            } else {
+                0
+            },
             revents: 0,
         });
         for c in &conns {
@@ -281,7 +287,12 @@ fn serve_tcp(name: &str, handler: &mut dyn Handler) -> Option<i32> {
                         sent: 0,
                         close_after: false,
                     }),
-                    Err(_) => break,
+                    Err(e) if e.0 == nerr::EAGAIN => break,
+                    Err(e) => {
+                        kscope_guest::println!("{name}: accept: errno {}", e.0);
+                        out_of_fds = true;
+                        break;
+                    }
                 }
             }
         }
@@ -346,6 +357,7 @@ fn serve_tcp(name: &str, handler: &mut dyn Handler) -> Option<i32> {
             if dead {
                 let _ = net::close(c.fd);
                 conns.swap_remove(k);
+                out_of_fds = false;
             } else {
                 k += 1;
             }

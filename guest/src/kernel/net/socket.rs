@@ -607,6 +607,9 @@ pub fn call(slot: usize, nr: u64, a: [u64; 6]) -> Result<Outcome, Fault> {
             poll_stack(n);
             let r = eval(n, slot, fds, cnt)?;
             if r > 0 || timeout == 0 {
+                // The caller goes on without halting: send what it queued (TX is otherwise
+                // drained at the idle exit, which a busy process may not reach soon).
+                virtio_net::kick();
                 return val(r as i64);
             }
             let now = crate::clock_ns();

@@ -160,6 +160,13 @@ impl NetDev {
     }
 }
 
+/// Notify the device about queued TX frames now (one exit, only if there are any).
+pub fn kick() {
+    if let Some(d) = dev() {
+        d.kick();
+    }
+}
+
 /// True if received frames wait in the used ring.
 pub fn rx_pending() -> bool {
     dev().is_some_and(|d| d.rx.has_used())
