@@ -5,6 +5,7 @@
 //! turns policy specs into the VMM's prefetcher factories (shared with the clone service).
 
 pub mod dedup;
+pub mod modes;
 pub mod net;
 pub mod plot;
 pub mod policy;

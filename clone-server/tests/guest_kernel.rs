@@ -40,6 +40,16 @@ fn data_file(len: u32, salt: u32) -> Vec<u8> {
 }
 
 fn start(name: &str, mem_mib: u64, cmdline: &str, files: &[(&str, u32, Vec<u8>)]) -> Vm {
+    start_in(name, mem_mib, cmdline, files, kscope_vmm::GuestMode::Auto).expect("boot")
+}
+
+fn start_in(
+    name: &str,
+    mem_mib: u64,
+    cmdline: &str,
+    files: &[(&str, u32, Vec<u8>)],
+    guest_mode: kscope_vmm::GuestMode,
+) -> Result<Vm, VmError> {
     let mut b = kscope_guest::mkfs::FsBuilder::new();
     b.add("/bin/ktest", file_kind::EXEC, program("/bin/ktest"))
         .unwrap();
@@ -56,9 +66,8 @@ fn start(name: &str, mem_mib: u64, cmdline: &str, files: &[(&str, u32, Vec<u8>)]
         cmdline: cmdline.into(),
         disk: Arc::from(b.build()),
         net: None,
-        guest_mode: kscope_vmm::GuestMode::Auto,
+        guest_mode,
     })
-    .expect("boot")
 }
 
 fn boot_with(name: &str, mem_mib: u64, files: &[(&str, u32, Vec<u8>)]) -> Vm {
@@ -280,6 +289,10 @@ fn every_kind_of_user_fault_kills_only_the_offender() {
         "ud",
         "gp",
         "div0",
+        "read-kernel",
+        "write-kernel",
+        "use-after-munmap",
+        "write-mapped-file",
     ];
     let list = modes.join("\n").into_bytes();
     let vm = boot_with("kt-faults", 64, &[("/etc/kcrash", file_kind::DATA, list)]);
@@ -355,30 +368,45 @@ fn a_runaway_guest_is_caught_by_the_watchdog() {
 
 #[test]
 fn page_tables_have_the_documented_layout() {
-    let vm = boot("kt-pt");
+    for mode in [kscope_vmm::GuestMode::Auto, kscope_vmm::GuestMode::Emulated] {
+        page_table_layout(mode);
+    }
+}
+
+fn page_table_layout(mode: kscope_vmm::GuestMode) {
+    let vm = start_in("kt-pt", 64, "init=/bin/ktest", &[], mode).unwrap();
+    vm.wait_ready(T).unwrap();
     ask(&vm, b"alloc 4");
+    let native = vm.cpu_mode() == Some(kscope_vmm::CpuMode::Native);
+    // Native mode: the kernel half is user-accessible in the kernel-mode tables (PVM runs
+    // the kernel at hardware CPL3); processes run on user-mode twins without it.
+    let us = if native { US } else { 0 };
     let k = kinfo(&vm);
     let pml4 = k.kernel_pml4;
     // Kernel text: 4 KiB, supervisor, read-only, executable.
     let (e, size) = walk(&vm, pml4, k.text_start).unwrap();
-    assert_eq!((size, e & (RW | US | NX)), (4096, 0), "text {e:#x}");
+    assert_eq!((size, e & (RW | US | NX)), (4096, us), "text {e:#x}");
     let (e, size) = walk(&vm, pml4, k.rodata_start).unwrap();
-    assert_eq!((size, e & (RW | US | NX)), (4096, NX), "rodata {e:#x}");
+    assert_eq!((size, e & (RW | US | NX)), (4096, NX | us), "rodata {e:#x}");
     let (e, size) = walk(&vm, pml4, k.data_start).unwrap();
-    assert_eq!((size, e & (RW | US | NX)), (4096, RW | NX), "data {e:#x}");
+    assert_eq!(
+        (size, e & (RW | US | NX)),
+        (4096, RW | NX | us),
+        "data {e:#x}"
+    );
     assert_eq!(k.text_start, KERNEL_VIRT_BASE + 0x10_0000);
     // Direct map: 2 MiB, supervisor, NX, all of RAM and nothing more.
     for gpa in [0, 0x20_0000, k.mem_bytes - 0x20_0000] {
         let (e, size) = walk(&vm, pml4, DIRECT_MAP_BASE + gpa).unwrap();
         assert_eq!(
             (size, e & (US | NX), e & ADDR & !(size - 1)),
-            (2 << 20, NX, gpa)
+            (2 << 20, NX | us, gpa)
         );
     }
     assert!(walk(&vm, pml4, DIRECT_MAP_BASE + k.mem_bytes).is_none());
     // MMIO: uncached, NX.
     let (e, _) = walk(&vm, pml4, MMIO_VIRT_BASE).unwrap();
-    assert_eq!((e & ADDR, e & (PCD | NX | US)), (MMIO_BASE, PCD | NX));
+    assert_eq!((e & ADDR, e & (PCD | NX | US)), (MMIO_BASE, PCD | NX | us));
     // No user half in the kernel's tables.
     for i in 0..256 {
         assert_eq!(read_u64(&vm, pml4 + i * 8) & P, 0, "kernel PML4 entry {i}");
@@ -392,6 +420,34 @@ fn page_tables_have_the_documented_layout() {
             read_u64(&vm, ktest.cr3 + i * 8),
             read_u64(&vm, pml4 + i * 8),
             "entry {i}"
+        );
+    }
+    if native {
+        // Its user-mode twin (the next frame) has the same user half and, of the kernel,
+        // only the trampoline: a few 4 KiB pages, none of the direct map's 2 MiB pages.
+        let twin = ktest.cr3 + 4096;
+        for i in 0..256 {
+            // (The accessed bit may differ: each table is walked on its own.)
+            assert_eq!(
+                read_u64(&vm, twin + i * 8) & !0x20,
+                read_u64(&vm, ktest.cr3 + i * 8) & !0x20
+            );
+        }
+        assert!(walk(&vm, twin, k.rodata_start).is_none());
+        assert!(walk(&vm, twin, DIRECT_MAP_BASE + 0x20_0000).is_none());
+        assert!(walk(&vm, twin, DIRECT_MAP_BASE + k.mem_bytes - 0x1000).is_none());
+        assert!(walk(&vm, twin, MMIO_VIRT_BASE).is_none());
+        let mut kernel_pages = 0;
+        let mut v = KERNEL_VIRT_BASE + 0x10_0000;
+        while v < k.data_start + (4 << 20) {
+            if walk(&vm, twin, v).is_some() {
+                kernel_pages += 1;
+            }
+            v += 4096;
+        }
+        assert!(
+            (1..=6).contains(&kernel_pages),
+            "{kernel_pages} kernel pages"
         );
     }
     // User text: user, read-only, executable, mapped from the page cache (bytes of the ELF).
@@ -760,5 +816,88 @@ fn measure_kernel_costs() {
     println!(
         "boot {boot_time:?}, ping {ping:?}, echo {echo:?}, getpid {sys} ns, anon fault {pf} ns"
     );
+    vm.stop().unwrap();
+}
+
+/// What the kernel of `vm` says about its CPU mode, asked live through a system call.
+fn live_mode(vm: &Vm) -> kscope_vmm::CpuMode {
+    let v: u32 = ask_str(vm, "cpumode").parse().unwrap();
+    kscope_vmm::CpuMode::from_abi(v).unwrap()
+}
+
+#[test]
+fn the_emulated_mode_still_boots_serves_faults_and_clones() {
+    use kscope_vmm::CpuMode;
+    let vm = start_in(
+        "kt-emu",
+        64,
+        "init=/bin/ktest",
+        &[],
+        kscope_vmm::GuestMode::Emulated,
+    )
+    .unwrap();
+    vm.wait_ready(T).unwrap();
+    assert_eq!(vm.cpu_mode(), Some(CpuMode::Emulated));
+    assert_eq!(live_mode(&vm), CpuMode::Emulated);
+    assert_eq!(ask(&vm, b"echo emulated"), b"emulated");
+    assert!(ask_str(&vm, "bench-syscall 20").parse::<u64>().unwrap() > 0);
+    ask(&vm, b"alloc 64");
+    let batch = vm
+        .clone_children(1, &kscope_vmm::CloneOptions::default())
+        .unwrap();
+    let child = &batch.children[0];
+    assert_eq!(ask(child, b"echo child"), b"child");
+    assert_eq!(child.cpu_mode(), Some(CpuMode::Emulated));
+    assert_eq!(live_mode(child), CpuMode::Emulated);
+    assert_eq!(live_mode(&vm), CpuMode::Emulated);
+    for c in batch.children {
+        c.stop().unwrap();
+    }
+    vm.stop().unwrap();
+}
+
+#[test]
+fn native_mode_holds_in_clones_restores_and_the_frozen_parent() {
+    use kscope_vmm::{CloneOptions, CpuMode, GuestMode, MemoryMode};
+    let vm = match start_in("kt-nat", 64, "init=/bin/ktest", &[], GuestMode::Native) {
+        Ok(vm) => vm,
+        Err(VmError::ModeUnavailable(m)) => {
+            eprintln!("SKIPPED: this host has no PVM native switch: {m}");
+            return;
+        }
+        Err(e) => panic!("boot: {e}"),
+    };
+    vm.wait_ready(T).unwrap();
+    assert_eq!(vm.cpu_mode(), Some(CpuMode::Native));
+    assert_eq!(live_mode(&vm), CpuMode::Native);
+    ask(&vm, b"alloc 64");
+    for memory in [MemoryMode::Lazy, MemoryMode::Eager] {
+        let opts = CloneOptions {
+            memory,
+            ..CloneOptions::default()
+        };
+        let batch = vm.clone_children(2, &opts).unwrap();
+        for (i, c) in batch.children.iter().enumerate() {
+            let msg = format!("child {i}");
+            assert_eq!(ask(c, msg.as_bytes()), msg.as_bytes());
+            assert_eq!(c.cpu_mode(), Some(CpuMode::Native), "{memory:?} child {i}");
+            assert_eq!(live_mode(c), CpuMode::Native);
+        }
+        // The parent goes on natively after every freeze.
+        assert_eq!(live_mode(&vm), CpuMode::Native);
+        for c in batch.children {
+            c.stop().unwrap();
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("kscope-native-snap-{}", std::process::id()));
+    vm.snapshot(&dir).unwrap();
+    for memory in [MemoryMode::Lazy, MemoryMode::Eager] {
+        let r = Vm::restore(&dir, memory, "kt-nat-restored").unwrap();
+        assert_eq!(ask(&r, b"echo restored"), b"restored");
+        assert_eq!(live_mode(&r), CpuMode::Native, "{memory:?} restore");
+        r.stop().unwrap();
+    }
+    assert_eq!(live_mode(&vm), CpuMode::Native);
+    let _ = std::fs::remove_dir_all(&dir);
     vm.stop().unwrap();
 }

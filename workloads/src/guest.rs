@@ -89,16 +89,26 @@ impl Files for GuestFiles {
 }
 
 /// Serve requests forever: with a network, the request device and HTTP over TCP together
-/// (see `serve_tcp`); otherwise one `recv_request`, the handler, one `send_response`.
+/// (see `serve_tcp`); otherwise the handler between `reply_recv` calls (one kernel entry per
+/// request: the answer to one request and the wait for the next).
 pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
     kscope_guest::println!("{name}: ready");
     if let Some(code) = serve_tcp(name, handler) {
         return code;
     }
     let mut buf = alloc::vec![0u8; kscope_guest::abi::request::MAX_REQUEST];
+    let mut answer: (u64, u32, &[u8]) = (u64::MAX, 0, &[]);
     loop {
-        let meta = match ulib::sys::recv_request(&mut buf) {
+        let (id, status, payload) = answer;
+        let payload = &payload[..payload.len().min(kscope_guest::abi::request::MAX_RESPONSE)];
+        let meta = match ulib::sys::reply_recv(id, payload, status, &mut buf) {
             Ok(m) => m,
+            Err(e) if id != u64::MAX => {
+                // The answer could not be sent (e.g. out of memory): say so, then wait again.
+                kscope_guest::println!("{name}: send_response failed: errno {}", e.0);
+                answer = (u64::MAX, 0, &[]);
+                continue;
+            }
             Err(e) => {
                 kscope_guest::println!("{name}: recv_request failed: errno {}", e.0);
                 return 1;
@@ -106,10 +116,7 @@ pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
         };
         let len = (meta.len as usize).min(buf.len());
         let (status, payload) = handler.handle(&buf[..len]);
-        let payload = &payload[..payload.len().min(kscope_guest::abi::request::MAX_RESPONSE)];
-        if let Err(e) = ulib::respond(meta.id, status, payload) {
-            kscope_guest::println!("{name}: send_response failed: errno {}", e.0);
-        }
+        answer = (meta.id, status, payload);
     }
 }
 

@@ -17,6 +17,8 @@ pub enum BenchCmd {
     /// The web workload over TCP (wrk in kscope's network namespace) beside the request
     /// device; clone call to first TCP answer at the clone's address; N clones under wrk.
     Net(NetArgs),
+    /// The guest kernel's costs in both CPU modes (emulated vs PVM-native), same run.
+    Modes(ModesArgs),
 }
 
 /// Arguments of `kscope bench net`.
@@ -35,6 +37,23 @@ pub struct NetArgs {
     #[arg(long, default_value_t = 64)]
     pub mem_mib: u64,
     /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `kscope bench modes`.
+#[derive(Args, Debug)]
+pub struct ModesArgs {
+    /// Repetitions per mode (medians with min-max are printed).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// `web` requests per throughput run.
+    #[arg(long, default_value_t = 400)]
+    pub requests: usize,
+    /// Guest memory of the web VMs.
+    #[arg(long, default_value = "256M", value_parser = super::mem_arg)]
+    pub mem: u64,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -222,6 +241,18 @@ pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", dedup::render(&r));
+            }
+        }
+        BenchCmd::Modes(a) => {
+            let r = kscope_bench::modes::run(&kscope_bench::modes::ModesOptions {
+                reps: a.reps,
+                web_requests: a.requests,
+                mem_bytes: a.mem,
+            })?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                kscope_bench::modes::print(&r);
             }
         }
     }

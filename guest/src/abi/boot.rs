@@ -94,8 +94,14 @@ pub mod pvm {
     pub const MSR_SIGNATURE: u32 = 0x4b56_4d11;
     /// "PVM".
     pub const SIGNATURE: u64 = 0x4d_5650;
-    /// Bit the host sets in [`MSR_NATIVE`] once the page is registered.
+    /// Bit the host always shows in [`MSR_NATIVE`] (an unregistered vCPU reads just this).
     pub const REGISTERED: u64 = 1 << 10;
+
+    /// True if a value read from [`MSR_NATIVE`] means "a page is registered: the kernel runs
+    /// natively" (the page address with [`REGISTERED`] set; `REGISTERED` alone means none).
+    pub const fn is_registered(v: u64) -> bool {
+        v & REGISTERED != 0 && v & !0xfff != 0
+    }
     /// Interrupts are delivered in native mode only while one of these bits of the first
     /// word of the registered page is set.
     pub const IRQ_GATE_BITS: u64 = 0xff;

@@ -44,8 +44,12 @@ pub const BOOT_PT_GPA: u64 = 0x1_0000;
 pub const BOOT_PT_END: u64 = 0x2_0000;
 /// Top of the boot stack (RSP at entry, as a direct-map address).
 pub const BOOT_STACK_TOP_GPA: u64 = 0x3_0000;
-/// Top of the trap stack (TSS.RSP0 and IST1, as direct-map addresses).
+/// Top of the trap stack (TSS.RSP0 and IST1, as direct-map addresses). Its top page is the
+/// trampoline stack (mapped in processes' user-mode tables in native mode); the kernel runs
+/// below it, from [`KERNEL_STACK_TOP_GPA`] down.
 pub const TRAP_STACK_TOP_GPA: u64 = 0x4_0000;
+/// Top of the kernel's own stack after entry from user mode.
+pub const KERNEL_STACK_TOP_GPA: u64 = 0x3_f000;
 /// Physical load address of the kernel image.
 pub const KERNEL_PHYS_BASE: u64 = 0x10_0000;
 /// Everything below this GPA is reserved for boot structures (never handed to the allocator).

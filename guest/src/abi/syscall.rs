@@ -56,6 +56,13 @@ pub const GETPID: u64 = 19;
 pub const DROP_INFLIGHT: u64 = 20;
 /// `listdir(buf, len) -> bytes`: NUL-separated paths of all files.
 pub const LISTDIR: u64 = 21;
+/// `cpu_mode() -> mode`: the `abi::boot::cpu_mode` the kernel runs in at this moment.
+pub const CPU_MODE: u64 = 22;
+/// `reply_recv(id, buf, len, status, rbuf, *mut RequestMeta) -> payload length`: answer
+/// request `id` (none if `id` is `u64::MAX`) and block for the next request as
+/// [`RECV_REQUEST`] does, into `rbuf` of `meta.len` bytes (the meta's `len` is read first):
+/// a server's whole loop in one kernel entry per request.
+pub const REPLY_RECV: u64 = 23;
 
 /// Error numbers (returned negated).
 pub mod errno {

@@ -93,11 +93,14 @@ pub fn check() {
             continue;
         }
         p.sig_pending = true;
-        if let Wait::Recv { .. } = p.wait {
-            // Restart the blocking call after the handler: back to the `ud2`.
+        if let Wait::Recv { buf, len, meta } = p.wait {
+            // Restart the blocking call after the handler as a plain `recv_request` (also
+            // when it was a `reply_recv`, whose reply is sent): back to the gate instruction
+            // (`ud2` and `syscall` are both two bytes).
             p.wait = Wait::None;
             p.ctx.rip -= 2;
             p.ctx.rax = RECV_REQUEST;
+            (p.ctx.rdi, p.ctx.rsi, p.ctx.rdx) = (buf, len, meta);
             p.abi.state = proc_state::RUNNABLE;
         }
     }

@@ -97,6 +97,10 @@ extern "C" {
     static __data_start: u8;
     static __data_end: u8;
     static __kernel_end: u8;
+    static __tramp_text_start: u8;
+    static __tramp_text_end: u8;
+    static __tramp_ro: u8;
+    static __tramp_rw: u8;
 }
 
 struct Clock {
@@ -245,6 +249,29 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             panic_code::OUT_OF_MEMORY,
         )
     };
+    if mode == kscope_guest::abi::boot::cpu_mode::NATIVE {
+        // SAFETY: linker-script symbols; only their addresses are used.
+        let t = unsafe {
+            paging::Trampoline {
+                text: (sym(&__tramp_text_start), sym(&__tramp_text_end)),
+                ro: sym(&__tramp_ro),
+                rw: sym(&__tramp_rw),
+                stack: kscope_guest::abi::layout::phys_to_virt(
+                    kscope_guest::abi::layout::TRAP_STACK_TOP_GPA - 4096,
+                ),
+                tables: [
+                    kscope_guest::abi::layout::phys_to_virt(kscope_guest::abi::layout::GDT_GPA),
+                    kscope_guest::abi::layout::phys_to_virt(kscope_guest::abi::layout::IDT_GPA),
+                ],
+            }
+        };
+        if paging::init_isolation(&t).is_err() {
+            fatal(
+                "out of memory building the user-mode tables",
+                panic_code::OUT_OF_MEMORY,
+            );
+        }
+    }
     kinfo::set_layout(&kinfo::Layout {
         mem_bytes: bi.mem_bytes,
         kernel_pml4: pml4,

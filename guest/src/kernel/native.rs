@@ -5,9 +5,13 @@
 //! mode it really got (`mov %cs` reads a ring-3 selector in native mode) and reports it.
 //!
 //! What native mode changes for the kernel:
-//! - system calls can use `syscall` (entry [`kscope_syscall_entry`], return by `iretq`); the
+//! - system calls can use `syscall` (entry `kscope_syscall_entry` in `trap`, return by
+//!   `iretq`: cheaper than `sysretq` under PVM, 1.6 us against 3.5 us in the probe); the
 //!   `ud2` gate keeps working in both modes, so user programs pick the gate the kernel hands
 //!   them at start ([`gate`]);
+//! - the kernel half must be user-accessible in the page tables (PVM runs the kernel at
+//!   hardware CPL3), so processes run on separate user-mode tables that map only the entry
+//!   trampoline of the kernel (`trap`, `mm::paging`), like Linux's page-table isolation;
 //! - page-table writes are no longer trapped: every PTE change that removes or narrows a
 //!   mapping is followed by `invlpg` or a CR3 reload (see `mm::paging::unmap`), exactly as on
 //!   real hardware;
@@ -15,7 +19,7 @@
 //!   registered page's first word, which the kernel sets.
 
 use kscope_guest::abi::boot::{cpu_mode, pvm};
-use kscope_guest::abi::layout::{phys_to_virt, ports, selectors, TRAP_STACK_TOP_GPA};
+use kscope_guest::abi::layout::{phys_to_virt, ports, selectors};
 
 use crate::arch::{self, KCell};
 
@@ -31,10 +35,6 @@ const MSR_FMASK: u32 = 0xc000_0084;
 const EFER_SCE: u64 = 1;
 
 static MODE: KCell<u32> = KCell::new(cpu_mode::EMULATED);
-
-/// Scratch slot for the user RSP during `syscall` entry (one vCPU, interrupts off).
-#[no_mangle]
-static mut KSCOPE_SYSCALL_USER_RSP: u64 = 0;
 
 extern "C" {
     fn kscope_syscall_entry();
@@ -98,27 +98,3 @@ fn init_syscall() {
         arch::wrmsr(MSR_FMASK, 0x4_0700);
     }
 }
-
-// `syscall` entry: RCX = user RIP, R11 = user RFLAGS, RSP still the user's. Build the same
-// frame an exception from ring 3 builds on the trap stack (vector SYSCALL, error 0) and join
-// the common trap path; the return is the ordinary `iretq` (cheaper than `sysretq` under PVM:
-// 1.6 us against 3.5 us in the probe).
-core::arch::global_asm!(
-    ".text",
-    ".global kscope_syscall_entry",
-    "kscope_syscall_entry:",
-    "mov [rip + KSCOPE_SYSCALL_USER_RSP], rsp",
-    "movabs rsp, {stack}",
-    "push {uds}",
-    "push qword ptr [rip + KSCOPE_SYSCALL_USER_RSP]",
-    "push r11",
-    "push {ucs}",
-    "push rcx",
-    "push 0",
-    "push {vec}",
-    "jmp kscope_trap_common",
-    stack = const phys_to_virt(TRAP_STACK_TOP_GPA),
-    uds = const selectors::USER_DS as u64,
-    ucs = const selectors::USER_CS as u64,
-    vec = const crate::trap::vector::SYSCALL,
-);

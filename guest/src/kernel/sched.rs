@@ -279,6 +279,8 @@ fn run(i: usize) -> ! {
     if arch::read_cr3() & crate::mm::paging::ADDR != p.abi.cr3 {
         // SAFETY: process PML4s share the kernel half with the kernel's tables.
         unsafe { arch::write_cr3(p.abi.cr3) };
+        let isolated = crate::mm::paging::isolated();
+        trap::set_tables(p.abi.cr3, crate::mm::paging::user_pml4(p.abi.cr3), isolated);
     }
     if s.fpu_owner != Some(i) {
         if let Some(o) = s.fpu_owner {

@@ -52,7 +52,7 @@ pub fn dispatch(slot: usize, frame: &mut Context) {
     );
     if matches!(
         n,
-        nr::RECV_REQUEST | nr::SIGRETURN | nr::YIELD | nabi::NET_POLL
+        nr::RECV_REQUEST | nr::REPLY_RECV | nr::SIGRETURN | nr::YIELD | nabi::NET_POLL
     ) {
         // These block, replace or hand over the context: work on the saved copy.
         sched::spill(slot, frame);
@@ -187,6 +187,18 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
             Ok(Ret::Done)
         }
         nr::SEND_RESPONSE => send_response(slot, a[0], a[1], a[2], a[3] as u32),
+        nr::REPLY_RECV => {
+            let m: kscope_guest::abi::syscall::RequestMeta = uvm::get(slot, a[5])?;
+            if a[0] != u64::MAX {
+                if let Ret::Val(e) = send_response(slot, a[0], a[1], a[2], a[3] as u32)? {
+                    if e < 0 {
+                        return Ok(Ret::Val(e));
+                    }
+                }
+            }
+            sched::recv(slot, a[4], m.len, a[5]);
+            Ok(Ret::Done)
+        }
         nr::GETRANDOM => {
             let mut buf = [0u8; 256];
             let mut off = 0;
@@ -252,6 +264,7 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
             Ok(Ret::Val(0))
         }
         nr::GETPID => Ok(Ret::Val(proc::get(slot).abi.pid as i64)),
+        nr::CPU_MODE => Ok(Ret::Val(crate::native::detect() as i64)),
         nr::DROP_INFLIGHT => Ok(Ret::Val(request::drop_inflight() as i64)),
         nr::LISTDIR => {
             let (buf, cap) = (a[0], a[1]);

@@ -1,10 +1,13 @@
-//! Exception entry and exit: the IDT (filled in place where the VMM's IDTR points), the
-//! assembly stubs that save the full register state on the trap stack (TSS.RSP0), the
-//! dispatcher, and `resume_user`, which returns to a process through an `iretq` frame.
+//! Exception and system-call entry and exit: the IDT (filled in place where the VMM's IDTR
+//! points), the trampoline (assembly stubs that switch page tables in native mode and save
+//! the full register state on the kernel stack), the dispatcher, and `resume_user`, which
+//! returns to a process through an `iretq` frame.
 
 use core::arch::global_asm;
 
-use kscope_guest::abi::layout::{ports, selectors};
+use kscope_guest::abi::layout::{
+    phys_to_virt, ports, selectors, KERNEL_STACK_TOP_GPA, TRAP_STACK_TOP_GPA,
+};
 use kscope_guest::abi::panic_code;
 
 use crate::arch;
@@ -65,24 +68,99 @@ pub mod vector {
     pub const SYSCALL: u64 = 0x100;
 }
 
+/// Trampoline state, readable (not writable) from the user-mode tables: the CR3 of the
+/// current process's kernel-mode tables, of its user-mode tables, and the isolation flag
+/// (native mode: switch tables on every entry and exit).
+#[link_section = ".data.tramp_ro"]
+#[no_mangle]
+static mut KSCOPE_TRAMP: [u64; 4] = [0; 4];
+
+/// Trampoline scratch (user RSP and RAX during `syscall` entry), writable from user mode.
+#[link_section = ".data.tramp_rw"]
+#[no_mangle]
+static mut KSCOPE_TRAMP_RW: [u64; 2] = [0; 2];
+
+/// Switch the trampoline to process tables `cr3` (kernel mode) and `user_cr3` (user mode);
+/// `isolate` turns the table switch on entry and exit on.
+pub fn set_tables(cr3: u64, user_cr3: u64, isolate: bool) {
+    // SAFETY: single vCPU with interrupts off; the trampoline reads these words only while
+    // the kernel is not running Rust code.
+    unsafe {
+        let t = &raw mut KSCOPE_TRAMP;
+        (*t)[0] = cr3;
+        (*t)[1] = user_cr3;
+        (*t)[2] = u64::from(isolate);
+    }
+}
+
+// Entry and exit. In native mode the kernel half of a process's kernel-mode tables is
+// user-accessible (PVM runs the kernel at hardware CPL3), so user mode runs on separate
+// user-mode tables that map, of the kernel half, only this trampoline (the `.text.tramp`
+// page, the `.data.tramp_*` pages, the GDT/TSS/IDT and the top page of the trap stack).
+// Entry from user mode: the exception frame lands on the trampoline stack (TSS.RSP0); the
+// stub switches to the kernel-mode tables, moves the frame to the kernel stack below and
+// joins `trap_common`. Exit copies the `iretq` frame back to the trampoline stack, restores
+// the registers, switches to the user-mode tables and returns.
 global_asm!(
     r#"
-    .section .text
+    .section .text.tramp, "ax"
     .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
     trap_stub_\n:
         push 0
         push \n
-        jmp trap_common
+        jmp tramp_entry
     .endr
     .irp n, 8,10,11,12,13,14,17,21,29,30
     trap_stub_\n:
         push \n
-        jmp trap_common
+        jmp tramp_entry
     .endr
+
+    tramp_entry:
+        test byte ptr [rsp + 24], 3
+        jz kscope_trap_common
+        cmp byte ptr [rip + KSCOPE_TRAMP + 16], 0
+        je 1f
+        push rax
+        mov rax, [rip + KSCOPE_TRAMP]
+        mov cr3, rax
+        pop rax
+    1:
+        push rax
+        mov rax, rsp
+        movabs rsp, {kstack}
+        push qword ptr [rax + 56]
+        push qword ptr [rax + 48]
+        push qword ptr [rax + 40]
+        push qword ptr [rax + 32]
+        push qword ptr [rax + 24]
+        push qword ptr [rax + 16]
+        push qword ptr [rax + 8]
+        mov rax, [rax]
+        jmp kscope_trap_common
+
+    .global kscope_syscall_entry
+    kscope_syscall_entry:
+        mov [rip + KSCOPE_TRAMP_RW], rsp
+        cmp byte ptr [rip + KSCOPE_TRAMP + 16], 0
+        je 2f
+        mov [rip + KSCOPE_TRAMP_RW + 8], rax
+        mov rax, [rip + KSCOPE_TRAMP]
+        mov cr3, rax
+        mov rax, [rip + KSCOPE_TRAMP_RW + 8]
+    2:
+        movabs rsp, {kstack}
+        push {uds}
+        push qword ptr [rip + KSCOPE_TRAMP_RW]
+        push r11
+        push {ucs}
+        push rcx
+        push 0
+        push {sysvec}
+        jmp kscope_trap_common
 
     .global kscope_trap_common
     kscope_trap_common:
-    trap_common:
         push rax
         push rbx
         push rcx
@@ -106,6 +184,17 @@ global_asm!(
 
     .global kscope_resume_user
     kscope_resume_user:
+        movabs rax, {tstack}
+        mov rcx, [rdi + 168]
+        mov [rax - 8], rcx
+        mov rcx, [rdi + 160]
+        mov [rax - 16], rcx
+        mov rcx, [rdi + 152]
+        mov [rax - 24], rcx
+        mov rcx, [rdi + 144]
+        mov [rax - 32], rcx
+        mov rcx, [rdi + 136]
+        mov [rax - 40], rcx
         mov rsp, rdi
         pop r15
         pop r14
@@ -122,7 +211,14 @@ global_asm!(
         pop rcx
         pop rbx
         pop rax
-        add rsp, 16
+        movabs rsp, {tframe}
+        cmp byte ptr [rip + KSCOPE_TRAMP + 16], 0
+        je 3f
+        push rax
+        mov rax, [rip + KSCOPE_TRAMP + 8]
+        mov cr3, rax
+        pop rax
+    3:
         iretq
 
     .section .rodata
@@ -135,6 +231,12 @@ global_asm!(
     .section .text
     "#,
     entry = sym trap_entry,
+    kstack = const phys_to_virt(KERNEL_STACK_TOP_GPA),
+    tstack = const phys_to_virt(TRAP_STACK_TOP_GPA),
+    tframe = const phys_to_virt(TRAP_STACK_TOP_GPA) - 40,
+    uds = const selectors::USER_DS as u64,
+    ucs = const selectors::USER_CS as u64,
+    sysvec = const vector::SYSCALL,
 );
 
 extern "C" {

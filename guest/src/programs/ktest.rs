@@ -154,6 +154,7 @@ fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
             LAST_GEN.load(Ordering::Relaxed)
         )),
         b"pid" => Ok(bformat!("{}", sys::getpid())),
+        b"cpumode" => Ok(bformat!("{}", sys::cpu_mode())),
         b"fpu" => {
             let mine = 0x1234_5678_9abc_def0u64;
             sys::spawn("/bin/kcrash")?;

@@ -153,6 +153,30 @@ pub fn recv_request(buf: &mut [u8]) -> Result<RequestMeta, Errno> {
     Ok(meta)
 }
 
+/// Answer request `id` (none if `id` is `u64::MAX`) and block for the next request, in one
+/// kernel entry.
+pub fn reply_recv(
+    id: u64,
+    payload: &[u8],
+    status: u32,
+    buf: &mut [u8],
+) -> Result<RequestMeta, Errno> {
+    let mut meta = RequestMeta {
+        id: 0,
+        len: buf.len() as u64,
+    };
+    check(syscall6(
+        nr::REPLY_RECV,
+        id,
+        payload.as_ptr() as u64,
+        payload.len() as u64,
+        status as u64,
+        buf.as_mut_ptr() as u64,
+        &mut meta as *mut RequestMeta as u64,
+    ))?;
+    Ok(meta)
+}
+
 /// Answer request `id`.
 pub fn send_response(id: u64, payload: &[u8], status: u32) -> SysResult {
     check(syscall6(
@@ -256,7 +280,12 @@ pub fn yield_now() {
     syscall6(nr::YIELD, 0, 0, 0, 0, 0, 0);
 }
 
-/// The caller's process id.
+/// The `abi::boot::cpu_mode` the kernel runs in right now.
+pub fn cpu_mode() -> u64 {
+    syscall6(nr::CPU_MODE, 0, 0, 0, 0, 0, 0) as u64
+}
+
+/// The id of the calling process.
 pub fn getpid() -> u64 {
     syscall6(nr::GETPID, 0, 0, 0, 0, 0, 0) as u64
 }

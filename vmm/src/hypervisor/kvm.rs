@@ -205,7 +205,7 @@ impl KvmVcpuState {
     pub fn native(&self) -> bool {
         self.msrs
             .iter()
-            .any(|m| m.index == pvm::MSR_NATIVE && m.data & pvm::REGISTERED != 0)
+            .any(|m| m.index == pvm::MSR_NATIVE && pvm::is_registered(m.data))
     }
 
     /// The saved general registers.
@@ -584,7 +584,7 @@ impl HvVcpu for KvmVcpu {
         // A vCPU that ran natively must run natively here too: the kernel's processes may
         // use `syscall`, which the emulated mode cannot run.
         if let Some(m) = state.msrs.iter().find(|m| m.index == pvm::MSR_NATIVE) {
-            if m.data & pvm::REGISTERED != 0 && read_msr(fd, pvm::MSR_NATIVE) != Some(m.data) {
+            if pvm::is_registered(m.data) && read_msr(fd, pvm::MSR_NATIVE) != Some(m.data) {
                 return Err(VmError::BadConfig(format!(
                     "the saved vCPU ran the guest kernel natively (PVM MSR {:#x} = {:#x}) but this \
                      host did not accept that value: restore it on a PVM host with the native \

@@ -6,6 +6,7 @@
 use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::{
     DIRECT_MAP_BASE, KERNEL_VIRT_BASE, LARGE_PAGE_SIZE, MMIO_BASE, MMIO_VIRT_BASE, PAGE_SIZE,
+    USER_END,
 };
 
 use super::{frame, va};
@@ -31,6 +32,66 @@ pub const NX: u64 = 1 << 63;
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 static KERNEL_PML4: KCell<u64> = KCell::new(0);
+
+/// Native mode's page-table isolation: the PML4 whose kernel half every process's user-mode
+/// PML4 copies (only the trampoline mapped), or 0 when processes run on one PML4.
+static USER_TEMPLATE: KCell<u64> = KCell::new(0);
+
+/// What of the kernel the user-mode tables map (kernel virtual ranges, page aligned): the
+/// trampoline text, its data pages and the trap stack's top page, the GDT/TSS and IDT pages.
+pub struct Trampoline {
+    /// Trampoline text [start, end).
+    pub text: (u64, u64),
+    /// Read-only trampoline data page.
+    pub ro: u64,
+    /// Writable trampoline scratch page.
+    pub rw: u64,
+    /// Writable pages (the trap stack's top page).
+    pub stack: u64,
+    /// Read-only pages (GDT/TSS, IDT).
+    pub tables: [u64; 2],
+}
+
+/// True when processes have separate user-mode tables (native mode).
+pub fn isolated() -> bool {
+    *USER_TEMPLATE.get() != 0
+}
+
+/// The user-mode PML4 paired with process PML4 `pml4` (the next frame), or `pml4` itself
+/// without isolation.
+pub fn user_pml4(pml4: u64) -> u64 {
+    if isolated() {
+        pml4 + PAGE_SIZE
+    } else {
+        pml4
+    }
+}
+
+/// Build the kernel half of the user-mode tables (native mode; after [`init_kernel`]).
+pub fn init_isolation(t: &Trampoline) -> Result<(), NoMem> {
+    let tpl = frame::alloc_zeroed(frame_use::PAGE_TABLE, 0).ok_or(NoMem)?;
+    let mut v = t.text.0;
+    while v < t.text.1 {
+        map_4k(tpl, v, v - KERNEL_VIRT_BASE, US)?;
+        v += PAGE_SIZE;
+    }
+    map_4k(tpl, t.ro, t.ro - KERNEL_VIRT_BASE, US | NX)?;
+    map_4k(tpl, t.rw, t.rw - KERNEL_VIRT_BASE, US | RW | NX)?;
+    map_4k(tpl, t.stack, t.stack - DIRECT_MAP_BASE, US | RW | NX)?;
+    for &p in &t.tables {
+        map_4k(tpl, p, p - DIRECT_MAP_BASE, US | NX)?;
+    }
+    *USER_TEMPLATE.get() = tpl;
+    Ok(())
+}
+
+/// Copy a user-half PML4 entry of `pml4` into its user-mode twin.
+fn mirror(pml4: u64, virt: u64) {
+    if isolated() && virt < USER_END {
+        let i = idx(virt, 4);
+        write(pml4 + PAGE_SIZE, i, read(pml4, i));
+    }
+}
 
 /// Out of memory while building page tables.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +135,7 @@ fn next(table: u64, i: u64, flags: u64) -> Result<u64, NoMem> {
 pub fn pt_for(pml4: u64, virt: u64, user: bool) -> Result<u64, NoMem> {
     let inter = P | RW | if user { US } else { 0 };
     let pdpt = next(pml4, idx(virt, 4), inter)?;
+    mirror(pml4, virt);
     let pd = next(pdpt, idx(virt, 3), inter)?;
     next(pd, idx(virt, 2), inter)
 }
@@ -92,6 +154,7 @@ pub fn set_pte(pt: u64, virt: u64, v: u64) {
 pub fn map_4k(pml4: u64, virt: u64, phys: u64, flags: u64) -> Result<(), NoMem> {
     let inter = P | RW | (flags & US);
     let pdpt = next(pml4, idx(virt, 4), inter)?;
+    mirror(pml4, virt);
     let pd = next(pdpt, idx(virt, 3), inter)?;
     let pt = next(pd, idx(virt, 2), inter)?;
     write(pt, idx(virt, 1), (phys & ADDR) | flags | P);
@@ -230,12 +293,22 @@ pub fn kernel_pml4() -> u64 {
     *KERNEL_PML4.get()
 }
 
-/// A new process PML4: empty user half, kernel half shared with the kernel's tables.
+/// A new process PML4: empty user half, kernel half shared with the kernel's tables. With
+/// isolation it is the first of two frames; the second is its user-mode twin (same user
+/// half, the trampoline's kernel half).
 pub fn new_user_pml4(pid: u32) -> Result<u64, NoMem> {
-    let pml4 = frame::alloc_zeroed(frame_use::PAGE_TABLE, pid).ok_or(NoMem)?;
+    let tpl = *USER_TEMPLATE.get();
+    let pml4 = if tpl != 0 {
+        frame::alloc_contig(2, frame_use::PAGE_TABLE, pid).ok_or(NoMem)?
+    } else {
+        frame::alloc_zeroed(frame_use::PAGE_TABLE, pid).ok_or(NoMem)?
+    };
     let k = kernel_pml4();
-    for i in 256..512 {
-        write(pml4, i, read(k, i));
+    for i in 0..512 {
+        write(pml4, i, if i < 256 { 0 } else { read(k, i) });
+        if tpl != 0 {
+            write(pml4 + PAGE_SIZE, i, if i < 256 { 0 } else { read(tpl, i) });
+        }
     }
     Ok(pml4)
 }
@@ -263,6 +336,9 @@ pub fn free_user_tables(pml4: u64) {
             frame::free(pdpt);
             write(pml4, i, 0);
         }
+    }
+    if isolated() {
+        frame::free(pml4 + PAGE_SIZE);
     }
     frame::free(pml4);
 }
