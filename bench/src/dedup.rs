@@ -350,11 +350,12 @@ pub fn run(cfg: &DedupConfig) -> anyhow::Result<DedupReport> {
         )
         .context("warming a parent")?;
         parent.pause().context("pausing a parent")?;
-        let batch = parent
-            .clone_children(cfg.clones, &clone_opts)
+        let generation = parent.freeze().context("freezing a parent")?;
+        let (map, _) =
+            kscope_policies::color_generation(&generation).context("coloring a parent's image")?;
+        let batch = generation
+            .spawn(cfg.clones, &clone_opts)
             .context("cloning a parent")?;
-        let (map, _) = crate::policy::color_generation(&batch.generation)
-            .context("coloring a parent's image")?;
         collect(&parent, vms, &map, None, &mut frames)?;
         vms += 1;
         for (i, c) in batch.children.iter().enumerate() {

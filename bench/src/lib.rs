@@ -1,14 +1,14 @@
 //! kscope's measurement engine: boot a workload VM, drive it with checked requests and
-//! summarise latencies ([`runner`], [`stats`]); the benchmarks behind `kscope bench ...`, each
-//! printing ratios against baselines measured in the same run: [`warmup`] (clone warm-up per
-//! prefetch policy, plotted by [`plot`]) and [`dedup`] (color-targeted deduplication). [`policy`]
-//! turns policy specs into the VMM's prefetcher factories (shared with the clone service).
+//! summarise latencies ([`runner`]; the summaries are `kscope_vmm::summary`); the benchmarks
+//! behind `kscope bench ...`, each printing ratios against baselines measured in the same run:
+//! [`warmup`] (clone warm-up per prefetch policy, plotted by [`plot`]) and [`dedup`]
+//! (color-targeted deduplication). Policies are built through `kscope_policies::factory`, as
+//! the clone service does. Only the CLI depends on this crate.
 
 pub mod dedup;
+pub mod linux;
 pub mod modes;
 pub mod net;
 pub mod plot;
-pub mod policy;
 pub mod runner;
-pub mod stats;
 pub mod warmup;

@@ -17,7 +17,7 @@ use kscope_workloads::Workload;
 use serde::Serialize;
 
 use crate::runner::{cmdline, image, kernel, BOOT_TIMEOUT, REQUEST_TIMEOUT};
-use crate::stats::LatencySummary;
+use kscope_vmm::summary::LatencySummary;
 
 /// What to measure.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use kscope_vmm::{PendingResponse, Vm, VmConfig};
 use kscope_workloads::Workload;
 use serde::Serialize;
 
-use crate::stats::LatencySummary;
+use kscope_vmm::summary::LatencySummary;
 
 /// How long one request may take before the VM is declared unresponsive.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -2,7 +2,9 @@
 //! policy (Kaleidoscope's warm-up experiment), all measured on one parent in one run.
 //!
 //! 1. Boot the workload, warm it with a request mix, then measure the warm parent's throughput
-//!    on the measured stream (the baseline); pause it so that every clone sees the same memory.
+//!    on the measured stream (the baseline); pause and freeze it once ([`Vm::freeze`]): every
+//!    clone is spawned from that one generation, which is colored once, before any clone runs
+//!    (the coloring time is reported apart).
 //! 2. Record the working set (first-fault order) of one lazy clone driven with the recording
 //!    stream: the measured stream itself, or for the working-set-change case another input
 //!    ([`ws_streams`], as in FaaSnap). In the plain case the `lazy` run doubles as recording.
@@ -13,16 +15,17 @@
 //!    faults, pages installed, wasted prefetch (installed, not in the touched set of the `lazy`
 //!    run of the same stream: [`wasted`]) and footprint.
 //!
-//! All times are measured from the `clone_children` call. Coloring happens once per parent
-//! (on the recording clone's image) and is reported separately, as in the paper.
+//! All times are measured from the [`Generation::spawn`](kscope_vmm::Generation::spawn) call
+//! (the freeze and the coloring are done once, before, and reported separately, as in the
+//! paper).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kscope_policies::{Gfn, PolicyContext, PolicyName, PolicySpec};
+use kscope_policies::{color_generation, factory, Gfn, PolicyContext, PolicyName, PolicySpec};
 use kscope_vmm::lazy::Bitmap;
-use kscope_vmm::{CloneOptions, MemoryMode, Vm};
+use kscope_vmm::{CloneOptions, Generation, MemoryMode};
 use kscope_workloads::{ImageOptions, Workload};
 use serde::Serialize;
 
@@ -260,7 +263,7 @@ struct CloneRun {
 
 /// How clones of one parent are measured.
 struct Measure<'a> {
-    parent: &'a Vm,
+    generation: &'a Arc<Generation>,
     w: Workload,
     window: usize,
     rate_window: usize,
@@ -269,23 +272,15 @@ struct Measure<'a> {
 }
 
 impl Measure<'_> {
-    /// Clone the parent once with `opts` and drive the clone with `reqs`.
-    fn run(
-        &self,
-        opts: &CloneOptions,
-        reqs: &[Vec<u8>],
-    ) -> anyhow::Result<(CloneRun, Arc<kscope_vmm::Generation>)> {
+    /// Spawn one clone of the parent's generation with `opts` and drive it with `reqs`.
+    fn run(&self, opts: &CloneOptions, reqs: &[Vec<u8>]) -> anyhow::Result<CloneRun> {
         run_clone(self, opts, reqs)
     }
 }
 
-fn run_clone(
-    me: &Measure<'_>,
-    opts: &CloneOptions,
-    reqs: &[Vec<u8>],
-) -> anyhow::Result<(CloneRun, Arc<kscope_vmm::Generation>)> {
-    let (parent, w, window, rate_window, target_rps, fraction) = (
-        me.parent,
+fn run_clone(me: &Measure<'_>, opts: &CloneOptions, reqs: &[Vec<u8>]) -> anyhow::Result<CloneRun> {
+    let (generation, w, window, rate_window, target_rps, fraction) = (
+        me.generation,
         me.w,
         me.window,
         me.rate_window,
@@ -293,8 +288,8 @@ fn run_clone(
         me.fraction,
     );
     let t_call = Instant::now();
-    let mut batch = parent
-        .clone_children(1, opts)
+    let mut batch = generation
+        .spawn(1, opts)
         .context("cloning the warm parent")?;
     let child = batch.children.pop().context("no clone made")?;
     let t_drive = Instant::now();
@@ -328,15 +323,12 @@ fn run_clone(
         ..Default::default()
     };
     child.stop().context("stopping the clone")?;
-    Ok((
-        CloneRun {
-            result,
-            present,
-            touched,
-            order,
-        },
-        batch.generation,
-    ))
+    Ok(CloneRun {
+        result,
+        present,
+        touched,
+        order,
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -406,13 +398,17 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
     let base = drive(&parent, w, &measured, cfg.window, true).context("parent baseline")?;
     let parent_rps = base.throughput_rps;
     parent.pause().context("pausing the warm parent")?;
+    let generation = parent.freeze().context("freezing the warm parent")?;
+    let (map, color_time) =
+        color_generation(&generation).context("coloring the parent's generation image")?;
+    let ctx = PolicyContext::new(&map);
     let rate_window = (k / 10).max(5).min(k);
     let lazy_opts = CloneOptions {
         memory: MemoryMode::Lazy,
         ..CloneOptions::default()
     };
     let m = Measure {
-        parent: &parent,
+        generation: &generation,
         w,
         window: cfg.window,
         rate_window,
@@ -421,12 +417,8 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
     };
     let go = |opts: &CloneOptions, reqs: &[Vec<u8>]| m.run(opts, reqs);
 
-    // The recording clone (its image is also the one colored).
-    let (rec_run, generation) = go(&lazy_opts, &record)?;
-    let (map, color_time) = crate::policy::color_generation(&generation)
-        .context("coloring the parent's generation image")?;
-    let ctx = PolicyContext::new(&map);
-    drop(generation);
+    // The recording clone.
+    let rec_run = go(&lazy_opts, &record)?;
     let recording: Arc<[Gfn]> = rec_run.order.clone().into();
     let recorded_pages = recording.len() as u64;
 
@@ -435,7 +427,8 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
     for spec in &specs {
         let opts = CloneOptions {
             memory: MemoryMode::Lazy,
-            prefetcher: crate::policy::factory(spec, Some(ctx.clone()), Some(recording.clone())),
+            prefetcher: factory(spec, Some(ctx.clone()), Some(recording.clone()))
+                .with_context(|| format!("policy {}", spec.name))?,
             ..CloneOptions::default()
         };
         let mut runs = Vec::new();
@@ -449,9 +442,7 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
                     order: Vec::new(),
                 }
             } else {
-                go(&opts, &measured)
-                    .with_context(|| format!("policy {}", spec.name))?
-                    .0
+                go(&opts, &measured).with_context(|| format!("policy {}", spec.name))?
             };
             if spec.name == PolicyName::Lazy && touched_ref.is_none() {
                 touched_ref = Some(r.touched.clone());
@@ -570,7 +561,7 @@ pub fn goals(results: &[PolicyResult], ws_change: bool) -> Vec<Goal> {
 
 /// The report as a table with ratios against `lazy`.
 pub fn render(r: &WarmupReport) -> String {
-    use crate::stats::fmt_bytes;
+    use kscope_vmm::summary::fmt_bytes;
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(

@@ -1,8 +1,8 @@
-//! kscope: the clone service (`kscope serve`), its elastic load balancer (`kscope lb`) and
-//! the summaries printed by the CLI and benchmarks.
+//! kscope: the clone service (`kscope serve`, [`server`]), its elastic load balancer
+//! (`kscope lb`, [`lb`]) and the command line ([`cli`]). The service and the load balancer
+//! build on the VMM and the policies only; the CLI alone also uses the measurement engine
+//! (`kscope-bench`).
 
 pub mod cli;
 pub mod lb;
 pub mod server;
-
-pub use kscope_bench::{runner, stats};

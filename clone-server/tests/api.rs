@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use api_util::*;
 use hyper::{Method, StatusCode};
 use kscope::server::Limits;
-use kscope::stats::LatencySummary;
+use kscope_vmm::summary::LatencySummary;
 use kscope_workloads::Workload;
 use serde_json::json;
 

@@ -12,7 +12,7 @@ use api_util::*;
 use hyper::Method;
 use kscope::lb::{self, LbOptions, ScaleMode, Source};
 use kscope::server::Limits;
-use kscope::stats::LatencySummary;
+use kscope_vmm::summary::LatencySummary;
 use kscope_workloads::Workload;
 use serde_json::json;
 

@@ -291,6 +291,7 @@ const E_KERN_EXEC: u16 = 1 << 7;
 const E_KERN_DATA: u16 = 1 << 8;
 const E_FREE: u16 = 1 << 9;
 const E_IN_USE: u16 = 1 << 10;
+const E_KERN_OWNED: u16 = 1 << 11;
 
 /// Decide a frame's color from its evidence (the precedence table of the crate docs).
 fn resolve(e: u16, zero: bool) -> Color {
@@ -310,7 +311,7 @@ fn resolve(e: u16, zero: bool) -> Color {
         Color::UserData
     } else if e & E_KERN_EXEC != 0 {
         Color::KernelCode
-    } else if e & E_KERN_DATA != 0 {
+    } else if e & (E_KERN_DATA | E_KERN_OWNED) != 0 {
         Color::KernelData
     } else if e & E_FREE != 0 {
         Color::Free
@@ -502,6 +503,17 @@ pub fn color<M: PhysMem + ?Sized, P: GuestProfile + ?Sized>(
     stats.timings.cache_us = micros(t);
 
     let t = Instant::now();
+    if let Some(roles) = profile.frame_roles()? {
+        for (set, bit) in [
+            (&roles.page_table, E_PT),
+            (&roles.anon, E_USER_DATA),
+            (&roles.kernel, E_KERN_OWNED),
+        ] {
+            for g in set.iter() {
+                pass.mark(g, bit);
+            }
+        }
+    }
     if let Some(in_use) = profile.frames_in_use()? {
         for (g, e) in pass.ev.iter_mut().enumerate() {
             *e |= if in_use.contains(g as u64) {
@@ -566,6 +578,8 @@ mod tests {
         );
         assert_eq!(resolve(E_KERN_EXEC | E_KERN_DATA, z), Color::KernelCode);
         assert_eq!(resolve(E_KERN_DATA | E_FREE, true), Color::KernelData);
+        assert_eq!(resolve(E_KERN_OWNED | E_IN_USE, true), Color::KernelData);
+        assert_eq!(resolve(E_KERN_OWNED | E_USER_EXEC, z), Color::UserCode);
         assert_eq!(resolve(E_FREE, true), Color::Free);
         assert_eq!(resolve(E_IN_USE, true), Color::Zero);
         assert_eq!(resolve(E_IN_USE, false), Color::KernelData);

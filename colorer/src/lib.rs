@@ -13,15 +13,15 @@
 //!
 //! | # | evidence | color | why |
 //! |---|----------|-------|-----|
-//! | 1 | reached as a page-table frame (any level, any root) | `PageTable` | structural fact; the direct map also maps it, any other mapping is a self-map |
+//! | 1 | reached as a page-table frame (any level, any root), or marked so by the profile ([`FrameRoles::page_table`]) | `PageTable` | structural fact; the direct map also maps it, any other mapping is a self-map |
 //! | 2 | in the kernel image's text (from the profile) | `KernelCode` | the kernel says so; beats a coarse executable mapping of its image |
 //! | 3 | in the kernel image's rodata/data/bss | `KernelData` | same; a zero bss page keeps its role |
 //! | 4 | mapped U=1, NX=0 in the lower half of a root | `UserCode` | the ground truth's rule: a page-cache page mapped executable is user code |
 //! | 5 | in an executable's page cache | `PageCacheExec` | radix tree; also when mapped read-only (e.g. rodata of the ELF) |
 //! | 6 | in a data file's page cache | `PageCacheData` | radix tree; a shared mapping of the cache stays cache |
-//! | 7 | mapped U=1, NX=1 in the lower half | `UserData` | anonymous memory |
+//! | 7 | mapped U=1, NX=1 in the lower half, or anonymous per the profile ([`FrameRoles::anon`]) | `UserData` | anonymous memory |
 //! | 8 | mapped in the kernel half outside ignored ranges, NX=0 | `KernelCode` | |
-//! | 9 | same, NX=1 | `KernelData` | |
+//! | 9 | same, NX=1, or owned by the kernel per the profile's frame descriptors ([`FrameRoles::kernel`]: Linux slab, reserved) | `KernelData` | |
 //! | 10 | free in the allocator bitmap | `Free` | beats Zero: a free frame is never fetched whatever its content |
 //! | 11 | all-zero content | `Zero` | unreferenced and zero: nothing to fetch |
 //! | 12 | in use in the allocator bitmap | `KernelData` | kernel heap/slab: allocated but referenced only through the direct map |
@@ -53,6 +53,7 @@ pub mod accuracy;
 pub mod color;
 pub mod cost;
 pub mod kscope;
+pub mod linux;
 pub mod mem;
 pub mod pagewalk;
 pub mod profile;
@@ -63,8 +64,11 @@ pub use color::{
     color, Color, ColorError, ColorMap, ColorOptions, ColorStats, FilePages, ProcessStats, Timings,
 };
 pub use kscope::{Descriptor, KscopeProfile};
+pub use linux::LinuxProfile;
 pub use mem::{FrameSet, Gfn, MemError, PhysMem};
-pub use profile::{FileInfo, FileKind, GuestProfile, ProcessRoot, ProfileError, RootsOnlyProfile};
+pub use profile::{
+    FileInfo, FileKind, FrameRoles, GuestProfile, ProcessRoot, ProfileError, RootsOnlyProfile,
+};
 
 /// Color the kscope guest in `mem`; `vcpu_cr3` (if known) is walked as an extra root.
 pub fn color_kscope<M: PhysMem + ?Sized>(

@@ -130,6 +130,19 @@ pub struct ProfileAnomalies {
     pub radix_inconsistencies: u64,
 }
 
+/// Roles that the guest's own frame descriptors state for some frames (e.g. Linux's
+/// `struct page` flags), evidence beside the walks. Each set covers the guest's frames.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrameRoles {
+    /// Frames the kernel keeps for itself (slab, reserved): `KernelData` unless reached as a
+    /// page table or mapped as code/user memory.
+    pub kernel: FrameSet,
+    /// Anonymous user memory, mapped or not: `UserData` unless mapped executable.
+    pub anon: FrameSet,
+    /// Page-table pages the kernel marks as such (also when no walk reaches them).
+    pub page_table: FrameSet,
+}
+
 /// The guest-structure readers the colorer uses.
 pub trait GuestProfile {
     /// Short name of the profile (for statistics).
@@ -157,6 +170,11 @@ pub trait GuestProfile {
 
     /// Frames the guest's allocator has handed out (set = in use), if known.
     fn frames_in_use(&self) -> Result<Option<FrameSet>, ProfileError>;
+
+    /// Per-frame roles from the guest's frame descriptors, if the profile reads them.
+    fn frame_roles(&self) -> Result<Option<FrameRoles>, ProfileError> {
+        Ok(None)
+    }
 
     /// Anomalies seen so far.
     fn anomalies(&self) -> ProfileAnomalies {

@@ -1,33 +1,34 @@
-//! Baseline policies: `eager`, `blind`, `reap`, `faasnap`, `activeset` (`lazy` is
+//! Baseline policies: `upfront`, `blind`, `reap`, `faasnap`, `activeset` (`lazy` is
 //! [`kscope_vmm::prefetch::OnDemand`]). None of them uses colors; `faasnap` uses only the
 //! content-derived zero bit, as FaaSnap maps zero regions to anonymous memory.
 
 use crate::{dedup_in_range, PolicyContext};
-use kscope_vmm::prefetch::{Fault, Gfn, Prefetcher};
+use kscope_vmm::prefetch::{Fault, FaultPlan, Fill, Gfn, Install, Prefetcher};
 use std::sync::Arc;
 
-/// `eager`: every frame before the clone resumes (eager propagation).
+/// `upfront`: every frame before the clone resumes (eager propagation as a policy of a lazy
+/// clone; not to be confused with the `eager` memory mode, which copies without userfaultfd).
 #[derive(Debug)]
-pub struct Eager {
+pub struct Upfront {
     frames: u64,
 }
 
-impl Eager {
+impl Upfront {
     /// For a memory of `frames` frames.
     pub fn new(frames: u64) -> Self {
-        Eager { frames }
+        Upfront { frames }
     }
 }
 
-impl Prefetcher for Eager {
+impl Prefetcher for Upfront {
     fn name(&self) -> &str {
-        "eager"
+        "upfront"
     }
 
-    fn on_fault(&mut self, _fault: Fault, _out: &mut Vec<Gfn>) {}
+    fn on_fault(&mut self, _fault: Fault, _plan: &mut FaultPlan) {}
 
-    fn before_resume(&mut self) -> Vec<Gfn> {
-        (0..self.frames).collect()
+    fn before_resume(&mut self) -> Vec<Install> {
+        (0..self.frames).map(Install::data).collect()
     }
 }
 
@@ -50,9 +51,10 @@ impl Prefetcher for Blind {
         "blind"
     }
 
-    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>) {
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
         let start = fault.gfn.saturating_add(1);
-        out.extend(start..start.saturating_add(self.window).min(self.frames));
+        plan.prefetch
+            .extend((start..start.saturating_add(self.window).min(self.frames)).map(Install::data));
     }
 }
 
@@ -77,10 +79,10 @@ impl Prefetcher for Reap {
         "reap"
     }
 
-    fn on_fault(&mut self, _fault: Fault, _out: &mut Vec<Gfn>) {}
+    fn on_fault(&mut self, _fault: Fault, _plan: &mut FaultPlan) {}
 
-    fn before_resume(&mut self) -> Vec<Gfn> {
-        self.set.clone()
+    fn before_resume(&mut self) -> Vec<Install> {
+        self.set.iter().copied().map(Install::data).collect()
     }
 }
 
@@ -113,14 +115,14 @@ impl Prefetcher for FaaSnap {
         "faasnap"
     }
 
-    fn on_fault(&mut self, _fault: Fault, _out: &mut Vec<Gfn>) {}
-
-    fn zero_fill(&self, gfn: Gfn) -> bool {
-        self.ctx.is_zero(gfn)
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
+        if self.ctx.is_zero(fault.gfn) {
+            plan.fault = Fill::Zero;
+        }
     }
 
-    fn background(&mut self) -> Vec<Gfn> {
-        self.loading.clone()
+    fn background(&mut self) -> Vec<Install> {
+        self.loading.iter().copied().map(Install::data).collect()
     }
 }
 
@@ -154,40 +156,40 @@ impl Prefetcher for ActiveSet {
         "activeset"
     }
 
-    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>) {
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
         if fault.gfn >= self.frames {
             return;
         }
         let b = fault.gfn / self.block * self.block;
-        out.extend((b..b.saturating_add(self.block).min(self.frames)).filter(|&g| g != fault.gfn));
+        plan.prefetch.extend(
+            (b..b.saturating_add(self.block).min(self.frames))
+                .filter(|&g| g != fault.gfn)
+                .map(Install::data),
+        );
     }
 
-    fn before_resume(&mut self) -> Vec<Gfn> {
-        self.set.clone()
+    fn before_resume(&mut self) -> Vec<Install> {
+        self.set.iter().copied().map(Install::data).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{fault, gfns, zero_fill};
     use crate::{build, testmap, PolicyConfig};
 
-    fn fault(p: &mut dyn Prefetcher, gfn: Gfn) -> Vec<Gfn> {
-        let mut out = Vec::new();
-        p.on_fault(Fault { gfn, write: true }, &mut out);
-        out
-    }
-
     #[test]
-    fn lazy_and_eager() {
+    fn lazy_and_upfront() {
         let map = testmap::map();
         let mut p = build("lazy", &map, None, &PolicyConfig::default()).unwrap();
         assert_eq!(fault(p.as_mut(), 13), Vec::<Gfn>::new());
-        assert!(p.before_resume().is_empty() && p.background().is_empty() && !p.zero_fill(9));
-        let mut p = build("eager", &map, None, &PolicyConfig::default()).unwrap();
-        assert_eq!(p.before_resume(), (0..48).collect::<Vec<_>>());
+        assert!(p.before_resume().is_empty() && p.background().is_empty());
+        assert!(!zero_fill(p.as_mut(), 9));
+        let mut p = build("upfront", &map, None, &PolicyConfig::default()).unwrap();
+        assert_eq!(gfns(p.before_resume()), (0..48).collect::<Vec<_>>());
         assert_eq!(fault(p.as_mut(), 13), Vec::<Gfn>::new());
-        assert!(!p.zero_fill(9));
+        assert!(!zero_fill(p.as_mut(), 9));
     }
 
     #[test]
@@ -197,7 +199,7 @@ mod tests {
         assert_eq!(fault(p.as_mut(), 13), (14..=21).collect::<Vec<_>>());
         assert_eq!(fault(p.as_mut(), 44), vec![45, 46, 47]);
         assert_eq!(fault(p.as_mut(), 47), Vec::<Gfn>::new());
-        assert!(!p.zero_fill(9) && !p.zero_fill(23));
+        assert!(!zero_fill(p.as_mut(), 9) && !zero_fill(p.as_mut(), 23));
         let mut p = build(
             "blind",
             &map,
@@ -213,9 +215,9 @@ mod tests {
         let map = testmap::map();
         let rec = [13, 4, 13, 60, 2];
         let mut p = build("reap", &map, Some(&rec), &PolicyConfig::default()).unwrap();
-        assert_eq!(p.before_resume(), vec![13, 4, 2]);
+        assert_eq!(gfns(p.before_resume()), vec![13, 4, 2]);
         assert_eq!(fault(p.as_mut(), 30), Vec::<Gfn>::new());
-        assert!(p.background().is_empty() && !p.zero_fill(23));
+        assert!(p.background().is_empty() && !zero_fill(p.as_mut(), 23));
     }
 
     #[test]
@@ -225,12 +227,14 @@ mod tests {
         let rec = [13, 4, 46, 5, 6];
         let mut p = build("faasnap", &map, Some(&rec), &cfg).unwrap();
         // 13 14 15 | 4 5 6 | 46 47 | 5 6 7(zero) | 6 7 8.
-        assert_eq!(p.background(), vec![13, 14, 15, 4, 5, 6, 46, 47, 8]);
+        assert_eq!(gfns(p.background()), vec![13, 14, 15, 4, 5, 6, 46, 47, 8]);
         assert!(p.before_resume().is_empty());
         assert_eq!(fault(p.as_mut(), 30), Vec::<Gfn>::new());
         // Zero by content only: 9 is free and zero, 17 is free with stale content.
-        assert!(p.zero_fill(7) && p.zero_fill(9) && p.zero_fill(23) && p.zero_fill(26));
-        assert!(!p.zero_fill(17) && !p.zero_fill(4));
+        for g in [7, 9, 23, 26] {
+            assert!(zero_fill(p.as_mut(), g), "{g}");
+        }
+        assert!(!zero_fill(p.as_mut(), 17) && !zero_fill(p.as_mut(), 4));
     }
 
     #[test]
@@ -241,13 +245,13 @@ mod tests {
         let mut want: Vec<Gfn> = (8..16).collect();
         want.extend(0..8);
         want.extend(40..48);
-        assert_eq!(p.before_resume(), want);
+        assert_eq!(gfns(p.before_resume()), want);
         assert_eq!(fault(p.as_mut(), 20), vec![16, 17, 18, 19, 21, 22, 23]);
         assert_eq!(fault(p.as_mut(), 100), Vec::<Gfn>::new());
         // Default block of 32 over 48 frames.
         let mut p = build("activeset", &map, Some(&[40, 3]), &PolicyConfig::default()).unwrap();
         let mut want: Vec<Gfn> = (32..48).collect();
         want.extend(0..32);
-        assert_eq!(p.before_resume(), want);
+        assert_eq!(gfns(p.before_resume()), want);
     }
 }

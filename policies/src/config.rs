@@ -8,8 +8,8 @@
 //! page_cache_exec = pivot:4    # 4-page pivot window (file order)
 //! user_code       = pivot:4    # 4-page pivot window (physical, same color)
 //! user_data       = local:8    # next 8 frames, same color only
-//! page_table      = eager      # before the clone resumes
-//! kernel_code     = eager
+//! page_table      = upfront    # before the clone resumes
+//! kernel_code     = upfront
 //! kernel_data     = local:4
 //! free            = zero       # never fetched: zero-filled on demand
 //! zero            = zero
@@ -59,7 +59,7 @@ pub enum Rule {
     /// On a fault, fetch those of the next `n` physical frames that have the same color.
     Local(u64),
     /// Fetch every frame of the color before the clone resumes.
-    Eager,
+    Upfront,
     /// Fetch every frame of the color with the background fetcher.
     Background,
     /// Never fetch: serve as a zero page (allocation on demand).
@@ -73,7 +73,7 @@ impl fmt::Display for Rule {
             Rule::File(n) => write!(f, "file:{n}"),
             Rule::Pivot(n) => write!(f, "pivot:{n}"),
             Rule::Local(n) => write!(f, "local:{n}"),
-            Rule::Eager => write!(f, "eager"),
+            Rule::Upfront => write!(f, "upfront"),
             Rule::Background => write!(f, "background"),
             Rule::Zero => write!(f, "zero"),
         }
@@ -116,13 +116,13 @@ impl Rule {
             "file" => Rule::File(window()?),
             "pivot" => Rule::Pivot(window()?),
             "local" => Rule::Local(window()?),
-            "eager" => Rule::Eager,
+            "upfront" => Rule::Upfront,
             "background" => Rule::Background,
             "zero" => Rule::Zero,
             _ => {
                 return Err(ConfigError::Item {
                     item: item.to_string(),
-                    why: "rule must be none, file:N, pivot:N, local:N, eager, background or zero"
+                    why: "rule must be none, file:N, pivot:N, local:N, upfront, background or zero"
                         .into(),
                 })
             }
@@ -154,8 +154,8 @@ impl Default for PolicyConfig {
             (Color::PageCacheExec, Rule::Pivot(4)),
             (Color::UserCode, Rule::Pivot(4)),
             (Color::UserData, Rule::Local(8)),
-            (Color::PageTable, Rule::Eager),
-            (Color::KernelCode, Rule::Eager),
+            (Color::PageTable, Rule::Upfront),
+            (Color::KernelCode, Rule::Upfront),
             (Color::KernelData, Rule::Local(4)),
             (Color::Free, Rule::Zero),
             (Color::Zero, Rule::Zero),
@@ -274,8 +274,8 @@ mod tests {
         assert_eq!(c.rule(Color::PageCacheData), Rule::File(8));
         assert_eq!(c.rule(Color::PageCacheExec), Rule::Pivot(4));
         assert_eq!(c.rule(Color::UserCode), Rule::Pivot(4));
-        assert_eq!(c.rule(Color::PageTable), Rule::Eager);
-        assert_eq!(c.rule(Color::KernelCode), Rule::Eager);
+        assert_eq!(c.rule(Color::PageTable), Rule::Upfront);
+        assert_eq!(c.rule(Color::KernelCode), Rule::Upfront);
         assert_eq!(c.rule(Color::Free), Rule::Zero);
         assert_eq!(c.rule(Color::Zero), Rule::Zero);
     }

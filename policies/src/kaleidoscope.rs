@@ -2,13 +2,13 @@
 //! color (the rules of [`crate::config`]).
 //!
 //! Frames that will be zero-filled (rule `zero`, or all-zero content with `zero_pages`) are
-//! never put in a window nor in the eager lists: allocation on demand makes every wasted
+//! never put in a window nor in the pre-resume or background lists: allocation on demand makes every wasted
 //! prefetch grow the clone's footprint, and a zero page costs nothing to serve on its own fault.
 
 use crate::config::{PolicyConfig, Rule};
 use crate::PolicyContext;
 use kscope_colorer::Color;
-use kscope_vmm::prefetch::{Fault, Gfn, Prefetcher};
+use kscope_vmm::prefetch::{Fault, FaultPlan, Fill, Gfn, Install, Prefetcher};
 use std::sync::Arc;
 
 /// Per-clone state of the `kaleidoscope` policy.
@@ -30,21 +30,29 @@ impl Kaleidoscope {
         }
     }
 
+    /// True if `gfn` is served as a zero page instead of being fetched (rule `zero`, or
+    /// all-zero content with `zero_pages`).
+    pub fn zero_fill(&self, gfn: Gfn) -> bool {
+        self.config.rule(self.ctx.color(gfn)) == Rule::Zero
+            || (self.config.zero_pages && self.ctx.is_zero(gfn))
+    }
+
     /// Every frame whose color has `rule`, ascending, minus zero-filled frames.
-    fn frames_with(&self, rule: Rule) -> Vec<Gfn> {
+    fn frames_with(&self, rule: Rule) -> Vec<Install> {
         (0..self.ctx.frames())
             .filter(|&g| self.config.rule(self.ctx.color(g)) == rule && !self.zero_fill(g))
+            .map(Install::data)
             .collect()
     }
 
-    fn push(&self, g: Gfn, out: &mut Vec<Gfn>) {
+    fn push(&self, g: Gfn, out: &mut Vec<Install>) {
         if !self.zero_fill(g) {
-            out.push(g);
+            out.push(Install::data(g));
         }
     }
 
     /// Next `n` frames by physical address that have color `c`.
-    fn local(&self, g: Gfn, c: Color, n: u64, out: &mut Vec<Gfn>) {
+    fn local(&self, g: Gfn, c: Color, n: u64, out: &mut Vec<Install>) {
         for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(self.ctx.frames()) {
             if self.ctx.color(x) == c {
                 self.push(x, out);
@@ -73,8 +81,12 @@ impl Prefetcher for Kaleidoscope {
         "kaleidoscope"
     }
 
-    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>) {
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
         let g = fault.gfn;
+        if self.zero_fill(g) {
+            plan.fault = Fill::Zero;
+        }
+        let out = &mut plan.prefetch;
         let frames = self.ctx.frames();
         if g >= frames {
             return;
@@ -82,7 +94,7 @@ impl Prefetcher for Kaleidoscope {
         let c = self.ctx.color(g);
         let pos = self.ctx.file_pos(g);
         match self.config.rule(c) {
-            Rule::None | Rule::Eager | Rule::Background | Rule::Zero => {}
+            Rule::None | Rule::Upfront | Rule::Background | Rule::Zero => {}
             Rule::Local(n) => self.local(g, c, n, out),
             Rule::File(n) => match pos {
                 Some((f, p)) => {
@@ -127,16 +139,11 @@ impl Prefetcher for Kaleidoscope {
         self.pivot = Some((g, pos));
     }
 
-    fn zero_fill(&self, gfn: Gfn) -> bool {
-        self.config.rule(self.ctx.color(gfn)) == Rule::Zero
-            || (self.config.zero_pages && self.ctx.is_zero(gfn))
+    fn before_resume(&mut self) -> Vec<Install> {
+        self.frames_with(Rule::Upfront)
     }
 
-    fn before_resume(&mut self) -> Vec<Gfn> {
-        self.frames_with(Rule::Eager)
-    }
-
-    fn background(&mut self) -> Vec<Gfn> {
+    fn background(&mut self) -> Vec<Install> {
         self.frames_with(Rule::Background)
     }
 }
@@ -154,10 +161,9 @@ mod tests {
     }
 
     fn fault(p: &mut Kaleidoscope, gfn: Gfn) -> Vec<Gfn> {
-        let mut out = Vec::new();
-        p.on_fault(Fault { gfn, write: false }, &mut out);
-        out
+        crate::testutil::fault(p, gfn)
     }
+    use crate::testutil::gfns;
 
     #[test]
     fn data_file_reads_ahead_in_file_order() {
@@ -199,10 +205,10 @@ mod tests {
     }
 
     #[test]
-    fn eager_zero_and_background() {
+    fn upfront_zero_and_background() {
         let mut p = policy("");
-        assert_eq!(p.before_resume(), vec![0, 1, 2, 3]);
-        assert_eq!(p.background(), Vec::<Gfn>::new());
+        assert_eq!(gfns(p.before_resume()), vec![0, 1, 2, 3]);
+        assert_eq!(p.background(), Vec::<Install>::new());
         for g in [7, 9, 17, 23, 26, 33] {
             assert!(p.zero_fill(g), "{g}");
         }
@@ -212,8 +218,17 @@ mod tests {
         assert_eq!(fault(&mut p, 9), Vec::<Gfn>::new());
         assert_eq!(fault(&mut p, 1000), Vec::<Gfn>::new());
         let mut p = policy("page_table=background,kernel_code=none,zero_pages=false,free=none");
-        assert_eq!(p.before_resume(), Vec::<Gfn>::new());
-        assert_eq!(p.background(), vec![0, 3]);
+        assert_eq!(p.before_resume(), Vec::<Install>::new());
+        assert_eq!(gfns(p.background()), vec![0, 3]);
+        let mut plan = FaultPlan::default();
+        p.on_fault(
+            Fault {
+                gfn: 23,
+                write: false,
+            },
+            &mut plan,
+        );
+        assert_eq!(plan.fault, Fill::Zero);
         assert!(!p.zero_fill(7) && !p.zero_fill(9) && p.zero_fill(23));
         assert_eq!(fault(&mut p, 4), vec![5, 7, 8, 10, 11]);
         assert_eq!(p.name(), "kaleidoscope");

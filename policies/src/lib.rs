@@ -1,10 +1,12 @@
 //! Prefetch policies for kscope clones, all implementing [`kscope_vmm::prefetch::Prefetcher`]
-//! and built per clone from a [`ColorMap`] (and a recorded working set where needed):
+//! and built per clone from a [`ColorMap`] (and a recorded working set where needed). The
+//! [`factory`] module colors a generation image and turns a [`PolicySpec`] into the VMM's
+//! prefetcher factory (used by the clone service, the CLI and the benchmarks alike):
 //!
 //! | name | what it does |
 //! |------|--------------|
 //! | `lazy` | the faulting page only (SnowFlock lazy propagation) |
-//! | `eager` | every frame before the clone resumes (eager propagation) |
+//! | `upfront` | every frame before the clone resumes (eager propagation as a policy; the `eager` *memory mode* is the copy without userfaultfd) |
 //! | `blind` | the faulting page plus the next `blind_window` frames by physical address, color-blind |
 //! | `kaleidoscope` | per-color rules (see [`config`]): file-order readahead for data files, pivot windows for code, same-color locality for data, page tables and kernel code before resume, free and zero pages zero-filled |
 //! | `reap` | the recorded working set before resume, the rest on demand (REAP) |
@@ -16,12 +18,14 @@
 
 pub mod baselines;
 pub mod config;
+pub mod factory;
 pub mod kaleidoscope;
 pub mod sim;
 
 pub use config::{ConfigError, PolicyConfig, Rule};
+pub use factory::{color_generation, factory, GenerationMem};
 use kscope_colorer::{Color, ColorMap, FrameSet};
-pub use kscope_vmm::prefetch::{Fault, Gfn, OnDemand, Prefetcher};
+pub use kscope_vmm::prefetch::{Fault, FaultPlan, Fill, Gfn, Install, OnDemand, Prefetcher};
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -31,13 +35,16 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The name is not a policy.
-    #[error("unknown prefetch policy {0:?}: use one of lazy, eager, blind, kaleidoscope, reap, faasnap, activeset")]
+    #[error("unknown prefetch policy {0:?}: use one of lazy, upfront, blind, kaleidoscope, reap, faasnap, activeset (the policy that fetches everything before resume is upfront; eager is a memory mode)")]
     Unknown(String),
     /// The policy replays a recording and none was given.
     #[error(
         "policy {0} replays a recorded working set: record one clone's faults first and pass them"
     )]
     NeedsRecording(&'static str),
+    /// The policy reads the generation's colors and none were given.
+    #[error("policy {0} needs the generation's color map: color the generation image first (kscope_policies::color_generation)")]
+    NeedsColors(&'static str),
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -49,7 +56,7 @@ pub enum PolicyName {
     /// The faulting page only.
     Lazy,
     /// Everything before resume.
-    Eager,
+    Upfront,
     /// Physical readahead, color-blind.
     Blind,
     /// Per-color rules.
@@ -66,7 +73,7 @@ impl PolicyName {
     /// Every policy.
     pub const ALL: [PolicyName; 7] = [
         PolicyName::Lazy,
-        PolicyName::Eager,
+        PolicyName::Upfront,
         PolicyName::Blind,
         PolicyName::Kaleidoscope,
         PolicyName::Reap,
@@ -78,7 +85,7 @@ impl PolicyName {
     pub const fn as_str(self) -> &'static str {
         match self {
             PolicyName::Lazy => "lazy",
-            PolicyName::Eager => "eager",
+            PolicyName::Upfront => "upfront",
             PolicyName::Blind => "blind",
             PolicyName::Kaleidoscope => "kaleidoscope",
             PolicyName::Reap => "reap",
@@ -214,7 +221,7 @@ impl PolicySpec {
         let rec = || recording.ok_or(PolicyError::NeedsRecording(self.name.as_str()));
         Ok(match self.name {
             PolicyName::Lazy => Box::new(OnDemand),
-            PolicyName::Eager => Box::new(baselines::Eager::new(ctx.frames())),
+            PolicyName::Upfront => Box::new(baselines::Upfront::new(ctx.frames())),
             PolicyName::Blind => Box::new(baselines::Blind::new(ctx.frames(), c.blind_window)),
             PolicyName::Kaleidoscope => Box::new(kaleidoscope::Kaleidoscope::new(ctx, c.clone())),
             PolicyName::Reap => Box::new(baselines::Reap::new(ctx.frames(), rec()?)),
@@ -262,6 +269,31 @@ pub(crate) fn dedup_in_range(frames: u64, it: impl IntoIterator<Item = Gfn>) -> 
 pub(crate) mod testmap;
 
 #[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// The prefetch frames a policy gives for a fault on `gfn`.
+    pub fn fault(p: &mut dyn Prefetcher, gfn: Gfn) -> Vec<Gfn> {
+        let mut plan = FaultPlan::default();
+        p.on_fault(Fault { gfn, write: true }, &mut plan);
+        assert!(plan.prefetch.iter().all(|i| i.fill == Fill::Data));
+        gfns(plan.prefetch)
+    }
+
+    /// True if the policy zero-fills a fault on `gfn`.
+    pub fn zero_fill(p: &mut dyn Prefetcher, gfn: Gfn) -> bool {
+        let mut plan = FaultPlan::default();
+        p.on_fault(Fault { gfn, write: true }, &mut plan);
+        plan.fault == Fill::Zero
+    }
+
+    /// The frames of a list, in order.
+    pub fn gfns(list: Vec<Install>) -> Vec<Gfn> {
+        list.into_iter().map(|i| i.gfn).collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -272,7 +304,7 @@ mod tests {
             names(),
             vec![
                 "lazy",
-                "eager",
+                "upfront",
                 "blind",
                 "kaleidoscope",
                 "reap",

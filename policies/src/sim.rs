@@ -3,11 +3,12 @@
 //! wasted prefetches and footprint (allocation on demand).
 //!
 //! Model: `before_resume` frames are installed first; then for each access, a frame not yet
-//! resident is a fault (installed with the policy's `on_fault` frames), and the background
-//! fetcher installs `background_per_access` frames of its queue. A frame is zero-filled
-//! (no transfer) if the policy says so, else transferred from the parent.
+//! resident is a fault (installed as the policy's `on_fault` plan says, with its prefetch
+//! frames), and the background fetcher installs `background_per_access` frames of its queue.
+//! A frame is zero-filled (no transfer) if the policy's plan says so, else transferred from the
+//! parent.
 
-use crate::{Fault, Gfn, Prefetcher};
+use crate::{Fault, FaultPlan, Fill, Gfn, Install, Prefetcher};
 use kscope_colorer::FrameSet;
 
 /// Outcome of a replay.
@@ -43,12 +44,12 @@ struct State<'a> {
 }
 
 impl State<'_> {
-    fn install(&mut self, g: Gfn) -> bool {
+    fn install(&mut self, Install { gfn: g, fill }: Install) -> bool {
         if g >= self.resident.frames() || self.resident.contains(g) {
             return false;
         }
         self.resident.insert(g);
-        if self.p.zero_fill(g) {
+        if fill == Fill::Zero {
             self.s.zero_filled += 1;
         } else {
             self.transferred.insert(g);
@@ -80,22 +81,25 @@ pub fn simulate(
     }
     let mut bg = queue.into_iter();
     let mut accessed = FrameSet::new(frames);
-    let mut out = Vec::new();
+    let mut plan = FaultPlan::default();
     for &g in trace {
         st.s.accesses += 1;
         accessed.insert(g);
         if g < frames && !st.resident.contains(g) {
             st.s.faults += 1;
-            st.install(g);
-            out.clear();
+            plan.clear();
             st.p.on_fault(
                 Fault {
                     gfn: g,
                     write: false,
                 },
-                &mut out,
+                &mut plan,
             );
-            for &x in &out {
+            st.install(Install {
+                gfn: g,
+                fill: plan.fault,
+            });
+            for &x in &plan.prefetch {
                 if st.install(x) {
                     st.s.prefetched += 1;
                 }
@@ -136,18 +140,18 @@ mod tests {
         );
         let mut k = build("kaleidoscope", &map, None, &cfg).unwrap();
         let s = simulate(k.as_mut(), 48, &trace, 0);
-        // Eager: 0 1 2 3. Fault 13 brings 15 12 24 25 28 29 30 (26 is zero: left out); the
+        // Upfront: 0 1 2 3. Fault 13 brings 15 12 24 25 28 29 30 (26 is zero: left out); the
         // zero-filled fault on 26 reads ahead 31; fault 4 brings 5 8 10 11.
         assert_eq!(s.before_resume, 4);
         assert_eq!(s.faults, 3, "{s:?}"); // 13, 26, 4
         assert_eq!(s.zero_filled, 1);
         assert_eq!(s.prefetched, 7 + 1 + 4);
-        assert_eq!(s.wasted, 4 + 3); // eager frames and 8 10 11
+        assert_eq!(s.wasted, 4 + 3); // upfront frames and 8 10 11
         assert_eq!(s.footprint, 4 + 12 + 3);
         let mut b = build("blind", &map, None, &cfg).unwrap();
         let bl = simulate(b.as_mut(), 48, &trace, 0);
         assert!(bl.wasted > s.wasted, "{bl:?}");
-        let mut e = build("eager", &map, None, &cfg).unwrap();
+        let mut e = build("upfront", &map, None, &cfg).unwrap();
         let ea = simulate(e.as_mut(), 48, &trace, 0);
         assert_eq!((ea.faults, ea.transferred, ea.wasted), (0, 48, 36));
         // FaaSnap with the trace as its recording: background only, nothing wasted.

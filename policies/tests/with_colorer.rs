@@ -3,7 +3,7 @@
 use kscope_colorer::synth::{build as build_guest, SynthSpec};
 use kscope_colorer::{color_kscope, Color};
 use kscope_policies::sim::simulate;
-use kscope_policies::{build, Fault, Gfn, PolicyConfig};
+use kscope_policies::{build, Fault, FaultPlan, Fill, Gfn, PolicyConfig};
 
 #[test]
 fn kaleidoscope_follows_the_colorers_file_order_and_colors() {
@@ -15,15 +15,16 @@ fn kaleidoscope_follows_the_colorers_file_order_and_colors() {
     // Data file /data/b.tbl (40 pages, physically scattered): a fault on index 3 reads ahead
     // indices 4..=11 in file order.
     let (_, _, pages) = &g.files[2];
-    let mut out = Vec::new();
+    let mut plan = FaultPlan::default();
     p.on_fault(
         Fault {
             gfn: pages[3].1,
             write: false,
         },
-        &mut out,
+        &mut plan,
     );
     let want: Vec<Gfn> = pages[4..12].iter().map(|x| x.1).collect();
+    let out: Vec<Gfn> = plan.prefetch.iter().map(|i| i.gfn).collect();
     assert_eq!(out, want);
     assert!(
         want.windows(2).any(|w| w[1] != w[0] + 1),
@@ -31,7 +32,7 @@ fn kaleidoscope_follows_the_colorers_file_order_and_colors() {
     );
 
     // Page tables and kernel code before resume; free frames zero-filled.
-    let before = p.before_resume();
+    let before: Vec<Gfn> = p.before_resume().into_iter().map(|i| i.gfn).collect();
     for (gfn, c) in map.colors.iter().enumerate() {
         let gfn = gfn as u64;
         let eager = matches!(c, Color::PageTable | Color::KernelCode) && !map.zero.contains(gfn);
@@ -41,7 +42,9 @@ fn kaleidoscope_follows_the_colorers_file_order_and_colors() {
             "frame {gfn} ({c})"
         );
         if *c == Color::Free {
-            assert!(p.zero_fill(gfn));
+            let mut plan = FaultPlan::default();
+            p.on_fault(Fault { gfn, write: false }, &mut plan);
+            assert_eq!(plan.fault, Fill::Zero, "free frame {gfn}");
         }
     }
 }

@@ -10,11 +10,11 @@
 //! - [`Ksm`]: control and counters of the host's KSM daemon (`/sys/kernel/mm/ksm`); the
 //!   previous settings are restored on drop.
 
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::VmError;
+use crate::hostmem::Mapping;
 use crate::lazy::{FaultServer, RegionKind, PAGE_SIZE};
 use crate::prefetch::Gfn;
 use crate::vm::Vm;
@@ -112,39 +112,19 @@ impl Vm {
 /// KSM merges.
 #[derive(Debug)]
 pub struct AnonFrames {
-    ptr: NonNull<u8>,
+    map: Mapping,
     pages: u64,
 }
-
-// SAFETY: the mapping is plain memory owned by this value; all access goes through methods
-// that copy in and out with bounds checks.
-unsafe impl Send for AnonFrames {}
-// SAFETY: see `Send`; `write_frame` takes `&mut self`, readers only copy.
-unsafe impl Sync for AnonFrames {}
 
 impl AnonFrames {
     /// Map `pages` zero frames.
     pub fn new(pages: u64) -> Result<Self, DedupError> {
         let len = Self::bytes(pages)?;
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address; aliases no Rust object.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(os_err(format!("mmap of {pages} anonymous frames")));
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| DedupError::Os {
-            op: "mmap".into(),
-            source: std::io::Error::other("returned null"),
+        let map = Mapping::new(None, len, true, false).map_err(|source| DedupError::Os {
+            op: format!("mmap of {pages} anonymous frames"),
+            source,
         })?;
-        Ok(AnonFrames { ptr, pages })
+        Ok(AnonFrames { map, pages })
     }
 
     fn bytes(pages: u64) -> Result<usize, DedupError> {
@@ -178,69 +158,38 @@ impl AnonFrames {
     /// Write one frame.
     pub fn write_frame(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]) -> Result<(), DedupError> {
         self.check(gfn, 1)?;
-        // SAFETY: `gfn` is in range (checked), so the destination lies inside the mapping we
-        // own; `data` is a separate Rust array, so the ranges do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.ptr.as_ptr().add(gfn as usize * PAGE_SIZE),
-                PAGE_SIZE,
-            );
-        }
-        Ok(())
+        self.map
+            .write(gfn as usize * PAGE_SIZE, data)
+            .map_err(|source| DedupError::Os {
+                op: format!("write frame {gfn}"),
+                source,
+            })
     }
 
     /// Read one frame.
     pub fn read_frame(&self, gfn: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), DedupError> {
         self.check(gfn, 1)?;
-        // SAFETY: in range (checked); `out` is a separate Rust array.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(gfn as usize * PAGE_SIZE),
-                out.as_mut_ptr(),
-                PAGE_SIZE,
-            );
-        }
-        Ok(())
+        self.map
+            .read(gfn as usize * PAGE_SIZE, out)
+            .map_err(|source| DedupError::Os {
+                op: format!("read frame {gfn}"),
+                source,
+            })
     }
 
     /// Mark frames `start..start + n` mergeable by KSM (`MADV_MERGEABLE`).
     pub fn mergeable(&self, start: u64, n: u64) -> Result<(), DedupError> {
         self.check(start, n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        // SAFETY: the range lies inside our mapping (checked) and is page aligned; madvise
-        // only changes how the kernel treats it, not its contents.
-        let r = unsafe {
-            libc::madvise(
-                self.ptr.as_ptr().add(start as usize * PAGE_SIZE).cast(),
+        self.map
+            .advise(
+                start as usize * PAGE_SIZE,
                 n as usize * PAGE_SIZE,
                 libc::MADV_MERGEABLE,
             )
-        };
-        if r != 0 {
-            return Err(os_err(format!(
-                "madvise(MADV_MERGEABLE) of frames {start}+{n}"
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for AnonFrames {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`, which nothing else refers to.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.pages as usize * PAGE_SIZE);
-        }
-    }
-}
-
-fn os_err(op: String) -> DedupError {
-    DedupError::Os {
-        op,
-        source: std::io::Error::last_os_error(),
+            .map_err(|source| DedupError::Os {
+                op: format!("madvise(MADV_MERGEABLE) of frames {start}+{n}"),
+                source,
+            })
     }
 }
 

@@ -126,14 +126,9 @@ pub enum VmError {
         serial_tail: String,
     },
 
-    /// The operation needs a VM in another state.
-    #[error("VM is {state}, cannot {op}")]
-    BadState {
-        /// What was attempted.
-        op: &'static str,
-        /// The VM's state.
-        state: String,
-    },
+    /// The operation is not valid in the VM's state (see [`crate::lifecycle`]).
+    #[error(transparent)]
+    BadState(#[from] crate::lifecycle::StateError),
 
     /// The VM powered off or was stopped before the operation completed.
     #[error("VM stopped ({0}) before the operation completed")]

@@ -7,11 +7,15 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
+use serde::Serialize;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
-use vmm_sys_util::errno;
+
+use crate::hostmem::PAGE_SIZE;
+use crate::lazy::{Bitmap, StatsSnapshot};
 
 use crate::error::VmError;
 use kscope_guest::abi::layout::{LARGE_PAGE_SIZE, MAX_GUEST_RAM};
@@ -70,19 +74,10 @@ impl GuestRam {
         validate_size(size)?;
         let cname = CString::new(format!("kscope-ram-{name}").replace('\0', "_"))
             .map_err(|e| VmError::BadConfig(format!("VM name: {e}")))?;
-        // SAFETY: `cname` is a valid NUL-terminated string; the flags are valid.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(VmError::kvm("memfd_create", errno::Error::last()));
-        }
-        // SAFETY: `fd` is a fresh file descriptor owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).map_err(|e| {
-            VmError::kvm(
-                "ftruncate(memfd)",
-                errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-            )
+        let fd = crate::hostmem::memfd_create(&cname, size).map_err(|e| {
+            VmError::Memory(format!("memfd_create of {size:#x} bytes of guest RAM: {e}"))
         })?;
+        let file = File::from(fd);
         Self::from_file(Arc::new(file), size, libc::MAP_SHARED)
     }
 
@@ -266,6 +261,81 @@ impl GuestMemory {
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         std::mem::replace(&mut *cur, ram)
     }
+}
+
+/// Memory counters of a VM (see [`crate::Vm::memory_stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MemoryStats {
+    /// True for a lazily served clone or restored VM.
+    pub lazy: bool,
+    /// Faults served.
+    pub faults: u64,
+    /// Faulting pages installed with data.
+    pub pages_fetched: u64,
+    /// Pages installed ahead of a fault (prefetch, before resume, background).
+    pub pages_prefetched: u64,
+    /// Pages installed as zeros.
+    pub zero_filled: u64,
+    /// Bytes copied into the VM's memory.
+    pub bytes: u64,
+    /// Total time vCPUs (or VMM threads) were blocked in faults.
+    pub blocked: Duration,
+    /// Median fault service time.
+    pub fault_p50: Duration,
+    /// 99th percentile fault service time.
+    pub fault_p99: Duration,
+    /// Host memory owned by this VM alone: allocated blocks of its memfd, or for a parent on a
+    /// copy-on-write view, its private (written since the freeze) pages.
+    pub footprint_bytes: u64,
+    /// The full fault-server statistics (lazy VMs).
+    pub server: Option<StatsSnapshot>,
+}
+
+impl MemoryStats {
+    /// The counters of a lazily served VM from its fault server's statistics.
+    pub fn of_lazy(s: StatsSnapshot, footprint_bytes: u64) -> MemoryStats {
+        MemoryStats {
+            lazy: true,
+            faults: s.faults,
+            pages_fetched: s.fault_pages,
+            pages_prefetched: s.prefetched + s.before_resume + s.background,
+            zero_filled: s.zero_filled,
+            bytes: s.bytes_copied,
+            blocked: Duration::from_nanos(s.fault_ns_total),
+            fault_p50: Duration::from_nanos(s.fault_ns_p50),
+            fault_p99: Duration::from_nanos(s.fault_ns_p99),
+            footprint_bytes,
+            server: Some(s),
+        }
+    }
+}
+
+/// Frames whose pagemap entry says "private anonymous page" (present and not file-backed, or
+/// swapped) in `[addr, addr + pages * 4096)` of this process.
+pub(crate) fn private_pages(addr: u64, pages: u64) -> Result<Bitmap, VmError> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE: u64 = 1 << 61;
+    let io = |op: &str, e: std::io::Error| VmError::Memory(format!("{op}: {e}"));
+    let f = File::open("/proc/self/pagemap").map_err(|e| io("open /proc/self/pagemap", e))?;
+    let mut map = Bitmap::new(pages);
+    let chunk = 64 * 1024usize; // entries per read
+    let mut buf = vec![0u8; chunk * 8];
+    let mut g = 0u64;
+    while g < pages {
+        let n = chunk.min((pages - g) as usize);
+        let b = &mut buf[..n * 8];
+        f.read_exact_at(b, (addr / PAGE_SIZE as u64 + g) * 8)
+            .map_err(|e| io("read /proc/self/pagemap", e))?;
+        for (i, e) in b.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            if (v & PRESENT != 0 && v & FILE == 0) || v & SWAPPED != 0 {
+                map.set(g + i as u64);
+            }
+        }
+        g += n as u64;
+    }
+    Ok(map)
 }
 
 #[cfg(test)]

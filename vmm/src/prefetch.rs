@@ -2,11 +2,11 @@
 //!
 //! The VMM stays guest-agnostic: it only knows guest frame numbers. Policies (crate
 //! `kscope-policies`) know colors and file order and decide, per clone, what to install on each
-//! fault, what to zero-fill instead of fetching (allocation on demand), what to load before the
-//! clone resumes (REAP-style) and what a background fetcher loads concurrently (FaaSnap-style).
+//! fault and how (with the image's data, or as a zero page: allocation on demand), what to
+//! load before the clone resumes (REAP-style) and what a background fetcher loads concurrently
+//! (FaaSnap-style).
 
-/// A guest frame number (guest-physical address / 4096).
-pub type Gfn = u64;
+pub use crate::hostmem::Gfn;
 
 /// A fault that a clone's vCPU (or the VMM on its behalf) took on a missing page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,31 +17,84 @@ pub struct Fault {
     pub write: bool,
 }
 
-/// Per-clone prefetch decisions. One instance serves one clone; the fault server calls it
-/// from its handler thread only (never concurrently), so implementations may keep state.
+/// How a frame is installed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Fill {
+    /// With the generation image's contents.
+    #[default]
+    Data,
+    /// As a zero page, without reading the image (free or zero frames).
+    Zero,
+}
+
+/// One frame to install and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Install {
+    /// The frame.
+    pub gfn: Gfn,
+    /// Data or zeros.
+    pub fill: Fill,
+}
+
+impl Install {
+    /// Install `gfn` with data.
+    pub const fn data(gfn: Gfn) -> Self {
+        Install {
+            gfn,
+            fill: Fill::Data,
+        }
+    }
+
+    /// Install `gfn` as a zero page.
+    pub const fn zero(gfn: Gfn) -> Self {
+        Install {
+            gfn,
+            fill: Fill::Zero,
+        }
+    }
+}
+
+/// What a policy decided for one fault: how to install the faulting frame, and which other
+/// frames to install after it, in priority order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// How the faulting frame is installed (default: data).
+    pub fault: Fill,
+    /// Frames to install after the faulting one (the server skips frames already present, so
+    /// policies need not track what is resident).
+    pub prefetch: Vec<Install>,
+}
+
+impl FaultPlan {
+    /// Reset for the next fault (keeps the allocation).
+    pub fn clear(&mut self) {
+        self.fault = Fill::Data;
+        self.prefetch.clear();
+    }
+}
+
+/// Per-clone prefetch decisions. One instance serves one clone.
+///
+/// The fault server asks for [`before_resume`](Self::before_resume) and
+/// [`background`](Self::background) once, when it starts, and then moves the policy into its
+/// handler thread, which alone calls [`on_fault`](Self::on_fault): once per fault, never
+/// concurrently and without a lock, so implementations may keep state. The background fetcher
+/// and the VMM's own installs never touch the policy.
 pub trait Prefetcher: Send {
     /// Name of the policy (for statistics).
     fn name(&self) -> &str;
 
-    /// On a fault, push into `out` the frames to install *now* besides `fault.gfn` (which is
-    /// always installed), in priority order. The server skips frames already present, so
-    /// policies need not track what is resident.
-    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>);
-
-    /// True if `gfn` must be served as a zero page instead of being fetched (free pages,
-    /// zero pages: allocation on demand). Default: fetch everything.
-    fn zero_fill(&self, gfn: Gfn) -> bool {
-        let _ = gfn;
-        false
-    }
+    /// On a fault, fill `plan` (cleared by the caller): how to install `fault.gfn` and what to
+    /// install after it.
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan);
 
     /// Frames to install before the clone's vCPUs first run (blocking the resume), in order.
-    fn before_resume(&mut self) -> Vec<Gfn> {
+    fn before_resume(&mut self) -> Vec<Install> {
         Vec::new()
     }
 
     /// Frames for a background fetcher to install while the clone runs, in order.
-    fn background(&mut self) -> Vec<Gfn> {
+    fn background(&mut self) -> Vec<Install> {
         Vec::new()
     }
 }
@@ -55,7 +108,7 @@ impl Prefetcher for OnDemand {
         "lazy"
     }
 
-    fn on_fault(&mut self, _fault: Fault, _out: &mut Vec<Gfn>) {}
+    fn on_fault(&mut self, _fault: Fault, _plan: &mut FaultPlan) {}
 }
 
 #[cfg(test)]
@@ -65,16 +118,16 @@ mod tests {
     #[test]
     fn on_demand_fetches_only_the_faulting_page() {
         let mut p = OnDemand;
-        let mut out = vec![];
+        let mut plan = FaultPlan::default();
         p.on_fault(
             Fault {
                 gfn: 7,
                 write: false,
             },
-            &mut out,
+            &mut plan,
         );
-        assert!(out.is_empty());
-        assert!(!p.zero_fill(7));
+        assert_eq!(plan, FaultPlan::default());
+        assert_eq!(plan.fault, Fill::Data);
         assert!(p.before_resume().is_empty());
         assert!(p.background().is_empty());
         assert_eq!(p.name(), "lazy");

@@ -6,7 +6,7 @@
 //! faults that the kernel (KVM) takes on behalf of a guest are delivered too.
 //!
 //! Conventions of this wrapper:
-//! - `UFFDIO_COPY`/`UFFDIO_ZEROPAGE`/`UFFDIO_CONTINUE` on a page that is already present
+//! - `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` on a page that is already present
 //!   (`EEXIST`) count as success ([`Install::AlreadyPresent`]); the caller decides whether to
 //!   wake waiters explicitly (the kernel does not wake on `EEXIST`).
 //! - `EAGAIN` (the address space is changing, or a partial copy) is retried from where the
@@ -18,8 +18,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-/// Page size handled by this module (x86-64 base pages).
-pub const PAGE_SIZE: usize = 4096;
+pub use crate::hostmem::PAGE_SIZE;
 
 // ---- UAPI facts (linux/userfaultfd.h) ----
 
@@ -42,7 +41,6 @@ const UFFDIO_COPY: libc::c_ulong = ioc(IOC_RW, 0x03, std::mem::size_of::<UffdioC
 const UFFDIO_ZEROPAGE: libc::c_ulong = ioc(IOC_RW, 0x04, std::mem::size_of::<UffdioZeropage>());
 const UFFDIO_WRITEPROTECT: libc::c_ulong =
     ioc(IOC_RW, 0x06, std::mem::size_of::<UffdioWriteprotect>());
-const UFFDIO_CONTINUE: libc::c_ulong = ioc(IOC_RW, 0x07, std::mem::size_of::<UffdioContinue>());
 /// `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = ioc(0, 0x00, 0);
 
@@ -54,7 +52,6 @@ const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
-const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
 
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_EVENT_FORK: u8 = 0x13;
@@ -142,14 +139,6 @@ struct UffdioZeropage {
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioContinue {
-    range: UffdioRange,
-    mode: u64,
-    mapped: i64,
 }
 
 /// `struct uffd_msg` (packed, 32 bytes): event byte, 7 reserved bytes, a 24-byte union.
@@ -503,35 +492,6 @@ impl Uffd {
         })
     }
 
-    /// Maps page-cache pages that are present but unmapped (MINOR mode on shmem).
-    pub fn continue_range(&self, start: u64, len: u64, dontwake: bool) -> Result<Install> {
-        check_aligned(start, len)?;
-        let mode = if dontwake {
-            UFFDIO_CONTINUE_MODE_DONTWAKE
-        } else {
-            0
-        };
-        self.install_range("UFFDIO_CONTINUE", start, len, |done| {
-            let mut c = UffdioContinue {
-                range: UffdioRange {
-                    start: start + done,
-                    len: len - done,
-                },
-                mode,
-                mapped: 0,
-            };
-            // SAFETY: `c` is a valid `struct uffdio_continue`; the kernel checks the range.
-            let r = unsafe {
-                libc::ioctl(
-                    self.fd.as_raw_fd(),
-                    UFFDIO_CONTINUE,
-                    &mut c as *mut UffdioContinue,
-                )
-            };
-            (r, c.mapped)
-        })
-    }
-
     /// Drives a page-installing ioctl over `[start, start + len)`: `call(done)` issues it for
     /// the part from `start + done` and returns the ioctl's result and the bytes the kernel
     /// reports done. Partial progress with EAGAIN is resumed where the kernel stopped; EEXIST
@@ -727,7 +687,6 @@ mod tests {
         assert_eq!(UFFDIO_COPY, 0xC028_AA03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xC020_AA04);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
-        assert_eq!(UFFDIO_CONTINUE, 0xC020_AA07);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xAA00);
     }
 

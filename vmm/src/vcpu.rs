@@ -20,11 +20,12 @@ use crate::devices::bus::Bus;
 use crate::devices::request::RequestTransport;
 use crate::error::VmError;
 use crate::exit::{dispatch, Action, Fault};
-use crate::hypervisor::{Exit, HvVcpu};
+use crate::hypervisor::{Exit, HvVcpu, VcpuState};
+use crate::lifecycle::{StateError, VmOp, VmState};
 
 /// Messages to a vCPU thread.
 #[derive(Debug)]
-pub enum VcpuMsg<S> {
+pub enum VcpuMsg {
     /// Start running the guest (from `Parked`).
     Run,
     /// Leave the guest and acknowledge once out of it.
@@ -38,9 +39,9 @@ pub enum VcpuMsg<S> {
     /// Report the current RIP.
     Sample(Sender<u64>),
     /// Save the vCPU state (only honoured while paused or parked).
-    GetState(Sender<Result<S, VmError>>),
+    GetState(Sender<Result<VcpuState, VmError>>),
     /// Restore a vCPU state (only honoured while paused or parked).
-    SetState(Box<S>, Sender<Result<(), VmError>>),
+    SetState(Box<VcpuState>, Sender<Result<(), VmError>>),
 }
 
 /// Why a VM ended.
@@ -113,14 +114,14 @@ impl ExitCounters {
 
 /// The control side of a vCPU thread: its channel and (while it lives) its pthread.
 #[derive(Debug)]
-pub struct VcpuControl<S> {
-    tx: Mutex<Sender<VcpuMsg<S>>>,
+pub struct VcpuControl {
+    tx: Mutex<Sender<VcpuMsg>>,
     thread: Mutex<Option<libc::pthread_t>>,
 }
 
-impl<S> VcpuControl<S> {
+impl VcpuControl {
     /// Wrap the sending side of a vCPU's channel.
-    pub fn new(tx: Sender<VcpuMsg<S>>) -> VcpuControl<S> {
+    pub fn new(tx: Sender<VcpuMsg>) -> VcpuControl {
         VcpuControl {
             tx: Mutex::new(tx),
             thread: Mutex::new(None),
@@ -128,7 +129,7 @@ impl<S> VcpuControl<S> {
     }
 
     /// Queue a message without kicking. Returns false if the thread is gone.
-    pub fn send(&self, m: VcpuMsg<S>) -> bool {
+    pub fn send(&self, m: VcpuMsg) -> bool {
         self.tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -137,7 +138,7 @@ impl<S> VcpuControl<S> {
     }
 
     /// Queue a message and kick the thread out of the guest.
-    pub fn send_and_kick(&self, m: VcpuMsg<S>) -> bool {
+    pub fn send_and_kick(&self, m: VcpuMsg) -> bool {
         let ok = self.send(m);
         self.kick();
         ok
@@ -167,15 +168,15 @@ enum RunState {
 }
 
 /// One vCPU and everything its thread needs.
-pub struct VcpuThread<V: HvVcpu> {
+pub struct VcpuThread {
     /// vCPU index (0 = boot processor, which serves the request path).
     pub id: u32,
     /// The vCPU.
-    pub vcpu: V,
+    pub vcpu: Box<dyn HvVcpu>,
     /// Receiving side of the control channel.
-    pub rx: Receiver<VcpuMsg<V::State>>,
+    pub rx: Receiver<VcpuMsg>,
     /// Control side (to register this thread for kicks).
-    pub control: Arc<VcpuControl<V::State>>,
+    pub control: Arc<VcpuControl>,
     /// Port I/O bus.
     pub io: Bus,
     /// MMIO bus.
@@ -200,7 +201,7 @@ pub const NO_BUFFER_BACKOFF: Duration = Duration::from_millis(1);
 /// Upper bound of the no-buffer back-off.
 const MAX_NO_BUFFER_BACKOFF: Duration = Duration::from_millis(64);
 
-impl<V: HvVcpu> VcpuThread<V> {
+impl VcpuThread {
     /// Run the state machine until `Stop` or a terminal exit. Call on the vCPU's own thread.
     pub fn run(mut self) {
         self.vcpu.bind_to_current_thread();
@@ -225,7 +226,7 @@ impl<V: HvVcpu> VcpuThread<V> {
     }
 
     /// Handle one control message in state `s`; returns the new state.
-    fn handle(&mut self, s: RunState, m: VcpuMsg<V::State>) -> RunState {
+    fn handle(&mut self, s: RunState, m: VcpuMsg) -> RunState {
         match m {
             VcpuMsg::Run if s == RunState::Parked => RunState::Running,
             VcpuMsg::Run => s,
@@ -250,10 +251,10 @@ impl<V: HvVcpu> VcpuThread<V> {
             }
             VcpuMsg::GetState(tx) => {
                 let r = if s == RunState::Running {
-                    Err(VmError::BadState {
-                        op: "save vCPU state",
-                        state: "running".into(),
-                    })
+                    Err(VmError::BadState(StateError {
+                        op: VmOp::SaveState,
+                        state: VmState::Running,
+                    }))
                 } else {
                     self.vcpu.save_state()
                 };
@@ -262,10 +263,10 @@ impl<V: HvVcpu> VcpuThread<V> {
             }
             VcpuMsg::SetState(st, tx) => {
                 let r = if s == RunState::Running {
-                    Err(VmError::BadState {
-                        op: "restore vCPU state",
-                        state: "running".into(),
-                    })
+                    Err(VmError::BadState(StateError {
+                        op: VmOp::SaveState,
+                        state: VmState::Running,
+                    }))
                 } else {
                     self.vcpu.restore_state(&st)
                 };

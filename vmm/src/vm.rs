@@ -7,7 +7,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootParams};
-use crate::clone::{Generation, ParentState};
 use crate::devices::block::BlockDevice;
 use crate::devices::bus::Bus;
 use crate::devices::net::{NetCounts, NetDevice, TapWatcher};
@@ -17,25 +16,29 @@ use crate::devices::request::{
 };
 use crate::devices::serial::{ConsoleBuffer, SerialDevice};
 use crate::devices::virtio_mmio::MmioTransport;
-use crate::devices::DeviceStates;
+use crate::devices::{DeviceSet, DeviceStates};
 use crate::error::VmError;
-use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVcpuState, KvmVm};
-use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
+use crate::generation::{Generation, ParentState};
+use crate::hostmem::PAGE_SIZE;
+use crate::hypervisor::{self, HvVcpu, HvVm, VcpuState};
 use crate::lazy::FaultServer;
+use crate::lifecycle::{StateError, VmOp};
 use crate::loader;
-use crate::memory::{GuestMemory, GuestRam};
+use crate::memory::{private_pages, GuestMemory, GuestRam, MemoryStats};
 use crate::mode::{CpuMode, GuestMode};
 use crate::net::NetAttach;
+use crate::state::{self, MachineState};
 use crate::vcpu::{
     ExitCounters, ExitCounts, ExitReason, VcpuControl, VcpuHost, VcpuMsg, VcpuThread,
 };
-use kscope_guest::abi::boot::{DeviceDesc, DeviceKind};
+use kscope_guest::abi::boot::{DeviceDesc, DeviceKind, Identity};
 use kscope_guest::abi::layout::{ports, MMIO_BASE, MMIO_DEVICE_SIZE};
+
+pub use crate::config::{VmConfig, MAX_VCPUS};
+pub use crate::lifecycle::VmState;
 
 /// Bytes of console output kept per VM.
 pub const CONSOLE_CAPACITY: usize = 1 << 20;
-/// Largest number of vCPUs.
-pub const MAX_VCPUS: u32 = 64;
 /// Lines of console included in error reports.
 const TAIL_LINES: usize = 20;
 /// KVM memory slot of guest RAM.
@@ -46,64 +49,6 @@ pub const BLOCK_GPA: u64 = MMIO_BASE;
 pub const REQUEST_GPA: u64 = MMIO_BASE + MMIO_DEVICE_SIZE;
 /// GPA of the virtio-net device (VMs with a network).
 pub const NET_GPA: u64 = MMIO_BASE + 2 * MMIO_DEVICE_SIZE;
-
-/// What to boot.
-#[derive(Clone)]
-pub struct VmConfig {
-    /// Name (for threads, the memfd and logs).
-    pub name: String,
-    /// Guest RAM in bytes (a multiple of 2 MiB, 4 MiB to 3 GiB).
-    pub mem_bytes: u64,
-    /// Number of vCPUs (the kernel uses vCPU 0; the others stay parked).
-    pub vcpus: u32,
-    /// The kernel ELF.
-    pub kernel: Arc<[u8]>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Root disk image (read-only; a multiple of 512 bytes; may be empty).
-    pub disk: Arc<[u8]>,
-    /// A virtio-net device on this tap with this address (`None`: no network).
-    pub net: Option<NetAttach>,
-    /// How the guest kernel should run (native where the host allows it, by default).
-    pub guest_mode: GuestMode,
-}
-
-impl std::fmt::Debug for VmConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmConfig")
-            .field("name", &self.name)
-            .field("mem_bytes", &self.mem_bytes)
-            .field("vcpus", &self.vcpus)
-            .field("kernel_len", &self.kernel.len())
-            .field("cmdline", &self.cmdline)
-            .field("disk_len", &self.disk.len())
-            .field("net", &self.net.as_ref().map(|n| n.ip))
-            .field("guest_mode", &self.guest_mode)
-            .finish()
-    }
-}
-
-impl VmConfig {
-    fn validate(&self) -> Result<(), VmError> {
-        crate::memory::validate_size(self.mem_bytes)?;
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(VmError::BadConfig(format!(
-                "vcpus = {}, must be 1..={MAX_VCPUS}",
-                self.vcpus
-            )));
-        }
-        if self.kernel.is_empty() {
-            return Err(VmError::BadConfig("the kernel image is empty".into()));
-        }
-        if !self.disk.len().is_multiple_of(512) {
-            return Err(VmError::BadConfig(format!(
-                "disk image is {} bytes, not a multiple of 512; pad it",
-                self.disk.len()
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// Result of a successful boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,21 +72,6 @@ pub struct ExitReport {
     pub exits: ExitCounts,
 }
 
-/// Lifecycle state of a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmState {
-    /// Started, READY not yet reported.
-    Booting,
-    /// READY reported.
-    Running,
-    /// vCPUs paused by the host.
-    Paused,
-    /// Powered off or stopped by the host.
-    Stopped,
-    /// Failed (the reason).
-    Failed(String),
-}
-
 #[derive(Debug)]
 struct Status {
     state: VmState,
@@ -157,7 +87,7 @@ pub(crate) struct VmCore {
     status: Mutex<Status>,
     cond: Condvar,
     console: Arc<ConsoleBuffer>,
-    controls: Vec<Arc<VcpuControl<KvmVcpuState>>>,
+    controls: Vec<Arc<VcpuControl>>,
     requests: VirtioRequestTransport,
     net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
     boot_start: Instant,
@@ -231,7 +161,11 @@ impl VcpuHost for VmCore {
                 tracing::warn!(vm = %self.name, "VM failed: {e}");
                 VmState::Failed(e.to_string())
             }
-            _ => VmState::Stopped,
+            // Stop is valid in every state that has no outcome yet (the lifecycle table).
+            _ => s
+                .state
+                .transition(VmOp::Stop, &s.paused_from)
+                .unwrap_or(VmState::Stopped),
         };
         let err = Self::reason_error(&reason);
         s.outcome = Some(reason);
@@ -287,23 +221,13 @@ impl Watchdog for VmCore {
     }
 }
 
-/// The devices of a VM (for state capture).
-pub(crate) struct DeviceSet {
-    pub(crate) serial: Arc<Mutex<SerialDevice>>,
-    pub(crate) block: Arc<Mutex<MmioTransport<BlockDevice>>>,
-    pub(crate) request: Arc<Mutex<MmioTransport<RequestDevice>>>,
-    pub(crate) net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
-    /// Wakes the idle vCPU on incoming frames (dropped with the VM).
-    pub(crate) _tap_watcher: Option<TapWatcher>,
-}
-
 /// What [`Vm::assemble`] needs.
 pub(crate) struct Assembly<'a> {
     pub(crate) cfg: VmConfig,
-    pub(crate) hv: KvmVm,
+    pub(crate) hv: Box<dyn HvVm>,
     pub(crate) memory: Arc<GuestMemory>,
     /// vCPUs with CPUID and registers set.
-    pub(crate) vcpus: Vec<KvmVcpu>,
+    pub(crate) vcpus: Vec<Box<dyn HvVcpu>>,
     /// Device state to restore (`None`: fresh devices).
     pub(crate) devices: Option<&'a DeviceStates>,
     pub(crate) start: Instant,
@@ -312,7 +236,8 @@ pub(crate) struct Assembly<'a> {
     pub(crate) start_paused: bool,
     pub(crate) lazy: Option<Arc<FaultServer>>,
     pub(crate) origin: Option<Arc<Generation>>,
-    pub(crate) clone_id: Option<u64>,
+    /// A clone's id and identity (as written into its GenPage).
+    pub(crate) identity: Option<(u64, Identity)>,
     /// The CPU mode the kernel must report (booted: the resolved request; restored or
     /// cloned: the mode of the saved vCPU state).
     pub(crate) mode: CpuMode,
@@ -324,7 +249,7 @@ pub struct Vm {
     // then guest RAM is unmapped (and a clone's fault server stopped).
     pub(crate) core: Arc<VmCore>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    pub(crate) hv: KvmVm,
+    pub(crate) hv: Box<dyn HvVm>,
     pub(crate) memory: Arc<GuestMemory>,
     mem_bytes: u64,
     pub(crate) devices: DeviceSet,
@@ -333,8 +258,8 @@ pub struct Vm {
     pub(crate) lazy: Option<Arc<FaultServer>>,
     /// The generation image this VM was cloned from.
     pub(crate) origin: Option<Arc<Generation>>,
-    /// Clone id written into the GenPage (clones only).
-    pub(crate) clone_id: Option<u64>,
+    /// Clone id and identity written into the GenPage (clones only).
+    pub(crate) identity: Option<(u64, Identity)>,
     /// Time of the first `KVM_RUN`.
     pub(crate) first_run: Arc<OnceLock<Instant>>,
     /// Frozen images of this VM as a parent.
@@ -356,7 +281,7 @@ impl Vm {
     pub fn boot(cfg: VmConfig) -> Result<Vm, VmError> {
         let start = Instant::now();
         cfg.validate()?;
-        let hv = KvmHypervisor.create_vm()?;
+        let hv = hypervisor::host().create_vm()?;
         let ram = GuestRam::new(&cfg.name, cfg.mem_bytes)?;
         let kernel = loader::load_kernel(&ram, &cfg.kernel)?;
         // SAFETY: the mapping belongs to `ram`, which `memory` keeps alive in the `Vm`; the
@@ -386,7 +311,7 @@ impl Vm {
                 size: MMIO_DEVICE_SIZE,
             });
         }
-        let mut vcpus: Vec<KvmVcpu> = (0..cfg.vcpus)
+        let mut vcpus: Vec<Box<dyn HvVcpu>> = (0..cfg.vcpus)
             .map(|i| hv.create_vcpu(i))
             .collect::<Result<_, _>>()?;
         let native_available = vcpus[0].native_available();
@@ -425,7 +350,7 @@ impl Vm {
             start_paused: false,
             lazy: None,
             origin: None,
-            clone_id: None,
+            identity: None,
             mode,
         })
     }
@@ -444,7 +369,7 @@ impl Vm {
             start_paused,
             lazy,
             origin,
-            clone_id,
+            identity,
             mode,
         } = a;
         let echo = std::env::var("KSCOPE_SERIAL").is_ok_and(|v| v == "stderr");
@@ -593,7 +518,7 @@ impl Vm {
             cfg,
             lazy,
             origin,
-            clone_id,
+            identity,
             first_run,
             parent: Mutex::new(ParentState::default()),
         };
@@ -666,15 +591,7 @@ impl Vm {
     /// Take every vCPU out of the guest and keep it out until [`Vm::resume`].
     pub fn pause(&self) -> Result<(), VmError> {
         let mut s = self.core.lock();
-        match s.state {
-            VmState::Booting | VmState::Running => {}
-            ref other => {
-                return Err(VmError::BadState {
-                    op: "pause",
-                    state: format!("{other:?}"),
-                })
-            }
-        }
+        let next = s.state.transition(VmOp::Pause, &s.paused_from)?;
         let acks: Vec<_> = self
             .core
             .controls
@@ -685,8 +602,7 @@ impl Vm {
                 rx
             })
             .collect();
-        s.paused_from = s.state.clone();
-        s.state = VmState::Paused;
+        s.paused_from = std::mem::replace(&mut s.state, next);
         drop(s);
         for rx in acks {
             if rx.recv_timeout(Duration::from_secs(10)).is_err() {
@@ -703,13 +619,7 @@ impl Vm {
     /// Resume a paused VM.
     pub fn resume(&self) -> Result<(), VmError> {
         let mut s = self.core.lock();
-        if s.state != VmState::Paused {
-            return Err(VmError::BadState {
-                op: "resume",
-                state: format!("{:?}", s.state),
-            });
-        }
-        s.state = s.paused_from.clone();
+        s.state = s.state.transition(VmOp::Resume, &s.paused_from)?;
         drop(s);
         for c in &self.core.controls {
             c.send(VcpuMsg::Resume);
@@ -816,7 +726,7 @@ impl Vm {
     /// Replace guest RAM by `ram` (same size) while the VM is paused: the KVM slot is
     /// deleted and re-added at the new mapping. Returns the previous RAM.
     pub fn swap_memory(&self, ram: GuestRam) -> Result<Arc<GuestRam>, VmError> {
-        self.require_paused("swap guest memory")?;
+        self.check_op(VmOp::SwapMemory)?;
         if ram.size() != self.mem_bytes {
             return Err(VmError::BadConfig(format!(
                 "replacement RAM is {:#x} bytes, the VM has {:#x}",
@@ -836,48 +746,109 @@ impl Vm {
     }
 
     /// Save the state of every vCPU (VM paused).
-    pub fn save_vcpu_states(&self) -> Result<Vec<KvmVcpuState>, VmError> {
-        self.require_paused("save vCPU state")?;
-        self.core
-            .controls
-            .iter()
-            .map(|c| {
-                let (tx, rx) = mpsc::channel();
-                c.send(VcpuMsg::GetState(tx));
-                rx.recv_timeout(Duration::from_secs(5))
-                    .map_err(|_| VmError::Internal("vCPU did not answer GetState".into()))?
-            })
-            .collect()
+    pub fn save_vcpu_states(&self) -> Result<Vec<VcpuState>, VmError> {
+        self.check_op(VmOp::SaveState)?;
+        state::save_vcpus(&self.core.controls)
     }
 
     /// Restore the state of every vCPU (VM paused; one state per vCPU).
-    pub fn restore_vcpu_states(&self, states: &[KvmVcpuState]) -> Result<(), VmError> {
-        self.require_paused("restore vCPU state")?;
-        if states.len() != self.core.controls.len() {
-            return Err(VmError::BadConfig(format!(
-                "{} vCPU states for {} vCPUs",
-                states.len(),
-                self.core.controls.len()
-            )));
-        }
-        for (c, st) in self.core.controls.iter().zip(states) {
-            let (tx, rx) = mpsc::channel();
-            c.send(VcpuMsg::SetState(Box::new(st.clone()), tx));
-            rx.recv_timeout(Duration::from_secs(5))
-                .map_err(|_| VmError::Internal("vCPU did not answer SetState".into()))??;
-        }
-        Ok(())
+    pub fn restore_vcpu_states(&self, states: &[VcpuState]) -> Result<(), VmError> {
+        self.check_op(VmOp::SaveState)?;
+        state::load_vcpus(&self.core.controls, states)
     }
 
-    pub(crate) fn require_paused(&self, op: &'static str) -> Result<(), VmError> {
+    /// Capture the device state (VM paused).
+    pub fn save_device_states(&self) -> Result<DeviceStates, VmError> {
+        self.check_op(VmOp::SaveState)?;
+        Ok(self.devices.save_states())
+    }
+
+    /// Capture the whole machine state (VM paused), see [`crate::state`].
+    pub fn save_machine_state(&self) -> Result<MachineState, VmError> {
+        self.check_op(VmOp::SaveState)?;
+        let ready_value = self.boot_report().map_or(0, |r| r.ready_value);
+        state::capture(
+            &self.core.controls,
+            &self.devices,
+            self.hv.as_ref(),
+            ready_value,
+        )
+    }
+
+    /// Fail with a [`StateError`] unless `op` is valid in the VM's current state (the table in
+    /// [`crate::lifecycle`]).
+    pub(crate) fn check_op(&self, op: VmOp) -> Result<(), StateError> {
         let s = self.core.lock();
-        if s.state != VmState::Paused {
-            return Err(VmError::BadState {
-                op,
-                state: format!("{:?}", s.state),
-            });
+        s.state.transition(op, &s.paused_from).map(|_| ())
+    }
+
+    /// Memory counters: fault service for lazy VMs, footprint for all.
+    pub fn memory_stats(&self) -> MemoryStats {
+        let footprint = self.footprint().unwrap_or(0);
+        match &self.lazy {
+            Some(server) => MemoryStats::of_lazy(server.stats(), footprint),
+            None => MemoryStats {
+                footprint_bytes: footprint,
+                ..Default::default()
+            },
         }
-        Ok(())
+    }
+
+    /// Bytes of host memory owned by this VM alone (see [`MemoryStats::footprint_bytes`]).
+    fn footprint(&self) -> Result<u64, VmError> {
+        if let Some(s) = &self.lazy {
+            let frozen = self
+                .parent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .base
+                .is_some();
+            if !frozen {
+                return Ok(s.region().resident_bytes()?);
+            }
+        }
+        let ram = self.memory.load();
+        if ram.is_private() {
+            let pages = ram.size() / PAGE_SIZE as u64;
+            return Ok(private_pages(ram.host_addr() as u64, pages)?.count() * PAGE_SIZE as u64);
+        }
+        let file = ram.file().ok_or_else(|| {
+            VmError::Internal("anonymous guest RAM outside a lazily served clone".into())
+        })?;
+        let m = file
+            .metadata()
+            .map_err(|e| VmError::Memory(format!("fstat memfd: {e}")))?;
+        Ok(std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+    }
+
+    /// The generation image this VM was cloned from (`None` for a booted or restored VM).
+    pub fn generation(&self) -> Option<Arc<Generation>> {
+        self.origin.clone()
+    }
+
+    /// The clone id written into this VM's GenPage (`None` if it is not a clone).
+    pub fn clone_id(&self) -> Option<u64> {
+        self.identity.map(|(id, _)| id)
+    }
+
+    /// The identity (MAC, IPv4, host name) written into this clone's GenPage, which its guest
+    /// applies (`None` if it is not a clone).
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity.map(|(_, i)| i)
+    }
+
+    /// Wait until the VM's first `KVM_RUN` and return its time.
+    pub fn wait_first_run(&self, timeout: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(t) = self.first_run.get() {
+                return Some(*t);
+            }
+            if Instant::now() >= deadline || !matches!(self.state(), VmState::Running) {
+                return None;
+            }
+            std::thread::yield_now();
+        }
     }
 }
 

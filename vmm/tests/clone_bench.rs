@@ -183,8 +183,6 @@ fn bench_snapshot() {
 #[test]
 #[ignore]
 fn bench_child_setup_pieces() {
-    use kscope_vmm::hypervisor::kvm::KvmHypervisor;
-    use kscope_vmm::hypervisor::{HvVm, Hypervisor};
     use kscope_vmm::lazy::{LazyRegion, RegionKind};
     for mb in sizes(&[64, 2048]) {
         let pages = mb * MB / 4096;
@@ -192,7 +190,7 @@ fn bench_child_setup_pieces() {
         let region = LazyRegion::new(pages, RegionKind::SharedMemfd).unwrap();
         let t_region = t0.elapsed();
         let t1 = Instant::now();
-        let hv = KvmHypervisor.create_vm().unwrap();
+        let hv = kscope_vmm::hypervisor::host().create_vm().unwrap();
         let t_vm = t1.elapsed();
         let t2 = Instant::now();
         // SAFETY: the region outlives the VM (dropped after it, below).

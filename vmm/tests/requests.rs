@@ -129,12 +129,11 @@ fn measure_boot_exit_and_request_costs() {
     // Baseline: the same guest under a bare KVM_RUN loop (hypervisor layer only, no buses,
     // no state machine), to attribute the cost.
     {
-        use kscope_vmm::hypervisor::kvm::KvmHypervisor;
-        use kscope_vmm::hypervisor::{Exit, HvVcpu, HvVm, Hypervisor};
+        use kscope_vmm::hypervisor::Exit;
         let ram = kscope_vmm::memory::GuestRam::new("raw", 16 << 20).unwrap();
         let elf = kscope_vmm::loader::build_test_elf(&io, 0x10_0000);
         let k = kscope_vmm::loader::load_kernel(&ram, &elf).unwrap();
-        let hv = KvmHypervisor.create_vm().unwrap();
+        let hv = kscope_vmm::hypervisor::host().create_vm().unwrap();
         // SAFETY: `ram` outlives `hv` (declared before it, dropped after it).
         unsafe {
             hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())

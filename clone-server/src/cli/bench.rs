@@ -2,10 +2,10 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use kscope_bench::{dedup, plot, warmup};
+use kscope_bench::{dedup, linux, plot, warmup};
 use kscope_policies::PolicySpec;
 
-use crate::runner;
+use kscope_bench::runner;
 
 /// The benchmarks.
 #[derive(Subcommand, Debug)]
@@ -19,6 +19,23 @@ pub enum BenchCmd {
     Net(NetArgs),
     /// The guest kernel's costs in both CPU modes (emulated vs PVM-native), same run.
     Modes(ModesArgs),
+    /// Linux memory images (colorer/linux/make-image.sh): coloring time, and color-targeted
+    /// dedup across the images.
+    Linux(LinuxArgs),
+}
+
+/// Arguments of `kscope bench linux`.
+#[derive(Args, Debug)]
+pub struct LinuxArgs {
+    /// ELF memory images of Linux guests (give two or more for dedup).
+    #[arg(long = "image", required = true)]
+    pub images: Vec<std::path::PathBuf>,
+    /// Repetitions of each coloring.
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `kscope bench net`.
@@ -64,12 +81,12 @@ pub struct WarmupArgs {
     /// Workload: web, olap, json, aes, matmul, compress.
     #[arg(long, short)]
     pub workload: String,
-    /// Policies, comma-separated (lazy, eager, blind, kaleidoscope, reap, faasnap, activeset,
+    /// Policies, comma-separated (lazy, upfront, blind, kaleidoscope, reap, faasnap, activeset,
     /// each optionally `name:items`); `lazy` is always measured as the reference.
     #[arg(
         long,
         short,
-        default_value = "lazy,eager,blind,kaleidoscope,reap,faasnap,activeset"
+        default_value = "lazy,upfront,blind,kaleidoscope,reap,faasnap,activeset"
     )]
     pub policy: String,
     /// Clones per policy (run one after another; medians are reported).
@@ -241,6 +258,14 @@ pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", dedup::render(&r));
+            }
+        }
+        BenchCmd::Linux(a) => {
+            let r = linux::run(&a.images, a.reps)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", linux::render(&r));
             }
         }
         BenchCmd::Modes(a) => {

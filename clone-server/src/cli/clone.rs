@@ -4,32 +4,13 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use kscope_vmm::{CloneOptions, MemoryMode, Vm};
 use kscope_workloads::Workload;
 use serde::Serialize;
 
-use crate::runner::{self, DriveReport};
-use crate::stats::{fmt_bytes, fmt_us};
-
-/// Memory mode of clones.
-#[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Memory {
-    /// Fetch each page from the generation image on first touch (userfaultfd).
-    Lazy,
-    /// Copy all memory before the clone runs (the baseline).
-    Eager,
-}
-
-impl From<Memory> for MemoryMode {
-    fn from(m: Memory) -> Self {
-        match m {
-            Memory::Lazy => MemoryMode::Lazy,
-            Memory::Eager => MemoryMode::Eager,
-        }
-    }
-}
+use kscope_bench::runner::{self, DriveReport};
+use kscope_vmm::summary::{fmt_bytes, fmt_us};
 
 /// Arguments of `kscope clone`.
 #[derive(Args, Debug)]
@@ -44,8 +25,8 @@ pub struct CloneArgs {
     #[arg(long, short = 'n', default_value_t = 4)]
     pub clones: usize,
     /// Memory mode of the clones.
-    #[arg(long, value_enum, default_value_t = Memory::Lazy)]
-    pub memory: Memory,
+    #[arg(long, default_value_t = MemoryMode::Lazy, value_parser = super::memory_mode_arg())]
+    pub memory: MemoryMode,
     /// Requests that warm the parent before cloning.
     #[arg(long, default_value_t = 50)]
     pub warm: usize,
@@ -81,7 +62,7 @@ pub struct CloneReport {
     /// Guest memory in MiB.
     pub mem_mib: u64,
     /// Memory mode.
-    pub memory: Memory,
+    pub memory: MemoryMode,
     /// Parent boot to ready.
     pub parent_boot_ms: f64,
     /// Parent throughput while warm (the reference).
@@ -99,7 +80,7 @@ pub fn clone_workload(
     w: Workload,
     mem: u64,
     n: usize,
-    memory: Memory,
+    memory: MemoryMode,
     warm: usize,
     requests: usize,
 ) -> anyhow::Result<CloneReport> {
@@ -112,7 +93,7 @@ pub fn clone_workload(
         .clone_children(
             n,
             &CloneOptions {
-                memory: memory.into(),
+                memory,
                 ..CloneOptions::default()
             },
         )

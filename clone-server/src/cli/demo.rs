@@ -3,8 +3,8 @@
 use clap::Args;
 use kscope_workloads::Workload;
 
-use crate::runner;
-use crate::stats::fmt_us;
+use kscope_bench::runner;
+use kscope_vmm::summary::fmt_us;
 
 /// Arguments of `kscope demo`.
 #[derive(Args, Debug)]
@@ -48,7 +48,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
     }
     let intros = [
         (
-            super::Memory::Lazy,
+            kscope_vmm::MemoryMode::Lazy,
             format!(
                 "Cloning: a warm web parent is cloned {} times with lazy memory (pages fetched on \
                  first touch through userfaultfd); each clone answers its own requests, checked.",
@@ -56,7 +56,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             ),
         ),
         (
-            super::Memory::Eager,
+            kscope_vmm::MemoryMode::Eager,
             "The same with eager memory (everything copied before the clones run: the baseline)."
                 .to_string(),
         ),

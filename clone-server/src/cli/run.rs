@@ -2,8 +2,8 @@
 
 use clap::Args;
 
-use crate::runner;
-use crate::stats::fmt_us;
+use kscope_bench::runner;
+use kscope_vmm::summary::fmt_us;
 
 /// Arguments of `kscope run`.
 #[derive(Args, Debug)]

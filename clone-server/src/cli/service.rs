@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::lb::{self, load::Pattern, LbOptions, ScaleMode, Source};
-use crate::runner;
 use crate::server::{self, Limits, ServeOptions};
+use kscope_bench::runner;
 
 /// Arguments of `kscope serve`.
 #[derive(Args, Debug)]
@@ -33,7 +33,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = Limits::default().max_clones)]
     pub max_clones: usize,
     /// Most guest memory of all VMs together (e.g. 8G).
-    #[arg(long, default_value = "8G", value_parser = crate::stats::parse_size)]
+    #[arg(long, default_value = "8G", value_parser = kscope_vmm::summary::parse_size)]
     pub max_guest_mem: u64,
     /// Guest memory of a VM created without one.
     #[arg(long, default_value = "64M", value_parser = super::mem_arg)]

@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kscope_vmm::Vm;
 
-use super::clone::Memory;
-use crate::runner;
-use crate::stats::{fmt_bytes, fmt_us};
+use kscope_bench::runner;
+use kscope_vmm::summary::{fmt_bytes, fmt_us};
+use kscope_vmm::MemoryMode;
 
 /// `kscope snapshot` subcommands.
 #[derive(Subcommand, Debug)]
@@ -47,8 +47,8 @@ pub struct RestoreArgs {
     #[arg(long, short)]
     pub workload: String,
     /// Lazy (pages read from the memory file on first touch) or eager.
-    #[arg(long, value_enum, default_value_t = Memory::Lazy)]
-    pub memory: Memory,
+    #[arg(long, default_value_t = MemoryMode::Lazy, value_parser = super::memory_mode_arg())]
+    pub memory: MemoryMode,
     /// Requests to send to the restored VM.
     #[arg(long, short = 'n', default_value_t = 20)]
     pub requests: usize,
@@ -83,7 +83,7 @@ pub fn snapshot(c: SnapshotCmd) -> anyhow::Result<()> {
         SnapshotCmd::Restore(a) => {
             let w = runner::parse_workload(&a.workload)?;
             let t = Instant::now();
-            let vm = Vm::restore(&a.dir, a.memory.into(), &format!("{}-restored", w.name()))
+            let vm = Vm::restore(&a.dir, a.memory, &format!("{}-restored", w.name()))
                 .with_context(|| format!("restoring {}", a.dir.display()))?;
             let restored = t.elapsed();
             let reqs = w.requests(3, a.requests + 1);

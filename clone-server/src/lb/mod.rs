@@ -22,8 +22,8 @@ use kscope_workloads::Workload;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::stats::LatencySummary;
 use client::{ApiClient, ClientError};
+use kscope_vmm::summary::LatencySummary;
 use load::{Arrival, Pattern};
 
 /// How the balancer adds workers.
@@ -628,7 +628,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
 
 impl std::fmt::Display for LbReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::stats::fmt_us;
+        use kscope_vmm::summary::fmt_us;
         writeln!(
             f,
             "parent {}, scale mode {:?}: {} requests ({} ok, {} guest errors, {} failed), {:.0} req/s, max {} workers",

@@ -1,33 +1,21 @@
-//! Cloning through the VMM: validated clone requests, identities, and the call into
-//! `kscope_vmm`'s clone API.
+//! Cloning through the VMM: validated clone requests, and the clone API path in its visible
+//! steps: freeze the parent ([`Vm::freeze`]), color the generation once if the policy needs
+//! it, build the policy factory once, spawn the children ([`kscope_vmm::Generation::spawn`]).
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kscope_guest::abi::boot::{GenPage, GENPAGE_MAGIC};
-use kscope_guest::abi::from_bytes;
-use kscope_guest::abi::layout::GENPAGE_GPA;
-use kscope_policies::{PolicyName, PolicySpec};
-use kscope_vmm::{CloneOptions, PrefetcherFactory, Vm};
-use serde::{Deserialize, Serialize};
+use kscope_guest::abi::boot::Identity;
+use kscope_policies::{color_generation, factory, PolicyContext, PolicyName, PolicySpec};
+use kscope_vmm::{CloneOptions, MemoryMode, Vm};
+use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult};
-use super::registry::{Identity, VmEntry};
+use super::registry::{IdentityView, VmEntry};
 
 /// Most clones one call may ask for.
 pub const MAX_CLONES_PER_CALL: usize = 64;
-
-/// How a clone's memory is populated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MemoryMode {
-    /// On demand (userfaultfd) with the prefetch policy.
-    #[default]
-    Lazy,
-    /// Copied before the clone resumes.
-    Eager,
-}
 
 /// Body of `POST /v1/vms/{id}/clones` (`CreateClones` in the spec).
 #[derive(Debug, Clone, Deserialize)]
@@ -64,20 +52,20 @@ impl CreateClones {
                 ),
             ));
         }
-        let mode = match self.memory_mode.as_deref().unwrap_or("lazy") {
-            "lazy" => MemoryMode::Lazy,
-            "eager" => MemoryMode::Eager,
-            other => {
-                return Err(ApiError::bad(
-                    "bad_memory_mode",
-                    format!("unknown memory_mode {other:?}: use \"lazy\" or \"eager\""),
-                ))
-            }
-        };
+        let mode = MemoryMode::from_str(self.memory_mode.as_deref().unwrap_or("lazy"))
+            .map_err(|e| ApiError::bad("bad_memory_mode", e.to_string()))?;
         let spec = self.prefetch.as_deref().unwrap_or("lazy");
         let prefetch = PolicySpec::from_str(spec)
             .map_err(|e| ApiError::bad("unknown_policy", e.to_string()))?;
-        factory(&prefetch)?;
+        if prefetch.name.needs_recording() {
+            return Err(ApiError::bad(
+                "unknown_policy",
+                format!(
+                    "policy {} replays a recorded working set, which the API does not record; use lazy, upfront, blind or kaleidoscope",
+                    prefetch.name.as_str()
+                ),
+            ));
+        }
         Ok(CloneRequest {
             n: self.n as usize,
             mode,
@@ -86,35 +74,34 @@ impl CreateClones {
     }
 }
 
-/// The identity the VMM wrote into clone `vm`'s GenPage (what its guest sees), or `None` if
-/// the page does not hold one.
-pub fn identity_of(vm: &Vm) -> Option<Identity> {
-    let mut buf = vec![0u8; std::mem::size_of::<GenPage>()];
-    vm.read_phys(GENPAGE_GPA, &mut buf).ok()?;
-    let g: GenPage = from_bytes(&buf)?;
-    if g.magic != GENPAGE_MAGIC {
-        return None;
-    }
-    let m = g.identity.mac;
-    let ip = g.identity.ipv4;
-    Some(Identity {
-        clone_id: g.clone_id,
+/// The wire view of a clone's identity (what its guest sees).
+pub fn identity_view(clone_id: u64, id: &Identity) -> IdentityView {
+    let m = id.mac;
+    let ip = id.ipv4;
+    IdentityView {
+        clone_id,
         mac: format!(
             "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
             m[0], m[1], m[2], m[3], m[4], m[5]
         ),
         ip: format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]),
-    })
+    }
+}
+
+/// The identity view of clone `vm`, from the VMM (`None` if it is not a clone).
+pub fn identity_of(vm: &Vm) -> Option<IdentityView> {
+    Some(identity_view(vm.clone_id()?, &vm.identity()?))
 }
 
 /// A clone made by the VMM, ready to be registered.
 pub struct MadeClone {
     /// The child VM.
     pub vm: Vm,
-    /// From the call to the child's first instruction.
+    /// From the start of the freeze to the child's first instruction (the coloring step is
+    /// not included).
     pub latency: Duration,
     /// Its identity.
-    pub identity: Option<Identity>,
+    pub identity: Option<IdentityView>,
 }
 
 /// The result of cloning.
@@ -123,25 +110,8 @@ pub struct MadeBatch {
     pub clones: Vec<MadeClone>,
     /// How long the parent was paused.
     pub parent_pause: Duration,
-}
-
-/// The prefetcher factory of a policy: `lazy` is the VMM's on-demand default; colored
-/// policies color the generation image once per batch (on the first child) and build one
-/// policy per child.
-fn factory(spec: &PolicySpec) -> ApiResult<Option<PrefetcherFactory>> {
-    if spec.name == PolicyName::Lazy {
-        return Ok(None);
-    }
-    if spec.name.needs_recording() {
-        return Err(ApiError::bad(
-            "unknown_policy",
-            format!(
-                "policy {} replays a recorded working set, which the API does not record; use lazy, eager, blind or kaleidoscope",
-                spec.name.as_str()
-            ),
-        ));
-    }
-    Ok(kscope_bench::policy::factory(spec, None, None))
+    /// Time spent coloring the generation (zero for `lazy`).
+    pub color: Duration,
 }
 
 /// Clone `parent` `req.n` times (blocking): the parent is paused for the freeze only.
@@ -150,19 +120,41 @@ pub fn make_clones(
     req: &CloneRequest,
     prefix: &str,
 ) -> ApiResult<MadeBatch> {
+    let vm_err = |e| ApiError::from_vm(&parent.id, e);
+    let t_freeze = Instant::now();
+    let generation = parent.vm.freeze().map_err(vm_err)?;
+    let freeze = t_freeze.elapsed();
+    let t_color = Instant::now();
+    let ctx = match req.prefetch.name {
+        PolicyName::Lazy => None,
+        _ => {
+            let (map, _) = color_generation(&generation).map_err(|e| {
+                ApiError::Internal(format!(
+                    "coloring the generation of {} for policy {}: {e}",
+                    parent.id, req.prefetch.name
+                ))
+            })?;
+            Some(PolicyContext::new(&map))
+        }
+    };
+    let color = t_color.elapsed();
+    let prefetcher = factory(&req.prefetch, ctx, None)
+        .map_err(|e| ApiError::bad("unknown_policy", e.to_string()))?;
     let opts = CloneOptions {
-        memory: match req.mode {
-            MemoryMode::Lazy => kscope_vmm::MemoryMode::Lazy,
-            MemoryMode::Eager => kscope_vmm::MemoryMode::Eager,
-        },
-        prefetcher: factory(&req.prefetch)?,
+        memory: req.mode,
+        prefetcher,
         name_prefix: prefix.to_string(),
         ..CloneOptions::default()
     };
-    let batch = parent
-        .vm
-        .clone_children(req.n, &opts)
-        .map_err(|e| ApiError::from_vm(&parent.id, e))?;
+    let batch = generation.spawn(req.n, &opts).map_err(vm_err)?;
+    tracing::info!(
+        parent = %parent.id,
+        n = req.n,
+        freeze_ms = freeze.as_secs_f64() * 1e3,
+        color_ms = color.as_secs_f64() * 1e3,
+        spawn_ms = batch.total.as_secs_f64() * 1e3,
+        "cloned"
+    );
     let clones = batch
         .children
         .into_iter()
@@ -170,12 +162,13 @@ pub fn make_clones(
         .map(|(vm, latency)| MadeClone {
             identity: identity_of(&vm),
             vm,
-            latency,
+            latency: freeze + latency,
         })
         .collect();
     Ok(MadeBatch {
         clones,
         parent_pause: batch.parent_pause,
+        color,
     })
 }
 
@@ -198,6 +191,7 @@ mod tests {
             (1, Some("warm"), None, "bad_memory_mode"),
             (1, None, Some("nonsense"), "unknown_policy"),
             (1, None, Some("reap"), "unknown_policy"),
+            (1, None, Some("eager"), "unknown_policy"),
         ] {
             let e = CreateClones {
                 n,

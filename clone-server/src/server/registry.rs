@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::error::{ApiError, ApiResult};
 use super::metrics::Gauges;
-use crate::stats::LatencySummary;
+use kscope_vmm::summary::LatencySummary;
 
 /// Latency samples kept per VM for its summary.
 pub const LATENCY_WINDOW: usize = 4096;
@@ -48,9 +48,10 @@ pub enum VmKind {
     Clone,
 }
 
-/// A clone's identity inside its generation.
+/// Wire view of a clone's identity (`Identity` in the spec), from the VMM's
+/// [`kscope_vmm::Vm::identity`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Identity {
+pub struct IdentityView {
     /// The clone id the VMM wrote into the clone's GenPage.
     pub clone_id: u64,
     /// MAC address the clone would use on a network.
@@ -59,9 +60,10 @@ pub struct Identity {
     pub ip: String,
 }
 
-/// Memory statistics of a VM, as reported by the VMM.
+/// Wire view of a VM's memory statistics (`MemoryStats` in the spec), a summary of the VMM's
+/// [`kscope_vmm::MemoryStats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct MemoryStats {
+pub struct MemoryStatsView {
     /// True if the VM's memory is served lazily (a lazy clone or restored VM).
     pub lazy: bool,
     /// Page faults served.
@@ -119,7 +121,7 @@ pub struct VmEntry {
     /// The VM.
     pub vm: Vm,
     /// The clone's identity.
-    pub identity: Option<Identity>,
+    pub identity: Option<IdentityView>,
     /// Boot (or clone) time.
     pub boot: Duration,
     /// Request statistics.
@@ -174,7 +176,7 @@ pub struct VmStatsView {
     /// Latency over the last [`LATENCY_WINDOW`] requests.
     pub latency: LatencySummary,
     /// Memory statistics from the VMM.
-    pub memory: MemoryStats,
+    pub memory: MemoryStatsView,
 }
 
 /// JSON view of a VM (`Vm` in the spec).
@@ -199,7 +201,7 @@ pub struct VmView {
     /// Boot or clone time.
     pub boot_ms: Option<f64>,
     /// Clone identity.
-    pub identity: Option<Identity>,
+    pub identity: Option<IdentityView>,
     /// Where to send requests.
     pub request_url: String,
     /// The VM's IPv4 address (VMs with a network): its workload serves HTTP on port 80.
@@ -225,9 +227,9 @@ impl VmEntry {
     }
 
     /// Memory statistics from the VMM.
-    pub fn memory(&self) -> MemoryStats {
+    pub fn memory(&self) -> MemoryStatsView {
         let m = self.vm.memory_stats();
-        MemoryStats {
+        MemoryStatsView {
             lazy: m.lazy,
             faults: m.faults,
             pages_fetched: m.pages_fetched + m.pages_prefetched + m.zero_filled,

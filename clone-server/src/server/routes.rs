@@ -24,7 +24,7 @@ use super::clones::{self, CreateClones};
 use super::error::{ApiError, ApiResult, ErrorCode};
 use super::registry::{request_url, RequestStats, VmEntry, VmKind};
 use super::{AppState, MAX_BODY};
-use crate::stats::parse_size;
+use kscope_vmm::summary::parse_size;
 
 type St = State<Arc<AppState>>;
 
@@ -360,7 +360,7 @@ async fn create_clones(
     let batch = control(move || clones::make_clones(&p2, &r2, &prefix)).await?;
     let made = batch.clones.len();
     reservation.shrink_clones(req.n - made.min(req.n), parent.mem_bytes);
-    let policy = format!("{:?}", req.mode).to_lowercase() + ":" + req.prefetch.name.as_str();
+    let policy = format!("{}:{}", req.mode, req.prefetch.name);
     let mut out = Vec::with_capacity(made);
     for c in batch.clones {
         let cid = s.registry.new_id();

@@ -10,14 +10,16 @@ use kscope_guest::abi::boot::{GenPage, Identity, GENPAGE_MAGIC};
 use kscope_guest::abi::layout::GENPAGE_GPA;
 
 use super::{CloneContext, Generation, MemoryMode, PrefetcherFactory};
+use crate::config::VmConfig;
 use crate::error::VmError;
-use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu};
-use crate::hypervisor::{HvVcpu, HvVm, Hypervisor};
-use crate::lazy::{FaultServer, LazyRegion, PageSource, RegionKind, ServerOptions, PAGE_SIZE};
+use crate::hostmem::PAGE_SIZE;
+use crate::hypervisor;
+use crate::lazy::{eager_fill, FaultServer, LazyRegion, RegionKind, ServerOptions};
 use crate::memory::{GuestMemory, GuestRam, Keeper};
 use crate::mode::CpuMode;
 use crate::prefetch::{OnDemand, Prefetcher};
-use crate::vm::{Assembly, BootReport, Vm, VmConfig};
+use crate::state;
+use crate::vm::{Assembly, BootReport, Vm};
 
 /// Generation numbers written into clones' GenPages (0 = a booted VM).
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -81,21 +83,6 @@ pub fn identity_for(id: u64, name: &str) -> Identity {
     }
 }
 
-/// Copy every non-zero page of `src` into `ram` (eager mode).
-fn eager_fill(src: &dyn PageSource, ram: &GuestRam) -> Result<(), VmError> {
-    let mut page = [0u8; PAGE_SIZE];
-    for g in 0..src.pages() {
-        if src.is_known_zero(g) {
-            continue;
-        }
-        src.read_page(g, &mut page)?;
-        if page.iter().any(|&b| b != 0) {
-            ram.write(g * PAGE_SIZE as u64, &page)?;
-        }
-    }
-    Ok(())
-}
-
 /// Create a VM from `gen` per `spec`.
 pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmError> {
     let start = Instant::now();
@@ -106,7 +93,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     };
     let size = cfg.mem_bytes;
     let pages = size / PAGE_SIZE as u64;
-    let hv = KvmHypervisor.create_vm()?;
+    let hv = hypervisor::host().create_vm()?;
     let genpage = if spec.identity {
         let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
         Some(GenPage {
@@ -187,7 +174,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         }
         MemoryMode::Eager => {
             let ram = GuestRam::new(&spec.name, size)?;
-            eager_fill(gen.image.as_ref(), &ram)?;
+            eager_fill(gen.image.as_ref(), |gpa, page| ram.write(gpa, page))?;
             if let Some(g) = &genpage {
                 ram.write(GENPAGE_GPA, as_bytes(g))?;
             }
@@ -196,19 +183,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     };
     // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
     unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
-    if let Some(c) = &gen.state.clock {
-        if let Err(e) = hv.set_clock(c) {
-            tracing::debug!(vm = %spec.name, "KVM_SET_CLOCK: {e}");
-        }
-    }
-    let n = gen.state.vcpus.len() as u32;
-    let mut vcpus: Vec<KvmVcpu> = Vec::with_capacity(n as usize);
-    for (i, st) in gen.state.vcpus.iter().enumerate() {
-        let mut v = hv.create_vcpu(i as u32)?;
-        v.cpuid(n)?;
-        v.restore_state(st)?;
-        vcpus.push(v);
-    }
+    let vcpus = state::restore_vcpus(hv.as_ref(), &gen.state, &spec.name)?;
     let vm = Vm::assemble(Assembly {
         cfg,
         hv,
@@ -224,7 +199,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         start_paused: spec.start_paused,
         lazy,
         origin: spec.identity.then(|| gen.clone()),
-        clone_id: genpage.map(|g| g.clone_id),
+        identity: genpage.map(|g| (g.clone_id, g.identity)),
         mode: if gen.state.vcpus.first().is_some_and(|v| v.native()) {
             CpuMode::Native
         } else {

@@ -14,176 +14,31 @@
 //!   installed while it runs) and is then frozen like a booted VM.
 
 use std::fs::File;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use serde::Serialize;
-
-use super::{Generation, MachineState};
-use crate::devices::DeviceStates;
 use crate::error::VmError;
-use crate::lazy::{Bitmap, LayeredImage, LazyError, MemfdImage, PageSource, PAGE_SIZE};
-use crate::memory::GuestRam;
-use crate::prefetch::Gfn;
-use crate::vm::{Vm, VmState};
+use crate::generation::{FreezeReport, Generation, ParentState};
+use crate::hostmem::{memfd_create, Gfn, PAGE_SIZE};
+use crate::lazy::{Bitmap, DeferredImage, LayeredImage, MemfdImage, PageSource};
+use crate::lifecycle::{VmOp, VmState};
+use crate::memory::{private_pages, GuestRam};
+use crate::state::MachineState;
+use crate::vm::Vm;
 
 static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A VM's state as a parent: the frozen base image its copy-on-write view reads through.
-#[derive(Default)]
-pub struct ParentState {
-    /// The memfd frozen by the first freeze (`None` until then).
-    base: Option<Arc<DeferredImage>>,
-    /// Number of freezes so far.
-    freezes: u64,
-}
-
-/// A [`MemfdImage`] whose hole scan (`SEEK_DATA` over the whole memfd, proportional to its
-/// size) runs on a helper thread, so that children can be created and started while it runs.
-/// Until it is done, pages are read with `pread` (holes read as zeros without being allocated).
-struct DeferredImage {
-    pages: u64,
-    file: File,
-    ready: Mutex<Option<Result<Arc<MemfdImage>, String>>>,
-}
-
-impl DeferredImage {
-    fn start(fd: OwnedFd, pages: u64) -> Result<Arc<DeferredImage>, VmError> {
-        let file = File::from(fd.try_clone().map_err(|e| io("dup memfd", e))?);
-        let me = Arc::new(DeferredImage {
-            pages,
-            file,
-            ready: Mutex::new(None),
-        });
-        let target = me.clone();
-        let scan = move || {
-            let r = MemfdImage::new(fd, pages)
-                .map(Arc::new)
-                .map_err(|e| e.to_string());
-            *target.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        };
-        if let Err(e) = std::thread::Builder::new()
-            .name("kscope-imgscan".into())
-            .spawn(scan)
-        {
-            *me.ready.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Err(format!("cannot start the image scan thread: {e}")));
-        }
-        Ok(me)
-    }
-
-    /// The scanned image if the scan is done.
-    fn done(&self) -> Option<Arc<MemfdImage>> {
-        match self
-            .ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            Some(Ok(i)) => Some(i.clone()),
-            _ => None,
-        }
-    }
-
-    fn pread(&self, gfn: Gfn, buf: &mut [u8]) -> Result<(), LazyError> {
-        if gfn + (buf.len() / PAGE_SIZE) as u64 > self.pages {
-            return Err(LazyError::OutOfRange {
-                gfn,
-                pages: self.pages,
-                what: "frozen memfd",
-            });
-        }
-        self.file
-            .read_exact_at(buf, gfn * PAGE_SIZE as u64)
-            .map_err(|e| LazyError::Io {
-                op: format!("pread page {gfn} of the frozen memfd"),
-                source: e,
-            })
-    }
-}
-
-impl PageSource for DeferredImage {
-    fn pages(&self) -> u64 {
-        self.pages
-    }
-
-    fn read_page(&self, gfn: Gfn, buf: &mut [u8; PAGE_SIZE]) -> Result<(), LazyError> {
-        match self.done() {
-            Some(i) => i.read_page(gfn, buf),
-            None => self.pread(gfn, buf),
-        }
-    }
-
-    fn read_run(&self, gfn: Gfn, buf: &mut [u8]) -> Result<(), LazyError> {
-        match self.done() {
-            Some(i) => i.read_run(gfn, buf),
-            None => self.pread(gfn, buf),
-        }
-    }
-
-    fn is_known_zero(&self, gfn: Gfn) -> bool {
-        self.done().is_some_and(|i| i.is_known_zero(gfn))
-    }
-}
-
-/// Where the time of a freeze went.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct FreezeReport {
-    /// vCPUs out of the guest: from the pause request to the resume.
-    pub pause: Duration,
-    /// Taking the vCPUs out of the guest (pause acknowledged).
-    pub stop_vcpus: Duration,
-    /// Capturing vCPU and device state and the clock.
-    pub capture: Duration,
-    /// Memory work while paused (view swap, or dirty scan + delta copy).
-    pub memory: Duration,
-    /// Pages copied while paused (later freezes: the parent's dirty set).
-    pub pages_copied: u64,
-    /// Building the image after the resume (hole scan, old mapping release).
-    pub after_resume: Duration,
-    /// Completing a lazily served VM before the freeze (installing missing pages).
-    pub complete: Duration,
-    /// True for the first freeze (zero-copy view swap).
-    pub first: bool,
-}
 
 fn io(op: &str, e: std::io::Error) -> VmError {
     VmError::Memory(format!("{op}: {e}"))
 }
 
-/// Frames whose pagemap entry says "private anonymous page" (present and not file-backed, or
-/// swapped) in `[addr, addr + pages * 4096)` of this process.
-pub(crate) fn private_pages(addr: u64, pages: u64) -> Result<Bitmap, VmError> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    const FILE: u64 = 1 << 61;
-    let f = File::open("/proc/self/pagemap").map_err(|e| io("open /proc/self/pagemap", e))?;
-    let mut map = Bitmap::new(pages);
-    let chunk = 64 * 1024usize; // entries per read
-    let mut buf = vec![0u8; chunk * 8];
-    let mut g = 0u64;
-    while g < pages {
-        let n = chunk.min((pages - g) as usize);
-        let b = &mut buf[..n * 8];
-        f.read_exact_at(b, (addr / PAGE_SIZE as u64 + g) * 8)
-            .map_err(|e| io("read /proc/self/pagemap", e))?;
-        for (i, e) in b.chunks_exact(8).enumerate() {
-            let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
-            if (v & PRESENT != 0 && v & FILE == 0) || v & SWAPPED != 0 {
-                map.set(g + i as u64);
-            }
-        }
-        g += n as u64;
-    }
-    Ok(map)
-}
-
 /// Copy the pages set in `dirty` from `ram` into a new memfd of the same size (VM paused).
 fn copy_delta(ram: &GuestRam, dirty: &Bitmap) -> Result<OwnedFd, VmError> {
-    let file = new_memfd("kscope-delta", ram.size())?;
+    let file =
+        File::from(memfd_create(c"kscope-delta", ram.size()).map_err(|e| io("memfd_create", e))?);
     let base = ram.host_addr();
     let flush = |start: Gfn, n: usize| -> Result<(), VmError> {
         let off = start as usize * PAGE_SIZE;
@@ -211,20 +66,6 @@ fn copy_delta(ram: &GuestRam, dirty: &Bitmap) -> Result<OwnedFd, VmError> {
     Ok(OwnedFd::from(file))
 }
 
-/// A new, empty memfd of `len` bytes.
-pub(crate) fn new_memfd(name: &str, len: u64) -> Result<File, VmError> {
-    let cname = std::ffi::CString::new(name).map_err(|e| VmError::Internal(e.to_string()))?;
-    // SAFETY: `cname` is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io("memfd_create", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).map_err(|e| io("size memfd", e))?;
-    Ok(f)
-}
-
 /// Drop the page table entries of a `MAP_SHARED` guest RAM mapping nobody uses any more, 32 MiB
 /// at a time (`MADV_DONTNEED` takes the mmap lock shared, per chunk). The file keeps the data.
 fn release_page_tables(ram: &GuestRam) {
@@ -250,85 +91,14 @@ fn dup(f: &File) -> Result<OwnedFd, VmError> {
         .map_err(|e| io("dup memfd", e))
 }
 
-/// Bytes of host memory owned by this VM alone (see [`super::MemoryStats::footprint_bytes`]).
-pub(crate) fn footprint(vm: &Vm) -> Result<u64, VmError> {
-    if let Some(s) = &vm.lazy {
-        if vm
-            .parent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .base
-            .is_none()
-        {
-            return Ok(s.region().resident_bytes()?);
-        }
-    }
-    let ram = vm.memory.load();
-    if ram.is_private() {
-        let pages = ram.size() / PAGE_SIZE as u64;
-        return Ok(private_pages(ram.host_addr() as u64, pages)?.count() * PAGE_SIZE as u64);
-    }
-    let file = ram.file().ok_or_else(|| {
-        VmError::Internal("anonymous guest RAM outside a lazily served clone".into())
-    })?;
-    let m = file.metadata().map_err(|e| io("fstat memfd", e))?;
-    Ok(std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-}
-
 impl Vm {
-    /// Capture the device state (VM paused).
-    pub fn save_device_states(&self) -> Result<DeviceStates, VmError> {
-        self.require_paused("save device state")?;
-        Ok(DeviceStates {
-            serial: self
-                .devices
-                .serial
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .save_state(),
-            block: self
-                .devices
-                .block
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .save_state(),
-            request: self
-                .devices
-                .request
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .save_state(),
-            net: self
-                .devices
-                .net
-                .as_ref()
-                .map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).save_state()),
-        })
-    }
-
-    /// Capture the whole machine state (VM paused).
-    pub fn save_machine_state(&self) -> Result<MachineState, VmError> {
-        Ok(MachineState {
-            vcpus: self.save_vcpu_states()?,
-            devices: self.save_device_states()?,
-            clock: self.hv.clock().ok(),
-            ready_value: self.boot_report().map_or(0, |r| r.ready_value),
-        })
-    }
-
     /// Freeze the VM's current memory and machine state as a generation image (see the
-    /// module docs). A running VM is paused briefly; a paused VM stays paused.
-    pub fn freeze(&self) -> Result<(Arc<Generation>, FreezeReport), VmError> {
+    /// module docs). A running VM is paused briefly; a paused VM stays paused. Spawn children
+    /// from the result with [`Generation::spawn`]; the report is
+    /// [`Generation::freeze_report`].
+    pub fn freeze(&self) -> Result<Arc<Generation>, VmError> {
         let mut rep = FreezeReport::default();
-        match self.state() {
-            VmState::Running | VmState::Paused => {}
-            other => {
-                return Err(VmError::BadState {
-                    op: "clone or snapshot",
-                    state: format!("{other:?}"),
-                })
-            }
-        }
+        self.check_op(VmOp::Freeze)?;
         if self.memory.load().is_anonymous() {
             return Err(VmError::BadConfig(format!(
                 "{} is an anon-memory clone (CloneOptions.anon_memory), which cannot be frozen, \
@@ -346,6 +116,9 @@ impl Vm {
                 rep.complete = t.elapsed();
             }
         }
+        // Read the host CPU (CPUID, which may exit to an outer hypervisor) before the pause;
+        // the capture below then finds it cached.
+        crate::state::HostCpu::current();
         let was_paused = self.state() == VmState::Paused;
         let t0 = Instant::now();
         if !was_paused {
@@ -392,8 +165,9 @@ impl Vm {
             state,
             cfg: self.cfg.clone(),
             created: Instant::now(),
+            freeze: rep,
         });
-        Ok((generation, rep))
+        Ok(generation)
     }
 
     fn pages(&self) -> u64 {

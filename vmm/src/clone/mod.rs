@@ -1,41 +1,82 @@
-//! Live cloning of a running VM (SnowFlock/Kaleidoscope style).
+//! Live cloning of a running VM (SnowFlock/Kaleidoscope style), in visible steps:
 //!
-//! [`Vm::clone_children`] freezes the parent's memory as a copy-on-write *generation image*
-//! ([`Generation`], see [`freeze`] for how the pause stays short) and creates `n` children, each
-//! a new KVM VM that resumes exactly where the parent was: same vCPU state (registers, XSAVE,
-//! MSRs, events, clock), same device state (serial, virtio-mmio transports and queues), same
-//! memory. Memory per [`MemoryMode`]: `Lazy` children start with nothing and fault every page in
-//! from the image through userfaultfd (driven by a [`Prefetcher`]); `Eager` children get a full
-//! copy first. Each child's GenPage carries a new generation, its clone id, fresh randomness
-//! and an identity, written before its first instruction; the guest kernel reacts with
-//! SIGCLONE.
+//! 1. [`Vm::freeze`] freezes the parent's memory as a copy-on-write *generation image*
+//!    ([`Generation`], see [`freeze`] for how the pause stays short) with its machine state.
+//! 2. The caller may prepare per-generation work, e.g. color the image once for the prefetch
+//!    policies (`kscope_policies::color_generation`), and build the policy factory once.
+//! 3. [`Generation::spawn`] creates `n` children, each a new VM that resumes exactly where the
+//!    parent was: same vCPU state (registers, XSAVE, MSRs, events, clock), same device state
+//!    (serial, virtio-mmio transports and queues), same memory.
+//!
+//! [`Vm::clone_children`] is steps 1 and 3 without a policy step. Memory per [`MemoryMode`]:
+//! `Lazy` children start with nothing and fault every page in from the image through
+//! userfaultfd (driven by a [`Prefetcher`]); `Eager` children get a full copy first. Each
+//! child's GenPage carries a new generation, its clone id, fresh randomness and an identity,
+//! written before its first instruction; the guest kernel reacts with SIGCLONE.
 
 pub(crate) mod child;
 pub mod freeze;
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::DeviceStates;
 use crate::error::VmError;
-use crate::hypervisor::kvm::KvmVcpuState;
-use crate::lazy::{PageSource, StatsSnapshot, PAGE_SIZE};
 use crate::prefetch::Prefetcher;
-use crate::vm::{Vm, VmConfig, VmState};
+use crate::vm::Vm;
 
-pub use freeze::{FreezeReport, ParentState};
+pub use crate::generation::{FreezeReport, Generation};
 
-/// How a child's memory is filled.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a VM's memory is filled from its generation image (clones, snapshot restores). The
+/// one memory-mode type of the project: the API and the CLI use its serde/`FromStr` names
+/// `lazy` and `eager`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MemoryMode {
     /// Start empty; serve each page on first touch from the generation image (userfaultfd),
-    /// plus whatever the prefetcher asks for. Untouched pages are never allocated.
+    /// plus whatever the prefetch policy asks for. Untouched pages are never allocated.
     #[default]
     Lazy,
-    /// Copy every non-zero page before the child runs (the baseline).
+    /// Copy every non-zero page before the VM runs (the baseline).
     Eager,
+}
+
+impl MemoryMode {
+    /// Every mode.
+    pub const ALL: [MemoryMode; 2] = [MemoryMode::Lazy, MemoryMode::Eager];
+
+    /// The name used by the API and the CLI.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MemoryMode::Lazy => "lazy",
+            MemoryMode::Eager => "eager",
+        }
+    }
+}
+
+impl fmt::Display for MemoryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown memory-mode name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown memory mode {0:?}: use \"lazy\" or \"eager\"")]
+pub struct UnknownMemoryMode(pub String);
+
+impl FromStr for MemoryMode {
+    type Err = UnknownMemoryMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MemoryMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownMemoryMode(s.to_string()))
+    }
 }
 
 /// What a [`PrefetcherFactory`] learns about the clone it makes a policy for.
@@ -101,155 +142,42 @@ impl std::fmt::Debug for CloneOptions {
     }
 }
 
-/// Everything a VM needs to resume: vCPU and device state and the KVM clock. Serializable.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MachineState {
-    /// One state per vCPU.
-    pub vcpus: Vec<KvmVcpuState>,
-    /// Device state.
-    pub devices: DeviceStates,
-    /// KVM clock (`None` if KVM_GET_CLOCK failed).
-    pub clock: Option<kvm_bindings::kvm_clock_data>,
-    /// The parent's READY value.
-    pub ready_value: u32,
-}
-
-/// A frozen generation image: the parent's memory and machine state at the clone point. Lives
-/// as long as the parent or any child refers to it; never written.
-pub struct Generation {
-    pub(crate) id: u64,
-    pub(crate) image: Arc<dyn PageSource>,
-    pub(crate) state: MachineState,
-    pub(crate) cfg: VmConfig,
-    pub(crate) created: Instant,
-}
-
-impl std::fmt::Debug for Generation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Generation")
-            .field("id", &self.id)
-            .field("parent", &self.cfg.name)
-            .field("pages", &self.image.pages())
-            .finish()
-    }
-}
-
-impl Generation {
-    /// Process-unique id of this image.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// The frozen memory.
-    pub fn image(&self) -> &Arc<dyn PageSource> {
-        &self.image
-    }
-
-    /// Name of the VM it was frozen from.
-    pub fn parent_name(&self) -> &str {
-        &self.cfg.name
-    }
-
-    /// Guest RAM size.
-    pub fn mem_bytes(&self) -> u64 {
-        self.cfg.mem_bytes
-    }
-
-    /// Guest pages.
-    pub fn pages(&self) -> u64 {
-        self.image.pages()
-    }
-
-    /// The captured machine state.
-    pub fn machine_state(&self) -> &MachineState {
-        &self.state
-    }
-
-    /// When it was frozen.
-    pub fn created(&self) -> Instant {
-        self.created
-    }
-
-    /// Read guest-physical memory of the image.
-    pub fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
-        let end = gpa
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.mem_bytes())
-            .ok_or(VmError::GuestMemory {
-                gpa,
-                len: buf.len(),
-            })?;
-        let mut page = [0u8; PAGE_SIZE];
-        let mut at = gpa;
-        while at < end {
-            let g = at / PAGE_SIZE as u64;
-            let off = (at % PAGE_SIZE as u64) as usize;
-            self.image.read_page(g, &mut page)?;
-            let n = (PAGE_SIZE - off).min((end - at) as usize);
-            let dst = (at - gpa) as usize;
-            buf[dst..dst + n].copy_from_slice(&page[off..off + n]);
-            at += n as u64;
-        }
-        Ok(())
-    }
-}
-
-/// The result of [`Vm::clone_children`].
+/// The result of [`Generation::spawn`] (and [`Vm::clone_children`]).
 #[derive(Debug)]
 pub struct CloneBatch {
     /// The children, in index order.
     pub children: Vec<Vm>,
-    /// How long the parent's vCPUs were out of the guest.
+    /// How long the parent's vCPUs were out of the guest for the freeze of the generation.
     pub parent_pause: Duration,
-    /// Per child: from the call to the child's first `KVM_RUN` (for paused children: to the
-    /// moment it was ready to run).
+    /// Per child: from the call ([`Vm::clone_children`]: including the freeze;
+    /// [`Generation::spawn`]: from the spawn) to the child's first `KVM_RUN` (for paused
+    /// children: to the moment it was ready to run).
     pub clone_latency: Vec<Duration>,
     /// Per child: time spent creating it (KVM VM, memory, state), excluding earlier children.
     pub create_time: Vec<Duration>,
     /// The image the children are served from.
     pub generation: Arc<Generation>,
-    /// Breakdown of the freeze.
+    /// Breakdown of the freeze that made the generation.
     pub freeze: FreezeReport,
     /// Wall time of the whole call.
     pub total: Duration,
 }
 
-/// Memory counters of a VM (see [`Vm::memory_stats`]).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct MemoryStats {
-    /// True for a lazily served clone or restored VM.
-    pub lazy: bool,
-    /// Faults served.
-    pub faults: u64,
-    /// Faulting pages installed with data.
-    pub pages_fetched: u64,
-    /// Pages installed ahead of a fault (prefetch, before resume, background).
-    pub pages_prefetched: u64,
-    /// Pages installed as zeros.
-    pub zero_filled: u64,
-    /// Bytes copied into the VM's memory.
-    pub bytes: u64,
-    /// Total time vCPUs (or VMM threads) were blocked in faults.
-    pub blocked: Duration,
-    /// Median fault service time.
-    pub fault_p50: Duration,
-    /// 99th percentile fault service time.
-    pub fault_p99: Duration,
-    /// Host memory owned by this VM alone: allocated blocks of its memfd, or for a parent on a
-    /// copy-on-write view, its private (written since the freeze) pages.
-    pub footprint_bytes: u64,
-    /// The full fault-server statistics (lazy VMs).
-    pub server: Option<StatsSnapshot>,
-}
+impl Generation {
+    /// Create `n` children of this generation (see the module docs). Nothing here colors or
+    /// freezes: a policy factory in `opts` is called once per child.
+    pub fn spawn(self: &Arc<Self>, n: usize, opts: &CloneOptions) -> Result<CloneBatch, VmError> {
+        self.spawn_from(Instant::now(), n, opts)
+    }
 
-impl Vm {
-    /// Clone this VM `n` times (see the module docs). The VM must be running or paused; a
-    /// paused VM stays paused.
-    pub fn clone_children(&self, n: usize, opts: &CloneOptions) -> Result<CloneBatch, VmError> {
-        let t_call = Instant::now();
-        let (generation, freeze) = self.freeze()?;
+    fn spawn_from(
+        self: &Arc<Self>,
+        t_call: Instant,
+        n: usize,
+        opts: &CloneOptions,
+    ) -> Result<CloneBatch, VmError> {
         let prefix = if opts.name_prefix.is_empty() {
-            format!("{}-c", self.name())
+            format!("{}-c", self.parent_name())
         } else {
             opts.name_prefix.clone()
         };
@@ -268,7 +196,7 @@ impl Vm {
                 anon_memory: opts.anon_memory,
                 identity: true,
             };
-            children.push(child::spawn(&generation, &spec)?);
+            children.push(child::spawn(self, &spec)?);
             create_time.push(t0.elapsed());
             ready_at.push(Instant::now());
         }
@@ -282,63 +210,21 @@ impl Vm {
             .collect();
         Ok(CloneBatch {
             children,
-            parent_pause: freeze.pause,
+            parent_pause: self.freeze.pause,
             clone_latency,
             create_time,
-            generation,
-            freeze,
+            generation: self.clone(),
+            freeze: self.freeze,
             total: t_call.elapsed(),
         })
     }
+}
 
-    /// Memory counters: fault service for lazy VMs, footprint for all.
-    pub fn memory_stats(&self) -> MemoryStats {
-        let footprint = freeze::footprint(self).unwrap_or(0);
-        match &self.lazy {
-            Some(server) => {
-                let s = server.stats();
-                MemoryStats {
-                    lazy: true,
-                    faults: s.faults,
-                    pages_fetched: s.fault_pages,
-                    pages_prefetched: s.prefetched + s.before_resume + s.background,
-                    zero_filled: s.zero_filled,
-                    bytes: s.bytes_copied,
-                    blocked: Duration::from_nanos(s.fault_ns_total),
-                    fault_p50: Duration::from_nanos(s.fault_ns_p50),
-                    fault_p99: Duration::from_nanos(s.fault_ns_p99),
-                    footprint_bytes: footprint,
-                    server: Some(s),
-                }
-            }
-            None => MemoryStats {
-                footprint_bytes: footprint,
-                ..Default::default()
-            },
-        }
-    }
-
-    /// The generation image this VM was cloned from (`None` for a booted or restored VM).
-    pub fn generation(&self) -> Option<Arc<Generation>> {
-        self.origin.clone()
-    }
-
-    /// The clone id written into this VM's GenPage (`None` if it is not a clone).
-    pub fn clone_id(&self) -> Option<u64> {
-        self.clone_id
-    }
-
-    /// Wait until the VM's first `KVM_RUN` and return its time.
-    pub fn wait_first_run(&self, timeout: Duration) -> Option<Instant> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(t) = self.first_run.get() {
-                return Some(*t);
-            }
-            if Instant::now() >= deadline || !matches!(self.state(), VmState::Running) {
-                return None;
-            }
-            std::thread::yield_now();
-        }
+impl Vm {
+    /// Clone this VM `n` times: [`Vm::freeze`] then [`Generation::spawn`]. The VM must be
+    /// running or paused; a paused VM stays paused.
+    pub fn clone_children(&self, n: usize, opts: &CloneOptions) -> Result<CloneBatch, VmError> {
+        let t_call = Instant::now();
+        self.freeze()?.spawn_from(t_call, n, opts)
     }
 }

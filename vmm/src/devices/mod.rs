@@ -8,6 +8,8 @@ pub mod request;
 pub mod serial;
 pub mod virtio_mmio;
 
+use std::sync::{Arc, Mutex};
+
 use serde::{Deserialize, Serialize};
 
 /// Saved state of a VM's devices (for clones and snapshots).
@@ -22,4 +24,29 @@ pub struct DeviceStates {
     /// The virtio-net transport (VMs with a network).
     #[serde(default)]
     pub net: Option<virtio_mmio::TransportState>,
+}
+
+/// The devices of a VM, shared with its buses.
+pub(crate) struct DeviceSet {
+    pub(crate) serial: Arc<Mutex<serial::SerialDevice>>,
+    pub(crate) block: Arc<Mutex<virtio_mmio::MmioTransport<block::BlockDevice>>>,
+    pub(crate) request: Arc<Mutex<virtio_mmio::MmioTransport<request::RequestDevice>>>,
+    pub(crate) net: Option<Arc<Mutex<virtio_mmio::MmioTransport<net::NetDevice>>>>,
+    /// Wakes the idle vCPU on incoming frames (dropped with the VM).
+    pub(crate) _tap_watcher: Option<net::TapWatcher>,
+}
+
+impl DeviceSet {
+    /// Capture every device's state (the VM must be paused).
+    pub(crate) fn save_states(&self) -> DeviceStates {
+        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            m.lock().unwrap_or_else(|p| p.into_inner())
+        }
+        DeviceStates {
+            serial: lock(&self.serial).save_state(),
+            block: lock(&self.block).save_state(),
+            request: lock(&self.request).save_state(),
+            net: self.net.as_deref().map(|n| lock(n).save_state()),
+        }
+    }
 }

@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use super::{BootCpuState, DescTable, Exit, HvVcpu, HvVm, Hypervisor, Regs, Segment};
+use super::{
+    ArchState, BootCpuState, ClockState, DescTable, Exit, HvVcpu, HvVm, Hypervisor, Msr, Regs,
+    Segment, VcpuState,
+};
 use crate::error::VmError;
 use kscope_guest::abi::boot::pvm;
 
@@ -88,11 +91,9 @@ fn supported_cpuid() -> Result<CpuId, VmError> {
 pub struct KvmHypervisor;
 
 impl Hypervisor for KvmHypervisor {
-    type Vm = KvmVm;
-
-    fn create_vm(&self) -> Result<KvmVm, VmError> {
+    fn create_vm(&self) -> Result<Box<dyn HvVm>, VmError> {
         let fd = kvm()?.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        Ok(KvmVm { fd })
+        Ok(Box::new(KvmVm { fd }))
     }
 }
 
@@ -103,8 +104,6 @@ pub struct KvmVm {
 }
 
 impl HvVm for KvmVm {
-    type Vcpu = KvmVcpu;
-
     unsafe fn set_memory_slot(
         &self,
         slot: u32,
@@ -138,27 +137,27 @@ impl HvVm for KvmVm {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (delete)"))
     }
 
-    fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
-        self.create_kvm_vcpu(id)
-    }
-}
-
-impl KvmVm {
-    /// The VM's KVM clock (KVM_GET_CLOCK).
-    pub fn clock(&self) -> Result<kvm_clock_data, VmError> {
-        self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn HvVcpu>, VmError> {
+        Ok(Box::new(self.create_kvm_vcpu(id)?))
     }
 
-    /// Set the VM's KVM clock (KVM_SET_CLOCK); only the clock value and its `CLOCK_TSC_STABLE`
-    /// flag are meaningful to KVM here.
-    pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), VmError> {
+    /// KVM_GET_CLOCK.
+    fn clock(&self) -> Result<ClockState, VmError> {
+        let c = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        Ok(ClockState { ns: c.clock })
+    }
+
+    /// KVM_SET_CLOCK: only the clock value is meaningful to KVM here.
+    fn set_clock(&self, clock: &ClockState) -> Result<(), VmError> {
         let c = kvm_clock_data {
-            clock: clock.clock,
+            clock: clock.ns,
             ..Default::default()
         };
         self.fd.set_clock(&c).map_err(kvm_err("KVM_SET_CLOCK"))
     }
+}
 
+impl KvmVm {
     fn create_kvm_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
         let fd = self
             .fd
@@ -172,46 +171,21 @@ impl KvmVm {
     }
 }
 
-/// Saved architectural state of a KVM vCPU: general and special registers, FPU/SSE (and the
-/// whole XSAVE area where KVM offers it), XCRs, every MSR KVM lists and can read, pending
-/// events, debug registers and the MP state. Serializable (snapshots).
+/// The KVM-specific part of a saved vCPU ([`ArchState::Kvm`]): special registers, FPU/SSE
+/// (and the whole XSAVE area where KVM offers it), XCRs, pending events, debug registers and
+/// the MP state. The general registers and every MSR KVM lists and can read are saved in the
+/// neutral part of [`VcpuState`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct KvmVcpuState {
-    regs: kvm_regs,
+pub struct KvmArchState {
     sregs: kvm_sregs,
     #[serde(with = "fpu_bytes")]
     fpu: kvm_fpu,
     /// The 4 KiB XSAVE area (`kvm_xsave.region`).
     xsave: Option<Vec<u32>>,
     xcrs: Option<kvm_xcrs>,
-    msrs: Vec<kvm_msr_entry>,
     events: kvm_vcpu_events,
     debugregs: kvm_debugregs,
     mp_state: kvm_mp_state,
-}
-
-impl KvmVcpuState {
-    /// RIP at the time of the save.
-    pub fn rip(&self) -> u64 {
-        self.regs.rip
-    }
-
-    /// Number of MSRs saved.
-    pub fn msr_count(&self) -> usize {
-        self.msrs.len()
-    }
-
-    /// True if the vCPU ran its kernel natively (PVM's switch registered) when saved.
-    pub fn native(&self) -> bool {
-        self.msrs
-            .iter()
-            .any(|m| m.index == pvm::MSR_NATIVE && pvm::is_registered(m.data))
-    }
-
-    /// The saved general registers.
-    pub fn regs(&self) -> Regs {
-        from_kvm_regs(&self.regs)
-    }
 }
 
 /// `kvm_fpu` (plain integers, no padding) as bytes in serialized states.
@@ -417,8 +391,6 @@ impl KvmVcpu {
 }
 
 impl HvVcpu for KvmVcpu {
-    type State = KvmVcpuState;
-
     fn configure(&mut self, state: &BootCpuState, vcpu_count: u32) -> Result<(), VmError> {
         self.set_cpuid(vcpu_count)?;
         let fpu = kvm_fpu {
@@ -495,7 +467,7 @@ impl HvVcpu for KvmVcpu {
             .map_err(kvm_err("KVM_GET_REGS"))
     }
 
-    fn save_state(&self) -> Result<KvmVcpuState, VmError> {
+    fn save_state(&self) -> Result<VcpuState, VmError> {
         let fd = &self.fd;
         let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
@@ -521,32 +493,42 @@ impl HvVcpu for KvmVcpu {
         let mut msrs = Msrs::from_entries(&entries)
             .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
         let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
-        let msrs = msrs.as_slice()[..n].to_vec();
+        let msrs = msrs.as_slice()[..n]
+            .iter()
+            .map(|e| Msr {
+                index: e.index,
+                value: e.data,
+            })
+            .collect();
         let events = fd
             .get_vcpu_events()
             .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         let debugregs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
         let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
-        Ok(KvmVcpuState {
-            regs,
-            sregs,
-            fpu,
-            xsave,
-            xcrs,
+        Ok(VcpuState {
+            regs: from_kvm_regs(&regs),
             msrs,
-            events,
-            debugregs,
-            mp_state,
+            arch: ArchState::Kvm(KvmArchState {
+                sregs,
+                fpu,
+                xsave,
+                xcrs,
+                events,
+                debugregs,
+                mp_state,
+            }),
         })
     }
 
-    fn restore_state(&mut self, state: &KvmVcpuState) -> Result<(), VmError> {
+    fn restore_state(&mut self, saved: &VcpuState) -> Result<(), VmError> {
+        let ArchState::Kvm(state) = &saved.arch;
         let fd = &self.fd;
         fd.set_mp_state(state.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         fd.set_sregs(&state.sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        fd.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        fd.set_regs(&to_kvm_regs(&saved.regs))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
         fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
         if let Some(region) = &state.xsave {
             let mut x = kvm_xsave::default();
@@ -569,7 +551,16 @@ impl HvVcpu for KvmVcpu {
         }
         // KVM_SET_MSRS stops at the first MSR it refuses (e.g. a paravirtual MSR whose CPUID
         // feature is hidden): skip that one and set the rest.
-        let mut rest: &[kvm_msr_entry] = &state.msrs;
+        let entries: Vec<kvm_msr_entry> = saved
+            .msrs
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.index,
+                data: m.value,
+                ..Default::default()
+            })
+            .collect();
+        let mut rest: &[kvm_msr_entry] = &entries;
         while !rest.is_empty() {
             let msrs = Msrs::from_entries(rest)
                 .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
@@ -583,14 +574,14 @@ impl HvVcpu for KvmVcpu {
         }
         // A vCPU that ran natively must run natively here too: the kernel's processes may
         // use `syscall`, which the emulated mode cannot run.
-        if let Some(m) = state.msrs.iter().find(|m| m.index == pvm::MSR_NATIVE) {
-            if pvm::is_registered(m.data) && read_msr(fd, pvm::MSR_NATIVE) != Some(m.data) {
+        if let Some(m) = saved.msrs.iter().find(|m| m.index == pvm::MSR_NATIVE) {
+            if pvm::is_registered(m.value) && read_msr(fd, pvm::MSR_NATIVE) != Some(m.value) {
                 return Err(VmError::BadConfig(format!(
                     "the saved vCPU ran the guest kernel natively (PVM MSR {:#x} = {:#x}) but this \
                      host did not accept that value: restore it on a PVM host with the native \
                      switch",
                     pvm::MSR_NATIVE,
-                    m.data
+                    m.value
                 )));
             }
         }

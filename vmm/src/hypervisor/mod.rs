@@ -1,10 +1,16 @@
 //! The hypervisor boundary.
 //!
-//! The rest of the VMM talks to the hypervisor only through [`Hypervisor`], [`HvVm`] and
-//! [`HvVcpu`] and sees exits only as [`Exit`]. The KVM implementation lives in [`kvm`]; it is
-//! the only module that touches `kvm-ioctls` / `kvm-bindings`.
+//! The rest of the VMM talks to the hypervisor only through the object-safe traits
+//! [`Hypervisor`], [`HvVm`] and [`HvVcpu`] (obtained from [`host`]), sees exits only as
+//! [`Exit`], and holds saved state only in the neutral [`VcpuState`] and [`ClockState`]. The
+//! KVM implementation lives in [`kvm`]; it is the only module that touches `kvm-ioctls` /
+//! `kvm-bindings`. A second backend (another hypervisor, or another mode of this one) is a
+//! new module here implementing the traits, plus its [`ArchState`] variant; `vm.rs`, `clone/`
+//! and `state.rs` do not change.
 
 pub mod kvm;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::VmError;
 
@@ -117,7 +123,7 @@ pub struct SpecialRegs {
 }
 
 /// General-purpose registers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[allow(missing_docs)]
 pub struct Regs {
     pub rax: u64,
@@ -149,19 +155,75 @@ pub struct BootCpuState {
     pub regs: Regs,
 }
 
-/// A hypervisor: creates VMs.
-pub trait Hypervisor: Send + Sync {
-    /// The VM type.
-    type Vm: HvVm;
-    /// Create an empty VM.
-    fn create_vm(&self) -> Result<Self::Vm, VmError>;
+/// A model-specific register and its value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Msr {
+    /// MSR index.
+    pub index: u32,
+    /// Value.
+    pub value: u64,
 }
 
-/// A VM of a hypervisor: memory slots and vCPUs.
-pub trait HvVm: Send + Sync + 'static {
-    /// The vCPU type.
-    type Vcpu: HvVcpu;
+/// Saved architectural state of one vCPU, in the VMM's terms: the general registers and the
+/// MSRs as neutral values (a list of index/value pairs, restored in order), and the rest
+/// (special registers, FPU/XSAVE, XCRs, pending events, debug registers, MP state) in the form
+/// of the backend that saved it. Serializable: it is part of the snapshot format (see
+/// `crate::state` for the version rule).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// General registers.
+    pub regs: Regs,
+    /// Model-specific registers, in restore order.
+    pub msrs: Vec<Msr>,
+    /// Backend-specific rest of the state.
+    pub arch: ArchState,
+}
 
+impl VcpuState {
+    /// RIP at the time of the save.
+    pub fn rip(&self) -> u64 {
+        self.regs.rip
+    }
+
+    /// The saved value of MSR `index`, if it was saved.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|m| m.index == index).map(|m| m.value)
+    }
+
+    /// True if the vCPU ran its kernel natively (PVM's switch registered) when saved.
+    pub fn native(&self) -> bool {
+        use kscope_guest::abi::boot::pvm;
+        self.msr(pvm::MSR_NATIVE).is_some_and(pvm::is_registered)
+    }
+}
+
+/// The backend-specific part of a [`VcpuState`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ArchState {
+    /// Saved by the KVM backend.
+    Kvm(kvm::KvmArchState),
+}
+
+/// A VM's paravirtual clock (kvmclock): nanoseconds since the VM's clock epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockState {
+    /// Clock value in nanoseconds.
+    pub ns: u64,
+}
+
+/// A hypervisor: creates VMs.
+pub trait Hypervisor: Send + Sync {
+    /// Create an empty VM.
+    fn create_vm(&self) -> Result<Box<dyn HvVm>, VmError>;
+}
+
+/// The hypervisor of this host (KVM).
+pub fn host() -> &'static dyn Hypervisor {
+    &kvm::KvmHypervisor
+}
+
+/// A VM of a hypervisor: memory slots, vCPUs and the clock.
+pub trait HvVm: Send + Sync + std::fmt::Debug {
     /// Map `size` bytes of host memory at `host_addr` as guest-physical `[gpa, gpa+size)` in
     /// memory slot `slot` (replacing nothing: the slot must be empty).
     ///
@@ -181,14 +243,17 @@ pub trait HvVm: Send + Sync + 'static {
     fn remove_memory_slot(&self, slot: u32, gpa: u64) -> Result<(), VmError>;
 
     /// Create vCPU `id`.
-    fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu, VmError>;
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn HvVcpu>, VmError>;
+
+    /// The VM's clock.
+    fn clock(&self) -> Result<ClockState, VmError>;
+
+    /// Set the VM's clock (before its vCPUs first run).
+    fn set_clock(&self, clock: &ClockState) -> Result<(), VmError>;
 }
 
 /// A vCPU: runs on one thread at a time.
-pub trait HvVcpu: Send + 'static {
-    /// Saved architectural state (for snapshots and clones).
-    type State: Clone + Send + std::fmt::Debug + 'static;
-
+pub trait HvVcpu: Send + std::fmt::Debug {
     /// Set CPUID, FPU and the given registers.
     fn configure(&mut self, state: &BootCpuState, vcpu_count: u32) -> Result<(), VmError>;
     /// TSC frequency in kHz.
@@ -198,9 +263,9 @@ pub trait HvVcpu: Send + 'static {
     /// Current general registers.
     fn regs(&self) -> Result<Regs, VmError>;
     /// Save the full vCPU state (no vCPU thread may be running this vCPU).
-    fn save_state(&self) -> Result<Self::State, VmError>;
-    /// Restore a saved vCPU state.
-    fn restore_state(&mut self, state: &Self::State) -> Result<(), VmError>;
+    fn save_state(&self) -> Result<VcpuState, VmError>;
+    /// Restore a saved vCPU state (of this backend: another backend's is refused).
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), VmError>;
     /// True if the host can run this guest's kernel natively (PVM's native-supervisor
     /// switch, `kscope_guest::abi::boot::pvm`).
     fn native_available(&self) -> bool;

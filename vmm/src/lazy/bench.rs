@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use super::tests::{fd_guard, scratch_dir};
 use super::*;
-use crate::prefetch::{Fault, Gfn, OnDemand, Prefetcher};
+use crate::memory::GuestRam;
+use crate::prefetch::{Fault, FaultPlan, Gfn, Install, OnDemand, Prefetcher};
 
 fn data_image(pages: u64) -> Arc<MemfdImage> {
     let bytes: Vec<u8> = (0..pages * PAGE_SIZE as u64)
@@ -23,6 +24,8 @@ fn touch_all(r: &LazyRegion) -> f64 {
             let mut b = [0u8; 1];
             for g in 0..r.pages() {
                 r.read_at(g * PAGE_SIZE as u64, &mut b).unwrap();
+                // Without this the optimizer drops the unused read, and no page faults.
+                std::hint::black_box(&b);
             }
         });
     });
@@ -63,11 +66,16 @@ fn bench_fault_service_copy_vs_zeropage() {
         }
     }
     // Floor: first touch of fresh memory without userfaultfd.
-    let g = GuestMemfd::new(pages).unwrap();
+    let g = GuestRam::new(
+        "bench-floor",
+        (pages * PAGE_SIZE as u64).next_multiple_of(2 << 20),
+    )
+    .unwrap();
     let t0 = Instant::now();
     let mut b = [0u8; 1];
     for p in 0..pages {
-        g.read_at(p * PAGE_SIZE as u64, &mut b).unwrap();
+        g.read(p * PAGE_SIZE as u64, &mut b).unwrap();
+        std::hint::black_box(&b);
     }
     println!(
         "first touch of a fresh shared memfd page (no uffd): {:.2} us/page",
@@ -80,9 +88,12 @@ impl Prefetcher for Background {
     fn name(&self) -> &str {
         "bg"
     }
-    fn on_fault(&mut self, _f: Fault, _o: &mut Vec<Gfn>) {}
-    fn background(&mut self) -> Vec<Gfn> {
+    fn on_fault(&mut self, _f: Fault, _plan: &mut FaultPlan) {}
+    fn background(&mut self) -> Vec<Install> {
         std::mem::take(&mut self.0)
+            .into_iter()
+            .map(Install::data)
+            .collect()
     }
 }
 
@@ -124,8 +135,8 @@ fn bench_background_fetcher() {
             );
         }
     }
-    let dst = GuestMemfd::new(pages).unwrap();
-    let rep = eager_copy(src.as_ref(), &dst).unwrap();
+    let dst = GuestRam::new("bench-eager", pages * PAGE_SIZE as u64).unwrap();
+    let rep = eager_fill(src.as_ref(), |gpa, page| dst.write(gpa, page)).unwrap();
     println!(
         "eager copy: {:.0} pages/s ({} pages in {:.1} ms)",
         rep.copied as f64 / (rep.elapsed_ns as f64 / 1e9),
@@ -185,6 +196,7 @@ fn bench_many_clones() {
                     let mut b = [0u8; 1];
                     for g in 0..pages {
                         srv.region().read_at(g * PAGE_SIZE as u64, &mut b).unwrap();
+                        std::hint::black_box(&b);
                     }
                 });
             }

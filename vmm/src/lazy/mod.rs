@@ -2,13 +2,12 @@
 //!
 //! - [`PageSource`]: where a clone's pages come from ([`MemfdImage`], [`LayeredImage`],
 //!   [`FileImage`]).
-//! - [`GuestMemfd`] / [`LazyRegion`]: a clone's destination memory, a memfd mapped
-//!   `MAP_SHARED` (so a clone can itself be frozen and cloned), registered with a userfaultfd in
-//!   MISSING mode.
+//! - [`LazyRegion`]: a clone's destination memory, a memfd mapped `MAP_SHARED` (so a clone can
+//!   itself be frozen and cloned), registered with a userfaultfd in MISSING mode.
 //! - [`FaultServer`]: one handler thread per clone serving faults, driven by the clone's
 //!   [`Prefetcher`](crate::prefetch::Prefetcher); pre-resume and background installs.
 //! - [`CloneStats`]/[`StatsSnapshot`]: per-clone counters, fault latency histogram, touched set.
-//! - [`eager_copy`]: the eager alternative (copy everything before resume).
+//! - [`eager_fill`]: the eager alternative (copy every non-zero page before resume).
 
 #[cfg(test)]
 mod bench;
@@ -21,16 +20,15 @@ mod stats;
 pub(crate) mod tests;
 
 pub use bitmap::{AtomicBitmap, Bitmap};
-pub use region::{GuestMemfd, LazyRegion, RegionKind};
-pub use server::{eager_copy, EagerReport, FaultServer, InstallReport, ServerOptions};
-pub use source::{FileImage, LayeredImage, MemfdImage, PageSource};
+pub use region::{LazyRegion, RegionKind};
+pub use server::{FaultServer, InstallReport, ServerOptions};
+pub use source::{
+    eager_fill, DeferredImage, EagerReport, FileImage, LayeredImage, MemfdImage, PageSource,
+};
 pub use stats::{CloneStats, LatencyHistogram, StatsSnapshot};
 
-use crate::prefetch::Gfn;
+pub use crate::hostmem::{Gfn, PAGE_SIZE};
 use crate::uffd::UffdError;
-
-/// Size of a guest page.
-pub const PAGE_SIZE: usize = crate::uffd::PAGE_SIZE;
 
 /// Errors of lazy memory serving.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +71,10 @@ pub enum LazyError {
 /// Result type of the lazy module.
 pub type Result<T> = std::result::Result<T, LazyError>;
 
-pub(crate) fn io_err(op: impl Into<String>) -> LazyError {
-    LazyError::Io {
+/// Wraps an `io::Error` of `op` (for `map_err`).
+pub(crate) fn io_at(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> LazyError {
+    move |source| LazyError::Io {
         op: op.into(),
-        source: std::io::Error::last_os_error(),
+        source,
     }
 }

@@ -2,7 +2,10 @@
 //! background fetcher thread, both driven by the clone's prefetch policy.
 //!
 //! Install order on a fault: the faulting page first (then the faulter is woken), then the
-//! policy's prefetch list. Prefetch work is queued and done in small chunks between reads of
+//! policy's prefetch list. The policy is asked once per fault ([`Prefetcher::on_fault`] returns
+//! the whole [`FaultPlan`]: how to install the faulting frame and what to prefetch, each as data
+//! or zeros) and is owned by the handler thread, so no lock sits on the fault path; its
+//! pre-resume and background lists are taken when the server starts. Prefetch work is queued and done in small chunks between reads of
 //! the event queue, so a new fault never waits behind a long prefetch list. Every installer
 //! (handler, pre-resume caller, background fetcher) may race with the others: a page found
 //! present (`EEXIST`) counts as done, and the faulting page is woken explicitly in that case.
@@ -18,11 +21,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::stats::CloneStats;
 use super::{
-    AtomicBitmap, Bitmap, GuestMemfd, LayeredImage, LazyError, LazyRegion, MemfdImage, PageSource,
-    Result, StatsSnapshot, PAGE_SIZE,
+    AtomicBitmap, Bitmap, LayeredImage, LazyError, LazyRegion, MemfdImage, PageSource, Result,
+    StatsSnapshot, PAGE_SIZE,
 };
-use crate::prefetch::{Fault, Gfn, Prefetcher};
-use crate::uffd::{Event, Install};
+use crate::prefetch::{Fault, FaultPlan, Fill, Gfn, Install, Prefetcher};
+use crate::uffd::{self, Event};
 
 /// Largest run of contiguous pages installed by one `UFFDIO_COPY`.
 const MAX_RUN: usize = 64;
@@ -78,7 +81,6 @@ enum Why {
 struct Shared {
     region: LazyRegion,
     source: Arc<dyn PageSource>,
-    prefetcher: Mutex<Box<dyn Prefetcher>>,
     policy: String,
     present: AtomicBitmap,
     faulted: AtomicBitmap,
@@ -101,8 +103,8 @@ impl Shared {
     }
 
     /// True if the page must be installed as zeros rather than read.
-    fn is_zero(&self, gfn: Gfn, policy_zero: bool) -> bool {
-        policy_zero
+    fn is_zero(&self, gfn: Gfn, fill: Fill) -> bool {
+        fill == Fill::Zero
             || self.discarded.get(gfn)
             || gfn >= self.source.pages()
             || self.source.is_known_zero(gfn)
@@ -138,7 +140,7 @@ impl Shared {
             uffd.copy(addr, &buf[..], false, false)
         };
         match r {
-            Ok(Install::Installed) => {
+            Ok(uffd::Install::Installed) => {
                 self.present.set(gfn);
                 self.discarded.clear(gfn);
                 if zero {
@@ -149,7 +151,7 @@ impl Shared {
                 }
                 true
             }
-            Ok(Install::AlreadyPresent(_)) => {
+            Ok(uffd::Install::AlreadyPresent(_)) => {
                 self.present.set(gfn);
                 CloneStats::add(&self.stats.already_present, 1);
                 if why == Why::Fault {
@@ -185,11 +187,11 @@ impl Shared {
         while off < run_buf.len() {
             let addr = self.region.gfn_addr(start) + off as u64;
             match self.region.uffd().copy(addr, &run_buf[off..], false, false) {
-                Ok(Install::Installed) => {
+                Ok(uffd::Install::Installed) => {
                     installed += ((run_buf.len() - off) / PAGE_SIZE) as u64;
                     break;
                 }
-                Ok(Install::AlreadyPresent(done)) => {
+                Ok(uffd::Install::AlreadyPresent(done)) => {
                     installed += done / PAGE_SIZE as u64;
                     CloneStats::add(&self.stats.already_present, 1);
                     off += done as usize + PAGE_SIZE;
@@ -209,26 +211,19 @@ impl Shared {
         installed
     }
 
-    /// Installs frames in order, skipping present ones; `zero[i]` says frame i is zero-fill
-    /// by policy. Contiguous data frames are batched when enabled.
-    fn install_list(
-        &self,
-        gfns: &[Gfn],
-        policy_zero: &[bool],
-        why: Why,
-        rep: &mut InstallReport,
-        sc: &mut Scratch,
-    ) {
+    /// Installs frames in order, skipping present ones. Contiguous data frames are batched
+    /// when enabled.
+    fn install_list(&self, list: &[Install], why: Why, rep: &mut InstallReport, sc: &mut Scratch) {
         let (buf, run_buf) = (&mut sc.page, &mut sc.run);
         let mut i = 0;
-        while i < gfns.len() {
-            let g = gfns[i];
+        while i < list.len() {
+            let Install { gfn: g, fill } = list[i];
             if g >= self.pages() || self.present.get(g) {
                 rep.skipped += 1;
                 i += 1;
                 continue;
             }
-            if self.is_zero(g, policy_zero[i]) {
+            if self.is_zero(g, fill) {
                 if self.install_one(g, true, why, buf) {
                     rep.zeroed += 1;
                 } else {
@@ -240,11 +235,11 @@ impl Shared {
             let mut n = 1;
             while self.batch_runs
                 && n < MAX_RUN
-                && i + n < gfns.len()
-                && gfns[i + n] == g + n as u64
-                && gfns[i + n] < self.pages()
-                && !self.present.get(gfns[i + n])
-                && !self.is_zero(gfns[i + n], policy_zero[i + n])
+                && i + n < list.len()
+                && list[i + n].gfn == g + n as u64
+                && list[i + n].gfn < self.pages()
+                && !self.present.get(list[i + n].gfn)
+                && !self.is_zero(list[i + n].gfn, list[i + n].fill)
             {
                 n += 1;
             }
@@ -257,11 +252,6 @@ impl Shared {
             rep.skipped += n as u64 - done;
             i += n;
         }
-    }
-
-    fn zero_flags(&self, gfns: &[Gfn]) -> Vec<bool> {
-        let p = lock(&self.prefetcher);
-        gfns.iter().map(|&g| p.zero_fill(g)).collect()
     }
 }
 
@@ -284,8 +274,12 @@ impl Scratch {
 struct Handler {
     shared: Arc<Shared>,
     stop: EventFd,
-    /// Pending prefetch lists, newest fault's first: (frames, zero flags, next index).
-    queue: VecDeque<(Vec<Gfn>, Vec<bool>, usize)>,
+    /// The clone's policy: only this thread calls it.
+    policy: Box<dyn Prefetcher>,
+    /// The plan of the fault being served (reused).
+    plan: FaultPlan,
+    /// Pending prefetch lists, newest fault's first: (frames, next index).
+    queue: VecDeque<(Vec<Install>, usize)>,
     events: Vec<Event>,
     scratch: Scratch,
     spin: Duration,
@@ -341,31 +335,30 @@ impl Handler {
                     return;
                 };
                 CloneStats::add(&s.stats.faults, 1);
-                if s.faulted.set(gfn) {
-                    lock(&s.fault_order).push(gfn);
-                }
-                let mut list = Vec::new();
+                self.plan.clear();
                 // A panicking policy must not leave the faulter blocked: serve the page anyway.
+                let (policy, plan) = (&mut self.policy, &mut self.plan);
                 let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let mut p = lock(&s.prefetcher);
-                    p.on_fault(Fault { gfn, write }, &mut list);
-                    let z: Vec<bool> = list.iter().map(|&g| p.zero_fill(g)).collect();
-                    (p.zero_fill(gfn), z)
+                    policy.on_fault(Fault { gfn, write }, plan)
                 }));
-                let (zero, zeros) = asked.unwrap_or_else(|_| {
+                if asked.is_err() {
                     tracing::error!(clone = %s.name, gfn, "prefetch policy panicked; serving the page alone");
-                    list.clear();
-                    (false, Vec::new())
-                });
+                    self.plan.clear();
+                }
                 s.install_one(
                     gfn,
-                    s.is_zero(gfn, zero),
+                    s.is_zero(gfn, self.plan.fault),
                     Why::Fault,
                     &mut self.scratch.page,
                 );
                 s.stats.fault_latency.record(t0.elapsed().as_nanos() as u64);
-                if !list.is_empty() {
-                    self.queue.push_front((list, zeros, 0));
+                // Book-keeping after the faulter was woken.
+                if s.faulted.set(gfn) {
+                    lock(&s.fault_order).push(gfn);
+                }
+                if !self.plan.prefetch.is_empty() {
+                    let list = std::mem::take(&mut self.plan.prefetch);
+                    self.queue.push_front((list, 0));
                 }
             }
             Event::Remove { start, end } => {
@@ -384,14 +377,13 @@ impl Handler {
     }
 
     fn prefetch_chunk(&mut self) {
-        let Some((list, zeros, next)) = self.queue.front_mut() else {
+        let Some((list, next)) = self.queue.front_mut() else {
             return;
         };
         let end = (*next + PREFETCH_CHUNK).min(list.len());
         let mut rep = InstallReport::default();
         self.shared.install_list(
             &list[*next..end],
-            &zeros[*next..end],
             Why::Prefetch,
             &mut rep,
             &mut self.scratch,
@@ -411,6 +403,10 @@ impl Handler {
 /// VMM must have removed the KVM memory slot (and stopped the vCPUs) before that.
 pub struct FaultServer {
     shared: Arc<Shared>,
+    /// The policy's pre-resume list, until [`FaultServer::before_resume`] installs it.
+    before: Mutex<Vec<Install>>,
+    /// The policy's background list, until the fetcher starts.
+    background: Vec<Install>,
     stop: EventFd,
     handler: Option<JoinHandle<Result<()>>>,
     fetcher: Option<JoinHandle<()>>,
@@ -430,7 +426,7 @@ impl FaultServer {
     pub fn start(
         region: LazyRegion,
         source: Arc<dyn PageSource>,
-        prefetcher: Box<dyn Prefetcher>,
+        mut prefetcher: Box<dyn Prefetcher>,
         opts: ServerOptions,
     ) -> Result<Self> {
         if source.pages() > region.pages() {
@@ -442,10 +438,11 @@ impl FaultServer {
         }
         let pages = region.pages();
         let policy = prefetcher.name().to_string();
+        let before = prefetcher.before_resume();
+        let background = prefetcher.background();
         let shared = Arc::new(Shared {
             region,
             source,
-            prefetcher: Mutex::new(prefetcher),
             policy,
             present: AtomicBitmap::new(pages),
             faulted: AtomicBitmap::new(pages),
@@ -466,6 +463,8 @@ impl FaultServer {
                 op: "dup eventfd".into(),
                 source: e,
             })?,
+            policy: prefetcher,
+            plan: FaultPlan::default(),
             queue: VecDeque::new(),
             events: Vec::with_capacity(32),
             scratch: Scratch::new(),
@@ -481,6 +480,8 @@ impl FaultServer {
             })?;
         Ok(Self {
             shared,
+            before: Mutex::new(before),
+            background,
             stop,
             handler: Some(handle),
             fetcher: None,
@@ -492,30 +493,29 @@ impl FaultServer {
         &self.shared.region
     }
 
-    /// Installs the policy's `before_resume()` frames; call before starting the vCPUs.
+    /// Installs the policy's `before_resume()` frames (once); call before starting the vCPUs.
     pub fn before_resume(&self) -> Result<InstallReport> {
-        let list = lock(&self.shared.prefetcher).before_resume();
-        self.install(&list)
+        let list = std::mem::take(&mut *lock(&self.before));
+        Ok(self.install_plan(&list))
     }
 
-    /// Installs the given frames now (in order, skipping present ones), from the calling
-    /// thread. Counted as pre-resume installs.
+    /// Installs the given frames now with data (in order, skipping present ones), from the
+    /// calling thread. Counted as pre-resume installs.
     pub fn install(&self, gfns: &[Gfn]) -> Result<InstallReport> {
+        let list: Vec<Install> = gfns.iter().map(|&g| Install::data(g)).collect();
+        Ok(self.install_plan(&list))
+    }
+
+    fn install_plan(&self, list: &[Install]) -> InstallReport {
         let t0 = Instant::now();
-        let zeros = self.shared.zero_flags(gfns);
         let mut rep = InstallReport {
-            requested: gfns.len() as u64,
+            requested: list.len() as u64,
             ..Default::default()
         };
-        self.shared.install_list(
-            gfns,
-            &zeros,
-            Why::BeforeResume,
-            &mut rep,
-            &mut Scratch::new(),
-        );
+        self.shared
+            .install_list(list, Why::BeforeResume, &mut rep, &mut Scratch::new());
         rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
-        Ok(rep)
+        rep
     }
 
     /// Starts the background fetcher on the policy's `background()` frames (no-op if the list
@@ -524,7 +524,7 @@ impl FaultServer {
         if self.fetcher.is_some() {
             return Ok(());
         }
-        let list = lock(&self.shared.prefetcher).background();
+        let list = std::mem::take(&mut self.background);
         if list.is_empty() {
             return Ok(());
         }
@@ -539,8 +539,7 @@ impl FaultServer {
                     if shared.stop.load(Ordering::Acquire) {
                         break;
                     }
-                    let zeros = shared.zero_flags(chunk);
-                    shared.install_list(chunk, &zeros, Why::Background, &mut rep, &mut sc);
+                    shared.install_list(chunk, Why::Background, &mut rep, &mut sc);
                 }
             })
             .map_err(|e| LazyError::Thread {
@@ -661,49 +660,4 @@ impl Drop for FaultServer {
             tracing::error!(clone = %self.shared.name, error = %e, "fault server stopped with an error");
         }
     }
-}
-
-/// Result of an eager copy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct EagerReport {
-    /// Pages copied.
-    pub copied: u64,
-    /// Pages skipped as zero (known holes or all-zero content).
-    pub zero: u64,
-    /// Bytes copied.
-    pub bytes: u64,
-    /// Wall time (ns).
-    pub elapsed_ns: u64,
-}
-
-/// Eager propagation: copies every non-zero page of `source` into `dst` (fresh, zeroed
-/// memory) before the clone resumes. Known-zero and all-zero pages are skipped, so they stay
-/// unallocated.
-pub fn eager_copy(source: &dyn PageSource, dst: &GuestMemfd) -> Result<EagerReport> {
-    if source.pages() > dst.pages() {
-        return Err(LazyError::Size(format!(
-            "source has {} pages, destination {}",
-            source.pages(),
-            dst.pages()
-        )));
-    }
-    let t0 = Instant::now();
-    let mut rep = EagerReport::default();
-    let mut buf = [0u8; PAGE_SIZE];
-    for g in 0..source.pages() {
-        if source.is_known_zero(g) {
-            rep.zero += 1;
-            continue;
-        }
-        source.read_page(g, &mut buf)?;
-        if buf.iter().all(|&b| b == 0) {
-            rep.zero += 1;
-            continue;
-        }
-        dst.write_at(g * PAGE_SIZE as u64, &buf)?;
-        rep.copied += 1;
-        rep.bytes += PAGE_SIZE as u64;
-    }
-    rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
-    Ok(rep)
 }

@@ -1,14 +1,18 @@
-//! Page sources: where a clone's pages come from.
+//! Page sources: where a clone's pages come from ([`MemfdImage`], [`DeferredImage`],
+//! [`FileImage`], [`LayeredImage`]), and [`eager_fill`], the one routine that copies a whole
+//! source into guest RAM.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
-use super::region::{memfd_create, Mapping};
-use super::{Bitmap, LazyError, Result, PAGE_SIZE};
-use crate::prefetch::Gfn;
+use serde::Serialize;
+
+use super::{io_at, Bitmap, LazyError, Result};
+use crate::hostmem::{memfd_create, Gfn, Mapping, PAGE_SIZE};
 
 /// A read-only image of guest memory, page by page. Implementations must be safe to read from
 /// several threads at once (fault handler and background fetcher).
@@ -87,7 +91,8 @@ pub struct MemfdImage {
 impl MemfdImage {
     /// Wraps a memfd (or any shmem/tmpfs file) of `pages` pages.
     pub fn new(fd: OwnedFd, pages: u64) -> Result<Self> {
-        let map = Mapping::new(Some(fd.as_fd()), (pages as usize) * PAGE_SIZE, false, true)?;
+        let map = Mapping::new(Some(fd.as_fd()), (pages as usize) * PAGE_SIZE, false, true)
+            .map_err(io_at("mmap of an image memfd"))?;
         let data = data_pages(fd.as_fd(), pages);
         Ok(Self { map, fd, data })
     }
@@ -96,7 +101,8 @@ impl MemfdImage {
     /// holes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let pages = bytes.len().div_ceil(PAGE_SIZE) as u64;
-        let fd = memfd_create(c"kscope-image", pages * PAGE_SIZE as u64)?;
+        let fd = memfd_create(c"kscope-image", pages * PAGE_SIZE as u64)
+            .map_err(io_at("memfd_create"))?;
         let file = File::from(fd.try_clone().map_err(|e| LazyError::Io {
             op: "dup".into(),
             source: e,
@@ -135,7 +141,9 @@ impl PageSource for MemfdImage {
             buf.fill(0);
             return Ok(());
         }
-        self.map.read(gfn as usize * PAGE_SIZE, buf)
+        self.map
+            .read(gfn as usize * PAGE_SIZE, buf)
+            .map_err(io_at("read image memfd"))
     }
 
     fn is_known_zero(&self, gfn: Gfn) -> bool {
@@ -348,4 +356,137 @@ impl PageSource for LayeredImage {
     fn is_known_zero(&self, gfn: Gfn) -> bool {
         gfn < self.pages && self.layer_of(gfn).is_none_or(|l| l.is_known_zero(gfn))
     }
+}
+
+/// A [`MemfdImage`] whose hole scan (`SEEK_DATA` over the whole memfd, proportional to its
+/// size) runs on a helper thread, so that children can be created and started while it runs.
+/// Until it is done, pages are read with `pread` (holes read as zeros without being
+/// allocated). The scanned image is published once through a `OnceLock`: readers never lock.
+pub struct DeferredImage {
+    pages: u64,
+    file: File,
+    ready: OnceLock<Option<Arc<MemfdImage>>>,
+}
+
+impl std::fmt::Debug for DeferredImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeferredImage")
+            .field("pages", &self.pages)
+            .field("scanned", &self.ready.get().is_some())
+            .finish()
+    }
+}
+
+impl DeferredImage {
+    /// Starts the scan of a frozen memfd of `pages` pages.
+    pub fn start(fd: OwnedFd, pages: u64) -> Result<Arc<DeferredImage>> {
+        let file = File::from(fd.try_clone().map_err(io_at("dup memfd"))?);
+        let me = Arc::new(DeferredImage {
+            pages,
+            file,
+            ready: OnceLock::new(),
+        });
+        let target = me.clone();
+        let scan = move || {
+            let image = match MemfdImage::new(fd, pages) {
+                Ok(i) => Some(Arc::new(i)),
+                Err(e) => {
+                    tracing::warn!("image scan failed ({e}); reading the memfd with pread");
+                    None
+                }
+            };
+            let _ = target.ready.set(image);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("kscope-imgscan".into())
+            .spawn(scan)
+        {
+            tracing::warn!("cannot start the image scan thread ({e}); reading with pread");
+            let _ = me.ready.set(None);
+        }
+        Ok(me)
+    }
+
+    /// The scanned image if the scan is done.
+    fn done(&self) -> Option<&Arc<MemfdImage>> {
+        self.ready.get().and_then(Option::as_ref)
+    }
+
+    fn pread(&self, gfn: Gfn, buf: &mut [u8]) -> Result<()> {
+        if gfn + (buf.len() / PAGE_SIZE) as u64 > self.pages {
+            return Err(LazyError::OutOfRange {
+                gfn,
+                pages: self.pages,
+                what: "frozen memfd",
+            });
+        }
+        self.file
+            .read_exact_at(buf, gfn * PAGE_SIZE as u64)
+            .map_err(io_at(format!("pread page {gfn} of the frozen memfd")))
+    }
+}
+
+impl PageSource for DeferredImage {
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn read_page(&self, gfn: Gfn, buf: &mut [u8; PAGE_SIZE]) -> Result<()> {
+        match self.done() {
+            Some(i) => i.read_page(gfn, buf),
+            None => self.pread(gfn, buf),
+        }
+    }
+
+    fn read_run(&self, gfn: Gfn, buf: &mut [u8]) -> Result<()> {
+        match self.done() {
+            Some(i) => i.read_run(gfn, buf),
+            None => self.pread(gfn, buf),
+        }
+    }
+
+    fn is_known_zero(&self, gfn: Gfn) -> bool {
+        self.done().is_some_and(|i| i.is_known_zero(gfn))
+    }
+}
+
+/// Result of an [`eager_fill`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EagerReport {
+    /// Pages copied.
+    pub copied: u64,
+    /// Pages skipped as zero (known holes or all-zero content).
+    pub zero: u64,
+    /// Wall time (ns).
+    pub elapsed_ns: u64,
+}
+
+/// Eager propagation: copies every non-zero page of `source` into fresh, zeroed memory
+/// through `write(byte offset, page)` before the clone resumes. Known-zero and all-zero pages
+/// are skipped, so they stay unallocated.
+pub fn eager_fill<E>(
+    source: &dyn PageSource,
+    mut write: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+) -> std::result::Result<EagerReport, E>
+where
+    E: From<LazyError>,
+{
+    let t0 = Instant::now();
+    let mut rep = EagerReport::default();
+    let mut buf = [0u8; PAGE_SIZE];
+    for g in 0..source.pages() {
+        if source.is_known_zero(g) {
+            rep.zero += 1;
+            continue;
+        }
+        source.read_page(g, &mut buf)?;
+        if buf.iter().all(|&b| b == 0) {
+            rep.zero += 1;
+            continue;
+        }
+        write(g * PAGE_SIZE as u64, &buf)?;
+        rep.copied += 1;
+    }
+    rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
+    Ok(rep)
 }

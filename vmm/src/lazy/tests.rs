@@ -1,10 +1,12 @@
 //! Tests of lazy memory on real userfaultfd and memfds (root needed, no KVM).
 
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::prefetch::{Fault, Gfn, OnDemand, Prefetcher};
+use crate::prefetch::{Fault, FaultPlan, Fill, Install, OnDemand, Prefetcher};
 
 /// Tests that open descriptors or threads hold this shared; the leak test holds it
 /// exclusively so that its before/after counts are exact.
@@ -71,18 +73,35 @@ impl Prefetcher for Script {
     fn name(&self) -> &str {
         "script"
     }
-    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>) {
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
         self.seen.lock().unwrap().push(fault);
-        out.extend(fault.gfn + 1..=fault.gfn + self.ahead);
+        plan.fault = self.fill(fault.gfn);
+        plan.prefetch
+            .extend((fault.gfn + 1..=fault.gfn + self.ahead).map(|gfn| Install {
+                gfn,
+                fill: self.fill(gfn),
+            }));
     }
-    fn zero_fill(&self, gfn: Gfn) -> bool {
-        self.zero_even && gfn.is_multiple_of(2)
-    }
-    fn before_resume(&mut self) -> Vec<Gfn> {
+    fn before_resume(&mut self) -> Vec<Install> {
         std::mem::take(&mut self.before)
+            .into_iter()
+            .map(Install::data)
+            .collect()
     }
-    fn background(&mut self) -> Vec<Gfn> {
+    fn background(&mut self) -> Vec<Install> {
         std::mem::take(&mut self.background)
+            .into_iter()
+            .map(Install::data)
+            .collect()
+    }
+}
+
+impl Script {
+    fn fill(&self, gfn: Gfn) -> Fill {
+        match self.zero_even && gfn.is_multiple_of(2) {
+            true => Fill::Zero,
+            false => Fill::Data,
+        }
     }
 }
 
@@ -508,32 +527,33 @@ fn create_destroy_cycles_leak_no_fds_or_threads() {
 }
 
 #[test]
-fn eager_copy_skips_zero_pages() {
+fn eager_fill_skips_zero_pages() {
     let _g = fd_guard();
-    let pages = 256;
+    let pages = 1024; // the smallest guest RAM (4 MiB)
     let src = image(pages, 13);
-    let dst = GuestMemfd::new(pages).unwrap();
-    let rep = eager_copy(src.as_ref(), &dst).unwrap();
+    let dst = crate::memory::GuestRam::new("eager-test", pages * PAGE_SIZE as u64).unwrap();
+    let rep = eager_fill(src.as_ref(), |gpa, page| dst.write(gpa, page)).unwrap();
     let zeros = (0..pages).filter(|g| g % 7 == 3).count() as u64;
     assert_eq!((rep.copied, rep.zero), (pages - zeros, zeros));
+    let file = dst.file().unwrap();
     assert_eq!(
-        dst.resident_bytes().unwrap(),
+        crate::hostmem::allocated_bytes(file.as_fd()).unwrap(),
         (pages - zeros) * PAGE_SIZE as u64
     );
     let mut v = vec![0; PAGE_SIZE];
     for g in 0..pages {
-        dst.read_at(g * PAGE_SIZE as u64, &mut v).unwrap();
+        dst.read(g * PAGE_SIZE as u64, &mut v).unwrap();
         assert_eq!(v, page_of(g, 13));
     }
-    assert!(eager_copy(src.as_ref(), &GuestMemfd::new(8).unwrap()).is_err());
 }
 
 #[test]
 fn memfd_image_of_a_clone_memfd_sees_its_holes() {
     let _g = fd_guard();
-    let g = GuestMemfd::new(8).unwrap();
-    g.write_at(3 * PAGE_SIZE as u64, &page_of(3, 1)).unwrap();
-    let fd = g.memfd().try_clone_to_owned().unwrap();
+    let fd = crate::hostmem::memfd_create(c"kscope-test", 8 * PAGE_SIZE as u64).unwrap();
+    std::fs::File::from(fd.try_clone().unwrap())
+        .write_all_at(&page_of(3, 1), 3 * PAGE_SIZE as u64)
+        .unwrap();
     let img = MemfdImage::new(fd, 8).unwrap();
     assert_eq!(img.data_pages().iter_set().collect::<Vec<_>>(), vec![3]);
     let mut buf = [0u8; PAGE_SIZE];
@@ -603,9 +623,9 @@ impl Prefetcher for Panicky {
     fn name(&self) -> &str {
         "panicky"
     }
-    fn on_fault(&mut self, fault: Fault, out: &mut Vec<Gfn>) {
-        out.push(u64::MAX); // out of range: must be ignored
-        out.push(fault.gfn + 1000);
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
+        plan.prefetch.push(Install::data(u64::MAX)); // out of range: must be ignored
+        plan.prefetch.push(Install::zero(fault.gfn + 1000));
         assert!(fault.gfn != 3, "policy bug");
     }
 }
@@ -625,32 +645,4 @@ fn a_misbehaving_policy_does_not_stall_the_clone() {
     assert!(wait_until(|| server.stats().fault_latency_samples == 8));
     assert_eq!(server.stats().install_errors, 0);
     server.shutdown().unwrap();
-}
-
-#[test]
-fn an_existing_mapping_can_be_served() {
-    let _g = fd_guard();
-    let ram = GuestMemfd::new(16).unwrap();
-    let fd = ram.memfd().try_clone_to_owned().unwrap();
-    // SAFETY: `ram` keeps the mapping alive past the server (dropped first, below) and
-    // nothing else references its memory.
-    let region = unsafe { LazyRegion::from_mapping(ram.host_addr(), 16, Some(fd)) }.unwrap();
-    let server = FaultServer::start(
-        region,
-        image(16, 5),
-        Box::new(OnDemand),
-        ServerOptions::default(),
-    )
-    .unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut v = vec![0; PAGE_SIZE];
-            ram.read_at(7 * PAGE_SIZE as u64, &mut v).unwrap();
-            assert_eq!(v, page_of(7, 5));
-        });
-    });
-    assert_eq!(server.shutdown().unwrap().faults, 1);
-    assert!(ram.resident_bytes().unwrap() >= PAGE_SIZE as u64);
-    // SAFETY: as above; the address is not page aligned so registration is refused.
-    assert!(unsafe { LazyRegion::from_mapping(ram.host_addr() + 1, 1, None) }.is_err());
 }

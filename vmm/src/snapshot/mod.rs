@@ -10,8 +10,9 @@
 //!
 //! [`Vm::snapshot`] freezes the VM like a clone does (short pause, no copy while paused) and
 //! writes the files from the frozen image while the VM runs on. [`Vm::restore`] validates
-//! everything (state checksum and version, memory file size, kernel and disk checksums,
-//! configuration) before it creates anything.
+//! everything (state checksum, the payload's version against the rule of
+//! [`crate::state::FormatVersion::can_read`], the host CPU against the saving host's, memory
+//! file size, kernel and disk checksums, configuration) before it creates anything.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,14 +21,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::clone::child::{spawn, ChildSpec};
-use crate::clone::{FreezeReport, Generation, MachineState, MemoryMode};
+use crate::clone::MemoryMode;
+use crate::config::{VmConfig, MAX_VCPUS};
 use crate::error::VmError;
+use crate::generation::{FreezeReport, Generation};
 use crate::lazy::PageSource;
 use crate::snapfile::{self, MemoryInfo, SnapError, SnapshotPaths};
-use crate::vm::{Vm, VmConfig};
-
-/// Version of [`SnapshotPayload`] (inside the container's own format version).
-pub const PAYLOAD_VERSION: u32 = 1;
+use crate::state::{FormatVersion, HostCpu, MachineState, STATE_VERSION};
+use crate::vm::Vm;
 const KERNEL_FILE: &str = "kernel.elf";
 const DISK_FILE: &str = "disk.img";
 
@@ -45,8 +46,8 @@ pub struct BlobRef {
 /// The state file's payload.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SnapshotPayload {
-    /// [`PAYLOAD_VERSION`].
-    pub version: u32,
+    /// Version of this payload and the machine state in it ([`STATE_VERSION`] when written).
+    pub version: FormatVersion,
     /// Name of the VM at the time of the snapshot.
     pub name: String,
     /// Guest RAM in bytes.
@@ -99,6 +100,40 @@ fn snap_err(e: SnapError) -> VmError {
     }
 }
 
+/// Decode a state payload: its version first (any payload has one), checked against
+/// [`STATE_VERSION`] with the stated rule, then the rest.
+fn decode_payload(bytes: &[u8], path: &str) -> Result<SnapshotPayload, VmError> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: serde_json::Value,
+    }
+    let corrupt = |what: String| VmError::SnapshotCorrupt {
+        path: path.to_string(),
+        what,
+    };
+    let v: Versioned =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("state payload: {e}")))?;
+    let written: FormatVersion = match serde_json::from_value(v.version.clone()) {
+        Ok(w) => w,
+        // Builds before 2.0 wrote a bare integer.
+        Err(_) => FormatVersion {
+            major: v.version.as_u64().unwrap_or(0) as u16,
+            minor: 0,
+        },
+    };
+    if !STATE_VERSION.can_read(written) {
+        return Err(VmError::SnapshotIncompatible {
+            path: path.to_string(),
+            what: format!(
+                "state version {written}, this build reads {}.0 to {STATE_VERSION} (same major, \
+                 no newer minor); take the snapshot again with this build",
+                STATE_VERSION.major
+            ),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| corrupt(format!("state payload: {e}")))
+}
+
 fn write_blob(dir: &Path, file: &str, data: &[u8]) -> Result<BlobRef, VmError> {
     let path = dir.join(file);
     let tmp = dir.join(format!(".{file}.tmp"));
@@ -147,11 +182,12 @@ impl Vm {
         let t0 = Instant::now();
         std::fs::create_dir_all(dir)
             .map_err(|e| VmError::SnapshotIo(format!("creating {}: {e}", dir.display())))?;
-        let (generation, freeze) = self.freeze()?;
+        let generation = self.freeze()?;
+        let freeze = *generation.freeze_report();
         let kernel = write_blob(dir, KERNEL_FILE, &self.cfg.kernel)?;
         let disk = write_blob(dir, DISK_FILE, &self.cfg.disk)?;
         let payload = SnapshotPayload {
-            version: PAYLOAD_VERSION,
+            version: STATE_VERSION,
             name: self.name().to_string(),
             mem_bytes: self.mem_bytes(),
             cmdline: self.cfg.cmdline.clone(),
@@ -190,16 +226,13 @@ impl Vm {
         start_paused: bool,
     ) -> Result<Vm, VmError> {
         let paths = SnapshotPaths::in_dir(dir);
-        let (p, info, image): (SnapshotPayload, _, _) =
-            snapfile::open_snapshot(&paths).map_err(snap_err)?;
+        let (bytes, info, image) = snapfile::open_snapshot_bytes(&paths).map_err(snap_err)?;
         let state_path = paths.state.display().to_string();
-        if p.version != PAYLOAD_VERSION {
+        let p = decode_payload(&bytes, &state_path)?;
+        if let Some(why) = HostCpu::current().incompatibility(&p.machine.cpu) {
             return Err(VmError::SnapshotIncompatible {
                 path: state_path,
-                what: format!(
-                    "payload version {}, this build reads {PAYLOAD_VERSION}",
-                    p.version
-                ),
+                what: why,
             });
         }
         let corrupt = |what: String| VmError::SnapshotCorrupt {
@@ -214,7 +247,7 @@ impl Vm {
         }
         crate::memory::validate_size(p.mem_bytes).map_err(|e| corrupt(e.to_string()))?;
         let n = p.machine.vcpus.len();
-        if n == 0 || n > crate::vm::MAX_VCPUS as usize {
+        if n == 0 || n > MAX_VCPUS as usize {
             return Err(corrupt(format!("{n} vCPU states")));
         }
         let kernel = read_blob(dir, &p.kernel)?;
@@ -236,6 +269,7 @@ impl Vm {
             state: p.machine,
             cfg,
             created: Instant::now(),
+            freeze: FreezeReport::default(),
         });
         spawn(
             &generation,

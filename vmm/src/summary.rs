@@ -1,4 +1,6 @@
-//! Latency and throughput summaries printed by the CLI and benchmarks.
+//! Summaries of measurements for people: latency percentiles ([`LatencySummary`]), human
+//! formats of durations and sizes, and parsing of memory sizes (`256M`). Used by the clone
+//! service, the CLI and the benchmarks alike, so it lives with the VMM they all build on.
 
 use std::time::Duration;
 

@@ -1,0 +1,59 @@
+//! From a policy spec to the VMM's per-clone [`PrefetcherFactory`], in explicit steps:
+//! [`color_generation`] colors a frozen generation image once (timed by the caller, never
+//! hidden inside a clone's creation), [`PolicyContext::new`] precomputes what the policies
+//! need from the color map, and [`factory`] makes the closure that builds one policy per clone.
+//! The clone service, the CLI and the benchmarks all clone through these.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kscope_colorer::{ColorError, ColorMap, MemError, PhysMem};
+use kscope_vmm::{CloneContext, Generation, PrefetcherFactory};
+
+use crate::{Gfn, PolicyContext, PolicyError, PolicyName, PolicySpec};
+
+/// A generation image as the colorer's physical memory.
+pub struct GenerationMem(pub Arc<Generation>);
+
+impl PhysMem for GenerationMem {
+    fn size(&self) -> u64 {
+        self.0.mem_bytes()
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0.read_phys(gpa, buf).map_err(|e| MemError::Backend {
+            gpa,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Color a generation image (kscope guest profile); returns the map and the time it took.
+pub fn color_generation(g: &Arc<Generation>) -> Result<(ColorMap, Duration), ColorError> {
+    let t = Instant::now();
+    let map = kscope_colorer::color_kscope(&GenerationMem(g.clone()), None)?;
+    Ok((map, t.elapsed()))
+}
+
+/// The prefetcher factory of `spec`: `None` for `lazy` (the VMM's on-demand default),
+/// otherwise a closure that builds the policy for each clone from `ctx` (the generation's
+/// colors, required for every other policy: color the generation first) and `recording` (the
+/// frames one clone touched, in first-fault order; required by `reap`, `faasnap` and
+/// `activeset`). Every error is found here, before any clone exists.
+pub fn factory(
+    spec: &PolicySpec,
+    ctx: Option<Arc<PolicyContext>>,
+    recording: Option<Arc<[Gfn]>>,
+) -> Result<Option<PrefetcherFactory>, PolicyError> {
+    if spec.name == PolicyName::Lazy {
+        return Ok(None);
+    }
+    let ctx = ctx.ok_or(PolicyError::NeedsColors(spec.name.as_str()))?;
+    // Build once now so that a bad spec or a missing recording fails before cloning.
+    spec.build_with(ctx.clone(), recording.as_deref())?;
+    let spec = spec.clone();
+    Ok(Some(Arc::new(move |_: &CloneContext| {
+        spec.build_with(ctx.clone(), recording.as_deref())
+            .expect("the policy was built once when the factory was made")
+    })))
+}

@@ -1,0 +1,129 @@
+//! A generation: a VM's memory and machine state frozen at a clone point, from which children
+//! are spawned ([`Generation::spawn`](crate::clone)). Made by [`crate::Vm::freeze`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::VmConfig;
+use crate::error::VmError;
+use crate::hostmem::PAGE_SIZE;
+use crate::lazy::{DeferredImage, PageSource};
+use crate::state::MachineState;
+
+/// A frozen generation image: the parent's memory and machine state at the clone point. Lives
+/// as long as the parent or any child refers to it; never written.
+pub struct Generation {
+    pub(crate) id: u64,
+    pub(crate) image: Arc<dyn PageSource>,
+    pub(crate) state: MachineState,
+    pub(crate) cfg: VmConfig,
+    pub(crate) created: Instant,
+    pub(crate) freeze: FreezeReport,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("id", &self.id)
+            .field("parent", &self.cfg.name)
+            .field("pages", &self.image.pages())
+            .finish()
+    }
+}
+
+impl Generation {
+    /// Process-unique id of this image.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The frozen memory.
+    pub fn image(&self) -> &Arc<dyn PageSource> {
+        &self.image
+    }
+
+    /// Name of the VM it was frozen from.
+    pub fn parent_name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Guest RAM size.
+    pub fn mem_bytes(&self) -> u64 {
+        self.cfg.mem_bytes
+    }
+
+    /// Guest pages.
+    pub fn pages(&self) -> u64 {
+        self.image.pages()
+    }
+
+    /// The captured machine state.
+    pub fn machine_state(&self) -> &MachineState {
+        &self.state
+    }
+
+    /// When it was frozen.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// How the freeze that made it went (parent pause and its parts).
+    pub fn freeze_report(&self) -> &FreezeReport {
+        &self.freeze
+    }
+
+    /// Read guest-physical memory of the image.
+    pub fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        let end = gpa
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.mem_bytes())
+            .ok_or(VmError::GuestMemory {
+                gpa,
+                len: buf.len(),
+            })?;
+        let mut page = [0u8; PAGE_SIZE];
+        let mut at = gpa;
+        while at < end {
+            let g = at / PAGE_SIZE as u64;
+            let off = (at % PAGE_SIZE as u64) as usize;
+            self.image.read_page(g, &mut page)?;
+            let n = (PAGE_SIZE - off).min((end - at) as usize);
+            let dst = (at - gpa) as usize;
+            buf[dst..dst + n].copy_from_slice(&page[off..off + n]);
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A VM's state as a parent: the frozen base image its copy-on-write view reads through.
+#[derive(Default)]
+pub struct ParentState {
+    /// The memfd frozen by the first freeze (`None` until then).
+    pub(crate) base: Option<Arc<DeferredImage>>,
+    /// Number of freezes so far.
+    pub(crate) freezes: u64,
+}
+
+/// Where the time of a freeze went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FreezeReport {
+    /// vCPUs out of the guest: from the pause request to the resume.
+    pub pause: Duration,
+    /// Taking the vCPUs out of the guest (pause acknowledged).
+    pub stop_vcpus: Duration,
+    /// Capturing vCPU and device state and the clock.
+    pub capture: Duration,
+    /// Memory work while paused (view swap, or dirty scan + delta copy).
+    pub memory: Duration,
+    /// Pages copied while paused (later freezes: the parent's dirty set).
+    pub pages_copied: u64,
+    /// Building the image after the resume (hole scan, old mapping release).
+    pub after_resume: Duration,
+    /// Completing a lazily served VM before the freeze (installing missing pages).
+    pub complete: Duration,
+    /// True for the first freeze (zero-copy view swap).
+    pub first: bool,
+}
