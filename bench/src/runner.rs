@@ -213,6 +213,8 @@ pub struct RunReport {
     pub boot_ms: f64,
     /// Boot call to the first response.
     pub first_response_ms: f64,
+    /// The CPU mode the guest kernel reported (native or emulated).
+    pub cpu_mode: Option<kscope_vmm::CpuMode>,
     /// The measured run (after the first request).
     pub run: DriveReport,
 }
@@ -225,12 +227,14 @@ pub fn run(w: Workload, mem_bytes: u64, n: usize, window: usize) -> anyhow::Resu
     let first_response = b.started.elapsed();
     debug_assert_eq!(first.requests, 1);
     let run = drive(&b.vm, w, &reqs[1..], window, true)?;
+    let cpu_mode = b.vm.cpu_mode();
     b.vm.stop().context("stopping the VM")?;
     Ok(RunReport {
         workload: w.name().to_string(),
         mem_mib: mem_bytes >> 20,
         boot_ms: b.boot.as_secs_f64() * 1e3,
         first_response_ms: first_response.as_secs_f64() * 1e3,
+        cpu_mode,
         run,
     })
 }

@@ -34,8 +34,10 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "{:<10} {:>10} {:>15} {:>10} {:>10} {:>10}",
         "workload", "boot", "1st response", "req/s", "p50", "p99"
     );
+    let mut modes = Vec::new();
     for w in Workload::ALL {
         let r = runner::run(w, a.mem, a.requests, 4)?;
+        modes.push(r.cpu_mode);
         println!(
             "{:<10} {:>10} {:>15} {:>10.0} {:>10} {:>10}",
             r.workload,
@@ -46,6 +48,18 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             fmt_us(r.run.latency.p99_us)
         );
     }
+    let mode = |m: &Option<kscope_vmm::CpuMode>| m.map_or("unreported", |m| m.as_str());
+    println!(
+        "\nThe guest kernel ran {} (asked for: {}; `--guest-mode` chooses).",
+        modes
+            .iter()
+            .map(mode)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(" and "),
+        kscope_vmm::GuestMode::process_default()
+    );
     let intros = [
         (
             kscope_vmm::MemoryMode::Lazy,

@@ -35,6 +35,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     println!("workload            {}", r.workload);
     println!("guest memory        {} MiB", r.mem_mib);
+    println!(
+        "guest kernel        {}",
+        r.cpu_mode.map_or("mode not reported", |m| m.as_str())
+    );
     println!("boot (to ready)     {}", fmt_us(r.boot_ms * 1e3));
     println!("first response      {}", fmt_us(r.first_response_ms * 1e3));
     println!(
