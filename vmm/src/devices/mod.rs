@@ -21,7 +21,7 @@ pub struct DeviceStates {
     pub block: virtio_mmio::TransportState,
     /// The request device transport.
     pub request: virtio_mmio::TransportState,
-    /// The virtio-net transport (VMs with a network).
+    /// The virtio-net transport (VMs with a network; absent in states written before 2.1).
     #[serde(default)]
     pub net: Option<virtio_mmio::TransportState>,
 }
@@ -48,5 +48,29 @@ impl DeviceSet {
             request: lock(&self.request).save_state(),
             net: self.net.as_deref().map(|n| lock(n).save_state()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_states_written_before_the_net_device_still_load() {
+        let with_net = DeviceStates {
+            net: Some(virtio_mmio::TransportState {
+                status: 15,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut v = serde_json::to_value(&with_net).unwrap();
+        let back: DeviceStates = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back, with_net);
+        // A 2.0 state has no `net` key at all.
+        v.as_object_mut().unwrap().remove("net");
+        let old: DeviceStates = serde_json::from_value(v).unwrap();
+        assert_eq!(old.net, None);
+        assert_eq!(old.request, with_net.request);
     }
 }
