@@ -24,6 +24,7 @@ async fn limits_answer_429() {
         max_vms: 1,
         max_clones: 2,
         max_guest_mem: 160 << 20,
+        ..Limits::default()
     };
     let (srv, c) = start(limits, |_| {}).await;
     // More memory than the service allows, before any VM exists.
@@ -464,6 +465,7 @@ async fn fifty_concurrent_requests_and_clone_calls() {
             max_vms: 4,
             max_clones: 64,
             max_guest_mem: 16 << 30,
+            ..Limits::default()
         },
         |_| {},
     )

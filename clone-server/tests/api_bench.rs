@@ -21,6 +21,7 @@ fn big_limits() -> Limits {
         max_vms: 16,
         max_clones: 256,
         max_guest_mem: 64 << 30,
+        ..Limits::default()
     }
 }
 

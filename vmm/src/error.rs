@@ -166,6 +166,20 @@ pub enum VmError {
         what: String,
     },
 
+    /// KVM refused a saved vCPU state (a snapshot or clone state it cannot load); nothing
+    /// runs from it.
+    #[error("KVM rejected the saved vCPU {vcpu} state: {op} failed with {source}; the snapshot's {part} is not valid on this host (take the snapshot again, on a host like this one)")]
+    StateRejected {
+        /// The vCPU index.
+        vcpu: u32,
+        /// The ioctl that refused it.
+        op: &'static str,
+        /// Which part of the state (registers, special registers, FPU, ...).
+        part: &'static str,
+        /// The host error (usually EINVAL).
+        source: errno::Error,
+    },
+
     /// Reading or writing a snapshot failed (I/O, no space).
     #[error("snapshot I/O failed: {0}")]
     SnapshotIo(String),
@@ -177,11 +191,23 @@ pub enum VmError {
 
 impl From<crate::lazy::LazyError> for VmError {
     fn from(e: crate::lazy::LazyError) -> Self {
-        VmError::Memory(e.to_string())
+        VmError::from_lazy(&e)
     }
 }
 
 impl VmError {
+    /// The VM-level error of a lazy-memory error: a page that failed its snapshot checksum is
+    /// [`VmError::SnapshotCorrupt`] naming the memory file.
+    pub fn from_lazy(e: &crate::lazy::LazyError) -> Self {
+        match e {
+            crate::lazy::LazyError::Corrupt { gfn, path, what } => VmError::SnapshotCorrupt {
+                path: path.clone(),
+                what: format!("guest page {gfn}: {what}; the page was not given to the guest"),
+            },
+            e => VmError::Memory(e.to_string()),
+        }
+    }
+
     /// Build a [`VmError::Kvm`] from the current `errno`-style error.
     pub fn kvm(op: &'static str, source: errno::Error) -> Self {
         VmError::Kvm { op, source }

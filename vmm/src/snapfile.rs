@@ -15,22 +15,31 @@
 //! Header layout (little endian): `magic[8] = "KSCOPESN"`, `version: u32`, `flags: u32 = 0`,
 //! `body_len: u64`, `crc32: u32` (over the whole file except these 4 bytes), `reserved: u32`.
 //! Body v1: `mem_pages: u64`, `mem_data_pages: u64`, `mem_crc: u32`, `reserved: u32`, payload.
+//! Body v2 (written now): the v1 fixed part, then `page_crc: [u32; mem_pages]` (CRC-32 of
+//! every guest page as it reads back, holes included), then the payload. The page table lets
+//! a lazy restore check each page when it is first fetched ([`VerifiedImage`]); version 1
+//! files are still read, and their memory is verified in one pass before use.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::lazy::{FileImage, LazyError, PageSource, PAGE_SIZE};
+use crate::lazy::{
+    page_crc, zero_page_crc, FileImage, LazyError, PageSource, VerifiedImage, PAGE_SIZE,
+};
 
 /// Magic bytes at the start of a state file.
 pub const MAGIC: [u8; 8] = *b"KSCOPESN";
-/// Format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version this code writes (it also reads [`FORMAT_V1`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format: no per-page checksums (memory verified whole on open).
+pub const FORMAT_V1: u32 = 1;
 const HEADER_LEN: usize = 32;
 const BODY_FIXED: usize = 24;
 /// Largest body accepted on read (guards against absurd lengths in a damaged header).
@@ -67,7 +76,7 @@ pub enum SnapError {
         found: [u8; 8],
     },
     /// Written by another format version.
-    #[error("{} has snapshot format version {found}, this build supports version {supported}; take the snapshot again with this build", path.display())]
+    #[error("{} has snapshot format version {found}, this build reads versions 1 to {supported}; take the snapshot again with this build", path.display())]
     UnsupportedVersion {
         /// The file.
         path: PathBuf,
@@ -148,8 +157,12 @@ pub struct MemoryInfo {
 /// A validated state file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateFile {
+    /// Format version of the file.
+    pub version: u32,
     /// The memory file's description.
     pub memory: MemoryInfo,
+    /// CRC-32 of every page (version 2; `None` for version 1 files).
+    pub page_crcs: Option<Vec<u32>>,
     /// The opaque payload.
     pub payload: Vec<u8>,
 }
@@ -236,8 +249,8 @@ fn sync_dir(path: &Path) -> Result<()> {
         .map_err(io_at("fsync directory", dir))
 }
 
-fn encode_state(memory: &MemoryInfo, payload: &[u8]) -> Vec<u8> {
-    let body_len = (BODY_FIXED + payload.len()) as u64;
+fn encode_state(memory: &MemoryInfo, page_crcs: &[u32], payload: &[u8]) -> Vec<u8> {
+    let body_len = (BODY_FIXED + 4 * page_crcs.len() + payload.len()) as u64;
     let mut out = Vec::with_capacity(HEADER_LEN + body_len as usize);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -248,6 +261,9 @@ fn encode_state(memory: &MemoryInfo, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&memory.data_pages.to_le_bytes());
     out.extend_from_slice(&memory.crc.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
+    for c in page_crcs {
+        out.extend_from_slice(&c.to_le_bytes());
+    }
     out.extend_from_slice(payload);
     let crc = state_crc(&out);
     out[24..28].copy_from_slice(&crc.to_le_bytes());
@@ -287,7 +303,7 @@ fn decode_state(path: &Path, bytes: &[u8]) -> Result<StateFile> {
         });
     }
     let version = u32_at(bytes, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_V1 {
         return Err(SnapError::UnsupportedVersion {
             path: path.into(),
             found: version,
@@ -320,13 +336,34 @@ fn decode_state(path: &Path, bytes: &[u8]) -> Result<StateFile> {
         });
     }
     let b = &bytes[HEADER_LEN..];
+    let memory = MemoryInfo {
+        pages: u64_at(b, 0),
+        data_pages: u64_at(b, 8),
+        crc: u32_at(b, 16),
+    };
+    let (page_crcs, payload_at) = if version == FORMAT_V1 {
+        (None, BODY_FIXED)
+    } else {
+        let table = memory
+            .pages
+            .checked_mul(4)
+            .filter(|&t| t <= body_len - BODY_FIXED as u64)
+            .ok_or_else(|| SnapError::Length {
+                path: path.into(),
+                expected: HEADER_LEN as u64 + BODY_FIXED as u64 + memory.pages.saturating_mul(4),
+                actual,
+            })? as usize;
+        let crcs = b[BODY_FIXED..BODY_FIXED + table]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        (Some(crcs), BODY_FIXED + table)
+    };
     Ok(StateFile {
-        memory: MemoryInfo {
-            pages: u64_at(b, 0),
-            data_pages: u64_at(b, 8),
-            crc: u32_at(b, 16),
-        },
-        payload: b[BODY_FIXED..].to_vec(),
+        version,
+        memory,
+        page_crcs,
+        payload: b[payload_at..].to_vec(),
     })
 }
 
@@ -350,15 +387,33 @@ pub fn read_state(path: &Path) -> Result<StateFile> {
 pub fn write_state(path: &Path, payload: &[u8]) -> Result<()> {
     let tmp = TempFile::create(path)?;
     tmp.file()
-        .write_all(&encode_state(&MemoryInfo::default(), payload))
+        .write_all(&encode_state(&MemoryInfo::default(), &[], payload))
         .map_err(io_at("write", &tmp.tmp))?;
     tmp.sync()?;
     tmp.commit(path)?;
     sync_dir(path)
 }
 
-/// Writes the non-zero pages of `memory` into a fresh sparse temporary file.
-fn write_memory(tmp: &TempFile, memory: &dyn PageSource) -> Result<MemoryInfo> {
+/// Replaces the payload of an existing state file (atomically), keeping its memory record
+/// and page table, with a valid checksum. For tools and tests that edit a snapshot's state.
+pub fn rewrite_payload(path: &Path, payload: &[u8]) -> Result<()> {
+    let old = read_state(path)?;
+    let tmp = TempFile::create(path)?;
+    tmp.file()
+        .write_all(&encode_state(
+            &old.memory,
+            old.page_crcs.as_deref().unwrap_or(&[]),
+            payload,
+        ))
+        .map_err(io_at("write", &tmp.tmp))?;
+    tmp.sync()?;
+    tmp.commit(path)?;
+    sync_dir(path)
+}
+
+/// Writes the non-zero pages of `memory` into a fresh sparse temporary file; returns its
+/// description and the CRC-32 of every page.
+fn write_memory(tmp: &TempFile, memory: &dyn PageSource) -> Result<(MemoryInfo, Vec<u32>)> {
     let f = tmp.file();
     let pages = memory.pages();
     f.set_len(pages * PAGE_SIZE as u64)
@@ -371,6 +426,7 @@ fn write_memory(tmp: &TempFile, memory: &dyn PageSource) -> Result<MemoryInfo> {
     let mut run: Vec<u8> = Vec::with_capacity(WRITE_RUN * PAGE_SIZE);
     let mut run_start = 0u64;
     let mut page = [0u8; PAGE_SIZE];
+    let mut crcs = Vec::with_capacity(pages as usize);
     let flush = |run: &mut Vec<u8>, start: u64| -> Result<()> {
         if !run.is_empty() {
             f.write_all_at(run, start * PAGE_SIZE as u64)
@@ -385,9 +441,11 @@ fn write_memory(tmp: &TempFile, memory: &dyn PageSource) -> Result<MemoryInfo> {
             page.iter().all(|&b| b == 0)
         };
         if zero {
+            crcs.push(zero_page_crc());
             flush(&mut run, run_start)?;
             continue;
         }
+        crcs.push(page_crc(&page));
         if run.is_empty() {
             run_start = g;
         }
@@ -402,7 +460,7 @@ fn write_memory(tmp: &TempFile, memory: &dyn PageSource) -> Result<MemoryInfo> {
     flush(&mut run, run_start)?;
     tmp.sync()?;
     info.crc = crc.finalize();
-    Ok(info)
+    Ok((info, crcs))
 }
 
 /// Writes a snapshot: the sparse memory file of `memory` and a state file holding
@@ -413,11 +471,11 @@ pub fn write_snapshot_bytes(
     memory: &dyn PageSource,
 ) -> Result<MemoryInfo> {
     let mem_tmp = TempFile::create(&paths.memory)?;
-    let info = write_memory(&mem_tmp, memory)?;
+    let (info, crcs) = write_memory(&mem_tmp, memory)?;
     let state_tmp = TempFile::create(&paths.state)?;
     state_tmp
         .file()
-        .write_all(&encode_state(&info, payload))
+        .write_all(&encode_state(&info, &crcs, payload))
         .map_err(io_at("write", &state_tmp.tmp))?;
     state_tmp.sync()?;
     mem_tmp.commit(&paths.memory)?;
@@ -442,6 +500,11 @@ pub fn write_snapshot<T: Serialize>(
 /// Opens a snapshot: validates the state file, then checks that the memory file has the
 /// recorded size and opens it as a page source. Returns the raw payload.
 pub fn open_snapshot_bytes(paths: &SnapshotPaths) -> Result<(Vec<u8>, MemoryInfo, FileImage)> {
+    let (state, image) = open_parts(paths)?;
+    Ok((state.payload, state.memory, image))
+}
+
+fn open_parts(paths: &SnapshotPaths) -> Result<(StateFile, FileImage)> {
     let state = read_state(&paths.state)?;
     let len = std::fs::metadata(&paths.memory)
         .map_err(io_at("stat", &paths.memory))?
@@ -454,7 +517,96 @@ pub fn open_snapshot_bytes(paths: &SnapshotPaths) -> Result<(Vec<u8>, MemoryInfo
         });
     }
     let image = FileImage::open(&paths.memory, Some(state.memory.pages))?;
-    Ok((state.payload, state.memory, image))
+    Ok((state, image))
+}
+
+/// Opens a snapshot whose memory is checked as it is read: with a version 2 state file, each
+/// page against its recorded CRC-32 when it is first read (a lazy restore stays lazy); with a
+/// version 1 file, the whole memory file now ([`verify_memory`]). A page that fails its check
+/// gives [`LazyError::Corrupt`] naming the memory file, never its data.
+pub fn open_snapshot_verified<T: DeserializeOwned>(
+    paths: &SnapshotPaths,
+) -> Result<(T, MemoryInfo, Arc<dyn PageSource>)> {
+    let v = open_snapshot_bytes_verified(paths)?;
+    Ok((serde_json::from_slice(&v.payload)?, v.memory, v.image))
+}
+
+/// A snapshot opened by [`open_snapshot_bytes_verified`].
+pub struct VerifiedSnapshot {
+    /// The raw payload.
+    pub payload: Vec<u8>,
+    /// The memory file's description.
+    pub memory: MemoryInfo,
+    /// True if the state file holds a CRC-32 per page (format 2): pages are checked as read.
+    pub page_table: bool,
+    /// The memory, checked as it is read.
+    pub image: Arc<dyn PageSource>,
+}
+
+/// [`open_snapshot_verified`] with the raw payload, and whether the file had a page table.
+pub fn open_snapshot_bytes_verified(paths: &SnapshotPaths) -> Result<VerifiedSnapshot> {
+    let (state, image) = open_parts(paths)?;
+    let page_table = state.page_crcs.is_some();
+    let image: Arc<dyn PageSource> = match state.page_crcs {
+        Some(crcs) => Arc::new(VerifiedImage::new(
+            Arc::new(image),
+            crcs.into(),
+            paths.memory.display().to_string(),
+        )?),
+        None => {
+            verify_memory(&state.memory, &image, &paths.memory)?;
+            Arc::new(image)
+        }
+    };
+    Ok(VerifiedSnapshot {
+        payload: state.payload,
+        memory: state.memory,
+        page_table,
+        image,
+    })
+}
+
+/// Removes what an interrupted writer (a process killed during [`write_snapshot`]) left in
+/// `dir`: `.<name>.tmp-<pid>-<n>` files of processes that no longer run, and `.<name>.tmp`
+/// files (written by a snapshot's blob writer, which runs only while the caller holds the
+/// directory). Returns the removed paths.
+pub fn clean_leftovers(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            continue;
+        }
+        let stale = if name.ends_with(".tmp") {
+            true
+        } else if let Some((_, tail)) = name.rsplit_once(".tmp-") {
+            match tail.split('-').next().and_then(|p| p.parse::<i32>().ok()) {
+                Some(pid) => !process_alive(pid),
+                None => false,
+            }
+        } else {
+            false
+        };
+        if stale && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    if pid as u32 == std::process::id() {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// [`open_snapshot_bytes`] with a serde payload.
@@ -623,7 +775,7 @@ mod tests {
             }
         ));
         assert!(
-            e.to_string().contains("version 7") && e.to_string().contains("supports version 1"),
+            e.to_string().contains("version 7") && e.to_string().contains("versions 1 to 2"),
             "{e}"
         );
         for cut in [0, 5, 20, good.len() - 1] {
@@ -671,6 +823,86 @@ mod tests {
             open_snapshot_bytes(&paths),
             Err(SnapError::Checksum { .. })
         ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn version_1_files_are_read_and_verified_whole() {
+        let _g = crate::lazy::tests::fd_guard();
+        let dir = scratch("v1");
+        let paths = SnapshotPaths::in_dir(&dir);
+        let info = write_snapshot(&paths, &sample(), &memory()).unwrap();
+        // Rewrite the state file as version 1: no page table.
+        let mut v1 = encode_state(&info, &[], &serde_json::to_vec(&sample()).unwrap());
+        v1[8..12].copy_from_slice(&FORMAT_V1.to_le_bytes());
+        let crc = state_crc(&v1);
+        v1[24..28].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&paths.state, &v1).unwrap();
+        let st = read_state(&paths.state).unwrap();
+        assert_eq!((st.version, st.page_crcs.is_none()), (1, true));
+        let (v, _, image): (Vcpu, _, _) = open_snapshot_verified(&paths).unwrap();
+        assert_eq!(v, sample());
+        let mut page = [0u8; PAGE_SIZE];
+        image.read_page(5, &mut page).unwrap();
+        // A damaged v1 memory file is refused on open.
+        let f = OpenOptions::new().write(true).open(&paths.memory).unwrap();
+        f.write_all_at(&[0xEE], 41 * PAGE_SIZE as u64).unwrap();
+        let Err(e) = open_snapshot_verified::<Vcpu>(&paths) else {
+            panic!("a damaged version 1 memory file was accepted");
+        };
+        assert!(matches!(e, SnapError::MemoryMismatch { .. }), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn version_2_checks_each_page_when_read() {
+        let _g = crate::lazy::tests::fd_guard();
+        let dir = scratch("v2");
+        let paths = SnapshotPaths::in_dir(&dir);
+        write_snapshot(&paths, &sample(), &memory()).unwrap();
+        let st = read_state(&paths.state).unwrap();
+        assert_eq!(st.version, FORMAT_VERSION);
+        assert_eq!(st.page_crcs.as_ref().map(Vec::len), Some(64));
+        let f = OpenOptions::new().write(true).open(&paths.memory).unwrap();
+        // Page 41 gets a flipped byte; page 20 (a hole) gets data.
+        f.write_all_at(&[0xEE], 41 * PAGE_SIZE as u64 + 9).unwrap();
+        f.write_all_at(&[0x01], 20 * PAGE_SIZE as u64).unwrap();
+        // Opening stays cheap: nothing is read yet.
+        let (_, _, image): (Vcpu, _, _) = open_snapshot_verified(&paths).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        image.read_page(0, &mut page).unwrap();
+        image.read_page(40, &mut page).unwrap();
+        for bad in [41, 20] {
+            let e = image.read_page(bad, &mut page).unwrap_err();
+            assert!(
+                matches!(&e, LazyError::Corrupt { gfn, path, .. } if *gfn == bad && path.ends_with("memory.kmem")),
+                "{e}"
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn leftovers_of_dead_writers_are_removed() {
+        let dir = scratch("left");
+        let dead = ".memory.kmem.tmp-999999999-0";
+        let mine = format!(".memory.kmem.tmp-{}-7", std::process::id());
+        for n in [
+            dead,
+            ".kernel.elf.tmp",
+            mine.as_str(),
+            "memory.kmem",
+            ".keep",
+        ] {
+            std::fs::write(dir.join(n), b"x").unwrap();
+        }
+        let mut removed: Vec<String> = clean_leftovers(&dir)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        removed.sort();
+        assert_eq!(removed, vec![".kernel.elf.tmp", dead]);
+        assert_eq!(listing(&dir), vec![".keep", mine.as_str(), "memory.kmem"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

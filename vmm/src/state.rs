@@ -47,9 +47,16 @@ impl std::fmt::Display for FormatVersion {
 
 /// Version of the serialized [`MachineState`] (and the snapshot payload around it).
 /// 2.0: neutral vCPU state (registers and MSRs as values, backend part tagged), clock as
-/// nanoseconds, the host CPU recorded. 2.1: the virtio-net transport in [`DeviceStates`]
-/// (`net`, absent in 2.0 states).
-pub const STATE_VERSION: FormatVersion = FormatVersion { major: 2, minor: 1 };
+/// nanoseconds, the host CPU recorded.
+/// 2.1: the snapshot records a CRC-32 per memory page (state file format 2,
+/// [`crate::snapfile`]), checked when a page is first read; a 2.1 payload without that table
+/// is refused as corrupt. 2.0 snapshots (format 1, no table) are still read: their memory is
+/// verified whole when opened.
+/// 2.2: the virtio-net transport in [`DeviceStates`] (`net`, absent before 2.2).
+pub const STATE_VERSION: FormatVersion = FormatVersion { major: 2, minor: 2 };
+
+/// The first [`STATE_VERSION`] whose snapshots carry a per-page CRC-32 table.
+pub const PAGE_CRC_VERSION: FormatVersion = FormatVersion { major: 2, minor: 1 };
 
 /// Everything a VM needs to resume: vCPU and device state, the clock and the host CPU it was
 /// saved on. Serializable (see the module docs before changing it).
@@ -118,7 +125,8 @@ pub(crate) fn capture(
 }
 
 /// Set up a new VM from `state`: its clock, then one vCPU per saved state (CPUID, then the
-/// saved registers, MSRs and the rest). Devices are restored when the VM is assembled.
+/// saved registers, MSRs and the rest). Devices are restored when the VM is assembled. A state
+/// the hypervisor refuses is [`VmError::StateRejected`], naming the vCPU and the part.
 pub(crate) fn restore_vcpus(
     hv: &dyn HvVm,
     state: &MachineState,
@@ -252,7 +260,15 @@ mod tests {
         assert!(!v(2, 1).can_read(v(2, 2)), "newer minor");
         assert!(!v(2, 1).can_read(v(1, 0)), "older major");
         assert!(!v(2, 1).can_read(v(3, 0)), "newer major");
-        assert_eq!(STATE_VERSION.to_string(), "2.1");
+        assert_eq!(STATE_VERSION.to_string(), "2.2");
+        assert!(
+            STATE_VERSION.can_read(v(2, 0)),
+            "2.0 snapshots stay readable"
+        );
+        assert!(
+            STATE_VERSION.can_read(PAGE_CRC_VERSION),
+            "2.1 snapshots stay readable"
+        );
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Most guest memory of all VMs together (e.g. 8G).
     #[arg(long, default_value = "8G", value_parser = kscope_vmm::summary::parse_size)]
     pub max_guest_mem: u64,
+    /// Overcommit ratio of lazy clones: each is charged 1/RATIO of its size against
+    /// --max-guest-mem (or its real footprint once that is larger); 1 charges the full size.
+    #[arg(long, default_value_t = 1.0, value_parser = overcommit_arg)]
+    pub overcommit: f64,
     /// Guest memory of a VM created without one.
     #[arg(long, default_value = "64M", value_parser = super::mem_arg)]
     pub default_mem: u64,
@@ -51,11 +55,21 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             max_vms: a.max_vms,
             max_clones: a.max_clones,
             max_guest_mem: a.max_guest_mem,
+            overcommit: a.overcommit,
         },
         default_mem: a.default_mem,
         ..ServeOptions::default()
     };
     tokio_runtime()?.block_on(server::serve(opts))
+}
+
+fn overcommit_arg(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && (1.0..=1000.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "overcommit {s:?}: give a ratio from 1 to 1000, e.g. 8"
+        )),
+    }
 }
 
 /// Arguments of `kscope lb`.

@@ -120,9 +120,11 @@ pub fn make_clones(
     req: &CloneRequest,
     prefix: &str,
 ) -> ApiResult<MadeBatch> {
-    let vm_err = |e| ApiError::from_vm(&parent.id, e);
     let t_freeze = Instant::now();
-    let generation = parent.vm.freeze().map_err(vm_err)?;
+    let generation = parent
+        .vm
+        .freeze()
+        .map_err(|e| clone_err(parent, &format!("freezing VM {}", parent.id), e))?;
     let freeze = t_freeze.elapsed();
     let t_color = Instant::now();
     let ctx = match req.prefetch.name {
@@ -146,7 +148,13 @@ pub fn make_clones(
         name_prefix: prefix.to_string(),
         ..CloneOptions::default()
     };
-    let batch = generation.spawn(req.n, &opts).map_err(vm_err)?;
+    let batch = generation.spawn(req.n, &opts).map_err(|e| {
+        clone_err(
+            parent,
+            &format!("creating {} clones of VM {}", req.n, parent.id),
+            e,
+        )
+    })?;
     tracing::info!(
         parent = %parent.id,
         n = req.n,
@@ -170,6 +178,26 @@ pub fn make_clones(
         parent_pause: batch.parent_pause,
         color,
     })
+}
+
+/// The API error of a failed freeze or spawn: the parent's only if its state refused the
+/// operation or it is no longer healthy; otherwise a creation error (a host limit, a bad
+/// generation) that never blames a healthy parent.
+fn clone_err(parent: &VmEntry, what: &str, e: kscope_vmm::VmError) -> ApiError {
+    match e {
+        // The parent itself cannot be cloned in its state (paused is fine, failed is not).
+        kscope_vmm::VmError::BadState(_) => ApiError::from_vm(&parent.id, e),
+        e if !parent_ok(parent) => ApiError::from_vm(&parent.id, e),
+        e => ApiError::creating(what, e),
+    }
+}
+
+/// True while the parent runs or is paused (a clone failure is then not the parent's).
+fn parent_ok(parent: &VmEntry) -> bool {
+    matches!(
+        parent.vm.state(),
+        kscope_vmm::VmState::Running | kscope_vmm::VmState::Paused
+    )
 }
 
 #[cfg(test)]

@@ -44,6 +44,12 @@ pub enum ApiError {
     /// The VM failed (panicked, unresponsive, stopped).
     #[error("{0}")]
     VmFailed(String),
+    /// The VM was deleted while the request was in flight.
+    #[error("{0}")]
+    Gone(String),
+    /// The host cannot take more VMs now (open files, memory); no VM failed.
+    #[error("{0}")]
+    Unavailable(String),
     /// A bug or a host failure.
     #[error("{0}")]
     Internal(String),
@@ -70,6 +76,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::VmFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +95,8 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Limit(_) => "limit_exceeded",
             ApiError::VmFailed(_) => "vm_failed",
+            ApiError::Gone(_) => "vm_deleted",
+            ApiError::Unavailable(_) => "host_limit",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -106,6 +116,37 @@ impl ApiError {
             _ => ApiError::VmFailed(format!(
                 "VM {id} failed: {e}; delete it with DELETE /v1/vms/{id} and create a new one"
             )),
+        }
+    }
+
+    /// Map a VMM error of creating VMs (clones of `parent`, a boot, a restore) when `parent`
+    /// itself is fine: a host limit (open files, memory, threads) is 503 with the reason, any
+    /// other error 500; neither blames the parent.
+    pub fn creating(what: &str, e: VmError) -> Self {
+        let text = e.to_string();
+        let host_limit = match &e {
+            VmError::Kvm { source, .. } => {
+                matches!(
+                    source.errno(),
+                    libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN
+                )
+            }
+            _ => [
+                "Too many open files",
+                "Cannot allocate memory",
+                "Resource temporarily unavailable",
+            ]
+            .iter()
+            .any(|m| text.contains(m)),
+        };
+        if host_limit {
+            ApiError::Unavailable(format!(
+                "{what}: the host ran out of a resource: {text}. No existing VM failed; delete VMs or raise the host limit (ulimit -n, memory) and retry"
+            ))
+        } else {
+            ApiError::Internal(format!(
+                "{what} failed: {text}; no existing VM was affected"
+            ))
         }
     }
 }

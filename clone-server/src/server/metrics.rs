@@ -85,6 +85,10 @@ pub struct Gauges {
     pub pages_fetched: u64,
     /// Host memory owned by live VMs.
     pub footprint: u64,
+    /// Open file descriptors of the service.
+    pub open_files: u64,
+    /// Its soft RLIMIT_NOFILE.
+    pub open_files_limit: u64,
 }
 
 impl Metrics {
@@ -123,19 +127,31 @@ impl Metrics {
             "Host memory owned by live VMs (private pages).",
             g.footprint,
         );
+        gauge(
+            &mut o,
+            "kscope_open_files",
+            "Open file descriptors of the service.",
+            g.open_files,
+        );
+        gauge(
+            &mut o,
+            "kscope_open_files_limit",
+            "Soft open-file limit of the service (raised to the hard limit at start).",
+            g.open_files_limit,
+        );
         let counter = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
         counter(
             &mut o,
             "kscope_faults_total",
-            "Page faults served for live VMs.",
+            "Page faults served, over every VM the service ran (deleted ones included).",
             g.faults,
         );
         counter(
             &mut o,
             "kscope_pages_fetched_total",
-            "Pages installed in live VMs (lazy memory).",
+            "Pages installed in lazily served VMs, over every VM the service ran.",
             g.pages_fetched,
         );
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);

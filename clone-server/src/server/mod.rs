@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod clones;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod registry;
 pub mod routes;
@@ -86,6 +87,8 @@ pub struct AppState {
     pub opts: ServeOptions,
     /// State directory.
     pub state_dir: PathBuf,
+    /// The open-file budget (soft RLIMIT_NOFILE, raised at start).
+    pub fds: limits::FdBudget,
     kernel: OnceLock<Arc<[u8]>>,
     disk: OnceLock<Arc<[u8]>>,
 }
@@ -203,9 +206,12 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening on a non-loopback address: anyone who can reach it and has the token controls VMs");
     }
+    let nofile = limits::raise_nofile(1 << 20);
+    clean_snapshot_leftovers(&state_dir);
     let state = Arc::new(AppState {
         registry: registry::Registry::new(opts.limits),
         metrics: metrics::Metrics::default(),
+        fds: limits::FdBudget::new(nofile),
         opts,
         state_dir,
         kernel: OnceLock::new(),
@@ -229,6 +235,18 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         stop: Some(tx),
         task,
     })
+}
+
+/// Removes what snapshot writers killed mid-write left in the snapshot directories.
+fn clean_snapshot_leftovers(state_dir: &std::path::Path) {
+    let Ok(dirs) = std::fs::read_dir(state_dir.join("snapshots")) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        for p in kscope_vmm::snapfile::clean_leftovers(&d.path()) {
+            tracing::info!(file = %p.display(), "removed the leftover of an interrupted snapshot write");
+        }
+    }
 }
 
 async fn signal() {

@@ -18,14 +18,18 @@ use kscope_vmm::summary::LatencySummary;
 pub const LATENCY_WINDOW: usize = 4096;
 
 /// Limits on what the service runs at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Parent VMs.
     pub max_vms: usize,
     /// Clones (over all parents).
     pub max_clones: usize,
-    /// Guest RAM of all live VMs together (clones count their full size).
+    /// Guest RAM committed to all live VMs together (see [`limits`](super::limits): parents
+    /// and eager clones count their full size, lazy clones `size / overcommit` or their real
+    /// footprint if larger).
     pub max_guest_mem: u64,
+    /// Overcommit ratio of lazy clones (1 = each counts its full size).
+    pub overcommit: f64,
 }
 
 impl Default for Limits {
@@ -34,6 +38,7 @@ impl Default for Limits {
             max_vms: 16,
             max_clones: 256,
             max_guest_mem: 8 << 30,
+            overcommit: 1.0,
         }
     }
 }
@@ -132,11 +137,16 @@ pub struct VmEntry {
     pub policy: Option<String>,
     /// Set once the failure has been counted.
     pub failure_counted: AtomicBool,
+    /// Bytes charged against `max_guest_mem` at creation.
+    pub charge: u64,
+    /// Set when the VM is deleted (requests in flight then answer 410).
+    pub deleted: AtomicBool,
 }
 
 impl VmEntry {
     /// The entry of a parent VM (booted or restored) that has just become ready.
     pub fn parent(id: String, workload: Workload, vm: Vm, boot: Duration) -> VmEntry {
+        let charge = vm.mem_bytes();
         VmEntry {
             id,
             kind: VmKind::Parent,
@@ -150,7 +160,14 @@ impl VmEntry {
             children: Default::default(),
             policy: None,
             failure_counted: Default::default(),
+            charge,
+            deleted: Default::default(),
         }
+    }
+
+    /// True for a clone whose memory is served lazily (charged with overcommit).
+    pub fn lazy_clone(&self) -> bool {
+        self.kind == VmKind::Clone && self.charge < self.mem_bytes
     }
 }
 
@@ -330,6 +347,17 @@ pub struct Registry {
     usage: Mutex<Usage>,
     next_id: AtomicU64,
     generation: AtomicU64,
+    /// Counter totals of deleted and stopped VMs (so that the service's counters never
+    /// fall), and the deleted VMs still stopping (counted live until then).
+    retired: Mutex<Retired>,
+}
+
+/// Fault-server counters of deleted VMs.
+#[derive(Debug, Default)]
+struct Retired {
+    faults: u64,
+    pages_fetched: u64,
+    stopping: Vec<Arc<VmEntry>>,
 }
 
 impl Registry {
@@ -341,6 +369,7 @@ impl Registry {
             usage: Mutex::default(),
             next_id: AtomicU64::new(1),
             generation: AtomicU64::new(1),
+            retired: Mutex::default(),
         })
     }
 
@@ -366,6 +395,7 @@ impl Registry {
         clones: usize,
         mem: u64,
     ) -> ApiResult<Reservation> {
+        let grown = self.footprint_growth();
         let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         let l = self.limits;
         if u.parents + parents > l.max_vms {
@@ -380,11 +410,14 @@ impl Registry {
                 u.clones, l.max_clones
             )));
         }
-        if u.mem.saturating_add(mem) > l.max_guest_mem {
+        let used = u.mem.saturating_add(grown);
+        if used.saturating_add(mem) > l.max_guest_mem {
             return Err(ApiError::Limit(format!(
-                "{} MiB of {} MiB guest memory are in use and {} MiB more were asked for; delete VMs, use less memory or start the service with a larger --max-guest-mem",
-                u.mem >> 20,
+                "{} MiB of {} MiB guest memory are committed ({} MiB of it grown by lazy clones past their overcommitted share, overcommit ratio {}) and {} MiB more were asked for; delete VMs, use less memory or start the service with a larger --max-guest-mem or --overcommit",
+                used >> 20,
                 l.max_guest_mem >> 20,
+                grown >> 20,
+                l.overcommit,
                 mem >> 20
             )));
         }
@@ -465,9 +498,13 @@ impl Registry {
             order.extend(kids.iter().filter_map(|k| vms.get(k).cloned()));
             i += 1;
         }
+        let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
         for e in &order {
             vms.remove(&e.id);
+            e.deleted.store(true, Ordering::Release);
+            r.stopping.push(e.clone());
         }
+        drop(r);
         if let Some(p) = order[0].parent.as_ref().and_then(|p| vms.get(p)) {
             p.children
                 .lock()
@@ -480,10 +517,35 @@ impl Registry {
                 VmKind::Parent => (1, 0),
                 VmKind::Clone => (0, 1),
             };
-            self.release(parents, clones, e.mem_bytes);
+            self.release(parents, clones, e.charge);
         }
         order.reverse();
         Ok(order)
+    }
+
+    /// A VM removed by [`Registry::remove_tree`] has stopped: its final counters join the
+    /// totals of deleted VMs.
+    pub fn retire(&self, e: &Arc<VmEntry>) {
+        let m = e.memory();
+        let _vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = r.stopping.iter().position(|x| Arc::ptr_eq(x, e)) {
+            r.stopping.swap_remove(i);
+            r.faults += m.faults;
+            r.pages_fetched += m.pages_fetched;
+        }
+    }
+
+    /// Bytes by which lazy clones' real footprints exceed what they were charged.
+    fn footprint_growth(&self) -> u64 {
+        if self.limits.overcommit <= 1.0 {
+            return 0;
+        }
+        self.list()
+            .iter()
+            .filter(|e| e.lazy_clone())
+            .map(|e| e.vm.memory_stats().footprint_bytes.saturating_sub(e.charge))
+            .sum()
     }
 
     /// Remove every VM (shutdown); the caller stops them.
@@ -499,13 +561,26 @@ impl Registry {
         all
     }
 
-    /// Gauges for `/metrics`.
+    /// Gauges for `/metrics`. The fault counters include deleted VMs' totals (read under the
+    /// registry lock, so a VM being deleted is counted once, never twice or not at all).
     pub fn gauges(&self) -> Gauges {
         let mut g = Gauges {
             guest_memory: self.usage.lock().unwrap_or_else(|p| p.into_inner()).mem,
             ..Gauges::default()
         };
-        for e in self.list() {
+        let live: Vec<(Arc<VmEntry>, MemoryStatsView)> = {
+            let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+            let r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            g.faults = r.faults;
+            g.pages_fetched = r.pages_fetched;
+            for e in &r.stopping {
+                let m = e.memory();
+                g.faults += m.faults;
+                g.pages_fetched += m.pages_fetched;
+            }
+            vms.values().map(|e| (e.clone(), e.memory())).collect()
+        };
+        for (e, m) in live {
             match e.kind {
                 VmKind::Parent => g.parents += 1,
                 VmKind::Clone => g.clones += 1,
@@ -516,7 +591,6 @@ impl Registry {
                 VmState::Failed(_) => g.failed += 1,
                 VmState::Stopped => {}
             }
-            let m = e.memory();
             g.faults += m.faults;
             g.pages_fetched += m.pages_fetched;
             g.footprint += m.footprint_bytes;

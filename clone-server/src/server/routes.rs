@@ -22,6 +22,7 @@ use serde_json::json;
 
 use super::clones::{self, CreateClones};
 use super::error::{ApiError, ApiResult, ErrorCode};
+use super::limits;
 use super::registry::{request_url, RequestStats, VmEntry, VmKind};
 use super::{AppState, MAX_BODY};
 use kscope_vmm::summary::parse_size;
@@ -122,7 +123,8 @@ async fn list_vms(State(s): St) -> Json<serde_json::Value> {
 #[serde(deny_unknown_fields)]
 struct CreateVm {
     workload: String,
-    memory: Option<String>,
+    /// A size string ("64M") or a number of bytes (checked by [`parse_memory`]).
+    memory: Option<serde_json::Value>,
     #[serde(default)]
     network: bool,
     guest_mode: Option<kscope_vmm::GuestMode>,
@@ -138,17 +140,32 @@ fn parse_workload(name: &str) -> ApiResult<Workload> {
     })
 }
 
-fn parse_memory(s: &AppState, m: Option<&str>) -> ApiResult<u64> {
+/// `memory` of `CreateVm`: a size string ("64M", "1G") or an integer number of bytes, as
+/// the spec says; any other JSON type is refused like a schema violation.
+fn parse_memory(s: &AppState, m: Option<&serde_json::Value>) -> ApiResult<u64> {
+    use serde_json::Value as V;
     let bytes = match m {
-        None => s.opts.default_mem,
-        Some(m) => parse_size(m).map_err(|e| ApiError::bad("bad_memory_size", e))?,
+        None | Some(V::Null) => s.opts.default_mem,
+        Some(V::String(t)) => parse_size(t).map_err(|e| ApiError::bad("bad_memory_size", e))?,
+        Some(V::Number(n)) => n.as_u64().ok_or_else(|| {
+            ApiError::bad(
+                "bad_memory_size",
+                format!("memory {n}: give a whole, positive number of bytes or a size like \"64M\""),
+            )
+        })?,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "invalid_json",
+                format!("memory {other}: must be a size string like \"64M\" or an integer number of bytes; see openapi.yaml"),
+            ))
+        }
     };
     kscope_vmm::memory::validate_size(bytes).map_err(|e| {
         ApiError::bad(
             "bad_memory_size",
             format!(
                 "memory {}: {e}; use e.g. \"64M\" or \"256M\"",
-                m.unwrap_or("default")
+                m.map_or_else(|| "default".to_string(), |v| v.to_string())
             ),
         )
     })?;
@@ -165,8 +182,9 @@ fn count_failure(s: &AppState, e: &VmEntry) {
 
 async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResult<Response> {
     let workload = parse_workload(&body.workload)?;
-    let mem = parse_memory(&s, body.memory.as_deref())?;
+    let mem = parse_memory(&s, body.memory.as_ref())?;
     let reservation = s.registry.reserve(1, 0, mem)?;
+    s.fds.check_vms(1, body.network)?;
     let id = s.registry.new_id();
     let st = s.clone();
     let vid = id.clone();
@@ -198,7 +216,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
         })
         .map_err(|e| match e {
             kscope_vmm::VmError::ModeUnavailable(m) => ApiError::bad("guest_mode_unavailable", m),
-            e => ApiError::from_vm(&vid, e),
+            e => ApiError::creating(&format!("booting VM {vid}"), e),
         })?;
         if let Err(e) = vm.wait_ready(st.opts.boot_timeout) {
             st.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
@@ -233,11 +251,13 @@ async fn get_stats(State(s): St, Path(id): Path<String>) -> ApiResult<Response> 
 async fn delete_vm(State(s): St, Path(id): Path<String>) -> ApiResult<Response> {
     let removed = s.registry.remove_tree(&id)?;
     let ids: Vec<String> = removed.iter().map(|e| e.id.clone()).collect();
+    let st = s.clone();
     control(move || {
         for e in removed {
             if let Err(err) = e.vm.stop() {
                 tracing::warn!(vm = %e.id, "stop failed: {err}");
             }
+            st.registry.retire(&e);
         }
         Ok(())
     })
@@ -334,6 +354,13 @@ async fn send_request(
             );
             Ok(resp)
         }
+        Err(_) if e.deleted.load(Ordering::Acquire) => {
+            e.stats.errors.fetch_add(1, Ordering::Relaxed);
+            s.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::Gone(format!(
+                "VM {id} was deleted (DELETE /v1/vms/{id}) while this request was in flight; send it to another VM"
+            )))
+        }
         Err(err) => {
             e.stats.errors.fetch_add(1, Ordering::Relaxed);
             s.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
@@ -351,15 +378,18 @@ async fn create_clones(
     let start = Instant::now();
     let req = body.validate()?;
     let parent = s.registry.get(&id)?;
-    let mut reservation =
-        s.registry
-            .reserve(0, req.n, parent.mem_bytes.saturating_mul(req.n as u64))?;
+    let lazy = req.mode == kscope_vmm::MemoryMode::Lazy;
+    let charge = limits::charge_of(parent.mem_bytes, lazy, s.registry.limits().overcommit);
+    let mut reservation = s
+        .registry
+        .reserve(0, req.n, charge.saturating_mul(req.n as u64))?;
+    s.fds.check_vms(req.n, parent.vm.net_attach().is_some())?;
     let generation = s.registry.new_generation();
     let prefix = format!("{}-g{generation}-", parent.id);
     let (p2, r2) = (parent.clone(), req.clone());
     let batch = control(move || clones::make_clones(&p2, &r2, &prefix)).await?;
     let made = batch.clones.len();
-    reservation.shrink_clones(req.n - made.min(req.n), parent.mem_bytes);
+    reservation.shrink_clones(req.n - made.min(req.n), charge);
     let policy = format!("{}:{}", req.mode, req.prefetch.name);
     let mut out = Vec::with_capacity(made);
     for c in batch.clones {
@@ -378,6 +408,8 @@ async fn create_clones(
             children: Default::default(),
             policy: Some(policy.clone()),
             failure_counted: Default::default(),
+            charge,
+            deleted: Default::default(),
         });
         s.registry.insert(entry);
         out.push(json!({
@@ -508,6 +540,7 @@ async fn restore_snapshot(State(s): St, Path(name): Path<String>) -> ApiResult<R
     };
     let workload = parse_workload(&meta.workload)?;
     let reservation = s.registry.reserve(1, 0, meta.memory_bytes)?;
+    s.fds.check(1)?;
     let id = s.registry.new_id();
     let vid = id.clone();
     let entry = control(move || {
@@ -525,7 +558,10 @@ async fn restore_snapshot(State(s): St, Path(name): Path<String>) -> ApiResult<R
 }
 
 async fn metrics(State(s): St) -> Response {
-    let text = s.metrics.render(&s.registry.gauges());
+    let mut g = s.registry.gauges();
+    g.open_files = limits::open_fds();
+    g.open_files_limit = s.fds.limit();
+    let text = s.metrics.render(&g);
     (
         [(
             header::CONTENT_TYPE,

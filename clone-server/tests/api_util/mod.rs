@@ -89,57 +89,143 @@ impl Spec {
         }
     }
 
-    /// Check that `v` has every required field of `schema`, recursively.
+    /// Check that `v` conforms to `schema`, recursively: types, required fields, no
+    /// undocumented fields, enums, bounds, nullability, `oneOf`/`anyOf`/`allOf`. Panics with
+    /// the mismatch.
     pub fn check_schema(&self, schema: &Yaml, v: &Value, at: &str) {
+        if let Err(e) = self.conforms(schema, v, at) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Spec::check_schema`] as a result (`pattern` is not checked).
+    pub fn conforms(&self, schema: &Yaml, v: &Value, at: &str) -> Result<(), String> {
         let schema = self.resolve(schema);
         if v.is_null() {
-            assert!(
-                schema.get("nullable").and_then(|n| n.as_bool()) == Some(true),
-                "{at}: null but not nullable"
-            );
-            return;
+            return match schema.get("nullable").and_then(|n| n.as_bool()) {
+                Some(true) => Ok(()),
+                _ => Err(format!("{at}: null but not nullable")),
+            };
         }
         if let Some(all) = schema.get("allOf").and_then(|a| a.as_sequence()) {
             for s in all {
-                self.check_schema(s, v, at);
+                self.conforms(s, v, at)?;
+            }
+        }
+        for (key, exactly_one) in [("oneOf", true), ("anyOf", false)] {
+            if let Some(alts) = schema.get(key).and_then(|a| a.as_sequence()) {
+                let ok = alts
+                    .iter()
+                    .filter(|s| self.conforms(s, v, at).is_ok())
+                    .count();
+                if ok == 0 || (exactly_one && ok > 1) {
+                    return Err(format!("{at}: {v} matches {ok} of the {key} alternatives"));
+                }
+            }
+        }
+        if let Some(e) = schema.get("enum").and_then(|e| e.as_sequence()) {
+            let allowed: Vec<Value> = e
+                .iter()
+                .map(|x| serde_json::to_value(x).expect("enum value"))
+                .collect();
+            if !allowed.contains(v) {
+                return Err(format!("{at}: {v} is not one of the enum {allowed:?}"));
+            }
+        }
+        let num = |k: &str| schema.get(k).and_then(|m| m.as_f64());
+        if let (Some(min), Some(x)) = (num("minimum"), v.as_f64()) {
+            if x < min {
+                return Err(format!("{at}: {v} is below the minimum {min}"));
+            }
+        }
+        if let (Some(max), Some(x)) = (num("maximum"), v.as_f64()) {
+            if x > max {
+                return Err(format!("{at}: {v} is above the maximum {max}"));
             }
         }
         match schema.get("type").and_then(|t| t.as_str()) {
             Some("object") => {
                 let obj = v
                     .as_object()
-                    .unwrap_or_else(|| panic!("{at}: not an object: {v}"));
+                    .ok_or_else(|| format!("{at}: not an object: {v}"))?;
                 if let Some(req) = schema.get("required").and_then(|r| r.as_sequence()) {
                     for f in req {
                         let f = f.as_str().unwrap();
-                        assert!(
-                            obj.contains_key(f),
-                            "{at}: required field {f:?} missing in {v}"
-                        );
+                        if !obj.contains_key(f) {
+                            return Err(format!("{at}: required field {f:?} missing in {v}"));
+                        }
                     }
                 }
-                if let Some(props) = schema.get("properties").and_then(|p| p.as_mapping()) {
-                    for (k, s) in props {
-                        let k = k.as_str().unwrap();
-                        if let Some(x) = obj.get(k) {
-                            self.check_schema(s, x, &format!("{at}.{k}"));
-                        }
+                let props = schema.get("properties").and_then(|p| p.as_mapping());
+                let extra_ok = schema
+                    .get("additionalProperties")
+                    .and_then(|a| a.as_bool())
+                    .unwrap_or(props.is_none());
+                for (k, x) in obj {
+                    match props.and_then(|p| p.get(k.as_str())) {
+                        Some(s) => self.conforms(s, x, &format!("{at}.{k}"))?,
+                        None if extra_ok => {}
+                        None => return Err(format!("{at}: field {k:?} is not in the spec: {v}")),
                     }
                 }
             }
             Some("array") => {
                 let arr = v
                     .as_array()
-                    .unwrap_or_else(|| panic!("{at}: not an array: {v}"));
+                    .ok_or_else(|| format!("{at}: not an array: {v}"))?;
                 for (i, x) in arr.iter().enumerate() {
-                    self.check_schema(&schema["items"], x, &format!("{at}[{i}]"));
+                    self.conforms(&schema["items"], x, &format!("{at}[{i}]"))?;
                 }
             }
-            Some("string") => assert!(v.is_string(), "{at}: not a string: {v}"),
-            Some("integer") => assert!(v.is_u64() || v.is_i64(), "{at}: not an integer: {v}"),
-            Some("number") => assert!(v.is_number(), "{at}: not a number: {v}"),
+            Some("string") if !v.is_string() => return Err(format!("{at}: not a string: {v}")),
+            Some("integer") if !(v.is_u64() || v.is_i64()) => {
+                return Err(format!("{at}: not an integer: {v}"))
+            }
+            Some("number") if !v.is_number() => return Err(format!("{at}: not a number: {v}")),
+            Some("boolean") if !v.is_boolean() => return Err(format!("{at}: not a boolean: {v}")),
             _ => {}
         }
+        Ok(())
+    }
+
+    /// A value `schema` documents as valid: its example, default, first enum value or
+    /// minimum (the first alternative of a `oneOf`).
+    pub fn sample(&self, schema: &Yaml) -> Value {
+        let schema = self.resolve(schema);
+        if let Some(alt) = schema
+            .get("oneOf")
+            .or_else(|| schema.get("anyOf"))
+            .and_then(|a| a.as_sequence())
+        {
+            return self.sample(&alt[0]);
+        }
+        for k in ["example", "default"] {
+            if let Some(x) = schema.get(k) {
+                return serde_json::to_value(x).unwrap();
+            }
+        }
+        if let Some(e) = schema.get("enum").and_then(|e| e.as_sequence()) {
+            return serde_json::to_value(&e[0]).unwrap();
+        }
+        match schema.get("type").and_then(|t| t.as_str()) {
+            Some("integer") => schema
+                .get("minimum")
+                .map(|m| serde_json::to_value(m).unwrap())
+                .unwrap_or(Value::from(1)),
+            Some("number") => Value::from(1.5),
+            Some("boolean") => Value::from(true),
+            Some("array") => Value::Array(vec![]),
+            Some("object") => Value::Object(Default::default()),
+            _ => Value::from("x"),
+        }
+    }
+
+    /// The request body schema of `method template` (JSON bodies only).
+    pub fn request_schema(&self, method: &Method, template: &str) -> Option<&Yaml> {
+        let op = &self.doc["paths"][template][method.as_str().to_lowercase().as_str()];
+        op.get("requestBody")
+            .and_then(|b| b["content"].get("application/json"))
+            .map(|c| self.resolve(&c["schema"]))
     }
 
     /// Check a response of `method template` against the spec; returns its JSON body.

@@ -1,6 +1,5 @@
 //! Creating one VM from a generation image: a clone (new GenPage identity) or a restored VM.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,13 +145,8 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 server.install(&[GENPAGE_GPA / PAGE_SIZE as u64])?;
                 server.region().write_at(GENPAGE_GPA, as_bytes(g))?;
             }
-            let fd = match server.region().memfd() {
-                Some(f) => Some(
-                    f.try_clone_to_owned()
-                        .map_err(|e| VmError::Memory(format!("dup clone memfd: {e}")))?,
-                ),
-                None => None,
-            };
+            // Guest RAM shares the region's memfd (one descriptor per clone, not two).
+            let fd = server.region().memfd_file();
             let addr = server.region().host_addr() as *mut u8;
             // The policy's background list (FaaSnap's loading set, Kaleidoscope's background
             // colors) is fetched by its own thread while the clone runs; it never blocks a
@@ -163,9 +157,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
             let ram = match fd {
                 // SAFETY: the region is a live MAP_SHARED, writable mapping of its memfd of
                 // `size` bytes, owned by `server`, which the keeper keeps alive.
-                Some(fd) => unsafe {
-                    GuestRam::from_raw(addr, size, Arc::new(File::from(fd)), keep)
-                },
+                Some(fd) => unsafe { GuestRam::from_raw(addr, size, fd, keep) },
                 // SAFETY: the region is a live anonymous MAP_PRIVATE, writable mapping of
                 // `size` bytes, owned by `server`, which the keeper keeps alive.
                 None => unsafe { GuestRam::from_raw_anon(addr, size, keep) },
@@ -206,5 +198,19 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
             CpuMode::Emulated
         },
     })?;
+    if let Some(server) = &vm.lazy {
+        // A page the image cannot give (a corrupt snapshot page) fails this VM, never the
+        // guest's data.
+        let core = Arc::downgrade(&vm.core);
+        server.on_failure(Box::new(move |e| {
+            if let Some(core) = core.upgrade() {
+                let err = VmError::from_lazy(&e);
+                crate::vcpu::VcpuHost::terminate(
+                    core.as_ref(),
+                    crate::vcpu::ExitReason::Failed(err),
+                );
+            }
+        }));
+    }
     Ok(vm)
 }

@@ -21,7 +21,7 @@ pub struct DeviceStates {
     pub block: virtio_mmio::TransportState,
     /// The request device transport.
     pub request: virtio_mmio::TransportState,
-    /// The virtio-net transport (VMs with a network; absent in states written before 2.1).
+    /// The virtio-net transport (VMs with a network; absent in states written before 2.2).
     #[serde(default)]
     pub net: Option<virtio_mmio::TransportState>,
 }

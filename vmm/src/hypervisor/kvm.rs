@@ -27,6 +27,10 @@ use super::{
 use crate::error::VmError;
 use kscope_guest::abi::boot::pvm;
 
+mod validate;
+
+pub(crate) use validate::check_raw_lengths;
+
 /// MSRs never saved: IA32_TSC is restored separately (first, so that KVM's TSC
 /// synchronisation sees it before TSC-relative MSRs such as the TSC deadline).
 const MSR_TSC: u32 = 0x10;
@@ -521,74 +525,7 @@ impl HvVcpu for KvmVcpu {
     }
 
     fn restore_state(&mut self, saved: &VcpuState) -> Result<(), VmError> {
-        let ArchState::Kvm(state) = &saved.arch;
-        let fd = &self.fd;
-        fd.set_mp_state(state.mp_state)
-            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-        fd.set_sregs(&state.sregs)
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        fd.set_regs(&to_kvm_regs(&saved.regs))
-            .map_err(kvm_err("KVM_SET_REGS"))?;
-        fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
-        if let Some(region) = &state.xsave {
-            let mut x = kvm_xsave::default();
-            if region.len() != x.region.len() {
-                return Err(VmError::BadConfig(format!(
-                    "saved XSAVE area has {} words, expected {}",
-                    region.len(),
-                    x.region.len()
-                )));
-            }
-            x.region.copy_from_slice(region);
-            if xsave_fits() {
-                // SAFETY: `xsave_fits` checked that KVM's XSAVE area fits the 4 KiB
-                // `kvm_xsave`, so the kernel reads only inside the struct.
-                unsafe { fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
-            }
-        }
-        if let Some(x) = &state.xcrs {
-            fd.set_xcrs(x).map_err(kvm_err("KVM_SET_XCRS"))?;
-        }
-        // KVM_SET_MSRS stops at the first MSR it refuses (e.g. a paravirtual MSR whose CPUID
-        // feature is hidden): skip that one and set the rest.
-        let entries: Vec<kvm_msr_entry> = saved
-            .msrs
-            .iter()
-            .map(|m| kvm_msr_entry {
-                index: m.index,
-                data: m.value,
-                ..Default::default()
-            })
-            .collect();
-        let mut rest: &[kvm_msr_entry] = &entries;
-        while !rest.is_empty() {
-            let msrs = Msrs::from_entries(rest)
-                .map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
-            let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-            if n < rest.len() {
-                tracing::debug!("KVM_SET_MSRS refused MSR {:#x}; skipped", rest[n].index);
-                rest = &rest[n + 1..];
-            } else {
-                rest = &[];
-            }
-        }
-        // A vCPU that ran natively must run natively here too: the kernel's processes may
-        // use `syscall`, which the emulated mode cannot run.
-        if let Some(m) = saved.msrs.iter().find(|m| m.index == pvm::MSR_NATIVE) {
-            if pvm::is_registered(m.value) && read_msr(fd, pvm::MSR_NATIVE) != Some(m.value) {
-                return Err(VmError::BadConfig(format!(
-                    "the saved vCPU ran the guest kernel natively (PVM MSR {:#x} = {:#x}) but this \
-                     host did not accept that value: restore it on a PVM host with the native \
-                     switch",
-                    pvm::MSR_NATIVE,
-                    m.value
-                )));
-            }
-        }
-        fd.set_debug_regs(&state.debugregs)
-            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-        fd.set_vcpu_events(&state.events)
-            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+        restore_kvm(&self.fd, saved).map_err(|e| rejected(self.id, e))
     }
 
     fn native_available(&self) -> bool {
@@ -604,5 +541,104 @@ impl HvVcpu for KvmVcpu {
         let run = self.fd.get_kvm_run() as *mut kvm_run;
         KVM_RUN_PTR.with(|p| p.set(run));
         self.bound = true;
+    }
+}
+
+/// Restores a saved vCPU state into `fd` (see [`HvVcpu::restore_state`]).
+fn restore_kvm(fd: &VcpuFd, saved: &VcpuState) -> Result<(), VmError> {
+    let ArchState::Kvm(state) = &saved.arch;
+    fd.set_mp_state(state.mp_state)
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    fd.set_sregs(&state.sregs)
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    fd.set_regs(&to_kvm_regs(&saved.regs))
+        .map_err(kvm_err("KVM_SET_REGS"))?;
+    fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    if let Some(region) = &state.xsave {
+        let mut x = kvm_xsave::default();
+        if region.len() != x.region.len() {
+            return Err(VmError::BadConfig(format!(
+                "saved XSAVE area has {} words, expected {}",
+                region.len(),
+                x.region.len()
+            )));
+        }
+        x.region.copy_from_slice(region);
+        if xsave_fits() {
+            // SAFETY: `xsave_fits` checked that KVM's XSAVE area fits the 4 KiB
+            // `kvm_xsave`, so the kernel reads only inside the struct.
+            unsafe { fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        }
+    }
+    if let Some(x) = &state.xcrs {
+        fd.set_xcrs(x).map_err(kvm_err("KVM_SET_XCRS"))?;
+    }
+    // KVM_SET_MSRS stops at the first MSR it refuses (e.g. a paravirtual MSR whose CPUID
+    // feature is hidden): skip that one and set the rest.
+    let entries: Vec<kvm_msr_entry> = saved
+        .msrs
+        .iter()
+        .map(|m| kvm_msr_entry {
+            index: m.index,
+            data: m.value,
+            ..Default::default()
+        })
+        .collect();
+    let mut rest: &[kvm_msr_entry] = &entries;
+    while !rest.is_empty() {
+        let msrs =
+            Msrs::from_entries(rest).map_err(|e| VmError::Internal(format!("MSR list: {e:?}")))?;
+        let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if n < rest.len() {
+            tracing::debug!("KVM_SET_MSRS refused MSR {:#x}; skipped", rest[n].index);
+            rest = &rest[n + 1..];
+        } else {
+            rest = &[];
+        }
+    }
+    // A vCPU that ran natively must run natively here too: the kernel's processes may
+    // use `syscall`, which the emulated mode cannot run.
+    if let Some(m) = saved.msrs.iter().find(|m| m.index == pvm::MSR_NATIVE) {
+        if pvm::is_registered(m.value) && read_msr(fd, pvm::MSR_NATIVE) != Some(m.value) {
+            return Err(VmError::BadConfig(format!(
+                "the saved vCPU ran the guest kernel natively (PVM MSR {:#x} = {:#x}) but this \
+                 host did not accept that value: restore it on a PVM host with the native \
+                 switch",
+                pvm::MSR_NATIVE,
+                m.value
+            )));
+        }
+    }
+    fd.set_debug_regs(&state.debugregs)
+        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_vcpu_events(&state.events)
+        .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+}
+
+/// KVM refusing a saved state with EINVAL means the state, not the host, is wrong: say so
+/// and name the part.
+fn rejected(vcpu: u32, e: VmError) -> VmError {
+    match e {
+        VmError::Kvm { op, source } if source.errno() == libc::EINVAL => {
+            let part = match op {
+                "KVM_SET_MP_STATE" => "multiprocessing state (mp_state)",
+                "KVM_SET_SREGS" => "special registers (sregs: segments, control registers, EFER)",
+                "KVM_SET_REGS" => "general registers (regs: RIP, RSP, RFLAGS)",
+                "KVM_SET_FPU" => "FPU state (fpu)",
+                "KVM_SET_XSAVE" => "XSAVE area (xsave)",
+                "KVM_SET_XCRS" => "extended control registers (xcrs)",
+                "KVM_SET_MSRS" => "model-specific registers (msrs)",
+                "KVM_SET_VCPU_EVENTS" => "pending events (events)",
+                "KVM_SET_DEBUGREGS" => "debug registers (debugregs)",
+                _ => "vCPU state",
+            };
+            VmError::StateRejected {
+                vcpu,
+                op,
+                part,
+                source,
+            }
+        }
+        e => e,
     }
 }

@@ -195,6 +195,27 @@ impl VcpuState {
         use kscope_guest::abi::boot::pvm;
         self.msr(pvm::MSR_NATIVE).is_some_and(pvm::is_registered)
     }
+
+    /// Checks a state read from disk before any backend sees it: a 64-bit long-mode state
+    /// whose page tables lie inside `mem_bytes` of guest RAM, every field in range. The error
+    /// names the field and the value.
+    pub fn validate(&self, mem_bytes: u64) -> Result<(), String> {
+        match &self.arch {
+            ArchState::Kvm(a) => a.validate(&self.regs, &self.msrs, mem_bytes),
+        }
+    }
+
+    /// Checks a serialized vCPU state (one element of `machine.vcpus`) for what parsing
+    /// cannot see, before it is parsed: the exact lengths of the backend's binary blocks.
+    pub fn check_serialized(v: &serde_json::Value) -> Result<(), String> {
+        match v.get("arch") {
+            Some(serde_json::Value::Object(m)) if m.len() == 1 => match m.get("Kvm") {
+                Some(a) => kvm::check_raw_lengths(a),
+                None => Err("arch names an unknown backend".into()),
+            },
+            _ => Err("arch is missing or not one backend's state".into()),
+        }
+    }
 }
 
 /// The backend-specific part of a [`VcpuState`].

@@ -215,3 +215,62 @@ fn bench_many_clones() {
         );
     }
 }
+
+/// Per-page CRC-32 verification of a snapshot memory file (issue 10): fault service and a full
+/// eager read, each from the plain file and from the verified image, in the same run, 5 rounds;
+/// prints the medians and the ratio verified / plain.
+#[test]
+#[ignore = "benchmark"]
+fn bench_verified_snapshot_pages() {
+    let _g = fd_guard();
+    let pages = 8192u64;
+    let dir = scratch_dir("bench-verify");
+    let path = dir.join("memory.kmem");
+    let bytes: Vec<u8> = (0..pages * PAGE_SIZE as u64)
+        .map(|i| (i % 251) as u8 | 1)
+        .collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let crcs: Arc<[u32]> = bytes.chunks(PAGE_SIZE).map(page_crc).collect();
+    let plain: Arc<dyn PageSource> = Arc::new(FileImage::open(&path, None).unwrap());
+    let verified: Arc<dyn PageSource> =
+        Arc::new(VerifiedImage::new(plain.clone(), crcs, "bench".into()).unwrap());
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (mut fault, mut read) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let mut page = [0u8; PAGE_SIZE];
+    for _round in 0..5 {
+        for (i, src) in [&plain, &verified].into_iter().enumerate() {
+            let region = LazyRegion::new(pages, RegionKind::SharedMemfd).unwrap();
+            let srv = FaultServer::start(
+                region,
+                src.clone(),
+                Box::new(OnDemand),
+                ServerOptions::default(),
+            )
+            .unwrap();
+            fault[i].push(touch_all(srv.region()) / 1e3);
+            let st = srv.shutdown().unwrap();
+            assert_eq!(st.source_errors, 0);
+            assert_eq!(st.faults, pages, "every page faults once: {st:?}");
+            let t0 = Instant::now();
+            for g in 0..pages {
+                src.read_page(g, &mut page).unwrap();
+            }
+            read[i].push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    for (what, unit, v) in [
+        ("fault round trip", "us/fault", &fault),
+        ("eager read of 32 MiB", "ms", &read),
+    ] {
+        let (p, pmin, pmax) = median(v[0].clone());
+        let (q, qmin, qmax) = median(v[1].clone());
+        println!(
+            "{what}: plain {p:.2} {unit} [{pmin:.2}-{pmax:.2}], verified {q:.2} {unit} [{qmin:.2}-{qmax:.2}], ratio {:.2}",
+            q / p
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,7 +1,7 @@
 //! Lazy guest memory for clones (SnowFlock-style lazy propagation over userfaultfd).
 //!
 //! - [`PageSource`]: where a clone's pages come from ([`MemfdImage`], [`LayeredImage`],
-//!   [`FileImage`]).
+//!   [`FileImage`]), optionally checked page by page ([`VerifiedImage`]).
 //! - [`LazyRegion`]: a clone's destination memory, a memfd mapped `MAP_SHARED` (so a clone can
 //!   itself be frozen and cloned), registered with a userfaultfd in MISSING mode.
 //! - [`FaultServer`]: one handler thread per clone serving faults, driven by the clone's
@@ -18,14 +18,16 @@ mod source;
 mod stats;
 #[cfg(test)]
 pub(crate) mod tests;
+mod verified;
 
 pub use bitmap::{AtomicBitmap, Bitmap};
 pub use region::{LazyRegion, RegionKind};
-pub use server::{FaultServer, InstallReport, ServerOptions};
+pub use server::{FailureHook, FaultServer, InstallReport, ServerOptions};
 pub use source::{
     eager_fill, DeferredImage, EagerReport, FileImage, LayeredImage, MemfdImage, PageSource,
 };
 pub use stats::{CloneStats, LatencyHistogram, StatsSnapshot};
+pub use verified::{page_crc, zero_page_crc, VerifiedImage};
 
 pub use crate::hostmem::{Gfn, PAGE_SIZE};
 use crate::uffd::UffdError;
@@ -54,6 +56,17 @@ pub enum LazyError {
         pages: u64,
         /// Which object.
         what: &'static str,
+    },
+    /// A page does not match the checksum recorded for it (a damaged snapshot memory file);
+    /// it is never installed.
+    #[error("page {gfn} of {path} is corrupt: {what}")]
+    Corrupt {
+        /// The frame.
+        gfn: Gfn,
+        /// The image (a snapshot's memory file).
+        path: String,
+        /// The checksums.
+        what: String,
     },
     /// Sizes of layers, sources or regions disagree.
     #[error("size mismatch: {0}")]

@@ -1,7 +1,7 @@
 //! A clone's destination memory: a memfd (or anonymous memory) from [`crate::hostmem`],
 //! registered with userfaultfd.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use super::{io_at, LazyError, Result};
 use crate::hostmem::{allocated_bytes, memfd_create, Gfn, Mapping, PAGE_SIZE};
@@ -28,7 +28,8 @@ pub enum RegionKind {
 pub struct LazyRegion {
     uffd: Uffd,
     map: Mapping,
-    fd: Option<OwnedFd>,
+    /// Shared with the VM's guest RAM ([`LazyRegion::memfd_file`]): no dup per clone.
+    fd: Option<std::sync::Arc<std::fs::File>>,
     kind: RegionKind,
 }
 
@@ -42,7 +43,7 @@ impl LazyRegion {
                     memfd_create(c"kscope-clone", len as u64).map_err(io_at("memfd_create"))?;
                 let map = Mapping::new(Some(fd.as_fd()), len, true, true)
                     .map_err(io_at("mmap of the clone memfd"))?;
-                (Some(fd), map)
+                (Some(std::sync::Arc::new(std::fs::File::from(fd))), map)
             }
             RegionKind::AnonPrivate => (
                 None,
@@ -104,6 +105,12 @@ impl LazyRegion {
     /// The destination memfd (`None` for [`RegionKind::AnonPrivate`]).
     pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// The destination memfd as a shared file (`None` for [`RegionKind::AnonPrivate`]), for
+    /// guest RAM that maps the same memory without a descriptor of its own.
+    pub fn memfd_file(&self) -> Option<std::sync::Arc<std::fs::File>> {
+        self.fd.clone()
     }
 
     /// Reads memory at byte `offset`. Missing pages fault and block until served: never call

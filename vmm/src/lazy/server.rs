@@ -9,6 +9,10 @@
 //! the event queue, so a new fault never waits behind a long prefetch list. Every installer
 //! (handler, pre-resume caller, background fetcher) may race with the others: a page found
 //! present (`EEXIST`) counts as done, and the faulting page is woken explicitly in that case.
+//!
+//! A page the source cannot give (a read error, or a page that fails its checksum, see
+//! [`VerifiedImage`](super::VerifiedImage)) is never replaced by zeros: a prefetch skips it,
+//! and a vCPU fault on it fails the VM through the failure hook ([`FaultServer::on_failure`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,7 +94,20 @@ struct Shared {
     stop: AtomicBool,
     batch_runs: bool,
     name: String,
+    failure: Mutex<Failure>,
+    /// Set once `failure` holds an error: read on every fault without taking the lock.
+    failed: AtomicBool,
 }
+
+/// The first fatal source error and the hook that reports it (either may come first).
+#[derive(Default)]
+struct Failure {
+    error: Option<Arc<LazyError>>,
+    hook: Option<FailureHook>,
+}
+
+/// Called once, from the handler thread, when a vCPU faults on a page the source cannot give.
+pub type FailureHook = Box<dyn FnOnce(Arc<LazyError>) + Send>;
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking policy must not take the server down: the data stays usable.
@@ -120,23 +137,57 @@ impl Shared {
         CloneStats::add(c, pages);
     }
 
-    fn read_source(&self, gfn: Gfn, buf: &mut [u8; PAGE_SIZE]) {
-        if let Err(e) = self.source.read_page(gfn, buf) {
-            CloneStats::add(&self.stats.source_errors, 1);
-            tracing::error!(clone = %self.name, gfn, error = %e, "source read failed; serving zeros");
-            buf.fill(0);
+    /// True once a vCPU faulted on a page the source could not give.
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Records a fatal source error and runs the failure hook (once).
+    fn fail(&self, e: LazyError) {
+        let mut f = lock(&self.failure);
+        if f.error.is_some() {
+            return;
+        }
+        let e = Arc::new(e);
+        f.error = Some(e.clone());
+        self.failed.store(true, Ordering::Release);
+        let hook = f.hook.take();
+        drop(f);
+        match hook {
+            Some(h) => h(e),
+            None => {
+                tracing::error!(clone = %self.name, error = %e, "fatal source error before the failure hook was set")
+            }
         }
     }
 
     /// Installs one page; returns true if this call installed it. Wakes waiters. For a fault
     /// the page is installed even if marked present (it evidently is not mapped).
+    ///
+    /// A page the source cannot give is not installed, except for a fault: then the VM is
+    /// failed first (its vCPUs are stopped and kicked, so the guest does not run again) and
+    /// the faulting page is released as zeros so that the blocked vCPU thread can exit.
     fn install_one(&self, gfn: Gfn, zero: bool, why: Why, buf: &mut [u8; PAGE_SIZE]) -> bool {
         let addr = self.region.gfn_addr(gfn);
         let uffd = self.region.uffd();
+        let mut zero = zero;
+        if !zero {
+            if let Err(e) = self.source.read_page(gfn, buf) {
+                CloneStats::add(&self.stats.source_errors, 1);
+                if why != Why::Fault {
+                    tracing::warn!(clone = %self.name, gfn, error = %e, "source read failed; page not installed");
+                    return false;
+                }
+                tracing::error!(clone = %self.name, gfn, error = %e, "source read failed on a fault; failing the VM");
+                self.fail(e);
+                zero = true;
+            } else if why == Why::Fault && self.failed() {
+                zero = true;
+            }
+        }
         let r = if zero {
             uffd.zeropage(addr, PAGE_SIZE as u64, false)
         } else {
-            self.read_source(gfn, buf);
             uffd.copy(addr, &buf[..], false, false)
         };
         match r {
@@ -165,6 +216,15 @@ impl Shared {
             Err(e) => {
                 CloneStats::add(&self.stats.install_errors, 1);
                 tracing::error!(clone = %self.name, gfn, error = %e, "install failed");
+                if why == Why::Fault {
+                    // The faulting vCPU cannot go on without this page (e.g. ENOMEM: the host
+                    // ran out of memory). Fail the VM, then try to release the vCPU with a
+                    // zero page so that it can stop (the guest does not run again).
+                    self.fail(LazyError::Uffd(e));
+                    if !zero {
+                        let _ = uffd.zeropage(addr, PAGE_SIZE as u64, false);
+                    }
+                }
                 false
             }
         }
@@ -175,12 +235,11 @@ impl Shared {
     fn install_run(&self, start: Gfn, n: usize, why: Why, run_buf: &mut Vec<u8>) -> u64 {
         run_buf.resize(n * PAGE_SIZE, 0);
         if let Err(e) = self.source.read_run(start, run_buf) {
-            CloneStats::add(&self.stats.source_errors, 1);
-            tracing::error!(clone = %self.name, start, n, error = %e, "source run read failed; page by page");
-            for (i, chunk) in run_buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
-                let page: &mut [u8; PAGE_SIZE] = chunk.try_into().expect("page-sized chunk");
-                self.read_source(start + i as u64, page);
-            }
+            tracing::warn!(clone = %self.name, start, n, error = %e, "source run read failed; page by page");
+            let mut page = [0u8; PAGE_SIZE];
+            return (start..start + n as u64)
+                .map(|g| u64::from(self.install_one(g, false, why, &mut page)))
+                .sum();
         }
         let mut off = 0usize;
         let mut installed = 0u64;
@@ -273,7 +332,7 @@ impl Scratch {
 /// The handler thread's state.
 struct Handler {
     shared: Arc<Shared>,
-    stop: EventFd,
+    stop: Arc<EventFd>,
     /// The clone's policy: only this thread calls it.
     policy: Box<dyn Prefetcher>,
     /// The plan of the fault being served (reused).
@@ -407,7 +466,7 @@ pub struct FaultServer {
     before: Mutex<Vec<Install>>,
     /// The policy's background list, until the fetcher starts.
     background: Vec<Install>,
-    stop: EventFd,
+    stop: Arc<EventFd>,
     handler: Option<JoinHandle<Result<()>>>,
     fetcher: Option<JoinHandle<()>>,
 }
@@ -452,17 +511,17 @@ impl FaultServer {
             stop: AtomicBool::new(false),
             batch_runs: opts.batch_runs,
             name: opts.name.clone(),
+            failure: Mutex::new(Failure::default()),
+            failed: AtomicBool::new(false),
         });
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| LazyError::Io {
+        // One eventfd shared by the server and its handler (no dup: one fd less per clone).
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| LazyError::Io {
             op: "eventfd".into(),
             source: e,
-        })?;
+        })?);
         let handler = Handler {
             shared: Arc::clone(&shared),
-            stop: stop.try_clone().map_err(|e| LazyError::Io {
-                op: "dup eventfd".into(),
-                source: e,
-            })?,
+            stop: Arc::clone(&stop),
             policy: prefetcher,
             plan: FaultPlan::default(),
             queue: VecDeque::new(),
@@ -486,6 +545,25 @@ impl FaultServer {
             handler: Some(handle),
             fetcher: None,
         })
+    }
+
+    /// Sets the hook called (once, from the handler thread) when a vCPU faults on a page the
+    /// source cannot give: a read error or a page that fails its checksum. The hook must stop
+    /// the VM; it runs at once if that already happened.
+    pub fn on_failure(&self, hook: FailureHook) {
+        let mut f = lock(&self.shared.failure);
+        match f.error.clone() {
+            Some(e) => {
+                drop(f);
+                hook(e);
+            }
+            None => f.hook = Some(hook),
+        }
+    }
+
+    /// The fatal source error, if a vCPU faulted on a page the source could not give.
+    pub fn failure(&self) -> Option<Arc<LazyError>> {
+        lock(&self.shared.failure).error.clone()
     }
 
     /// The served region (its [`host_addr`](LazyRegion::host_addr) goes into the memory slot).

@@ -12,7 +12,15 @@
 //! writes the files from the frozen image while the VM runs on. [`Vm::restore`] validates
 //! everything (state checksum, the payload's version against the rule of
 //! [`crate::state::FormatVersion::can_read`], the host CPU against the saving host's, memory
-//! file size, kernel and disk checksums, configuration) before it creates anything.
+//! file size, kernel and disk checksums, every field of the machine state against the
+//! configuration: [`validate`]) before it creates anything. Guest memory is checked page by
+//! page against the CRC-32 table of the state file (state version 2.1 and later) when a page
+//! is first read: eagerly before the VM starts, lazily on the first fault, where a corrupt
+//! page fails the VM with [`VmError::SnapshotCorrupt`] naming the memory file and is never
+//! given to the guest; a 2.0 snapshot's memory is verified whole when opened. Both start by
+//! removing leftovers of a writer killed mid-write.
+
+mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,12 +30,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::clone::child::{spawn, ChildSpec};
 use crate::clone::MemoryMode;
-use crate::config::{VmConfig, MAX_VCPUS};
+use crate::config::VmConfig;
 use crate::error::VmError;
 use crate::generation::{FreezeReport, Generation};
-use crate::lazy::PageSource;
+use crate::hypervisor::VcpuState;
 use crate::snapfile::{self, MemoryInfo, SnapError, SnapshotPaths};
-use crate::state::{FormatVersion, HostCpu, MachineState, STATE_VERSION};
+use crate::state::{FormatVersion, HostCpu, MachineState, PAGE_CRC_VERSION, STATE_VERSION};
 use crate::vm::Vm;
 const KERNEL_FILE: &str = "kernel.elf";
 const DISK_FILE: &str = "disk.img";
@@ -94,6 +102,7 @@ fn snap_err(e: SnapError) -> VmError {
             path: "state payload".into(),
             what: e.to_string(),
         },
+        SnapError::Memory(ref m @ crate::lazy::LazyError::Corrupt { .. }) => VmError::from_lazy(m),
         SnapError::Io { .. } | SnapError::NoSpace { .. } | SnapError::Memory(_) => {
             VmError::SnapshotIo(e.to_string())
         }
@@ -101,8 +110,10 @@ fn snap_err(e: SnapError) -> VmError {
 }
 
 /// Decode a state payload: its version first (any payload has one), checked against
-/// [`STATE_VERSION`] with the stated rule, then the rest.
-fn decode_payload(bytes: &[u8], path: &str) -> Result<SnapshotPayload, VmError> {
+/// [`STATE_VERSION`] with the stated rule (and against the state file: from
+/// [`PAGE_CRC_VERSION`] on, `page_table` must be true), then the serialized vCPU states'
+/// binary blocks ([`VcpuState::check_serialized`]), then the rest.
+fn decode_payload(bytes: &[u8], path: &str, page_table: bool) -> Result<SnapshotPayload, VmError> {
     #[derive(Deserialize)]
     struct Versioned {
         version: serde_json::Value,
@@ -131,7 +142,21 @@ fn decode_payload(bytes: &[u8], path: &str) -> Result<SnapshotPayload, VmError> 
             ),
         });
     }
-    serde_json::from_slice(bytes).map_err(|e| corrupt(format!("state payload: {e}")))
+    if written >= PAGE_CRC_VERSION && !page_table {
+        return Err(corrupt(format!(
+            "state version {written} records a CRC-32 per memory page, but the state file has no \
+             page table (format 1): the file was altered; take the snapshot again"
+        )));
+    }
+    let raw: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("state payload: {e}")))?;
+    let Some(vcpus) = raw.pointer("/machine/vcpus").and_then(|v| v.as_array()) else {
+        return Err(corrupt("machine.vcpus is missing or not a list".into()));
+    };
+    for (i, v) in vcpus.iter().enumerate() {
+        VcpuState::check_serialized(v).map_err(|e| corrupt(format!("vCPU {i}: {e}")))?;
+    }
+    serde_json::from_value(raw).map_err(|e| corrupt(format!("state payload: {e}")))
 }
 
 fn write_blob(dir: &Path, file: &str, data: &[u8]) -> Result<BlobRef, VmError> {
@@ -175,6 +200,13 @@ fn read_blob(dir: &Path, r: &BlobRef) -> Result<Arc<[u8]>, VmError> {
     Ok(Arc::from(data))
 }
 
+/// Removes leftovers of an interrupted snapshot write in `dir` (logged).
+fn clean(dir: &Path) {
+    for p in snapfile::clean_leftovers(dir) {
+        tracing::info!(file = %p.display(), "removed the leftover of an interrupted snapshot write");
+    }
+}
+
 impl Vm {
     /// Save this VM (running: paused briefly; paused: stays paused) into `dir` (created if
     /// missing; existing snapshot files are replaced atomically).
@@ -182,6 +214,7 @@ impl Vm {
         let t0 = Instant::now();
         std::fs::create_dir_all(dir)
             .map_err(|e| VmError::SnapshotIo(format!("creating {}: {e}", dir.display())))?;
+        clean(dir);
         let generation = self.freeze()?;
         let freeze = *generation.freeze_report();
         let kernel = write_blob(dir, KERNEL_FILE, &self.cfg.kernel)?;
@@ -226,9 +259,11 @@ impl Vm {
         start_paused: bool,
     ) -> Result<Vm, VmError> {
         let paths = SnapshotPaths::in_dir(dir);
-        let (bytes, info, image) = snapfile::open_snapshot_bytes(&paths).map_err(snap_err)?;
+        clean(dir);
+        let snap = snapfile::open_snapshot_bytes_verified(&paths).map_err(snap_err)?;
+        let (info, image) = (snap.memory, snap.image);
         let state_path = paths.state.display().to_string();
-        let p = decode_payload(&bytes, &state_path)?;
+        let p = decode_payload(&snap.payload, &state_path, snap.page_table)?;
         if let Some(why) = HostCpu::current().incompatibility(&p.machine.cpu) {
             return Err(VmError::SnapshotIncompatible {
                 path: state_path,
@@ -239,17 +274,8 @@ impl Vm {
             path: state_path.clone(),
             what,
         };
-        if info.pages * crate::lazy::PAGE_SIZE as u64 != p.mem_bytes {
-            return Err(corrupt(format!(
-                "memory file has {} pages for {} bytes of RAM",
-                info.pages, p.mem_bytes
-            )));
-        }
-        crate::memory::validate_size(p.mem_bytes).map_err(|e| corrupt(e.to_string()))?;
+        validate::validate_payload(&p, &info).map_err(corrupt)?;
         let n = p.machine.vcpus.len();
-        if n == 0 || n > MAX_VCPUS as usize {
-            return Err(corrupt(format!("{n} vCPU states")));
-        }
         let kernel = read_blob(dir, &p.kernel)?;
         let disk = read_blob(dir, &p.disk)?;
         let cfg = VmConfig {
@@ -265,7 +291,7 @@ impl Vm {
         };
         let generation = Arc::new(Generation {
             id: 0,
-            image: Arc::new(image) as Arc<dyn PageSource>,
+            image,
             state: p.machine,
             cfg,
             created: Instant::now(),
@@ -284,5 +310,33 @@ impl Vm {
                 identity: false,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_table_goes_with_state_version_2_1() {
+        let at = |minor: u16| format!(r#"{{"version":{{"major":2,"minor":{minor}}}}}"#);
+        // 2.1 and later promise a CRC-32 per page: a state file without the table is altered.
+        let e = decode_payload(at(1).as_bytes(), "s", false).unwrap_err();
+        assert!(
+            matches!(&e, VmError::SnapshotCorrupt { what, .. } if what.contains("no page table")),
+            "{e}"
+        );
+        // 2.0 had none: it passes the version checks (and fails later, on the missing state).
+        for (minor, table) in [(0, false), (0, true), (1, true), (2, true)] {
+            let e = decode_payload(at(minor).as_bytes(), "s", table).unwrap_err();
+            assert!(
+                e.to_string().contains("machine.vcpus"),
+                "{minor} {table}: {e}"
+            );
+        }
+        let e = decode_payload(at(2).as_bytes(), "s", false).unwrap_err();
+        assert!(matches!(e, VmError::SnapshotCorrupt { .. }), "{e}");
+        let e = decode_payload(at(3).as_bytes(), "s", true).unwrap_err();
+        assert!(matches!(e, VmError::SnapshotIncompatible { .. }), "{e}");
     }
 }
