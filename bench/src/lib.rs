@@ -8,6 +8,7 @@
 pub mod dedup;
 pub mod linux;
 pub mod modes;
+pub mod net;
 pub mod plot;
 pub mod runner;
 pub mod warmup;

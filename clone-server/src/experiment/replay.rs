@@ -376,6 +376,7 @@ async fn run_with(
                     None
                 },
                 account: true,
+                tcp: false,
             };
             set.spawn(async move { (s, lb::run_lb(opts).await) });
         }

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod load;
+pub mod tcp;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -96,6 +97,8 @@ pub struct LbOptions {
     pub recording_from: Option<String>,
     /// Sample every worker's memory footprint each window (server usage accounting).
     pub account: bool,
+    /// Send requests over TCP to the workers' addresses ([`tcp`]) instead of the API.
+    pub tcp: bool,
 }
 
 impl Default for LbOptions {
@@ -128,6 +131,7 @@ impl Default for LbOptions {
             cleanup: true,
             recording_from: None,
             account: false,
+            tcp: false,
         }
     }
 }
@@ -230,6 +234,31 @@ struct Worker {
     completed: AtomicUsize,
     vm_us: AtomicU64,
     log: Mutex<WorkerLog>,
+    /// Its HTTP endpoint (TCP mode), looked up from the API at first use.
+    target: tokio::sync::OnceCell<Arc<tcp::Target>>,
+}
+
+impl Worker {
+    async fn target(&self, api: &ApiClient) -> Result<Arc<tcp::Target>, String> {
+        self.target
+            .get_or_try_init(|| async {
+                let v = api
+                    .json(Method::GET, &format!("/v1/vms/{}", self.id), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ip: std::net::Ipv4Addr = v["address"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| tcp::TcpError::NoAddress(self.id.clone()).to_string())?;
+                let netns = v["netns"].as_str().unwrap_or_default().to_string();
+                Ok(Arc::new(tcp::Target::new(
+                    netns,
+                    std::net::SocketAddr::from((ip, 80)),
+                )))
+            })
+            .await
+            .cloned()
+    }
 }
 
 struct Done {
@@ -265,7 +294,7 @@ async fn create_parent(api: &ApiClient, o: &LbOptions) -> Result<String, ClientE
         .json(
             Method::POST,
             "/v1/vms",
-            Some(&json!({ "workload": o.workload.name(), "memory": o.memory })),
+            Some(&json!({ "workload": o.workload.name(), "memory": o.memory, "network": o.tcp })),
         )
         .await?;
     Ok(v["id"].as_str().unwrap_or_default().to_string())
@@ -339,6 +368,7 @@ fn push_workers(sh: &Shared, ids: Vec<String>, decided: Option<Duration>) {
             last_done: Mutex::new(now),
             completed: AtomicUsize::new(0),
             vm_us: AtomicU64::new(0),
+            target: tokio::sync::OnceCell::new(),
         })
     }));
 }
@@ -607,9 +637,25 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         w.in_flight.fetch_add(1, Ordering::Relaxed);
         sh.sent.fetch_add(1, Ordering::Relaxed);
         let sh2 = sh.clone();
+        let (tcp_mode, http) = (opts.tcp, opts.workload == Workload::Web);
         tasks.spawn(async move {
             let arrived = sh2.start.elapsed();
-            let res = sh2.api.request(&w.id, &a.payload).await;
+            let res = if tcp_mode {
+                match w.target(&sh2.api).await {
+                    Ok(t) => t
+                        .request(&a.payload, http, Duration::from_secs(30))
+                        .await
+                        .map(|(s, b)| (s, 0u64, b))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            } else {
+                sh2.api
+                    .request(&w.id, &a.payload)
+                    .await
+                    .map(|(s, l, b)| (s, l, b.to_vec()))
+                    .map_err(|e| e.to_string())
+            };
             w.in_flight.fetch_sub(1, Ordering::Relaxed);
             *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             let finished = sh2.start.elapsed();
@@ -625,7 +671,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                 .push(Done {
                     arrived,
                     finished,
-                    outcome: res.map(|(s, _, _)| s).map_err(|e| e.to_string()),
+                    outcome: res.map(|(s, _, _)| s),
                 });
         });
     }
