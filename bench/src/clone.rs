@@ -97,11 +97,7 @@ fn served_in(vm: &Vm, reqs: &[Vec<u8>], dur: Duration) -> anyhow::Result<usize> 
         let end = (i + chunk).min(reqs.len());
         let offset = start.elapsed();
         let r = runner::drive(vm, Workload::Web, &reqs[i..end], chunk, true)?;
-        served += r
-            .completions
-            .iter()
-            .filter(|&&c| offset + c <= dur)
-            .count();
+        served += r.completions.iter().filter(|&&c| offset + c <= dur).count();
         i = if end >= reqs.len() { 0 } else { end };
     }
     Ok(served)
@@ -124,9 +120,7 @@ fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sampl
     let parent_served = served_in(parent, &reqs, cfg.window).context("parent throughput")?;
 
     let opts = CloneOptions::default();
-    let first = parent
-        .clone_children(1, &opts)
-        .context("first clone")?;
+    let first = parent.clone_children(1, &opts).context("first clone")?;
     let child_served =
         served_in(&first.children[0], &reqs, cfg.window).context("first clone's throughput")?;
     for c in &first.children {
@@ -143,7 +137,12 @@ fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sampl
     let batch = parent
         .clone_children(cfg.batch, &opts)
         .with_context(|| format!("{} clones in one call", cfg.batch))?;
-    let all_running = batch.clone_latency.iter().max().copied().unwrap_or_default();
+    let all_running = batch
+        .clone_latency
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
     for c in &batch.children {
         c.stop()?;
     }

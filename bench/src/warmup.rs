@@ -433,9 +433,19 @@ fn summarize(policy: &str, runs: &[PolicyResult]) -> PolicyResult {
             }
         },
         window_ratios: {
-            let n = runs.iter().map(|r| r.window_ratios.len()).max().unwrap_or(0);
+            let n = runs
+                .iter()
+                .map(|r| r.window_ratios.len())
+                .max()
+                .unwrap_or(0);
             (0..n)
-                .map(|j| median(runs.iter().filter_map(|r| r.window_ratios.get(j).copied()).collect()))
+                .map(|j| {
+                    median(
+                        runs.iter()
+                            .filter_map(|r| r.window_ratios.get(j).copied())
+                            .collect(),
+                    )
+                })
                 .collect()
         },
     }

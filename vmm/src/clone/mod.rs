@@ -164,6 +164,10 @@ pub struct CloneBatch {
     pub total: Duration,
 }
 
+/// One child made by a spawn worker: the VM (or why not), its creation time, and when it was
+/// ready.
+type Made = (Result<Vm, VmError>, Duration, Instant);
+
 impl Generation {
     /// Create `n` children of this generation (see the module docs). Nothing here colors or
     /// freezes: a policy factory in `opts` is called once per child.
@@ -190,7 +194,7 @@ impl Generation {
             .min(n)
             .max(1);
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let make = |i: usize| -> (Result<Vm, VmError>, Duration, Instant) {
+        let make = |i: usize| -> Made {
             let t0 = Instant::now();
             let spec = child::ChildSpec {
                 name: format!("{prefix}{i}"),
@@ -205,35 +209,32 @@ impl Generation {
             let r = child::spawn(self, &spec);
             (r, t0.elapsed(), Instant::now())
         };
-        let mut made: Vec<Option<(Result<Vm, VmError>, Duration, Instant)>> =
-            (0..n).map(|_| None).collect();
+        let mut made: Vec<Option<Made>> = (0..n).map(|_| None).collect();
         if workers == 1 {
             for (i, slot) in made.iter_mut().enumerate() {
                 *slot = Some(make(i));
             }
         } else {
-            let parts: Vec<Vec<(usize, (Result<Vm, VmError>, Duration, Instant))>> =
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = (0..workers)
-                        .map(|_| {
-                            s.spawn(|| {
-                                let mut mine = Vec::new();
-                                loop {
-                                    let i =
-                                        next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    if i >= n {
-                                        break mine;
-                                    }
-                                    mine.push((i, make(i)));
+            let parts: Vec<Vec<(usize, Made)>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..workers)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut mine = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if i >= n {
+                                    break mine;
                                 }
-                            })
+                                mine.push((i, make(i)));
+                            }
                         })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                        .collect()
-                });
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            });
             for (i, r) in parts.into_iter().flatten() {
                 made[i] = Some(r);
             }
