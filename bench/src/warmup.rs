@@ -89,10 +89,11 @@ pub struct PolicyResult {
     pub footprint_bytes: u64,
     /// Throughput over time of the first clone: (seconds since the call, requests/s).
     pub curve: Vec<(f64, f64)>,
-    /// Requests served from the clone call until the warm parent's time for the same K
-    /// requests (`WarmupReport::horizon_ms`), as a fraction of K: the clone's throughput over
-    /// that horizon relative to the warm parent (1.0 = as fast as the parent, clone call
-    /// included). Robust to bursts: it counts, it does not detect a crossing.
+    /// Requests served from the clone call until the horizon (`WarmupReport::horizon_ms`, half
+    /// the warm parent's time for the K requests), over what the warm parent serves in that
+    /// time: the clone's throughput over the horizon relative to the warm parent (1.0 = as
+    /// fast as the parent, clone call included). Robust to bursts: it counts, it does not
+    /// detect a crossing.
     pub served_ratio: f64,
     /// [min, median, max] of `served_ratio` over the clones.
     pub served_ratio_spread: [f64; 3],
@@ -121,7 +122,7 @@ pub struct WarmupReport {
     pub parent: DriveReport,
     /// Its throughput (the 100% line).
     pub parent_rps: f64,
-    /// The warm parent's time for the measured K requests: the horizon of `served_ratio`.
+    /// Half the warm parent's time for the measured K requests: the horizon of `served_ratio`.
     pub horizon_ms: f64,
     /// Length of the fixed windows of `window_ratios`.
     pub slot_ms: f64,
@@ -372,7 +373,7 @@ fn run_clone(me: &Measure<'_>, opts: &CloneOptions, reqs: &[Vec<u8>]) -> anyhow:
         footprint_bytes: m.footprint_bytes,
         curve: rate_curve(&rep.completions, rate_window, offset),
         served_ratio: served_by(&rep.completions, offset, me.horizon) as f64
-            / reqs.len().max(1) as f64,
+            / (target_rps * me.horizon.as_secs_f64()).max(1e-9),
         window_ratios: window_ratios(&rep.completions, offset, me.slot, target_rps),
         ..Default::default()
     };
@@ -476,8 +477,10 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
     drive(&parent, w, &warm, cfg.window, true).context("warming the parent")?;
     let base = drive(&parent, w, &measured, cfg.window, true).context("parent baseline")?;
     let parent_rps = base.throughput_rps;
-    // The horizon of the served-ratio metric and the fixed windows (five per horizon).
-    let horizon = Duration::from_secs_f64(base.elapsed_ms / 1e3);
+    // The horizon of the served-ratio metric: half the parent's time for the K requests, so a
+    // clone as fast as the parent is still busy at the horizon (the ratio does not saturate);
+    // fixed windows of a fifth of it.
+    let horizon = Duration::from_secs_f64(base.elapsed_ms / 2e3);
     let slot = horizon / 5;
     parent.pause().context("pausing the warm parent")?;
     let generation = parent.freeze().context("freezing the warm parent")?;
@@ -720,7 +723,7 @@ pub fn render(r: &WarmupReport) -> String {
     }
     let _ = writeln!(
         s,
-        "served from the call within the warm parent's time for K ({:.0} ms), vs the parent; and per {:.0} ms window:",
+        "served from the call within {:.0} ms (half the parent's time for K) vs the warm parent, median (min-max); per {:.0} ms window (medians):",
         r.horizon_ms, r.slot_ms
     );
     for p in &r.policies {
