@@ -9,6 +9,7 @@ pub mod clone;
 pub mod dedup;
 pub mod linux;
 pub mod modes;
+pub mod net;
 pub mod plot;
 pub mod runner;
 pub mod warmup;

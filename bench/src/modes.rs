@@ -88,6 +88,7 @@ fn one_rep(
         kernel: runner::kernel(),
         cmdline: "init=/bin/ktest".into(),
         disk: ktest_image()?,
+        net: None,
         guest_mode: gm,
     })?;
     vm.wait_ready(T)?;

@@ -89,6 +89,7 @@ pub fn boot(w: Workload, mem_bytes: u64, name: &str) -> anyhow::Result<Booted> {
         kernel,
         cmdline,
         disk,
+        net: None,
         guest_mode: kscope_vmm::GuestMode::process_default(),
     })
     .with_context(|| format!("booting {} with {} MiB", w.name(), mem_bytes >> 20))?;

@@ -65,6 +65,7 @@ fn start_in(
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: cmdline.into(),
         disk: Arc::from(b.build()),
+        net: None,
         guest_mode,
     })
 }

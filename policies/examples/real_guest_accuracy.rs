@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: "init=/bin/ktest".into(),
         disk: Arc::from(fs.build()),
+        net: None,
         guest_mode: kscope_vmm::GuestMode::process_default(),
     })?;
     if let Err(e) = vm.wait_ready(Duration::from_secs(60)) {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::error::VmError;
 use crate::mode::GuestMode;
+use crate::net::NetAttach;
 
 /// Largest number of vCPUs.
 pub const MAX_VCPUS: u32 = 64;
@@ -23,6 +24,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Root disk image (read-only; a multiple of 512 bytes; may be empty).
     pub disk: Arc<[u8]>,
+    /// A virtio-net device on this tap with this address (`None`: no network).
+    pub net: Option<NetAttach>,
     /// How the guest kernel should run (native where the host allows it, by default).
     pub guest_mode: GuestMode,
 }
@@ -36,6 +39,7 @@ impl std::fmt::Debug for VmConfig {
             .field("kernel_len", &self.kernel.len())
             .field("cmdline", &self.cmdline)
             .field("disk_len", &self.disk.len())
+            .field("net", &self.net.as_ref().map(|n| n.ip))
             .field("guest_mode", &self.guest_mode)
             .finish()
     }

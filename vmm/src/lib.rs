@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod loader;
 pub mod memory;
 pub mod mode;
+pub mod net;
 pub mod prefetch;
 pub mod snapfile;
 pub mod snapshot;

@@ -52,7 +52,8 @@ impl std::fmt::Display for FormatVersion {
 /// [`crate::snapfile`]), checked when a page is first read; a 2.1 payload without that table
 /// is refused as corrupt. 2.0 snapshots (format 1, no table) are still read: their memory is
 /// verified whole when opened.
-pub const STATE_VERSION: FormatVersion = FormatVersion { major: 2, minor: 1 };
+/// 2.2: the virtio-net transport in [`DeviceStates`] (`net`, absent before 2.2).
+pub const STATE_VERSION: FormatVersion = FormatVersion { major: 2, minor: 2 };
 
 /// The first [`STATE_VERSION`] whose snapshots carry a per-page CRC-32 table.
 pub const PAGE_CRC_VERSION: FormatVersion = FormatVersion { major: 2, minor: 1 };
@@ -259,10 +260,14 @@ mod tests {
         assert!(!v(2, 1).can_read(v(2, 2)), "newer minor");
         assert!(!v(2, 1).can_read(v(1, 0)), "older major");
         assert!(!v(2, 1).can_read(v(3, 0)), "newer major");
-        assert_eq!(STATE_VERSION.to_string(), "2.1");
+        assert_eq!(STATE_VERSION.to_string(), "2.2");
         assert!(
             STATE_VERSION.can_read(v(2, 0)),
             "2.0 snapshots stay readable"
+        );
+        assert!(
+            STATE_VERSION.can_read(PAGE_CRC_VERSION),
+            "2.1 snapshots stay readable"
         );
     }
 

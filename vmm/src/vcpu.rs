@@ -67,6 +67,11 @@ pub trait VcpuHost: Send + Sync {
     fn console_tail(&self) -> String;
     /// The request path.
     fn requests(&self) -> &dyn RequestTransport;
+    /// The guest is idle: move frames from the network into it. Returns the frames delivered
+    /// and how long the guest may sleep (`None`: until something arrives).
+    fn net_idle(&self) -> (u64, Option<Duration>) {
+        (0, None)
+    }
 }
 
 /// Exit counters of a VM (all vCPUs).
@@ -350,6 +355,13 @@ impl VcpuThread {
                 if d.queued > 0 {
                     wait = Some(self.backoff);
                     self.backoff = (self.backoff * 2).min(MAX_NO_BUFFER_BACKOFF);
+                }
+                let (frames, net_wait) = self.host.net_idle();
+                if frames > 0 || net_wait == Some(Duration::ZERO) {
+                    return RunState::Running;
+                }
+                if let Some(t) = net_wait {
+                    wait = Some(wait.map_or(t, |w: Duration| w.min(t)));
                 }
             }
             let m = match wait {

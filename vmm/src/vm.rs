@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::boot::{self, BootParams};
 use crate::devices::block::BlockDevice;
 use crate::devices::bus::Bus;
+use crate::devices::net::{NetCounts, NetDevice, TapWatcher};
 use crate::devices::request::{
     PendingResponse, RequestDevice, RequestHub, RequestTransport, Response, VirtioRequestTransport,
     Watchdog,
@@ -25,6 +26,7 @@ use crate::lifecycle::{StateError, VmOp};
 use crate::loader;
 use crate::memory::{private_pages, GuestMemory, GuestRam, MemoryStats};
 use crate::mode::{CpuMode, GuestMode};
+use crate::net::NetAttach;
 use crate::state::{self, MachineState};
 use crate::vcpu::{
     ExitCounters, ExitCounts, ExitReason, VcpuControl, VcpuHost, VcpuMsg, VcpuThread,
@@ -45,6 +47,8 @@ const RAM_SLOT: u32 = 0;
 pub const BLOCK_GPA: u64 = MMIO_BASE;
 /// GPA of the request device.
 pub const REQUEST_GPA: u64 = MMIO_BASE + MMIO_DEVICE_SIZE;
+/// GPA of the virtio-net device (VMs with a network).
+pub const NET_GPA: u64 = MMIO_BASE + 2 * MMIO_DEVICE_SIZE;
 
 /// Result of a successful boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +89,7 @@ pub(crate) struct VmCore {
     console: Arc<ConsoleBuffer>,
     controls: Vec<Arc<VcpuControl>>,
     requests: VirtioRequestTransport,
+    net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
     boot_start: Instant,
     setup_time: Mutex<Duration>,
     counters: Arc<ExitCounters>,
@@ -175,6 +180,17 @@ impl VcpuHost for VmCore {
 
     fn console_tail(&self) -> String {
         self.console.tail(TAIL_LINES)
+    }
+
+    fn net_idle(&self) -> (u64, Option<Duration>) {
+        let Some(n) = &self.net else { return (0, None) };
+        let mut t = n.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = t.device().stats();
+        let before = stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed);
+        // TX first (the guest does not notify for it), then RX.
+        t.kick_queue(kscope_guest::abi::net::TX_QUEUE);
+        let after = stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed);
+        (after - before, t.device().wake_in())
     }
 
     fn requests(&self) -> &dyn RequestTransport {
@@ -273,7 +289,7 @@ impl Vm {
         // `Vm` drops the KVM VM before guest RAM.
         unsafe { hv.set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())? };
         let memory = Arc::new(GuestMemory::new(ram));
-        let devices = [
+        let mut devices = vec![
             DeviceDesc {
                 kind: DeviceKind::Block as u32,
                 irq: 0,
@@ -287,6 +303,14 @@ impl Vm {
                 size: MMIO_DEVICE_SIZE,
             },
         ];
+        if cfg.net.is_some() {
+            devices.push(DeviceDesc {
+                kind: DeviceKind::Net as u32,
+                irq: 0,
+                gpa: NET_GPA,
+                size: MMIO_DEVICE_SIZE,
+            });
+        }
         let mut vcpus: Vec<Box<dyn HvVcpu>> = (0..cfg.vcpus)
             .map(|i| hv.create_vcpu(i))
             .collect::<Result<_, _>>()?;
@@ -378,6 +402,21 @@ impl Vm {
         let mut mmio = Bus::new();
         mmio.insert(BLOCK_GPA, MMIO_DEVICE_SIZE, block.clone())?;
         mmio.insert(REQUEST_GPA, MMIO_DEVICE_SIZE, request.clone())?;
+        // A network device when configured, and in a VM restored from one that had it (then
+        // disconnected if no tap was given, so that the guest's driver keeps working).
+        let saved_net = saved.and_then(|s| s.net.as_ref());
+        let net = if cfg.net.is_some() || saved_net.is_some() {
+            let mut t = MmioTransport::new(NetDevice::new(cfg.net.as_ref()), memory.clone());
+            if let Some(st) = saved_net {
+                t.restore_state(st)
+                    .map_err(|e| VmError::BadConfig(format!("net device: {e}")))?;
+            }
+            let t = Arc::new(Mutex::new(t));
+            mmio.insert(NET_GPA, MMIO_DEVICE_SIZE, t.clone())?;
+            Some(t)
+        } else {
+            None
+        };
 
         let n = vcpus.len();
         let mut controls = Vec::new();
@@ -405,6 +444,7 @@ impl Vm {
             console,
             controls,
             requests: VirtioRequestTransport::new(hub, request.clone()),
+            net: net.clone(),
             boot_start: start,
             setup_time: Mutex::new(Duration::ZERO),
             counters: Arc::new(ExitCounters::default()),
@@ -419,6 +459,25 @@ impl Vm {
                 }
             }
         }));
+
+        let tap_watcher = match cfg.net.as_ref() {
+            Some(a) if net.is_some() => {
+                let target = Arc::downgrade(&core);
+                let w = TapWatcher::start(
+                    a.tap.clone(),
+                    Box::new(move || {
+                        if let Some(core) = target.upgrade() {
+                            if let Some(c) = core.controls.first() {
+                                c.send(VcpuMsg::Wake);
+                            }
+                        }
+                    }),
+                )
+                .map_err(|e| VmError::Internal(format!("cannot watch the tap: {e}")))?;
+                Some(w)
+            }
+            _ => None,
+        };
 
         let first_run = Arc::new(OnceLock::new());
         let mut threads = Vec::new();
@@ -453,6 +512,8 @@ impl Vm {
                 serial,
                 block,
                 request,
+                net,
+                _tap_watcher: tap_watcher,
             },
             cfg,
             lazy,
@@ -624,6 +685,27 @@ impl Vm {
     /// The VM's name.
     pub fn name(&self) -> &str {
         &self.core.name
+    }
+
+    /// The VM's IPv4 address, if it has a network.
+    pub fn net_address(&self) -> Option<std::net::Ipv4Addr> {
+        self.cfg.net.as_ref().map(|n| n.ip)
+    }
+
+    /// The VM's network attachment, if any.
+    pub fn net_attach(&self) -> Option<&NetAttach> {
+        self.cfg.net.as_ref()
+    }
+
+    /// Counters of the VM's network device.
+    pub fn net_counts(&self) -> Option<NetCounts> {
+        self.devices.net.as_ref().map(|n| {
+            n.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device()
+                .stats()
+                .snapshot()
+        })
     }
 
     /// Exit counters so far.

@@ -27,6 +27,7 @@ fn boot(name: &str) -> (Vm, Duration) {
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: "init=/bin/ktest".into(),
         disk: Arc::from(disk()),
+        net: None,
         guest_mode: kscope_vmm::GuestMode::Auto,
     })
     .expect("boot");

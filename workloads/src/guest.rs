@@ -25,8 +25,8 @@ impl Clone for GuestFiles {
     }
 }
 
-/// Files kept open at most (the kernel gives a process 13 descriptors; `map` needs one more
-/// for a moment).
+/// Files kept open at most (the kernel gives a process 61 descriptors, shared with sockets;
+/// `map` needs one more for a moment).
 const MAX_OPEN: usize = 8;
 
 fn sys_err(op: &'static str, path: &str, e: ulib::Errno) -> FileError {
@@ -88,10 +88,14 @@ impl Files for GuestFiles {
     }
 }
 
-/// Serve requests forever: the handler between `reply_recv` calls (one kernel entry per
+/// Serve requests forever: with a network, the request device and HTTP over TCP together
+/// (see `serve_tcp`); otherwise the handler between `reply_recv` calls (one kernel entry per
 /// request: the answer to one request and the wait for the next).
 pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
     kscope_guest::println!("{name}: ready");
+    if let Some(code) = serve_tcp(name, handler) {
+        return code;
+    }
     let mut buf = alloc::vec![0u8; kscope_guest::abi::request::MAX_REQUEST];
     let mut answer: (u64, u32, &[u8]) = (u64::MAX, 0, &[]);
     loop {
@@ -113,5 +117,257 @@ pub fn serve(name: &str, handler: &mut dyn Handler) -> i32 {
         let len = (meta.len as usize).min(buf.len());
         let (status, payload) = handler.handle(&buf[..len]);
         answer = (meta.id, status, payload);
+    }
+}
+
+/// The TCP port every workload serves HTTP/1.1 on (when the VM has a network).
+pub const HTTP_PORT: u16 = 80;
+/// Connections served at once (more wait in the kernel's backlog).
+const MAX_CONNS: usize = 24;
+
+struct Conn {
+    fd: u64,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    sent: usize,
+    close_after: bool,
+}
+
+/// `core::fmt::Write` into a byte vector.
+struct OutStr<'a>(&'a mut Vec<u8>);
+
+impl core::fmt::Write for OutStr<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn out_str(out: &mut Vec<u8>) -> OutStr<'_> {
+    OutStr(out)
+}
+
+/// Length of the first complete HTTP request in `buf` and whether it asks to close the
+/// connection; `None` while incomplete; `Err` for a header block that can never complete.
+fn frame_request(buf: &[u8]) -> Result<Option<(usize, bool)>, ()> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() > 64 * 1024 {
+            Err(())
+        } else {
+            Ok(None)
+        };
+    };
+    let head = core::str::from_utf8(&buf[..end]).map_err(|_| ())?;
+    let mut len = 0usize;
+    let mut close = head.starts_with("GET / HTTP/1.0") || head.contains(" HTTP/1.0\r");
+    for line in head.split("\r\n").skip(1) {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("content-length") {
+            len = v.parse().map_err(|_| ())?;
+        } else if k.eq_ignore_ascii_case("connection") {
+            close = v.eq_ignore_ascii_case("close");
+        }
+    }
+    let total = end + 4 + len;
+    Ok((buf.len() >= total).then_some((total, close)))
+}
+
+fn answer(handler: &mut dyn Handler, req: &[u8], out: &mut Vec<u8>) {
+    use core::fmt::Write;
+    if req.starts_with(b"GET /kscope/id ") {
+        // The VM's own view of its network identity (clones answer with theirs).
+        let body = match kscope_guest::ulib::net::info() {
+            Ok(i) => {
+                let [a, b, c, d] = i.ip;
+                let m = i.mac;
+                alloc::format!(
+                    "ip={a}.{b}.{c}.{d} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} rx={} tx={}\n",
+                    m[0], m[1], m[2], m[3], m[4], m[5], i.rx_frames, i.tx_frames
+                )
+            }
+            Err(e) => alloc::format!("no network: errno {}\n", e.0),
+        };
+        let _ = write!(
+            out_str(out),
+            "HTTP/1.1 200 OK\r\nServer: kscope\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    if handler.speaks_http() {
+        let (_, payload) = handler.handle(req);
+        out.extend_from_slice(payload);
+        return;
+    }
+    // Not an HTTP workload: the request is the POST body, the answer the response body.
+    let end = req
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |e| e + 4);
+    let (status, payload) = handler.handle(&req[end..]);
+    let mut head = String::new();
+    let code = if status == crate::handlers::STATUS_OK {
+        "200 OK"
+    } else {
+        "400 Bad Request"
+    };
+    let _ = write!(
+        head,
+        "HTTP/1.1 {code}\r\nServer: kscope\r\nX-Kscope-Status: {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    );
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Serve the request device and HTTP/1.1 over TCP on [`HTTP_PORT`] (keep-alive, many
+/// connections) from one event loop. Returns `None` when the VM has no network.
+fn serve_tcp(name: &str, handler: &mut dyn Handler) -> Option<i32> {
+    use kscope_guest::abi::net::{self as nabi, errno as nerr, PollFd, POLL_IN, POLL_OUT};
+    use kscope_guest::ulib::net;
+    let info = net::info().ok()?;
+    let lfd = net::socket(nabi::SOCK_STREAM).ok()?;
+    if net::bind(lfd, HTTP_PORT).is_err() || net::listen(lfd, nabi::MAX_BACKLOG).is_err() {
+        kscope_guest::println!("{name}: cannot listen on port {HTTP_PORT}");
+        return None;
+    }
+    let [a, b, c, d] = info.ip;
+    kscope_guest::println!("{name}: listening on {a}.{b}.{c}.{d}:{HTTP_PORT}");
+    let mut reqbuf = alloc::vec![0u8; kscope_guest::abi::request::MAX_REQUEST];
+    let mut rbuf = alloc::vec![0u8; 16 * 1024];
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut set: Vec<PollFd> = Vec::new();
+    // Out of descriptors: leave new connections in the kernel's backlog until one closes.
+    let mut out_of_fds = false;
+    loop {
+        set.clear();
+        set.push(PollFd {
+            fd: nabi::REQUEST_FD,
+            events: POLL_IN,
+            revents: 0,
+        });
+        set.push(PollFd {
+            fd: lfd as i32,
+            events: if conns.len() < MAX_CONNS && !out_of_fds {
+                POLL_IN
+            } else {
+                0
+            },
+            revents: 0,
+        });
+        for c in &conns {
+            let pending = c.sent < c.out.len();
+            set.push(PollFd {
+                fd: c.fd as i32,
+                events: if pending { POLL_OUT } else { POLL_IN },
+                revents: 0,
+            });
+        }
+        if let Err(e) = net::poll(&mut set, u64::MAX) {
+            kscope_guest::println!("{name}: poll failed: errno {}", e.0);
+            return Some(1);
+        }
+        if set[0].revents & POLL_IN != 0 {
+            match ulib::sys::recv_request(&mut reqbuf) {
+                Ok(meta) => {
+                    let len = (meta.len as usize).min(reqbuf.len());
+                    let (status, payload) = handler.handle(&reqbuf[..len]);
+                    let payload =
+                        &payload[..payload.len().min(kscope_guest::abi::request::MAX_RESPONSE)];
+                    if let Err(e) = ulib::respond(meta.id, status, payload) {
+                        kscope_guest::println!("{name}: send_response failed: errno {}", e.0);
+                    }
+                }
+                Err(e) => kscope_guest::println!("{name}: recv_request failed: errno {}", e.0),
+            }
+        }
+        if set[1].revents & POLL_IN != 0 {
+            while conns.len() < MAX_CONNS {
+                match net::accept(lfd) {
+                    Ok((fd, _)) => conns.push(Conn {
+                        fd,
+                        inbuf: Vec::new(),
+                        out: Vec::new(),
+                        sent: 0,
+                        close_after: false,
+                    }),
+                    Err(e) if e.0 == nerr::EAGAIN => break,
+                    Err(e) => {
+                        kscope_guest::println!("{name}: accept: errno {}", e.0);
+                        out_of_fds = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let mut k = 0;
+        while k < conns.len() {
+            let c = &mut conns[k];
+            let mut dead = false;
+            // Read what is there.
+            if c.sent >= c.out.len() {
+                loop {
+                    match net::recv(c.fd, &mut rbuf) {
+                        Ok(0) => {
+                            dead = true;
+                            break;
+                        }
+                        Ok(n) => c.inbuf.extend_from_slice(&rbuf[..n as usize]),
+                        Err(e) if e.0 == nerr::EAGAIN => break,
+                        Err(_) => {
+                            dead = true;
+                            break;
+                        }
+                    }
+                }
+                // Answer every complete request (pipelining included).
+                if c.sent >= c.out.len() {
+                    c.out.clear();
+                    c.sent = 0;
+                }
+                loop {
+                    match frame_request(&c.inbuf) {
+                        Ok(Some((n, close))) => {
+                            answer(handler, &c.inbuf[..n], &mut c.out);
+                            c.inbuf.drain(..n);
+                            if close {
+                                c.close_after = true;
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(()) => {
+                            c.close_after = true;
+                            c.inbuf.clear();
+                            break;
+                        }
+                    }
+                }
+            }
+            // Send what is pending.
+            while c.sent < c.out.len() {
+                match net::send(c.fd, &c.out[c.sent..]) {
+                    Ok(n) => c.sent += n as usize,
+                    Err(e) if e.0 == nerr::EAGAIN => break,
+                    Err(_) => {
+                        dead = true;
+                        break;
+                    }
+                }
+            }
+            if c.sent >= c.out.len() && c.close_after {
+                dead = true;
+            }
+            if dead {
+                let _ = net::close(c.fd);
+                conns.swap_remove(k);
+                out_of_fds = false;
+            } else {
+                k += 1;
+            }
+        }
     }
 }

@@ -22,6 +22,11 @@ pub const STATUS_FAILED: u32 = 2;
 pub trait Handler {
     /// Handle one request payload; returns `(status, response payload)`.
     fn handle(&mut self, request: &[u8]) -> (u32, &[u8]);
+    /// True if requests and responses are HTTP messages themselves (served as they are over
+    /// TCP); otherwise TCP clients send the request as the body of an HTTP POST.
+    fn speaks_http(&self) -> bool {
+        false
+    }
 }
 
 /// The `web` handler (always status 0: errors are HTTP responses).
@@ -30,6 +35,10 @@ pub struct WebHandler<F: Files>(pub Web<F>);
 impl<F: Files> Handler for WebHandler<F> {
     fn handle(&mut self, request: &[u8]) -> (u32, &[u8]) {
         (STATUS_OK, self.0.handle(request))
+    }
+
+    fn speaks_http(&self) -> bool {
+        true
     }
 }
 

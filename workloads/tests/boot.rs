@@ -26,6 +26,7 @@ fn boot(w: Workload, mem_mib: u64) -> Vm {
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: format!("init={}", w.program_path()),
         disk: Arc::from(default_image()),
+        net: None,
         guest_mode: kscope_vmm::GuestMode::Auto,
     })
     .expect("boot");

@@ -120,6 +120,11 @@ pub struct LbArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Send real TCP connections (HTTP/1.1, keep-alive) to the workers' own addresses in the
+    /// service's network namespace instead of the API's request device path (the parent is
+    /// created with a network; needs the same machine and root, like the service).
+    #[arg(long)]
+    pub tcp: bool,
 }
 
 /// Run `kscope lb` against a running service.
@@ -160,6 +165,7 @@ pub fn lb(a: LbArgs) -> anyhow::Result<()> {
         scale: ScaleMode::Auto,
         memory_mode: a.memory,
         prefetch: a.prefetch,
+        tcp: a.tcp,
         ..LbOptions::default()
     };
     let report = tokio_runtime()?.block_on(lb::run_lb(opts))?;

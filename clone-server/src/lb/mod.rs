@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod load;
+pub mod tcp;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -90,6 +91,8 @@ pub struct LbOptions {
     pub prefetch: String,
     /// Delete the workers (and a parent it created) at the end.
     pub cleanup: bool,
+    /// Send requests over TCP to the workers' addresses ([`tcp`]) instead of the API.
+    pub tcp: bool,
 }
 
 impl Default for LbOptions {
@@ -120,6 +123,7 @@ impl Default for LbOptions {
             memory_mode: "lazy".into(),
             prefetch: "lazy".into(),
             cleanup: true,
+            tcp: false,
         }
     }
 }
@@ -193,6 +197,31 @@ struct Worker {
     id: String,
     in_flight: AtomicUsize,
     last_done: Mutex<Instant>,
+    /// Its HTTP endpoint (TCP mode), looked up from the API at first use.
+    target: tokio::sync::OnceCell<Arc<tcp::Target>>,
+}
+
+impl Worker {
+    async fn target(&self, api: &ApiClient) -> Result<Arc<tcp::Target>, String> {
+        self.target
+            .get_or_try_init(|| async {
+                let v = api
+                    .json(Method::GET, &format!("/v1/vms/{}", self.id), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ip: std::net::Ipv4Addr = v["address"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| tcp::TcpError::NoAddress(self.id.clone()).to_string())?;
+                let netns = v["netns"].as_str().unwrap_or_default().to_string();
+                Ok(Arc::new(tcp::Target::new(
+                    netns,
+                    std::net::SocketAddr::from((ip, 80)),
+                )))
+            })
+            .await
+            .cloned()
+    }
 }
 
 struct Done {
@@ -227,7 +256,7 @@ async fn create_parent(api: &ApiClient, o: &LbOptions) -> Result<String, ClientE
         .json(
             Method::POST,
             "/v1/vms",
-            Some(&json!({ "workload": o.workload.name(), "memory": o.memory })),
+            Some(&json!({ "workload": o.workload.name(), "memory": o.memory, "network": o.tcp })),
         )
         .await?;
     Ok(v["id"].as_str().unwrap_or_default().to_string())
@@ -286,6 +315,7 @@ fn push_workers(sh: &Shared, ids: Vec<String>) {
             id,
             in_flight: AtomicUsize::new(0),
             last_done: Mutex::new(now),
+            target: tokio::sync::OnceCell::new(),
         })
     }));
 }
@@ -499,9 +529,25 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         w.in_flight.fetch_add(1, Ordering::Relaxed);
         sh.sent.fetch_add(1, Ordering::Relaxed);
         let sh2 = sh.clone();
+        let (tcp_mode, http) = (opts.tcp, opts.workload == Workload::Web);
         tasks.spawn(async move {
             let arrived = sh2.start.elapsed();
-            let res = sh2.api.request(&w.id, &a.payload).await;
+            let res = if tcp_mode {
+                match w.target(&sh2.api).await {
+                    Ok(t) => t
+                        .request(&a.payload, http, Duration::from_secs(30))
+                        .await
+                        .map(|(s, b)| (s, 0u64, b))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            } else {
+                sh2.api
+                    .request(&w.id, &a.payload)
+                    .await
+                    .map(|(s, l, b)| (s, l, b.to_vec()))
+                    .map_err(|e| e.to_string())
+            };
             w.in_flight.fetch_sub(1, Ordering::Relaxed);
             *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             let finished = sh2.start.elapsed();
@@ -511,7 +557,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                 .push(Done {
                     arrived,
                     finished,
-                    outcome: res.map(|(s, _, _)| s).map_err(|e| e.to_string()),
+                    outcome: res.map(|(s, _, _)| s),
                 });
         });
     }

@@ -24,6 +24,8 @@ use super::error::ApiError;
 /// Descriptors one VM holds (KVM VM, vCPU, memfd, userfaultfd, eventfd, and a share of the
 /// parent's frozen image; a parent about as many). Checked by the API tests.
 pub const FDS_PER_CLONE: u64 = 6;
+/// Extra descriptors of a VM with a network: its tap, the tap watcher's epoll and eventfd.
+pub const FDS_PER_NETWORK: u64 = 3;
 /// Descriptors kept free for HTTP connections, snapshot files and logs.
 pub const FD_RESERVE: u64 = 64;
 
@@ -101,13 +103,20 @@ impl FdBudget {
 
     /// 503 unless `vms` more VMs fit under the limit, keeping [`FD_RESERVE`] free.
     pub fn check(&self, vms: usize) -> Result<(), ApiError> {
+        self.check_vms(vms, false)
+    }
+
+    /// [`FdBudget::check`] for VMs that have a network when `network` (each needs
+    /// [`FDS_PER_NETWORK`] more).
+    pub fn check_vms(&self, vms: usize, network: bool) -> Result<(), ApiError> {
+        let each = FDS_PER_CLONE + if network { FDS_PER_NETWORK } else { 0 };
         let limit = self.limit();
         let open = open_fds();
-        let need = vms as u64 * FDS_PER_CLONE;
+        let need = vms as u64 * each;
         if open + need + FD_RESERVE > limit {
-            let fit = limit.saturating_sub(open + FD_RESERVE) / FDS_PER_CLONE;
+            let fit = limit.saturating_sub(open + FD_RESERVE) / each;
             return Err(ApiError::Unavailable(format!(
-                "the service has {open} of its {limit} open files in use; {vms} more VMs need about {need} (~{FDS_PER_CLONE} each) and {FD_RESERVE} stay in reserve, so at most {fit} fit now. No VM failed: delete VMs, or raise the open-file limit (ulimit -n / LimitNOFILE=) and restart the service"
+                "the service has {open} of its {limit} open files in use; {vms} more VMs need about {need} (~{each} each) and {FD_RESERVE} stay in reserve, so at most {fit} fit now. No VM failed: delete VMs, or raise the open-file limit (ulimit -n / LimitNOFILE=) and restart the service"
             )));
         }
         Ok(())
@@ -139,6 +148,9 @@ mod tests {
         assert!(open > 2);
         let b = FdBudget::new(open + FD_RESERVE + 10 * FDS_PER_CLONE);
         b.check(5).unwrap();
+        // Networked VMs need more each: 9 fit without a network, not with one.
+        b.check_vms(9, false).unwrap();
+        assert!(b.check_vms(9, true).is_err());
         let e = b.check(500).unwrap_err();
         assert_eq!(e.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
         assert!(e.to_string().contains("No VM failed"), "{e}");

@@ -221,6 +221,10 @@ pub struct VmView {
     pub identity: Option<IdentityView>,
     /// Where to send requests.
     pub request_url: String,
+    /// The VM's IPv4 address (VMs with a network): its workload serves HTTP on port 80.
+    pub address: Option<String>,
+    /// The network namespace the address lives in (VMs with a network).
+    pub netns: Option<String>,
     /// Ids of its clones.
     pub clones: Vec<String>,
     /// Statistics.
@@ -266,6 +270,8 @@ impl VmEntry {
             boot_ms: Some(self.boot.as_secs_f64() * 1e3),
             identity: self.identity.clone(),
             request_url: request_url(&self.id),
+            address: self.vm.net_address().map(|a| a.to_string()),
+            netns: self.vm.net_attach().map(|n| n.network.netns().to_string()),
             clones: self
                 .children
                 .lock()

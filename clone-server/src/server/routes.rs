@@ -125,6 +125,8 @@ struct CreateVm {
     workload: String,
     /// A size string ("64M") or a number of bytes (checked by [`parse_memory`]).
     memory: Option<serde_json::Value>,
+    #[serde(default)]
+    network: bool,
     guest_mode: Option<kscope_vmm::GuestMode>,
 }
 
@@ -182,12 +184,24 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
     let workload = parse_workload(&body.workload)?;
     let mem = parse_memory(&s, body.memory.as_ref())?;
     let reservation = s.registry.reserve(1, 0, mem)?;
-    s.fds.check(1)?;
+    s.fds.check_vms(1, body.network)?;
     let id = s.registry.new_id();
     let st = s.clone();
     let vid = id.clone();
+    let network = body.network;
     let entry = control(move || {
         let start = Instant::now();
+        let net = if network {
+            let n = kscope_vmm::net::Network::get()
+                .map_err(|e| ApiError::VmFailed(format!("guest networking is unavailable: {e}")))?;
+            let ident = n.boot_identity(&vid);
+            Some(
+                kscope_vmm::net::NetAttach::new(n, &ident)
+                    .map_err(|e| ApiError::VmFailed(format!("no tap device for {vid}: {e}")))?,
+            )
+        } else {
+            None
+        };
         let vm = Vm::boot(VmConfig {
             name: vid.clone(),
             mem_bytes: mem,
@@ -195,6 +209,7 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             kernel: st.kernel(),
             cmdline: format!("init={}", workload.program_path()),
             disk: st.disk(),
+            net,
             guest_mode: body
                 .guest_mode
                 .unwrap_or_else(kscope_vmm::GuestMode::process_default),
@@ -368,7 +383,7 @@ async fn create_clones(
     let mut reservation = s
         .registry
         .reserve(0, req.n, charge.saturating_mul(req.n as u64))?;
-    s.fds.check(req.n)?;
+    s.fds.check_vms(req.n, parent.vm.net_attach().is_some())?;
     let generation = s.registry.new_generation();
     let prefix = format!("{}-g{generation}-", parent.id);
     let (p2, r2) = (parent.clone(), req.clone());
@@ -379,6 +394,7 @@ async fn create_clones(
     let mut out = Vec::with_capacity(made);
     for c in batch.clones {
         let cid = s.registry.new_id();
+        let address = c.vm.net_address().map(|a| a.to_string());
         let entry = Arc::new(VmEntry {
             id: cid.clone(),
             kind: VmKind::Clone,
@@ -400,6 +416,7 @@ async fn create_clones(
             "id": cid,
             "identity": c.identity,
             "request_url": request_url(&cid),
+            "address": address,
             "clone_ms": c.latency.as_secs_f64() * 1e3,
         }));
     }

@@ -19,6 +19,8 @@ pub enum DeviceKind {
     Block = 1,
     /// kscope request device over virtio-mmio (see [`crate::abi::request`]).
     Request = 2,
+    /// virtio-net over virtio-mmio (see [`crate::abi::net`]).
+    Net = 3,
 }
 
 /// One device in the MMIO window.

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod fs;
 pub mod kinfo;
 pub mod layout;
+pub mod net;
 pub mod request;
 pub mod syscall;
 

@@ -84,6 +84,7 @@ pub fn check() {
     rng::reseed(&g.seed);
     crate::native::report();
     let dropped = request::drop_all();
+    crate::net::on_clone(&g.identity);
     kinfo::set_generation(g.generation);
     crate::kprint!(s "kscope: clone generation ", d g.generation, s " (clone id ", d g.clone_id, s "), dropped ", d dropped, s " requests\n");
     for i in 0..PROC_MAX {

@@ -36,6 +36,7 @@ pub mod kinfo;
 pub mod klib;
 pub mod mm;
 pub mod native;
+pub mod net;
 pub mod pagecache;
 pub mod proc;
 pub mod request;
@@ -300,6 +301,8 @@ extern "C" fn kmain(bi_va: u64) -> ! {
             }
         } else if d.kind == DeviceKind::Request as u32 && request::init(va).is_err() {
             fatal("request device setup failed", panic_code::BAD_BOOT);
+        } else if d.kind == DeviceKind::Net as u32 && net::init(va).is_err() {
+            fatal("virtio-net device setup failed", panic_code::BAD_BOOT);
         }
     }
     let Some(disk_bytes) = disk else {

@@ -15,7 +15,7 @@ pub const PROC_MAX: usize = 16;
 /// Memory areas per process.
 pub const MAX_VMAS: usize = 64;
 /// File descriptors per process (0..2 are the console).
-pub const MAX_FDS: usize = 16;
+pub const MAX_FDS: usize = 64;
 
 /// What backs a memory area.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -168,12 +168,8 @@ fn has_receiver() -> bool {
 
 /// Block `slot` in `recv_request`, or complete it at once if a request is pending.
 pub fn recv(slot: usize, buf: u64, len: u64, meta: u64) {
+    note_ready(slot);
     let s = S.get();
-    if !s.ready_sent && proc::get(slot).abi.pid == s.init_pid {
-        s.ready_sent = true;
-        crate::kprint!(s "kscope: ready (", d s.started, s " processes)\n");
-        arch::outl(ports::READY, s.started);
-    }
     let p = proc::get(slot);
     p.wait = Wait::Recv { buf, len, meta };
     p.abi.state = proc_state::BLOCKED;
@@ -181,6 +177,21 @@ pub fn recv(slot: usize, buf: u64, len: u64, meta: u64) {
     p.wait_seq = s.seq;
     clone::check();
     deliver_requests();
+}
+
+/// The init process waits for work for the first time: tell the VMM the guest is READY.
+pub fn note_ready(slot: usize) {
+    let s = S.get();
+    if !s.ready_sent && proc::get(slot).abi.pid == s.init_pid {
+        s.ready_sent = true;
+        crate::kprint!(s "kscope: ready (", d s.started, s " processes)\n");
+        arch::outl(ports::READY, s.started);
+    }
+}
+
+/// Pid of the init process.
+pub fn init_pid() -> u32 {
+    S.get().init_pid
 }
 
 /// Hand pending requests to waiting processes (oldest waiter first).
@@ -241,6 +252,7 @@ pub fn schedule() -> ! {
     loop {
         clone::check();
         deliver_requests();
+        crate::net::poll();
         if let Some(i) = pick() {
             let p = proc::get(i);
             if p.sig_pending && !p.in_signal {
@@ -253,7 +265,9 @@ pub fn schedule() -> ! {
             }
             run(i);
         }
-        arch::hlt();
+        if crate::net::before_halt() {
+            arch::hlt();
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use kscope_guest::abi::boot::Identity;
 use kscope_guest::abi::fs::NAME_MAX;
 use kscope_guest::abi::kinfo::frame_use;
 use kscope_guest::abi::layout::{virt_to_phys, PAGE_SIZE};
+use kscope_guest::abi::net as nabi;
 use kscope_guest::abi::request::MAX_RESPONSE;
 use kscope_guest::abi::syscall::{self as nr, errno, FileStat};
 
@@ -51,7 +52,7 @@ pub fn dispatch(slot: usize, frame: &mut Context) {
     );
     if matches!(
         n,
-        nr::RECV_REQUEST | nr::REPLY_RECV | nr::SIGRETURN | nr::YIELD
+        nr::RECV_REQUEST | nr::REPLY_RECV | nr::SIGRETURN | nr::YIELD | nabi::NET_POLL
     ) {
         // These block, replace or hand over the context: work on the saved copy.
         sched::spill(slot, frame);
@@ -84,7 +85,11 @@ fn is_ud2(slot: usize, rip: u64) -> bool {
 
 fn fd_file(slot: usize, fd: u64) -> Option<usize> {
     let p = proc::get(slot);
-    if fd < 3 || fd >= MAX_FDS as u64 || p.fds[fd as usize] == 0 {
+    if fd < 3
+        || fd >= MAX_FDS as u64
+        || p.fds[fd as usize] == 0
+        || p.fds[fd as usize] & crate::net::socket::SOCK_TAG != 0
+    {
         return None;
     }
     Some(p.fds[fd as usize] as usize - 1)
@@ -129,6 +134,13 @@ fn call(slot: usize, n: u64, a: [u64; 6]) -> Result<Ret, Fault> {
             p.fds[fd] = f as u32 + 1;
             Ok(Ret::Val(fd as i64))
         }
+        nr::CLOSE if crate::net::socket::is_socket(slot, a[0]) => {
+            Ok(Ret::Val(crate::net::socket::close(slot, a[0])))
+        }
+        nabi::NET_SOCKET..=nabi::NET_CONNECT => match crate::net::socket::call(slot, n, a)? {
+            crate::net::socket::Outcome::Val(v) => Ok(Ret::Val(v)),
+            crate::net::socket::Outcome::Blocked => Ok(Ret::Done),
+        },
         nr::CLOSE => {
             if fd_file(slot, a[0]).is_none() {
                 return err(errno::EBADF);

@@ -210,6 +210,14 @@ impl Queue {
         Some((id as u16, len))
     }
 
+    /// True if the device has returned buffers not yet taken with [`pop_used`](Self::pop_used).
+    pub fn has_used(&self) -> bool {
+        fence(Ordering::SeqCst);
+        // SAFETY: the used index inside this queue's frame (written by the device).
+        let idx = unsafe { ((self.base + USED_OFF + 2) as *const u16).read_volatile() };
+        idx != self.last_used
+    }
+
     /// Wait for the next used element after a notify: the VMM normally completes the request
     /// during the notify exit; otherwise halt (an exit) until it has.
     pub fn wait_used(&mut self) -> (u16, u32) {

@@ -16,6 +16,7 @@
 
 pub mod alloc_impl;
 pub mod mem;
+pub mod net;
 pub mod sys;
 
 extern crate alloc;

@@ -85,8 +85,9 @@ pub fn identity_for(id: u64, name: &str) -> Identity {
 /// Create a VM from `gen` per `spec`.
 pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmError> {
     let start = Instant::now();
-    let cfg = VmConfig {
+    let mut cfg = VmConfig {
         name: spec.name.clone(),
+        net: None,
         ..gen.cfg.clone()
     };
     let size = cfg.mem_bytes;
@@ -104,6 +105,14 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     } else {
         None
     };
+    // A clone of a VM with a network gets a tap from the pool and its own address (the one
+    // in its GenPage, which the guest applies on SIGCLONE); a restored VM gets none.
+    if let (Some(parent), Some(g)) = (gen.cfg.net.as_ref(), genpage.as_ref()) {
+        cfg.net = Some(
+            crate::net::NetAttach::new(parent.network.clone(), &g.identity)
+                .map_err(|e| VmError::BadConfig(format!("clone network: {e}")))?,
+        );
+    }
     let (ram, lazy) = match spec.memory {
         MemoryMode::Lazy => {
             let kind = match spec.anon_memory {

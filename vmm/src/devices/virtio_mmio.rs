@@ -79,6 +79,8 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver notified queue `index`; process it. `queues` are the device's queues.
     fn process_queue(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap);
+    /// The driver wrote device configuration space at `offset` (ignored by default).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
 }
@@ -173,6 +175,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The device.
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// The device, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
     }
 
     /// Status register value.
@@ -426,7 +433,8 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= reg::CONFIG {
-            return; // configuration space is read-only for our devices
+            self.device.write_config(offset - reg::CONFIG, data);
+            return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::debug!(

@@ -285,6 +285,7 @@ impl Vm {
             kernel,
             cmdline: p.cmdline,
             disk,
+            net: None,
             // The mode comes from the saved vCPU state (see `clone::child::spawn`).
             guest_mode: crate::mode::GuestMode::Auto,
         };
@@ -326,14 +327,16 @@ mod tests {
             "{e}"
         );
         // 2.0 had none: it passes the version checks (and fails later, on the missing state).
-        for (minor, table) in [(0, false), (0, true), (1, true)] {
+        for (minor, table) in [(0, false), (0, true), (1, true), (2, true)] {
             let e = decode_payload(at(minor).as_bytes(), "s", table).unwrap_err();
             assert!(
                 e.to_string().contains("machine.vcpus"),
                 "{minor} {table}: {e}"
             );
         }
-        let e = decode_payload(at(2).as_bytes(), "s", true).unwrap_err();
+        let e = decode_payload(at(2).as_bytes(), "s", false).unwrap_err();
+        assert!(matches!(e, VmError::SnapshotCorrupt { .. }), "{e}");
+        let e = decode_payload(at(3).as_bytes(), "s", true).unwrap_err();
         assert!(matches!(e, VmError::SnapshotIncompatible { .. }), "{e}");
     }
 }

@@ -29,6 +29,7 @@ pub fn config(name: &str, mem_bytes: u64) -> VmConfig {
         kernel: Arc::from(kscope_guest::KERNEL_ELF),
         cmdline: "init=/bin/ktest".into(),
         disk: disk(),
+        net: None,
         guest_mode: kscope_vmm::GuestMode::Auto,
     }
 }

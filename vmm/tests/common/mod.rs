@@ -265,6 +265,7 @@ pub fn config(name: &str, code: &[u8]) -> VmConfig {
         kernel: Arc::from(build_test_elf(code, KERNEL_PHYS_BASE)),
         cmdline: "test=1".into(),
         disk: Arc::from(vec![0u8; 4096]),
+        net: None,
         guest_mode: kscope_vmm::GuestMode::Emulated,
     }
 }
