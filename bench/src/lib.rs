@@ -5,6 +5,7 @@
 //! (color-targeted deduplication). Policies are built through `kscope_policies::factory`, as
 //! the clone service does. Only the CLI depends on this crate.
 
+pub mod clone;
 pub mod dedup;
 pub mod linux;
 pub mod modes;

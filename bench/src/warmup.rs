@@ -89,6 +89,18 @@ pub struct PolicyResult {
     pub footprint_bytes: u64,
     /// Throughput over time of the first clone: (seconds since the call, requests/s).
     pub curve: Vec<(f64, f64)>,
+    /// Requests served from the clone call until the horizon (`WarmupReport::horizon_ms`, half
+    /// the warm parent's time for the K requests), over what the warm parent serves in that
+    /// time: the clone's throughput over the horizon relative to the warm parent (1.0 = as
+    /// fast as the parent, clone call included). Robust to bursts: it counts, it does not
+    /// detect a crossing.
+    pub served_ratio: f64,
+    /// [min, median, max] of `served_ratio` over the clones.
+    pub served_ratio_spread: [f64; 3],
+    /// Throughput in fixed windows of `WarmupReport::slot_ms` from the clone call, relative
+    /// to the warm parent (median per window over the clones; a window after the stream ended
+    /// is left out).
+    pub window_ratios: Vec<f64>,
 }
 
 /// Everything `kscope bench warmup` reports.
@@ -110,6 +122,10 @@ pub struct WarmupReport {
     pub parent: DriveReport,
     /// Its throughput (the 100% line).
     pub parent_rps: f64,
+    /// Half the warm parent's time for the measured K requests: the horizon of `served_ratio`.
+    pub horizon_ms: f64,
+    /// Length of the fixed windows of `window_ratios`.
+    pub slot_ms: f64,
     /// Completions per sliding window.
     pub rate_window: usize,
     /// Warm threshold.
@@ -170,6 +186,40 @@ pub fn rate_curve(completions: &[Duration], win: usize, offset: Duration) -> Vec
             ((times[i] + offset).as_secs_f64(), win as f64 / dt)
         })
         .collect()
+}
+
+/// Requests completed by `t` since the clone call; completion times are since the start of
+/// driving, which began `offset` after the call.
+pub fn served_by(completions: &[Duration], offset: Duration, t: Duration) -> usize {
+    completions.iter().filter(|&&c| offset + c <= t).count()
+}
+
+/// Throughput in consecutive windows of `slot` from the clone call, as a fraction of
+/// `target_rps`; only windows that end before the last completion (the stream was still
+/// running) are reported.
+pub fn window_ratios(
+    completions: &[Duration],
+    offset: Duration,
+    slot: Duration,
+    target_rps: f64,
+) -> Vec<f64> {
+    let Some(&last) = completions.last() else {
+        return Vec::new();
+    };
+    let end = offset + last;
+    let slot_s = slot.as_secs_f64().max(1e-9);
+    let mut out = Vec::new();
+    let mut j = 0u32;
+    while slot * (j + 1) <= end {
+        let (a, b) = (slot * j, slot * (j + 1));
+        let n = completions
+            .iter()
+            .filter(|&&c| offset + c > a && offset + c <= b)
+            .count();
+        out.push(n as f64 / slot_s / target_rps.max(1e-9));
+        j += 1;
+    }
+    out
 }
 
 /// Pages installed in a clone (`present`) that a lazy run of the same stream never touched.
@@ -269,6 +319,8 @@ struct Measure<'a> {
     rate_window: usize,
     target_rps: f64,
     fraction: f64,
+    horizon: Duration,
+    slot: Duration,
 }
 
 impl Measure<'_> {
@@ -320,6 +372,9 @@ fn run_clone(me: &Measure<'_>, opts: &CloneOptions, reqs: &[Vec<u8>]) -> anyhow:
         copied_pages: m.bytes / 4096,
         footprint_bytes: m.footprint_bytes,
         curve: rate_curve(&rep.completions, rate_window, offset),
+        served_ratio: served_by(&rep.completions, offset, me.horizon) as f64
+            / (target_rps * me.horizon.as_secs_f64()).max(1e-9),
+        window_ratios: window_ratios(&rep.completions, offset, me.slot, target_rps),
         ..Default::default()
     };
     child.stop().context("stopping the clone")?;
@@ -369,6 +424,31 @@ fn summarize(policy: &str, runs: &[PolicyResult]) -> PolicyResult {
         installed_per_touched: f(|r| r.installed_per_touched),
         footprint_bytes: u(|r| r.footprint_bytes),
         curve: runs.first().map(|r| r.curve.clone()).unwrap_or_default(),
+        served_ratio: f(|r| r.served_ratio),
+        served_ratio_spread: {
+            let mut v: Vec<f64> = runs.iter().map(|r| r.served_ratio).collect();
+            v.sort_by(f64::total_cmp);
+            match (v.first(), v.last()) {
+                (Some(&lo), Some(&hi)) => [lo, median(v.clone()), hi],
+                _ => [0.0; 3],
+            }
+        },
+        window_ratios: {
+            let n = runs
+                .iter()
+                .map(|r| r.window_ratios.len())
+                .max()
+                .unwrap_or(0);
+            (0..n)
+                .map(|j| {
+                    median(
+                        runs.iter()
+                            .filter_map(|r| r.window_ratios.get(j).copied())
+                            .collect(),
+                    )
+                })
+                .collect()
+        },
     }
 }
 
@@ -397,6 +477,11 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
     drive(&parent, w, &warm, cfg.window, true).context("warming the parent")?;
     let base = drive(&parent, w, &measured, cfg.window, true).context("parent baseline")?;
     let parent_rps = base.throughput_rps;
+    // The horizon of the served-ratio metric: half the parent's time for the K requests, so a
+    // clone as fast as the parent is still busy at the horizon (the ratio does not saturate);
+    // fixed windows of a fifth of it.
+    let horizon = Duration::from_secs_f64(base.elapsed_ms / 2e3);
+    let slot = horizon / 5;
     parent.pause().context("pausing the warm parent")?;
     let generation = parent.freeze().context("freezing the warm parent")?;
     let (map, color_time) =
@@ -414,6 +499,8 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
         rate_window,
         target_rps: parent_rps,
         fraction: cfg.warm_fraction,
+        horizon,
+        slot,
     };
     let go = |opts: &CloneOptions, reqs: &[Vec<u8>]| m.run(opts, reqs);
 
@@ -467,6 +554,8 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
         streams,
         parent: base,
         parent_rps,
+        horizon_ms: horizon.as_secs_f64() * 1e3,
+        slot_ms: slot.as_secs_f64() * 1e3,
         rate_window,
         warm_fraction: cfg.warm_fraction,
         recorded_pages,
@@ -632,6 +721,24 @@ pub fn render(r: &WarmupReport) -> String {
             fmt_bytes(p.footprint_bytes)
         );
     }
+    let _ = writeln!(
+        s,
+        "served from the call within {:.0} ms (half the parent's time for K) vs the warm parent, median (min-max); per {:.0} ms window (medians):",
+        r.horizon_ms, r.slot_ms
+    );
+    for p in &r.policies {
+        let w: Vec<String> = p.window_ratios.iter().map(|x| format!("{x:.2}")).collect();
+        let _ = writeln!(
+            s,
+            "  {:<13} {:.2} ({:.2}-{:.2}) over {} clones; windows [{}]",
+            p.policy,
+            p.served_ratio_spread[1],
+            p.served_ratio_spread[0],
+            p.served_ratio_spread[2],
+            p.clones,
+            w.join(" ")
+        );
+    }
     if let Some(l) = lazy {
         for p in r.policies.iter().filter(|p| p.policy != "lazy") {
             let warm = match (p.time_to_warm_ms, l.time_to_warm_ms) {
@@ -694,6 +801,25 @@ mod tests {
         assert_eq!(k.len(), 2);
         assert!((k[0].0 - 0.25).abs() < 1e-9 && (k[0].1 - 10.0).abs() < 1e-6);
         assert!((k[1].0 - 0.35).abs() < 1e-9 && (k[1].1 - 10.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fixed_windows_and_served_by_count_from_the_call() {
+        // Driving began 100 ms after the call; completions at 150..=400 ms since the call.
+        let c = ms(&[50, 100, 150, 200, 250, 300]);
+        let off = Duration::from_millis(100);
+        assert_eq!(served_by(&c, off, Duration::from_millis(99)), 0);
+        assert_eq!(served_by(&c, off, Duration::from_millis(250)), 3);
+        assert_eq!(served_by(&c, off, Duration::from_secs(1)), 6);
+        // 100 ms windows against 20 req/s (2 per window = 1.0): [0,100] none, (100,200] 2,
+        // (200,300] 2, (300,400] 2; nothing after the last completion.
+        let w = window_ratios(&c, off, Duration::from_millis(100), 20.0);
+        assert_eq!(w.len(), 4);
+        assert!(w[0].abs() < 1e-9);
+        for x in &w[1..] {
+            assert!((x - 1.0).abs() < 1e-9, "{w:?}");
+        }
+        assert!(window_ratios(&[], off, Duration::from_millis(100), 20.0).is_empty());
     }
 
     #[test]

@@ -201,6 +201,12 @@ fn thirty_two_clones_answer_concurrently() {
     let t0 = Instant::now();
     let batch = parent.clone_children(32, &CloneOptions::default()).unwrap();
     let created = t0.elapsed();
+    // Children are created in parallel; the batch still comes back in index order.
+    for (i, c) in batch.children.iter().enumerate() {
+        assert_eq!(c.name(), format!("p-32-c{i}"));
+    }
+    assert_eq!(batch.clone_latency.len(), 32);
+    assert_eq!(batch.create_time.len(), 32);
     let pending: Vec<_> = batch
         .children
         .iter()

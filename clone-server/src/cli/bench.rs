@@ -22,6 +22,32 @@ pub enum BenchCmd {
     /// Linux memory images (colorer/linux/make-image.sh): coloring time, and color-targeted
     /// dedup across the images.
     Linux(LinuxArgs),
+    /// Cloning figures of issue 11 per guest size (parent pause, call -> first instruction,
+    /// n clones -> all running, first-second throughput vs the warm parent), against goals.
+    Clone(CloneArgs),
+}
+
+/// Arguments of `kscope bench clone`.
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    /// Guest sizes, comma-separated (a size whose parent cannot boot is skipped).
+    #[arg(long, default_value = "64M,256M,1G,4G", value_delimiter = ',', value_parser = super::mem_arg)]
+    pub sizes: Vec<u64>,
+    /// Repetitions per size (medians with min-max are printed).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Children of the batch clone (one call).
+    #[arg(long, default_value_t = 64)]
+    pub clones: usize,
+    /// Requests that warm the parent, and that it serves again before the later clone.
+    #[arg(long, default_value_t = 50)]
+    pub warm_requests: usize,
+    /// Throughput window in milliseconds (parent and first clone).
+    #[arg(long, default_value_t = 1000)]
+    pub window_ms: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `kscope bench linux`.
@@ -266,6 +292,21 @@ pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", linux::render(&r));
+            }
+        }
+        BenchCmd::Clone(a) => {
+            let cfg = kscope_bench::clone::CloneBenchConfig {
+                sizes: a.sizes,
+                reps: a.reps,
+                batch: a.clones.max(1),
+                warm_requests: a.warm_requests,
+                window: std::time::Duration::from_millis(a.window_ms.max(1)),
+            };
+            let r = kscope_bench::clone::run(&cfg)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", kscope_bench::clone::render(&r));
             }
         }
         BenchCmd::Modes(a) => {

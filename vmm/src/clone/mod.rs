@@ -153,7 +153,8 @@ pub struct CloneBatch {
     /// [`Generation::spawn`]: from the spawn) to the child's first `KVM_RUN` (for paused
     /// children: to the moment it was ready to run).
     pub clone_latency: Vec<Duration>,
-    /// Per child: time spent creating it (KVM VM, memory, state), excluding earlier children.
+    /// Per child: time spent creating it (KVM VM, memory, state); children of one call are
+    /// created in parallel (one worker per available core), so these overlap.
     pub create_time: Vec<Duration>,
     /// The image the children are served from.
     pub generation: Arc<Generation>,
@@ -162,6 +163,10 @@ pub struct CloneBatch {
     /// Wall time of the whole call.
     pub total: Duration,
 }
+
+/// One child made by a spawn worker: the VM (or why not), its creation time, and when it was
+/// ready.
+type Made = (Result<Vm, VmError>, Duration, Instant);
 
 impl Generation {
     /// Create `n` children of this generation (see the module docs). Nothing here colors or
@@ -181,10 +186,15 @@ impl Generation {
         } else {
             opts.name_prefix.clone()
         };
-        let mut children = Vec::with_capacity(n);
-        let mut create_time = Vec::with_capacity(n);
-        let mut ready_at = Vec::with_capacity(n);
-        for i in 0..n {
+        // Children are created in parallel, by at most one worker per available core; each
+        // worker takes the next index, so the batch keeps its order and the first error (by
+        // index) is returned. Children made before an error are dropped (stopped).
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |c| c.get())
+            .min(n)
+            .max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let make = |i: usize| -> Made {
             let t0 = Instant::now();
             let spec = child::ChildSpec {
                 name: format!("{prefix}{i}"),
@@ -196,9 +206,47 @@ impl Generation {
                 anon_memory: opts.anon_memory,
                 identity: true,
             };
-            children.push(child::spawn(self, &spec)?);
-            create_time.push(t0.elapsed());
-            ready_at.push(Instant::now());
+            let r = child::spawn(self, &spec);
+            (r, t0.elapsed(), Instant::now())
+        };
+        let mut made: Vec<Option<Made>> = (0..n).map(|_| None).collect();
+        if workers == 1 {
+            for (i, slot) in made.iter_mut().enumerate() {
+                *slot = Some(make(i));
+            }
+        } else {
+            let parts: Vec<Vec<(usize, Made)>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..workers)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut mine = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if i >= n {
+                                    break mine;
+                                }
+                                mine.push((i, make(i)));
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            });
+            for (i, r) in parts.into_iter().flatten() {
+                made[i] = Some(r);
+            }
+        }
+        let mut children = Vec::with_capacity(n);
+        let mut create_time = Vec::with_capacity(n);
+        let mut ready_at = Vec::with_capacity(n);
+        for r in made {
+            let (vm, took, ready) = r.expect("every index is taken by one worker");
+            children.push(vm?);
+            create_time.push(took);
+            ready_at.push(ready);
         }
         let clone_latency = children
             .iter()

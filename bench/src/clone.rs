@@ -1,0 +1,246 @@
+//! `kscope bench clone`: the cloning figures of issue 11 per guest size, each printed as a
+//! ratio against its goal (or, for throughput, against the warm parent of the same run).
+//!
+//! Per size and repetition: boot a `web` parent, warm it, measure its throughput for one
+//! second, then
+//! 1. clone it once (lazy): the parent's pause and the call -> child's first instruction;
+//!    the child's requests served in its first second against the parent's second;
+//! 2. drive the parent again (it dirties memory), clone it once more: the later pause;
+//! 3. clone it `n` times in one call: call -> all children running.
+//!
+//! A size whose parent cannot be booted (e.g. 4 GiB on a small host) is skipped with the reason.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kscope_vmm::{CloneOptions, Vm};
+use kscope_workloads::Workload;
+use serde::Serialize;
+
+use crate::runner;
+
+/// Options of the run.
+#[derive(Debug, Clone)]
+pub struct CloneBenchConfig {
+    /// Guest sizes in bytes.
+    pub sizes: Vec<u64>,
+    /// Repetitions per size.
+    pub reps: usize,
+    /// Children of the batch clone.
+    pub batch: usize,
+    /// Requests that warm the parent (and that it serves between the first and later clone).
+    pub warm_requests: usize,
+    /// Length of the throughput windows (parent and first clone).
+    pub window: Duration,
+}
+
+/// One figure: median over repetitions with min and max, and its goal.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// What is measured.
+    pub name: String,
+    /// Unit of the values.
+    pub unit: String,
+    /// [min, median, max] over the repetitions.
+    pub value: [f64; 3],
+    /// The goal (issue 11).
+    pub goal: f64,
+    /// True when smaller is better (the goal is an upper bound).
+    pub lower_is_better: bool,
+}
+
+impl Figure {
+    /// Median against the goal: <= 1 meets an upper bound, >= 1 meets a lower bound.
+    pub fn ratio(&self) -> f64 {
+        self.value[1] / self.goal
+    }
+    /// Whether the median meets the goal.
+    pub fn met(&self) -> bool {
+        if self.lower_is_better {
+            self.value[1] <= self.goal
+        } else {
+            self.value[1] >= self.goal
+        }
+    }
+}
+
+/// One guest size's figures, or why it was skipped.
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeReport {
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// The figures (empty when skipped).
+    pub figures: Vec<Figure>,
+    /// Why the size was skipped.
+    pub skipped: Option<String>,
+}
+
+/// Samples of one repetition, in [`NAMES`] order.
+type Sample = [f64; 6];
+
+const NAMES: [(&str, &str, f64, bool); 6] = [
+    ("parent pause, first clone", "ms", 1.0, true),
+    ("parent pause, later clone (dirtied)", "ms", 1.0, true),
+    ("pages copied in later pause", "pages", 0.0, true),
+    ("clone call -> first instruction", "ms", 1.0, true),
+    ("n clones: call -> all running", "ms", 64.0, true),
+    ("clone 1st-second throughput / parent", "x", 0.8, false),
+];
+
+/// Requests served by `vm` in `dur` (window of 4 in flight), all answers checked.
+fn served_in(vm: &Vm, reqs: &[Vec<u8>], dur: Duration) -> anyhow::Result<usize> {
+    let start = Instant::now();
+    let mut served = 0;
+    let chunk = 4;
+    let mut i = 0;
+    while start.elapsed() < dur {
+        let end = (i + chunk).min(reqs.len());
+        let offset = start.elapsed();
+        let r = runner::drive(vm, Workload::Web, &reqs[i..end], chunk, true)?;
+        served += r.completions.iter().filter(|&&c| offset + c <= dur).count();
+        i = if end >= reqs.len() { 0 } else { end };
+    }
+    Ok(served)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sample> {
+    let b = runner::boot(
+        Workload::Web,
+        mem,
+        &format!("bench-clone-{}m-{rep}", mem >> 20),
+    )?;
+    let parent = &b.vm;
+    let warm = Workload::Web.requests(11 + rep as u64, cfg.warm_requests.max(1));
+    let reqs = Workload::Web.requests(1000 + rep as u64, 4096);
+    runner::drive(parent, Workload::Web, &warm, 4, true).context("warming the parent")?;
+    let parent_served = served_in(parent, &reqs, cfg.window).context("parent throughput")?;
+
+    let opts = CloneOptions::default();
+    let first = parent.clone_children(1, &opts).context("first clone")?;
+    let child_served =
+        served_in(&first.children[0], &reqs, cfg.window).context("first clone's throughput")?;
+    for c in &first.children {
+        c.stop()?;
+    }
+    drop(first.children);
+
+    runner::drive(parent, Workload::Web, &warm, 4, true).context("dirtying the parent")?;
+    let later = parent.clone_children(1, &opts).context("later clone")?;
+    for c in &later.children {
+        c.stop()?;
+    }
+
+    let batch = parent
+        .clone_children(cfg.batch, &opts)
+        .with_context(|| format!("{} clones in one call", cfg.batch))?;
+    let all_running = batch
+        .clone_latency
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    for c in &batch.children {
+        c.stop()?;
+    }
+    parent.stop()?;
+    Ok([
+        ms(first.parent_pause),
+        ms(later.parent_pause),
+        later.freeze.pages_copied as f64,
+        ms(first.clone_latency[0]),
+        ms(all_running),
+        child_served as f64 / parent_served.max(1) as f64,
+    ])
+}
+
+fn spread(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    [v[0], v[v.len() / 2], v[v.len() - 1]]
+}
+
+/// Measure every size.
+pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
+    let mut out = Vec::new();
+    for &mem in &cfg.sizes {
+        let mut samples: Vec<Sample> = Vec::new();
+        let mut skipped = None;
+        for rep in 0..cfg.reps.max(1) {
+            match one_rep(cfg, mem, rep) {
+                Ok(s) => samples.push(s),
+                Err(e) => {
+                    skipped = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        let figures = if skipped.is_some() {
+            Vec::new()
+        } else {
+            NAMES
+                .iter()
+                .enumerate()
+                .map(|(i, &(name, unit, goal, lower))| Figure {
+                    name: if i == 4 {
+                        format!("{} clones: call -> all running", cfg.batch)
+                    } else {
+                        name.to_string()
+                    },
+                    unit: unit.to_string(),
+                    value: spread(samples.iter().map(|s| s[i]).collect()),
+                    goal: if i == 4 { cfg.batch as f64 } else { goal },
+                    lower_is_better: lower,
+                })
+                .collect()
+        };
+        out.push(SizeReport {
+            mem_mib: mem >> 20,
+            figures,
+            skipped,
+        });
+    }
+    Ok(out)
+}
+
+/// The report as a table.
+pub fn render(r: &[SizeReport]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for size in r {
+        let _ = writeln!(s, "guest {} MiB", size.mem_mib);
+        if let Some(why) = &size.skipped {
+            let _ = writeln!(s, "  skipped: {why}");
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "  {:<40} {:>5} {:>26} {:>8} {:>8}",
+            "figure", "unit", "median (min-max)", "goal", "/goal"
+        );
+        for f in &size.figures {
+            let goal = if f.goal == 0.0 {
+                "-".to_string()
+            } else {
+                format!("{}{}", if f.lower_is_better { "<" } else { ">=" }, f.goal)
+            };
+            let ratio = if f.goal == 0.0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}{}", f.ratio(), if f.met() { "" } else { " !" })
+            };
+            let _ = writeln!(
+                s,
+                "  {:<40} {:>5} {:>26} {:>8} {:>8}",
+                f.name,
+                f.unit,
+                format!("{:.2} ({:.2}-{:.2})", f.value[1], f.value[0], f.value[2]),
+                goal,
+                ratio
+            );
+        }
+    }
+    s
+}
