@@ -41,6 +41,8 @@ pub struct Descriptor {
     pub kernel_virt_base: u64,
     /// Guest-physical address of the kernel PML4.
     pub kernel_pml4: u64,
+    /// Template of the user-mode PML4s (native mode's page-table isolation), 0 if none.
+    pub user_pml4_template: u64,
     /// Bytes of guest RAM the kernel manages.
     pub mem_bytes: u64,
     /// Kernel text (virtual).
@@ -174,6 +176,7 @@ impl<'m, M: PhysMem + ?Sized> KscopeProfile<'m, M> {
             direct_map_base: k.direct_map_base,
             kernel_virt_base: k.kernel_virt_base,
             kernel_pml4: k.kernel_pml4,
+            user_pml4_template: k.user_pml4_template,
             mem_bytes: k.mem_bytes,
             text: (k.text_start, k.text_end),
             rodata: (k.rodata_start, k.rodata_end),
@@ -289,8 +292,16 @@ impl<M: PhysMem + ?Sized> GuestProfile for KscopeProfile<'_, M> {
         "kscope"
     }
 
+    /// The kernel's PML4 and, with page-table isolation, the user-mode template and every
+    /// process's user-mode PML4 (the frame after its CR3): page tables no process CR3 reaches.
     fn kernel_roots(&self) -> Result<Vec<u64>, ProfileError> {
-        Ok(vec![self.desc.kernel_pml4])
+        let mut roots = vec![self.desc.kernel_pml4];
+        let tpl = self.desc.user_pml4_template;
+        if tpl != 0 && tpl.is_multiple_of(PAGE_SIZE) && tpl / PAGE_SIZE < frame_count(self.mem) {
+            roots.push(tpl);
+            roots.extend(self.processes()?.iter().map(|p| p.cr3 + PAGE_SIZE));
+        }
+        Ok(roots)
     }
 
     fn processes(&self) -> Result<Vec<ProcessRoot>, ProfileError> {

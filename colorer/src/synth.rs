@@ -771,6 +771,7 @@ pub fn build(spec: &SynthSpec) -> Result<SynthGuest, SynthError> {
         ground_truth: dm(truth_tab),
         sigclone_count: 0,
         seen_generation: 0,
+        user_pml4_template: 0,
     };
     b.write(KINFO_GPA, as_bytes(&kinfo));
     let mut bits = vec![0u8; frames.div_ceil(8) as usize];

@@ -70,6 +70,10 @@ pub struct KInfo {
     pub sigclone_count: u64,
     /// Last clone generation the kernel saw.
     pub seen_generation: u64,
+    /// Page-table isolation (native mode): the PML4 whose kernel half every process's
+    /// user-mode PML4 copies; each process's user-mode PML4 is the frame right after its
+    /// `cr3`. 0 when processes run on one PML4.
+    pub user_pml4_template: u64,
 }
 
 /// Process state values of [`ProcAbi::state`].

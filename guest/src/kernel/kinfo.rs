@@ -45,6 +45,11 @@ pub fn set_layout(l: &Layout) {
     (d.data_start, d.data_end) = l.data;
 }
 
+/// Record the template of the user-mode page tables (native mode's isolation).
+pub fn set_user_template(pml4: u64) {
+    k().user_pml4_template = pml4;
+}
+
 /// Record the frame allocator's tables.
 pub fn set_frames(bitmap: u64, count: u64, free: u64, ground_truth: u64) {
     let d = k();

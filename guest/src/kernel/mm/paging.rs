@@ -82,6 +82,7 @@ pub fn init_isolation(t: &Trampoline) -> Result<(), NoMem> {
         map_4k(tpl, p, p - DIRECT_MAP_BASE, US | NX)?;
     }
     *USER_TEMPLATE.get() = tpl;
+    crate::kinfo::set_user_template(tpl);
     Ok(())
 }
 
