@@ -49,6 +49,25 @@ pub fn factory(
         return Ok(None);
     }
     let ctx = ctx.ok_or(PolicyError::NeedsColors(spec.name.as_str()))?;
+    if spec.name == PolicyName::Learned {
+        // Learn the table once for the generation, not once per clone.
+        let rec = recording.ok_or(PolicyError::NeedsRecording(spec.name.as_str()))?;
+        let learned = crate::learn::learn(&ctx, &rec, &spec.config, crate::learn::DEFAULT_BUDGET);
+        tracing::debug!(
+            faults_base = learned.base.faults,
+            faults_learned = learned.learned.faults,
+            tables = learned.evaluated,
+            "learned a per-color table:\n{}",
+            learned.config.render()
+        );
+        return Ok(Some(Arc::new(move |_: &CloneContext| {
+            Box::new(crate::kaleidoscope::Kaleidoscope::named(
+                ctx.clone(),
+                learned.config.clone(),
+                "learned",
+            )) as Box<dyn kscope_vmm::prefetch::Prefetcher>
+        })));
+    }
     // Build once now so that a bad spec or a missing recording fails before cloning.
     spec.build_with(ctx.clone(), recording.as_deref())?;
     let spec = spec.clone();

@@ -18,15 +18,23 @@ pub struct Kaleidoscope {
     config: PolicyConfig,
     /// The last fault (the pivot) and its file position, if cached.
     pivot: Option<(Gfn, Option<(usize, usize)>)>,
+    /// Name reported in statistics (`kaleidoscope`, or `learned` for a learned table).
+    name: &'static str,
 }
 
 impl Kaleidoscope {
     /// A policy for one clone.
     pub fn new(ctx: Arc<PolicyContext>, config: PolicyConfig) -> Self {
+        Self::named(ctx, config, "kaleidoscope")
+    }
+
+    /// A policy for one clone that reports `name` (e.g. `learned`).
+    pub fn named(ctx: Arc<PolicyContext>, config: PolicyConfig, name: &'static str) -> Self {
         Kaleidoscope {
             ctx,
             config,
             pivot: None,
+            name,
         }
     }
 
@@ -78,7 +86,7 @@ impl Kaleidoscope {
 
 impl Prefetcher for Kaleidoscope {
     fn name(&self) -> &str {
-        "kaleidoscope"
+        self.name
     }
 
     fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {

@@ -12,6 +12,7 @@
 //! | `reap` | the recorded working set before resume, the rest on demand (REAP) |
 //! | `faasnap` | recorded accesses plus `faasnap_readahead` frames after each, by the background fetcher in recorded order, never blocking; all-zero frames zero-filled (FaaSnap) |
 //! | `activeset` | the aligned `activeset_block`-frame blocks of the recorded pages before resume, then on demand in blocks (Picocenter) |
+//! | `learned` | `kaleidoscope` with each color's rule and window learned from a recorded run by replaying it in the simulator ([`learn`]) |
 //!
 //! A spec string is a name optionally followed by `:` and configuration items, e.g.
 //! `kaleidoscope:user_data=local:16,page_table=background` ([`PolicySpec`]).
@@ -20,6 +21,7 @@ pub mod baselines;
 pub mod config;
 pub mod factory;
 pub mod kaleidoscope;
+pub mod learn;
 pub mod sim;
 
 pub use config::{ConfigError, PolicyConfig, Rule};
@@ -35,7 +37,7 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The name is not a policy.
-    #[error("unknown prefetch policy {0:?}: use one of lazy, upfront, blind, kaleidoscope, reap, faasnap, activeset (the policy that fetches everything before resume is upfront; eager is a memory mode)")]
+    #[error("unknown prefetch policy {0:?}: use one of lazy, upfront, blind, kaleidoscope, reap, faasnap, activeset, learned (the policy that fetches everything before resume is upfront; eager is a memory mode)")]
     Unknown(String),
     /// The policy replays a recording and none was given.
     #[error(
@@ -67,11 +69,13 @@ pub enum PolicyName {
     Faasnap,
     /// Recorded pages in blocks before resume.
     ActiveSet,
+    /// Per-color rules learned from a recorded run.
+    Learned,
 }
 
 impl PolicyName {
     /// Every policy.
-    pub const ALL: [PolicyName; 7] = [
+    pub const ALL: [PolicyName; 8] = [
         PolicyName::Lazy,
         PolicyName::Upfront,
         PolicyName::Blind,
@@ -79,6 +83,7 @@ impl PolicyName {
         PolicyName::Reap,
         PolicyName::Faasnap,
         PolicyName::ActiveSet,
+        PolicyName::Learned,
     ];
 
     /// The name as used in specs and statistics.
@@ -91,6 +96,7 @@ impl PolicyName {
             PolicyName::Reap => "reap",
             PolicyName::Faasnap => "faasnap",
             PolicyName::ActiveSet => "activeset",
+            PolicyName::Learned => "learned",
         }
     }
 
@@ -98,7 +104,7 @@ impl PolicyName {
     pub const fn needs_recording(self) -> bool {
         matches!(
             self,
-            PolicyName::Reap | PolicyName::Faasnap | PolicyName::ActiveSet
+            PolicyName::Reap | PolicyName::Faasnap | PolicyName::ActiveSet | PolicyName::Learned
         )
     }
 }
@@ -233,6 +239,10 @@ impl PolicySpec {
                 rec()?,
                 c.activeset_block,
             )),
+            PolicyName::Learned => {
+                let l = learn::learn(&ctx, rec()?, c, learn::DEFAULT_BUDGET);
+                Box::new(kaleidoscope::Kaleidoscope::named(ctx, l.config, "learned"))
+            }
         })
     }
 }
@@ -309,7 +319,8 @@ mod tests {
                 "kaleidoscope",
                 "reap",
                 "faasnap",
-                "activeset"
+                "activeset",
+                "learned"
             ]
         );
         for n in names() {

@@ -1,0 +1,187 @@
+//! Learning the `kaleidoscope` per-color window table from one recorded run (policy
+//! `learned`).
+//!
+//! The paper's table (see [`crate::config`]) fixes one window per color for every workload.
+//! Which window pays depends on the workload: how long its file scans are, how its heap is
+//! laid out, how far apart its code pages are. `learned` keeps kaleidoscope's rules (windows
+//! that never cross a color, file order for the page cache, zero pages never fetched) and
+//! picks each color's rule and window from one recorded run of the same generation (the pages
+//! one lazy clone touched, in first-touch order, the recording REAP and FaaSnap replay), by
+//! replaying the recording against candidate tables in the simulator ([`crate::sim`]):
+//!
+//! - the objective is the number of blocking faults, under a budget of installed pages
+//!   (`budget` x the pages the recording touched, 1.2 by default: allocation on demand makes
+//!   every wasted prefetch grow the clone's footprint);
+//! - coordinate descent: one color at a time, every candidate rule for it with the other
+//!   colors fixed, the best kept; two passes over the colors that fault in the recording.
+//!
+//! Unlike REAP and FaaSnap, what is learned is a *shape* (window sizes per color), not a set of
+//! pages: when the clone's inputs differ from the recorded ones, the windows still follow the
+//! new faults (measured with `kscope bench warmup --ws-change`).
+
+use std::sync::Arc;
+
+use kscope_colorer::{Color, FrameSet};
+
+use crate::config::{PolicyConfig, Rule};
+use crate::kaleidoscope::Kaleidoscope;
+use crate::sim::{simulate, SimStats};
+use crate::{Gfn, PolicyContext};
+
+/// Default page budget: installed pages at most this many times the recorded touched pages.
+pub const DEFAULT_BUDGET: f64 = 1.2;
+
+/// Window sizes tried for every windowed rule.
+const WINDOWS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// The outcome of learning: the table and how it replays the recording against the table it
+/// started from.
+#[derive(Clone, Debug)]
+pub struct Learned {
+    /// The learned configuration (the base with some colors' rules replaced).
+    pub config: PolicyConfig,
+    /// Distinct frames of the recording.
+    pub touched: u64,
+    /// Replay of the recording with the base table.
+    pub base: SimStats,
+    /// Replay of the recording with the learned table.
+    pub learned: SimStats,
+    /// Tables replayed.
+    pub evaluated: u64,
+}
+
+/// Candidate rules for a color: none, or a window of every size as file readahead, pivot or
+/// same-color locality.
+fn candidates() -> Vec<Rule> {
+    let mut v = vec![Rule::None];
+    for n in WINDOWS {
+        v.extend([Rule::File(n), Rule::Pivot(n), Rule::Local(n)]);
+    }
+    v
+}
+
+/// True for rules the learner may replace (windowed or none); upfront, background and zero
+/// rules stay as configured.
+fn learnable(r: Rule) -> bool {
+    matches!(
+        r,
+        Rule::None | Rule::File(_) | Rule::Pivot(_) | Rule::Local(_)
+    )
+}
+
+struct Replayer<'a> {
+    ctx: &'a Arc<PolicyContext>,
+    trace: &'a [Gfn],
+    limit: u64,
+    evaluated: u64,
+}
+
+impl Replayer<'_> {
+    fn run(&mut self, cfg: &PolicyConfig) -> SimStats {
+        self.evaluated += 1;
+        let mut p = Kaleidoscope::new(self.ctx.clone(), cfg.clone());
+        simulate(&mut p, self.ctx.frames(), self.trace, 0)
+    }
+
+    /// Order of preference: within the page budget, then fewer faults, then fewer pages.
+    fn key(&self, s: &SimStats) -> (bool, u64, u64) {
+        (s.footprint > self.limit, s.faults, s.footprint)
+    }
+}
+
+/// Learn a per-color table for `ctx`'s generation from `trace` (frames one clone touched, in
+/// first-touch order), starting from `base`, with installed pages at most `budget` x the
+/// distinct frames of the trace.
+pub fn learn(ctx: &Arc<PolicyContext>, trace: &[Gfn], base: &PolicyConfig, budget: f64) -> Learned {
+    let mut seen = FrameSet::new(ctx.frames());
+    for &g in trace {
+        if g < ctx.frames() {
+            seen.insert(g);
+        }
+    }
+    let touched = seen.len();
+    let mut r = Replayer {
+        ctx,
+        trace,
+        limit: (touched as f64 * budget.max(1.0)).floor() as u64,
+        evaluated: 0,
+    };
+    let base_stats = r.run(base);
+    // Colors worth learning: those the recording touches whose rule is a window.
+    let mut colors: Vec<Color> = Color::ALL
+        .into_iter()
+        .filter(|&c| learnable(base.rule(c)))
+        .filter(|&c| seen.iter().any(|g| ctx.color(g) == c))
+        .collect();
+    // Most-touched colors first: they decide most faults.
+    colors.sort_by_key(|&c| std::cmp::Reverse(seen.iter().filter(|&g| ctx.color(g) == c).count()));
+    let mut cfg = base.clone();
+    let mut best = base_stats;
+    for _pass in 0..2 {
+        let mut changed = false;
+        for &c in &colors {
+            for rule in candidates() {
+                if rule == cfg.rule(c) {
+                    continue;
+                }
+                let mut t = cfg.clone();
+                t.rules[c.index()] = rule;
+                let s = r.run(&t);
+                if r.key(&s) < r.key(&best) {
+                    best = s;
+                    cfg = t;
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    Learned {
+        config: cfg,
+        touched,
+        base: base_stats,
+        learned: best,
+        evaluated: r.evaluated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testmap;
+
+    #[test]
+    fn learning_never_does_worse_than_the_base_and_respects_the_budget() {
+        let map = testmap::map();
+        let ctx = PolicyContext::new(&map);
+        // A long scan of the data file in file order, then user data.
+        let trace = [13, 15, 12, 24, 25, 26, 28, 29, 30, 31, 4, 5];
+        let base = PolicyConfig::default();
+        let l = learn(&ctx, &trace, &base, DEFAULT_BUDGET);
+        assert!(l.learned.faults <= l.base.faults, "{l:?}");
+        let within = |s: &SimStats| s.footprint as f64 <= l.touched as f64 * DEFAULT_BUDGET;
+        assert!(!within(&l.base) || within(&l.learned), "{l:?}");
+        assert!(l.evaluated > 1);
+        // Replaying the learned table gives what learning reported.
+        let mut p = Kaleidoscope::new(ctx.clone(), l.config.clone());
+        assert_eq!(simulate(&mut p, ctx.frames(), &trace, 0), l.learned);
+    }
+
+    #[test]
+    fn a_generous_budget_buys_fewer_faults() {
+        let map = testmap::map();
+        let ctx = PolicyContext::new(&map);
+        let trace = [13, 15, 12, 24, 25, 26, 28, 29, 30, 31, 4, 5];
+        // Start from a table that fetches nothing around faults.
+        let none = PolicyConfig::parse(
+            "page_cache_data=none,page_cache_exec=none,user_code=none,user_data=none,kernel_data=none",
+        )
+        .unwrap();
+        let tight = learn(&ctx, &trace, &none, 1.0);
+        let loose = learn(&ctx, &trace, &none, 3.0);
+        assert!(loose.learned.faults < tight.base.faults, "{loose:?}");
+        assert!(loose.learned.faults <= tight.learned.faults);
+    }
+}
