@@ -108,11 +108,11 @@ pub struct WarmupArgs {
     #[arg(long, short)]
     pub workload: String,
     /// Policies, comma-separated (lazy, upfront, blind, kaleidoscope, reap, faasnap, activeset,
-    /// each optionally `name:items`); `lazy` is always measured as the reference.
+    /// learned, each optionally `name:items`); `lazy` is always measured as the reference.
     #[arg(
         long,
         short,
-        default_value = "lazy,upfront,blind,kaleidoscope,reap,faasnap,activeset"
+        default_value = "lazy,upfront,blind,kaleidoscope,reap,faasnap,activeset,learned"
     )]
     pub policy: String,
     /// Clones per policy (run one after another; medians are reported).

@@ -28,7 +28,7 @@ pub struct CreateClones {
     /// Prefetch policy spec (default `lazy`).
     pub prefetch: Option<String>,
     /// A lazily served clone of the same parent whose first-fault order is the recorded
-    /// working set that `reap`, `faasnap` and `activeset` replay.
+    /// working set that `reap`, `faasnap` and `activeset` replay (and `learned` learns from).
     pub recording_from: Option<String>,
 }
 
@@ -81,7 +81,7 @@ impl CloneRequest {
                 "bad_recording",
                 if self.recording_from.is_some() {
                     format!(
-                        "recording_from is only for policies that replay a recorded working set (reap, faasnap, activeset), not {}",
+                        "recording_from is only for policies that replay a recorded working set (reap, faasnap, activeset, learned), not {}",
                         self.prefetch.name.as_str()
                     )
                 } else {
