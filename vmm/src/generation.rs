@@ -105,6 +105,9 @@ pub struct ParentState {
     pub(crate) base: Option<Arc<DeferredImage>>,
     /// Number of freezes so far.
     pub(crate) freezes: u64,
+    /// Write-protect tracking of the private view for copy-on-write later freezes (`None`
+    /// before the first freeze, or where the kernel refused it).
+    pub(crate) cow: Option<crate::clone::cow::CowTracker>,
 }
 
 /// Where the time of a freeze went.
@@ -116,10 +119,13 @@ pub struct FreezeReport {
     pub stop_vcpus: Duration,
     /// Capturing vCPU and device state and the clock.
     pub capture: Duration,
-    /// Memory work while paused (view swap, or dirty scan + delta copy).
+    /// Memory work while paused (view swap; or dirty scan and write-protection, or delta copy).
     pub memory: Duration,
-    /// Pages copied while paused (later freezes: the parent's dirty set).
+    /// Pages copied while paused (later freezes without copy-on-write capture).
     pub pages_copied: u64,
+    /// Pages write-protected while paused and copied after the resume (later freezes with
+    /// copy-on-write capture: the parent's dirty set).
+    pub pages_protected: u64,
     /// Building the image after the resume (hole scan, old mapping release).
     pub after_resume: Duration,
     /// Completing a lazily served VM before the freeze (installing missing pages).

@@ -8,8 +8,11 @@
 //!   the old mapping happen after the parent resumed.
 //! - **Later freezes** (the parent runs on the private view of `F`): the image is `F` plus a
 //!   delta layer of the pages the parent wrote since the first freeze. They are exactly the
-//!   view's anonymous pages, found in `/proc/self/pagemap` and copied into a new memfd while
-//!   paused (so this pause grows with the parent's dirty set, not with its memory size).
+//!   view's anonymous pages. They are captured copy-on-write ([`super::cow`]): while paused
+//!   they are found with `PAGEMAP_SCAN` and write-protected through a userfaultfd, and copied
+//!   after the resume; a parent write to a page not yet copied waits for its copy. Nothing is
+//!   copied while paused. Where the kernel refuses write-protection on the view, the pages are
+//!   copied into a new memfd while paused instead (the pause then grows with the dirty set).
 //! - A lazily served VM (clone or lazy restore) is first completed (every missing page
 //!   installed while it runs) and is then frozen like a booted VM.
 
@@ -20,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::cow::{CowLayer, CowTracker};
 use crate::error::VmError;
 use crate::generation::{FreezeReport, Generation, ParentState};
 use crate::hostmem::{memfd_create, Gfn, PAGE_SIZE};
@@ -107,6 +111,10 @@ impl Vm {
             )));
         }
         let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cow) = ps.cow.as_mut() {
+            // The previous layer finishes its copy before this pause.
+            cow.settle();
+        }
         if ps.base.is_none() {
             if let Some(server) = &self.lazy {
                 // Complete the lazily served memory while the VM runs.
@@ -149,7 +157,30 @@ impl Vm {
                 }
                 let base = DeferredImage::start(dup(&file)?, self.pages())?;
                 ps.base = Some(base.clone());
+                // Later freezes capture copy-on-write through write-protection of the view.
+                ps.cow = match CowTracker::new(self.memory.load()) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::debug!(
+                            "{}: later freezes will copy while paused: {e}",
+                            self.name()
+                        );
+                        None
+                    }
+                };
                 base
+            }
+            Pending::Cow {
+                base,
+                layer,
+                present,
+            } => {
+                let mut img = LayeredImage::new(base);
+                img.push(layer.clone(), present)?;
+                if let Some(cow) = ps.cow.as_mut() {
+                    cow.launch(layer)?;
+                }
+                Arc::new(img)
             }
             Pending::Later { base, delta, dirty } => {
                 let mut img = LayeredImage::new(base);
@@ -203,6 +234,19 @@ impl Vm {
                 rep.first = true;
                 Pending::First { file, old }
             }
+            Some(base) if ps.cow.is_some() => {
+                let cow = ps
+                    .cow
+                    .as_mut()
+                    .ok_or_else(|| VmError::Internal("no tracker".into()))?;
+                let (layer, present) = cow.capture(self.name())?;
+                rep.pages_protected = present.count();
+                Pending::Cow {
+                    base: base.clone(),
+                    layer,
+                    present,
+                }
+            }
             Some(base) => {
                 let dirty = private_pages(ram.host_addr() as u64, self.pages())?;
                 let delta = copy_delta(&ram, &dirty)?;
@@ -229,5 +273,10 @@ enum Pending {
         base: Arc<DeferredImage>,
         delta: OwnedFd,
         dirty: Bitmap,
+    },
+    Cow {
+        base: Arc<DeferredImage>,
+        layer: Arc<CowLayer>,
+        present: Bitmap,
     },
 }

@@ -15,6 +15,7 @@
 //! written before its first instruction; the guest kernel reacts with SIGCLONE.
 
 pub(crate) mod child;
+pub mod cow;
 pub mod freeze;
 
 use std::fmt;
