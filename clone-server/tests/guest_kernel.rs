@@ -180,7 +180,7 @@ fn boots_echoes_and_answers_ping() {
 
 #[test]
 fn boots_with_small_and_large_memory() {
-    for mib in [16, 1024, 3072] {
+    for mib in [16, 1024, 4096] {
         let t = Instant::now();
         let vm = boot_with(&format!("kt-mem{mib}"), mib, &[]);
         let boot = t.elapsed();

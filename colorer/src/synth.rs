@@ -466,7 +466,7 @@ pub fn build(spec: &SynthSpec) -> Result<SynthGuest, SynthError> {
         || spec.mem_bytes > MMIO_BASE
     {
         return Err(SynthError::Spec(
-            "mem_bytes must be a multiple of 2 MiB in [8 MiB, 3 GiB]",
+            "mem_bytes must be a multiple of 2 MiB in [8 MiB, 8 GiB]",
         ));
     }
     if spec.procs.len() > 32 || spec.data_pages == 0 || spec.text_pages == 0 {

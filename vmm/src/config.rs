@@ -14,7 +14,7 @@ pub const MAX_VCPUS: u32 = 64;
 pub struct VmConfig {
     /// Name (for threads, the memfd and logs).
     pub name: String,
-    /// Guest RAM in bytes (a multiple of 2 MiB, 4 MiB to 3 GiB).
+    /// Guest RAM in bytes (a multiple of 2 MiB, 4 MiB to 8 GiB).
     pub mem_bytes: u64,
     /// Number of vCPUs (the kernel uses vCPU 0; the others stay parked).
     pub vcpus: u32,

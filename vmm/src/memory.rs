@@ -38,7 +38,7 @@ pub fn validate_size(size: u64) -> Result<(), VmError> {
     }
     if size > MAX_GUEST_RAM {
         return Err(VmError::BadConfig(format!(
-            "mem_bytes {size:#x} overlaps the MMIO window at {MAX_GUEST_RAM:#x}; use at most 3 GiB"
+            "mem_bytes {size:#x} overlaps the MMIO window at {MAX_GUEST_RAM:#x}; use at most 8 GiB"
         )));
     }
     Ok(())

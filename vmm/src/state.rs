@@ -53,7 +53,10 @@ impl std::fmt::Display for FormatVersion {
 /// is refused as corrupt. 2.0 snapshots (format 1, no table) are still read: their memory is
 /// verified whole when opened.
 /// 2.2: the virtio-net transport in [`DeviceStates`] (`net`, absent before 2.2).
-pub const STATE_VERSION: FormatVersion = FormatVersion { major: 2, minor: 2 };
+/// 3.0: the MMIO window moved from 3 GiB to 8 GiB (guest RAM up to 8 GiB). A 2.x guest maps
+/// its devices at 3 GiB in its own page tables, so 2.x snapshots cannot resume here and are
+/// refused.
+pub const STATE_VERSION: FormatVersion = FormatVersion { major: 3, minor: 0 };
 
 /// The first [`STATE_VERSION`] whose snapshots carry a per-page CRC-32 table.
 pub const PAGE_CRC_VERSION: FormatVersion = FormatVersion { major: 2, minor: 1 };
@@ -260,15 +263,12 @@ mod tests {
         assert!(!v(2, 1).can_read(v(2, 2)), "newer minor");
         assert!(!v(2, 1).can_read(v(1, 0)), "older major");
         assert!(!v(2, 1).can_read(v(3, 0)), "newer major");
-        assert_eq!(STATE_VERSION.to_string(), "2.2");
+        assert_eq!(STATE_VERSION.to_string(), "3.0");
         assert!(
-            STATE_VERSION.can_read(v(2, 0)),
-            "2.0 snapshots stay readable"
+            !STATE_VERSION.can_read(v(2, 2)),
+            "2.x guests map their devices at 3 GiB: refused"
         );
-        assert!(
-            STATE_VERSION.can_read(PAGE_CRC_VERSION),
-            "2.1 snapshots stay readable"
-        );
+        assert!(STATE_VERSION >= PAGE_CRC_VERSION, "3.0 records page CRCs");
     }
 
     #[test]

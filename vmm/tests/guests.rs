@@ -273,7 +273,7 @@ fn bad_configs_are_rejected() {
         VmError::BadConfig(_)
     ));
     assert!(matches!(
-        bad(&|c| c.mem_bytes = 4 << 30),
+        bad(&|c| c.mem_bytes = (8 << 30) + (2 << 20)),
         VmError::BadConfig(_)
     ));
     assert!(matches!(bad(&|c| c.vcpus = 0), VmError::BadConfig(_)));

@@ -15,7 +15,7 @@
 //! GPA 0x0003_0000  trap stack: TSS.RSP0 / IST1 (grows down from 0x4_0000)
 //! GPA 0x0010_0000  kernel image (ELF p_paddr), linked at KERNEL_VIRT_BASE + paddr
 //! ...              frames managed by the kernel's frame allocator
-//! GPA 0xC000_0000  MMIO window (devices, 4 KiB each); guest RAM must end below it
+//! GPA 0x2_0000_0000  MMIO window at 8 GiB (devices, 4 KiB each); guest RAM must end below it
 //! ```
 
 /// Size of a small page / frame.
@@ -55,8 +55,9 @@ pub const KERNEL_PHYS_BASE: u64 = 0x10_0000;
 /// Everything below this GPA is reserved for boot structures (never handed to the allocator).
 pub const LOW_RESERVED_END: u64 = KERNEL_PHYS_BASE;
 
-/// Base of the MMIO window. Guest RAM must end at or below this address.
-pub const MMIO_BASE: u64 = 0xC000_0000;
+/// Base of the MMIO window, at 8 GiB (above 4 GiB, so that 4 GiB guests fit below it). Guest
+/// RAM must end at or below this address.
+pub const MMIO_BASE: u64 = 0x2_0000_0000;
 /// Size of one device's MMIO region.
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 /// Largest guest RAM size the layout supports.

@@ -9,7 +9,7 @@
 //! BOOT_PT_GPA + 0x1000  PDPT of the direct map
 //! BOOT_PT_GPA + 0x2000  PDPT of the kernel-image map
 //! BOOT_PT_GPA + 0x3000  PD of the kernel-image map (first 1 GiB)
-//! BOOT_PT_GPA + 0x4000  PDs of the direct map, one per GiB of RAM (at most 3)
+//! BOOT_PT_GPA + 0x4000  PDs of the direct map, one per GiB of RAM (at most 8)
 //! ```
 
 use kscope_guest::abi::layout::{
