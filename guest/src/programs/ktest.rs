@@ -16,6 +16,8 @@
 //! - `scatter <n>`: answer `n` pages of a pattern from a buffer whose 8-page runs are
 //!   interleaved in physical memory with another area's (exercises the kernel's bounce path
 //!   for responses too fragmented for one descriptor chain);
+//! - `connect <a.b.c.d> <port>`: open a TCP connection (the VM's network); answers
+//!   `connected`, `refused`, `timeout` (nothing within 1 s) or `error <errno>`;
 //! - `bench-syscall <n>`: ns per `getpid` round trip; `bench-fault <n>`: ns per first touch
 //!   of an anonymous page;
 //! - anything else: echoed unchanged.
@@ -90,6 +92,45 @@ fn alloc_pages(n: u64) -> Result<Vec<u8>, sys::Errno> {
     Ok(bformat!("ok {n} {sum}"))
 }
 
+/// `connect <a.b.c.d> <port>`: try a TCP connection for at most a second.
+fn try_connect(arg: &[u8]) -> Result<Vec<u8>, sys::Errno> {
+    use kscope_guest::abi::net::{self as nabi, PollFd, SockAddr};
+    let mut words = text(arg).split(' ');
+    let mut ip = [0u8; 4];
+    let mut octets = words.next().unwrap_or("").split('.');
+    for o in ip.iter_mut() {
+        *o = octets
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or(sys::Errno(22))?;
+    }
+    let port: u16 = words
+        .next()
+        .and_then(|x| x.parse().ok())
+        .ok_or(sys::Errno(22))?;
+    let fd = ulib::net::socket(nabi::SOCK_STREAM)?;
+    let to = SockAddr { ip, port, pad: 0 };
+    if let Err(e) = ulib::net::connect(fd, &to) {
+        let _ = ulib::net::close(fd);
+        return Ok(bformat!("error {}", e.0));
+    }
+    let mut set = [PollFd {
+        fd: fd as i32,
+        events: nabi::POLL_OUT,
+        revents: 0,
+    }];
+    let ready = ulib::net::poll(&mut set, 1_000_000_000);
+    let _ = ulib::net::close(fd);
+    let r = set[0].revents;
+    Ok(match ready {
+        Err(e) => bformat!("error {}", e.0),
+        Ok(0) => b"timeout".to_vec(),
+        Ok(_) if r & (nabi::POLL_ERR | nabi::POLL_HUP) != 0 => b"refused".to_vec(),
+        Ok(_) if r & nabi::POLL_OUT != 0 => b"connected".to_vec(),
+        Ok(_) => bformat!("revents {r}"),
+    })
+}
+
 /// Run one command; `None` means: answer with an error status.
 fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
     if let Some(rest) = arg(p, b"echo") {
@@ -107,6 +148,9 @@ fn run(p: &[u8]) -> Result<Vec<u8>, sys::Errno> {
     }
     if let Some(path) = arg(p, b"spawn") {
         return Ok(bformat!("{}", sys::spawn(text(&path))?));
+    }
+    if let Some(a) = arg(p, b"connect") {
+        return try_connect(&a);
     }
     if let Some(n) = arg(p, b"bench-syscall") {
         let n = num(&n).ok_or(sys::Errno(22))?.max(1);

@@ -283,6 +283,8 @@ fn readiness(n: &mut Net, slot: usize, pf: &PollFd) -> u16 {
             let mut r = 0;
             if s.state() == State::Closed {
                 r |= POLL_ERR | POLL_IN | POLL_HUP;
+            } else if matches!(s.state(), State::SynSent | State::SynReceived) {
+                // Still connecting: nothing to report yet (not "closed for reading").
             } else {
                 if s.can_recv() || !s.may_recv() {
                     r |= POLL_IN;
