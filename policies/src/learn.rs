@@ -13,7 +13,10 @@
 //!   (`budget` x the pages the recording touched, 1.2 by default: allocation on demand makes
 //!   every wasted prefetch grow the clone's footprint);
 //! - coordinate descent: one color at a time, every candidate rule for it with the other
-//!   colors fixed, the best kept; two passes over the colors that fault in the recording.
+//!   colors fixed, the best kept; two passes over the colors that fault in the recording;
+//! - against overfitting one recording: a color is learned only with enough evidence
+//!   ([`MIN_EVIDENCE`] frames of it in the recording) and a rule is replaced only for a real
+//!   gain ([`MIN_GAIN`] of the faults), or to get within the page budget.
 //!
 //! Unlike REAP and FaaSnap, what is learned is a *shape* (window sizes per color), not a set of
 //! pages: when the clone's inputs differ from the recorded ones, the windows still follow the
@@ -30,6 +33,15 @@ use crate::{Gfn, PolicyContext};
 
 /// Default page budget: installed pages at most this many times the recorded touched pages.
 pub const DEFAULT_BUDGET: f64 = 1.2;
+
+/// A color is learned only if the recording first-touches at least this many of its frames;
+/// with fewer, the base rule stays (too little evidence: a table fitted to a handful of
+/// faults does not carry over to other inputs, measured with `--ws-change` on aes).
+pub const MIN_EVIDENCE: usize = 16;
+
+/// A candidate replaces the current rule only if it removes at least this fraction of the
+/// current faults (and at least 2): small gains on one recording are noise for other inputs.
+pub const MIN_GAIN: f64 = 0.05;
 
 /// Window sizes tried for every windowed rule.
 const WINDOWS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
@@ -93,6 +105,17 @@ impl Replayer<'_> {
 /// first-touch order), starting from `base`, with installed pages at most `budget` x the
 /// distinct frames of the trace.
 pub fn learn(ctx: &Arc<PolicyContext>, trace: &[Gfn], base: &PolicyConfig, budget: f64) -> Learned {
+    learn_with(ctx, trace, base, budget, MIN_EVIDENCE)
+}
+
+/// [`learn`] with the evidence threshold given (frames a color needs in the recording).
+pub fn learn_with(
+    ctx: &Arc<PolicyContext>,
+    trace: &[Gfn],
+    base: &PolicyConfig,
+    budget: f64,
+    min_evidence: usize,
+) -> Learned {
     let mut seen = FrameSet::new(ctx.frames());
     for &g in trace {
         if g < ctx.frames() {
@@ -107,14 +130,18 @@ pub fn learn(ctx: &Arc<PolicyContext>, trace: &[Gfn], base: &PolicyConfig, budge
         evaluated: 0,
     };
     let base_stats = r.run(base);
-    // Colors worth learning: those the recording touches whose rule is a window.
+    // Colors worth learning: those whose rule is a window and of which the recording touches
+    // enough frames; most-touched first (they decide most faults).
+    let mut per_color = [0usize; Color::ALL.len()];
+    for g in seen.iter() {
+        per_color[ctx.color(g).index()] += 1;
+    }
     let mut colors: Vec<Color> = Color::ALL
         .into_iter()
         .filter(|&c| learnable(base.rule(c)))
-        .filter(|&c| seen.iter().any(|g| ctx.color(g) == c))
+        .filter(|&c| per_color[c.index()] >= min_evidence)
         .collect();
-    // Most-touched colors first: they decide most faults.
-    colors.sort_by_key(|&c| std::cmp::Reverse(seen.iter().filter(|&g| ctx.color(g) == c).count()));
+    colors.sort_by_key(|&c| std::cmp::Reverse(per_color[c.index()]));
     let mut cfg = base.clone();
     let mut best = base_stats;
     for _pass in 0..2 {
@@ -127,7 +154,10 @@ pub fn learn(ctx: &Arc<PolicyContext>, trace: &[Gfn], base: &PolicyConfig, budge
                 let mut t = cfg.clone();
                 t.rules[c.index()] = rule;
                 let s = r.run(&t);
-                if r.key(&s) < r.key(&best) {
+                let gain = best.faults.saturating_sub(s.faults);
+                let enough = gain as f64 >= (best.faults as f64 * MIN_GAIN).max(2.0);
+                let fits = best.footprint > r.limit && s.footprint <= r.limit;
+                if r.key(&s) < r.key(&best) && (enough || fits) {
                     best = s;
                     cfg = t;
                     changed = true;
@@ -159,7 +189,7 @@ mod tests {
         // A long scan of the data file in file order, then user data.
         let trace = [13, 15, 12, 24, 25, 26, 28, 29, 30, 31, 4, 5];
         let base = PolicyConfig::default();
-        let l = learn(&ctx, &trace, &base, DEFAULT_BUDGET);
+        let l = learn_with(&ctx, &trace, &base, DEFAULT_BUDGET, 1);
         assert!(l.learned.faults <= l.base.faults, "{l:?}");
         let within = |s: &SimStats| s.footprint as f64 <= l.touched as f64 * DEFAULT_BUDGET;
         assert!(!within(&l.base) || within(&l.learned), "{l:?}");
@@ -179,9 +209,21 @@ mod tests {
             "page_cache_data=none,page_cache_exec=none,user_code=none,user_data=none,kernel_data=none",
         )
         .unwrap();
-        let tight = learn(&ctx, &trace, &none, 1.0);
-        let loose = learn(&ctx, &trace, &none, 3.0);
+        let tight = learn_with(&ctx, &trace, &none, 1.0, 1);
+        let loose = learn_with(&ctx, &trace, &none, 3.0, 1);
         assert!(loose.learned.faults < tight.base.faults, "{loose:?}");
         assert!(loose.learned.faults <= tight.learned.faults);
+    }
+
+    #[test]
+    fn colors_with_too_little_evidence_keep_their_rules() {
+        let map = testmap::map();
+        let ctx = PolicyContext::new(&map);
+        // Twelve frames: below MIN_EVIDENCE for every color.
+        let trace = [13, 15, 12, 24, 25, 26, 28, 29, 30, 31, 4, 5];
+        let base = PolicyConfig::default();
+        let l = learn(&ctx, &trace, &base, DEFAULT_BUDGET);
+        assert_eq!(l.config.render(), base.render());
+        assert_eq!(l.learned, l.base);
     }
 }
