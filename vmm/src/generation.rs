@@ -108,6 +108,9 @@ pub struct ParentState {
     /// Write-protect tracking of the private view for copy-on-write later freezes (`None`
     /// before the first freeze, or where the kernel refused it).
     pub(crate) cow: Option<crate::clone::cow::CowTracker>,
+    /// Later freezes copy the dirty pages while paused (the method before copy-on-write
+    /// capture; a baseline for benchmarks), see [`crate::Vm::set_capture_by_copy`].
+    pub(crate) copy_while_paused: bool,
 }
 
 /// Where the time of a freeze went.

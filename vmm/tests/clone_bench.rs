@@ -79,6 +79,57 @@ fn bench_pause_and_latency_by_memory_size() {
     }
 }
 
+/// The later pause with copy-on-write capture against the copy-while-paused baseline, in the
+/// same run and on the same parent: the parent dirties `KSCOPE_BENCH_DIRTY` of its RAM
+/// (default 0.05) before each later clone; the two methods alternate, 3 times each.
+#[test]
+#[ignore]
+fn bench_later_pause_copy_vs_cow() {
+    let dirty = std::env::var("KSCOPE_BENCH_DIRTY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.05);
+    println!("| RAM | populated | dirty pages | later pause, copy (ms) | later pause, copy-on-write (ms) | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for mb in sizes(&[256, 1024, 4096]) {
+        let vm = boot(&format!("bcow{mb}"), mb * MB);
+        populate(&vm, fill());
+        let footprint = vm.memory_stats().footprint_bytes;
+        drop(vm.clone_children(1, &CloneOptions::default()).unwrap());
+        let (mut copy, mut cow, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            for by_copy in [true, false] {
+                vm.set_capture_by_copy(by_copy);
+                populate(&vm, dirty);
+                let b = vm.clone_children(1, &CloneOptions::default()).unwrap();
+                assert_eq!(ask(&b.children[0], "echo c"), "c");
+                let f = &b.freeze;
+                if by_copy {
+                    assert!(f.pages_copied > 0 && f.pages_protected == 0, "{f:?}");
+                    copy.push(b.parent_pause.as_secs_f64() * 1e3);
+                    pages.push(f.pages_copied);
+                } else {
+                    assert!(f.pages_copied == 0 && f.pages_protected > 0, "{f:?}");
+                    cow.push(b.parent_pause.as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            (v[1], v[0], v[2])
+        };
+        let ((c, c0, c1), (w, w0, w1)) = (med(&mut copy), med(&mut cow));
+        pages.sort();
+        println!(
+            "| {mb} MiB | {} MiB | {} | {c:.2} ({c0:.2}-{c1:.2}) | {w:.2} ({w0:.2}-{w1:.2}) | {:.3} |",
+            footprint >> 20,
+            pages[1],
+            w / c
+        );
+        vm.stop().unwrap();
+    }
+}
+
 #[test]
 #[ignore]
 fn bench_batch_creation() {

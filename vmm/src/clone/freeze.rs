@@ -201,6 +201,14 @@ impl Vm {
         Ok(generation)
     }
 
+    /// Later freezes of this VM copy the parent's dirty pages while it is paused (`true`),
+    /// the method before copy-on-write capture, kept as a baseline for benchmarks; `false`
+    /// (the default) captures them copy-on-write. Takes effect at the next freeze.
+    pub fn set_capture_by_copy(&self, copy: bool) {
+        let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
+        ps.copy_while_paused = copy;
+    }
+
     fn pages(&self) -> u64 {
         self.mem_bytes() / PAGE_SIZE as u64
     }
@@ -234,7 +242,7 @@ impl Vm {
                 rep.first = true;
                 Pending::First { file, old }
             }
-            Some(base) if ps.cow.is_some() => {
+            Some(base) if ps.cow.is_some() && !ps.copy_while_paused => {
                 let cow = ps
                     .cow
                     .as_mut()
