@@ -326,30 +326,15 @@ impl MemoryStats {
     }
 }
 
-/// Frames whose pagemap entry says "private anonymous page" (present and not file-backed, or
-/// swapped) in `[addr, addr + pages * 4096)` of this process.
+/// Frames holding private anonymous pages (present and not file-backed, or swapped) in
+/// `[addr, addr + pages * 4096)` of this process ([`crate::pagemap::anon_ranges`]).
 pub(crate) fn private_pages(addr: u64, pages: u64) -> Result<Bitmap, VmError> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    const FILE: u64 = 1 << 61;
-    let io = |op: &str, e: std::io::Error| VmError::Memory(format!("{op}: {e}"));
-    let f = File::open("/proc/self/pagemap").map_err(|e| io("open /proc/self/pagemap", e))?;
+    let end = addr + pages * PAGE_SIZE as u64;
+    let ranges = crate::pagemap::anon_ranges(addr, end)
+        .map_err(|e| VmError::Memory(format!("finding the pages written since the freeze: {e}")))?;
     let mut map = Bitmap::new(pages);
-    let chunk = 64 * 1024usize; // entries per read
-    let mut buf = vec![0u8; chunk * 8];
-    let mut g = 0u64;
-    while g < pages {
-        let n = chunk.min((pages - g) as usize);
-        let b = &mut buf[..n * 8];
-        f.read_exact_at(b, (addr / PAGE_SIZE as u64 + g) * 8)
-            .map_err(|e| io("read /proc/self/pagemap", e))?;
-        for (i, e) in b.chunks_exact(8).enumerate() {
-            let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
-            if (v & PRESENT != 0 && v & FILE == 0) || v & SWAPPED != 0 {
-                map.set(g + i as u64);
-            }
-        }
-        g += n as u64;
+    for (s, e) in ranges {
+        map.set_range((s - addr) / PAGE_SIZE as u64, (e - addr) / PAGE_SIZE as u64);
     }
     Ok(map)
 }
