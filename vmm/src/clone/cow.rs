@@ -147,13 +147,19 @@ impl CowTracker {
 
     /// After the resume: starts the thread that copies `layer` and serves the parent's
     /// write-protect faults until the layer is complete.
-    pub fn launch(&mut self, layer: Arc<CowLayer>) -> Result<(), VmError> {
-        let h = std::thread::Builder::new()
+    pub fn launch(&mut self, layer: Arc<CowLayer>) {
+        let l = layer.clone();
+        match std::thread::Builder::new()
             .name("kscope-cow".into())
-            .spawn(move || layer.copy_all())
-            .map_err(|e| err("starting the copier thread", e))?;
-        self.copier = Some(h);
-        Ok(())
+            .spawn(move || l.copy_all())
+        {
+            Ok(h) => self.copier = Some(h),
+            Err(e) => {
+                // Never leave pages protected without a copier: copy here, now.
+                tracing::warn!("no copier thread ({e}); copying the layer inline");
+                layer.copy_all();
+            }
+        }
     }
 }
 

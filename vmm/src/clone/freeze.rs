@@ -134,10 +134,14 @@ impl Vm {
         }
         rep.stop_vcpus = t0.elapsed();
         let result = self.freeze_paused(&mut ps, &mut rep);
-        if !was_paused {
-            self.resume()?;
-        }
+        let resumed = if was_paused { Ok(()) } else { self.resume() };
         rep.pause = t0.elapsed();
+        // Pages write-protected by the capture are copied (and released) whatever happens
+        // next: a protected page without its copier would block the parent's writes forever.
+        if let (Ok((_, Pending::Cow { layer, .. })), Some(cow)) = (&result, ps.cow.as_mut()) {
+            cow.launch(layer.clone());
+        }
+        resumed?;
         let (state, pending) = result?;
         let t1 = Instant::now();
         let image: Arc<dyn PageSource> = match pending {
@@ -175,11 +179,9 @@ impl Vm {
                 layer,
                 present,
             } => {
+                // Its copier was started right after the resume.
                 let mut img = LayeredImage::new(base);
-                img.push(layer.clone(), present)?;
-                if let Some(cow) = ps.cow.as_mut() {
-                    cow.launch(layer)?;
-                }
+                img.push(layer, present)?;
                 Arc::new(img)
             }
             Pending::Later { base, delta, dirty } => {
