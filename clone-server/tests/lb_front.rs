@@ -1,0 +1,300 @@
+//! System test: the load balancer's front end (`kscope lb --listen`). Real KVM guests, real
+//! TCP inside kscope's network namespace, bounded in count and time: requests sent to the
+//! front end are answered correctly (the workload's checker) by more than one clone, a worker
+//! deleted during the test does not hang the client, and a front end whose workers cannot be
+//! reached answers 502 with a clear body within its bound.
+
+mod api_util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use kscope::lb::front::{self, FixedPool, FrontOptions};
+use kscope::lb::{self, LbOptions, Source};
+use kscope::server::Limits;
+use kscope_vmm::net::{Network, BRIDGE_IP};
+use kscope_workloads::Workload;
+
+/// The namespace, or None (the test is skipped) where guest networking cannot be set up.
+fn network() -> Option<Arc<Network>> {
+    match Network::get() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("SKIPPED: guest networking is unavailable: {e}");
+            None
+        }
+    }
+}
+
+/// Read one HTTP response (head + Content-Length body, or the head alone for a HEAD
+/// request); leftover bytes stay in `buf`.
+fn read_response(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head_only: bool,
+) -> std::io::Result<Vec<u8>> {
+    let mut tmp = [0u8; 16384];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let len = if head_only { 0 } else { len };
+            if buf.len() >= end + 4 + len {
+                let rest = buf.split_off(end + 4 + len);
+                return Ok(std::mem::replace(buf, rest));
+            }
+        }
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+fn connect(net: &Network, addr: SocketAddr) -> TcpStream {
+    let s = net
+        .connect(addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect to the front end {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+/// One request on a new connection: (answer, time taken).
+fn exchange(net: &Network, addr: SocketAddr, req: &[u8]) -> (Vec<u8>, Duration) {
+    let t = Instant::now();
+    let mut s = connect(net, addr);
+    s.write_all(req).unwrap();
+    let r = read_response(&mut s, &mut Vec::new(), is_head(req))
+        .unwrap_or_else(|e| panic!("no answer from the front end after {:?}: {e}", t.elapsed()));
+    (r, t.elapsed())
+}
+
+/// A HEAD answer has a Content-Length but no body.
+fn is_head(req: &[u8]) -> bool {
+    req.starts_with(b"HEAD ")
+}
+
+/// The web mix without the malformed request (hyper answers that one itself, before the
+/// balancer sees it).
+fn mix(seed: u64, n: usize) -> Vec<Vec<u8>> {
+    Workload::Web
+        .requests(seed, n)
+        .into_iter()
+        .filter(|r| {
+            let line = r.split(|&b| b == b'\r').next().unwrap_or_default();
+            line.ends_with(b" HTTP/1.1") && line.iter().filter(|&&b| b == b' ').count() == 2
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
+    if !api_util::kvm_available() {
+        return;
+    }
+    let Some(net) = network() else { return };
+    let (srv, api) = api_util::start(Limits::default(), |_| {}).await;
+    let listen = SocketAddr::from((BRIDGE_IP, 18081));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let opts = LbOptions {
+        api: format!("http://{}", srv.addr()),
+        token: srv.token().to_string(),
+        workload: Workload::Web,
+        memory: "64M".into(),
+        source: Source::Listen {
+            addr: listen,
+            duration: Some(Duration::from_secs(240)),
+            stop: Some(stop.clone()),
+        },
+        min_workers: 2,
+        max_workers: 2,
+        front: FrontOptions {
+            upstream_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+        ..LbOptions::default()
+    };
+    let lb_task = tokio::spawn(lb::run_lb(opts));
+
+    // The front end is up once the parent and its two clones are (bounded).
+    let n2 = net.clone();
+    let up = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < deadline {
+            if n2.connect(listen, Duration::from_millis(500)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(up, "the front end did not listen within 180 s");
+
+    // The web mix through the front end, checked, over one keep-alive connection.
+    let n2 = net.clone();
+    let ips = tokio::task::spawn_blocking(move || {
+        let w = Workload::Web;
+        let mut s = connect(&n2, listen);
+        let mut buf = Vec::new();
+        for req in mix(3, 60) {
+            s.write_all(&req).unwrap();
+            let resp = read_response(&mut s, &mut buf, is_head(&req)).unwrap_or_else(|e| {
+                panic!("no answer to {:?}: {e}", String::from_utf8_lossy(&req))
+            });
+            if let Err(e) = w.check(&req, &resp) {
+                panic!(
+                    "wrong answer to {:?} through the front end: {e}\n{}",
+                    String::from_utf8_lossy(&req),
+                    String::from_utf8_lossy(&resp)
+                );
+            }
+        }
+        // Which clones answer: their own view of their address.
+        let mut ips = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let (r, _) = exchange(&n2, listen, b"GET /kscope/id HTTP/1.1\r\nHost: x\r\n\r\n");
+            let text = String::from_utf8_lossy(&r).into_owned();
+            let ip = text
+                .split("ip=")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no identity in {text:?}"))
+                .to_string();
+            ips.insert(ip);
+        }
+        ips
+    })
+    .await
+    .unwrap();
+    assert!(
+        ips.len() >= 2,
+        "only {ips:?} answered: the front end should spread requests over both clones"
+    );
+
+    // Delete one clone behind the balancer's back: no client may hang.
+    let vms = api.json(Method::GET, "/v1/vms", None).await.unwrap();
+    let victim = vms["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["kind"] == "clone")
+        .and_then(|v| v["id"].as_str())
+        .expect("a clone")
+        .to_string();
+    api.json(Method::DELETE, &format!("/v1/vms/{victim}"), None)
+        .await
+        .unwrap();
+    let n2 = net.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        let w = Workload::Web;
+        let mut ok = 0;
+        for req in mix(5, 12) {
+            let (resp, took) = exchange(&n2, listen, &req);
+            // Two attempts of at most 2 s each, plus the exchange itself.
+            assert!(
+                took < Duration::from_secs(8),
+                "a request took {took:?} after a worker was deleted"
+            );
+            match w.check(&req, &resp) {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    let text = String::from_utf8_lossy(&resp);
+                    assert!(
+                        text.starts_with("HTTP/1.1 502") && text.contains("kscope lb:"),
+                        "neither a correct answer nor a clear 502: {e}\n{text}"
+                    );
+                }
+            }
+        }
+        ok
+    })
+    .await
+    .unwrap();
+    assert!(
+        answered >= 11,
+        "{answered} of 12 requests answered correctly after a worker was deleted (the other clone should take them)"
+    );
+
+    stop.notify_one();
+    let report = tokio::time::timeout(Duration::from_secs(60), lb_task)
+        .await
+        .expect("the balancer stops when told")
+        .unwrap()
+        .expect("lb report");
+    let fe = report.front.clone().expect("front end counters");
+    eprintln!("{report}");
+    assert!(fe.answered >= 60, "{fe:?}");
+    assert!(
+        fe.retried >= 1,
+        "the deleted worker was never tried, so the retry was not exercised: {fe:?}"
+    );
+    assert!(report.ok >= 60, "{report}");
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_end_without_reachable_workers_answers_502_in_bounded_time() {
+    let Some(net) = network() else { return };
+    let listen = SocketAddr::from((BRIDGE_IP, 18082));
+    // Nothing answers at these addresses of the namespace's network.
+    let dead: Vec<SocketAddr> = vec![
+        SocketAddr::from(([10, 0, 254, 250], 80)),
+        SocketAddr::from(([10, 0, 254, 251], 80)),
+    ];
+    let pool = Arc::new(FixedPool::new(net.netns(), &dead));
+    let opts = FrontOptions {
+        upstream_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let h = front::start(net.netns(), listen, pool.clone(), opts)
+        .await
+        .expect("front end");
+    let n2 = net.clone();
+    let (resp, took) = tokio::task::spawn_blocking(move || {
+        exchange(&n2, listen, b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(
+        text.contains("kscope lb: the request failed on 2 worker(s)"),
+        "{text}"
+    );
+    assert!(took < Duration::from_secs(5), "502 after {took:?}");
+    let stats = h.stop().await;
+    assert_eq!(
+        (stats.requests, stats.retried, stats.bad_gateway),
+        (1, 1, 1)
+    );
+    assert_eq!(pool.counts().iter().map(|c| c.failed).sum::<u64>(), 2);
+
+    // No workers at all: 503 at once.
+    let empty = Arc::new(FixedPool::new(net.netns(), &[]));
+    let h = front::start(net.netns(), listen, empty, FrontOptions::default())
+        .await
+        .expect("front end");
+    let n2 = net.clone();
+    let (resp, took) = tokio::task::spawn_blocking(move || {
+        exchange(&n2, listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(took < Duration::from_secs(2), "503 after {took:?}");
+    h.stop().await;
+}
