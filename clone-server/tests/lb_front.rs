@@ -228,6 +228,20 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
         "{answered} of 12 requests answered correctly after a worker was deleted (the other clone should take them)"
     );
 
+    // Clients that go away mid-request leave nothing counted in flight (the controller would
+    // never scale such a worker down).
+    let n2 = net.clone();
+    tokio::task::spawn_blocking(move || {
+        for req in mix(7, 8) {
+            let mut s = connect(&n2, listen);
+            s.write_all(&req).unwrap();
+            drop(s);
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
     stop.notify_one();
     let report = tokio::time::timeout(Duration::from_secs(60), lb_task)
         .await
@@ -242,6 +256,11 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
         "the deleted worker was never tried, so the retry was not exercised: {fe:?}"
     );
     assert!(report.ok >= 60, "{report}");
+    let last = report.timeline.last().expect("timeline");
+    assert_eq!(
+        last.in_flight, 0,
+        "requests of clients that went away stay counted in flight: {report}"
+    );
     srv.shutdown().await.unwrap();
 }
 

@@ -240,6 +240,23 @@ async fn serve_conn<P: Pool>(
     }
 }
 
+/// One request counted in flight on a worker until dropped: also when the client goes away
+/// mid-request and hyper drops the request's future.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Headers that belong to one connection, not to the message (RFC 9110 section 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -358,7 +375,7 @@ impl<P: Pool> Front<P> {
             if attempt == 1 {
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
             }
-            w.in_flight().fetch_add(1, Ordering::Relaxed);
+            let guard = InFlight::new(w.in_flight());
             self.pool.started(&w);
             let res = target
                 .forward(
@@ -366,7 +383,7 @@ impl<P: Pool> Front<P> {
                     self.opts.upstream_timeout,
                 )
                 .await;
-            w.in_flight().fetch_sub(1, Ordering::Relaxed);
+            drop(guard);
             match res {
                 Ok(resp) => {
                     let status = resp
