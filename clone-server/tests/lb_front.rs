@@ -167,6 +167,12 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
         for _ in 0..8 {
             let (r, _) = exchange(&n2, listen, b"GET /kscope/id HTTP/1.1\r\nHost: x\r\n\r\n");
             let text = String::from_utf8_lossy(&r).into_owned();
+            // The worker's answer, unchanged: its header names, order and case, no added Date.
+            assert!(
+                text.starts_with("HTTP/1.1 200 OK\r\nServer: kscope\r\nContent-Type: text/plain\r\nContent-Length: "),
+                "the front end changed the worker's answer: {text:?}"
+            );
+            assert!(!text.to_ascii_lowercase().contains("\r\ndate:"), "{text:?}");
             let ip = text
                 .split("ip=")
                 .nth(1)

@@ -67,30 +67,24 @@ impl FrontEnd for LbFront {
     }
 }
 
-impl Running {
-    fn counts_with(&self, s: &front::FrontStats) -> FrontCounts {
-        FrontCounts {
-            per_worker: self.pool.counts().iter().map(|c| c.answered).collect(),
-            retried: s.retried,
-            bad_gateway: s.bad_gateway,
-        }
+fn counts(pool: &FixedPool, s: &front::FrontStats) -> FrontCounts {
+    FrontCounts {
+        per_worker: pool.counts().iter().map(|c| c.answered).collect(),
+        retried: s.retried,
+        bad_gateway: s.bad_gateway,
     }
 }
 
 impl RunningFront for Running {
     fn counts(&self) -> FrontCounts {
-        self.counts_with(&self.handle.stats())
+        counts(&self.pool, &self.handle.stats())
     }
 
     fn stop(self: Box<Self>) -> anyhow::Result<FrontCounts> {
         let Running { rt, handle, pool } = *self;
         let stats = rt.block_on(handle.stop());
         rt.shutdown_timeout(Duration::from_secs(1));
-        Ok(FrontCounts {
-            per_worker: pool.counts().iter().map(|c| c.answered).collect(),
-            retried: stats.retried,
-            bad_gateway: stats.bad_gateway,
-        })
+        Ok(counts(&pool, &stats))
     }
 }
 

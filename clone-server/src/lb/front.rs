@@ -223,8 +223,11 @@ async fn serve_conn<P: Pool>(
     mut stopped: watch::Receiver<bool>,
 ) {
     let svc = hyper::service::service_fn(move |req| front.clone().handle(req));
+    // The worker's answer goes out as it came: header names in its case, no added Date.
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .preserve_header_case(true)
+        .auto_date_header(false)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
@@ -398,11 +401,13 @@ impl<P: Pool> Front<P> {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(w.name());
-                    let (rp, rb) = resp.into_parts();
-                    let mut out = Response::new(Full::new(rb));
-                    *out.status_mut() = rp.status;
-                    copy_headers(&rp.headers, out.headers_mut());
-                    return Ok(out);
+                    // Status, headers (and hyper's record of their case), body; minus the
+                    // hop-by-hop headers of the worker connection.
+                    let (mut rp, rb) = resp.into_parts();
+                    let mut headers = HeaderMap::new();
+                    copy_headers(&rp.headers, &mut headers);
+                    rp.headers = headers;
+                    return Ok(Response::from_parts(rp, Full::new(rb)));
                 }
                 Err(e) => {
                     if e.worker_down() {

@@ -170,7 +170,9 @@ impl Target {
         }
         let addr = self.addr;
         let stream = self.dial().await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| TcpError::Exchange {
                 addr,
