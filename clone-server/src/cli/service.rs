@@ -216,3 +216,21 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()
         .context("starting the async runtime")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::listen_arg;
+
+    #[test]
+    fn listen_takes_a_port_or_an_address() {
+        assert_eq!(
+            listen_arg("8080").unwrap(),
+            "10.0.255.254:8080".parse().unwrap()
+        );
+        assert_eq!(
+            listen_arg("10.0.255.254:81").unwrap(),
+            "10.0.255.254:81".parse().unwrap()
+        );
+        assert!(listen_arg("nope").unwrap_err().contains("give a port"));
+    }
+}

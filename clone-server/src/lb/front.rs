@@ -8,7 +8,8 @@
 //! back unchanged (status, headers, body; only hop-by-hop headers are dropped). A worker that
 //! fails before answering (refused, closed, or silent for the upstream timeout) gets the
 //! request retried once on another worker; if that fails too, or no other worker exists, the
-//! client gets 502 with a body that names the workers and their errors. A worker that could
+//! client gets 502 with a body that names the workers and their errors (any method is retried:
+//! the workloads' requests have no side effects that a second worker could repeat harmfully). A worker that could
 //! not be reached or timed out is skipped for [`FrontOptions::down_for`]. No client waits
 //! longer than two upstream timeouts.
 
@@ -280,6 +281,29 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+/// The request for a worker: the client's method, path and query, headers (minus hop-by-hop)
+/// and the whole body with its length (the body was read so that a retry can resend it).
+fn upstream_request(parts: &hyper::http::request::Parts, body: &Bytes) -> Request<Full<Bytes>> {
+    let mut r = Request::new(Full::new(body.clone()));
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .map(hyper::Uri::from)
+        .unwrap_or_else(|| hyper::Uri::from_static("/"));
+    copy_headers(&parts.headers, r.headers_mut());
+    let had_length = r
+        .headers_mut()
+        .remove(hyper::header::CONTENT_LENGTH)
+        .is_some();
+    if had_length || !body.is_empty() {
+        r.headers_mut()
+            .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    r
+}
+
 /// A plain-text answer of the front end itself.
 fn plain(status: StatusCode, msg: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(msg + "\n")));
@@ -330,25 +354,6 @@ impl<P: Pool> Front<P> {
             })
     }
 
-    fn upstream_request(parts: &hyper::http::request::Parts, body: &Bytes) -> Request<Full<Bytes>> {
-        let mut r = Request::new(Full::new(body.clone()));
-        *r.method_mut() = parts.method.clone();
-        *r.uri_mut() = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .parse()
-            .unwrap_or_default();
-        copy_headers(&parts.headers, r.headers_mut());
-        r.headers_mut().remove(hyper::header::CONTENT_LENGTH);
-        if !body.is_empty() {
-            r.headers_mut()
-                .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        }
-        r
-    }
-
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -381,10 +386,7 @@ impl<P: Pool> Front<P> {
             let guard = InFlight::new(w.in_flight());
             self.pool.started(&w);
             let res = target
-                .forward(
-                    Self::upstream_request(&parts, &body),
-                    self.opts.upstream_timeout,
-                )
+                .forward(upstream_request(&parts, &body), self.opts.upstream_timeout)
                 .await;
             drop(guard);
             match res {
@@ -524,5 +526,46 @@ impl Pool for FixedPool {
             Ok(_) => w.answered.fetch_add(1, Ordering::Relaxed),
             Err(_) => w.failed.fetch_add(1, Ordering::Relaxed),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_gets_the_request_without_hop_by_hop_headers() {
+        let req = Request::builder()
+            .method("POST")
+            .uri("http://10.0.255.254:8080/bank/login?x=1")
+            .header("Host", "10.0.255.254:8080")
+            .header("Connection", "keep-alive")
+            .header("Transfer-Encoding", "chunked")
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let body = Bytes::from_static(b"user=7&pin=1234");
+        let up = upstream_request(&parts, &body);
+        assert_eq!(up.method(), "POST");
+        assert_eq!(up.uri(), "/bank/login?x=1");
+        let h = up.headers();
+        assert_eq!(h["host"], "10.0.255.254:8080");
+        assert_eq!(h["content-type"], "application/x-www-form-urlencoded");
+        assert_eq!(h["content-length"], "15");
+        assert!(h.get("connection").is_none() && h.get("transfer-encoding").is_none());
+
+        let (parts, ()) = Request::get("/index.html").body(()).unwrap().into_parts();
+        let up = upstream_request(&parts, &Bytes::new());
+        assert_eq!(up.uri(), "/index.html");
+        assert!(up.headers().get("content-length").is_none());
+    }
+
+    #[test]
+    fn the_front_ends_own_answers_say_so() {
+        let r = plain(StatusCode::BAD_GATEWAY, "kscope lb: x".into());
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()["x-kscope-lb"], "front-end");
+        assert_eq!(r.headers()["content-type"], "text/plain");
     }
 }
