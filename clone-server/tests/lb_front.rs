@@ -1,8 +1,9 @@
 //! System test: the load balancer's front end (`kscope lb --listen`). Real KVM guests, real
 //! TCP inside kscope's network namespace, bounded in count and time: requests sent to the
 //! front end are answered correctly (the workload's checker) by more than one clone, a worker
-//! deleted during the test does not hang the client, and a front end whose workers cannot be
-//! reached answers 502 with a clear body within its bound.
+//! deleted during the test does not hang the client (its requests are retried on the other
+//! clone) and is replaced, and a front end whose workers cannot be reached answers 502 with a
+//! clear body within its bound.
 
 mod api_util;
 
@@ -120,7 +121,8 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
         min_workers: 2,
         max_workers: 2,
         front: FrontOptions {
-            upstream_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(1),
+            down_for: Duration::from_millis(100),
             ..Default::default()
         },
         ..LbOptions::default()
@@ -190,31 +192,41 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
         "only {ips:?} answered: the front end should spread requests over both clones"
     );
 
-    // Delete one clone behind the balancer's back: no client may hang.
+    // Delete one clone behind the balancer's back: no client may hang, every request is
+    // answered (retried on the other clone), and after EVICT_AFTER unreachable attempts the
+    // balancer drops the clone and the controller clones a replacement (min_workers = 2).
     let vms = api.json(Method::GET, "/v1/vms", None).await.unwrap();
     let victim = vms["vms"]
         .as_array()
         .unwrap()
         .iter()
         .find(|v| v["kind"] == "clone")
-        .and_then(|v| v["id"].as_str())
         .expect("a clone")
-        .to_string();
-    api.json(Method::DELETE, &format!("/v1/vms/{victim}"), None)
+        .clone();
+    let victim_id = victim["id"].as_str().unwrap().to_string();
+    let victim_ip = victim["address"].as_str().expect("address").to_string();
+    api.json(Method::DELETE, &format!("/v1/vms/{victim_id}"), None)
         .await
         .unwrap();
     let n2 = net.clone();
-    let answered = tokio::task::spawn_blocking(move || {
+    let (sent, answered) = tokio::task::spawn_blocking(move || {
         let w = Workload::Web;
-        let mut ok = 0;
-        for req in mix(5, 12) {
-            let (resp, took) = exchange(&n2, listen, &req);
-            // Two attempts of at most 2 s each, plus the exchange itself.
+        let (mut sent, mut ok) = (0, 0);
+        let t0 = Instant::now();
+        // Each attempt at the deleted clone costs up to the 1 s upstream timeout, and it is
+        // skipped for 100 ms after each: 8 s is enough for three attempts.
+        for req in mix(5, 50).iter().cycle() {
+            if t0.elapsed() > Duration::from_secs(8) {
+                break;
+            }
+            let (resp, took) = exchange(&n2, listen, req);
+            // Two attempts of at most 1 s each, plus the exchange itself.
             assert!(
-                took < Duration::from_secs(8),
+                took < Duration::from_secs(4),
                 "a request took {took:?} after a worker was deleted"
             );
-            match w.check(&req, &resp) {
+            sent += 1;
+            match w.check(req, &resp) {
                 Ok(()) => ok += 1,
                 Err(e) => {
                     let text = String::from_utf8_lossy(&resp);
@@ -225,13 +237,37 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
                 }
             }
         }
-        ok
+        (sent, ok)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answered, sent,
+        "requests not answered correctly after a worker was deleted (the other clone should take them)"
+    );
+    // The replacement serves: two identities again, none of them the deleted clone's.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n2 = net.clone();
+    let after = tokio::task::spawn_blocking(move || {
+        let mut ips = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let (r, _) = exchange(&n2, listen, b"GET /kscope/id HTTP/1.1\r\nHost: x\r\n\r\n");
+            let text = String::from_utf8_lossy(&r).into_owned();
+            if let Some(ip) = text
+                .split("ip=")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+            {
+                ips.insert(ip.to_string());
+            }
+        }
+        ips
     })
     .await
     .unwrap();
     assert!(
-        answered >= 11,
-        "{answered} of 12 requests answered correctly after a worker was deleted (the other clone should take them)"
+        after.len() >= 2 && !after.contains(&victim_ip),
+        "after dropping {victim_ip} the balancer should serve from two clones again: {after:?}"
     );
 
     // Clients that go away mid-request leave nothing counted in flight (the controller would
@@ -261,6 +297,15 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
         fe.retried >= 1,
         "the deleted worker was never tried, so the retry was not exercised: {fe:?}"
     );
+    let dropped = report
+        .events
+        .iter()
+        .any(|e| e.kind == "unreachable" && e.reason.contains(&format!("worker {victim_id} ")));
+    let replaced = report
+        .events
+        .iter()
+        .any(|e| e.kind == "minimum" && e.delta >= 1);
+    assert!(dropped && replaced, "{report}");
     assert!(report.ok >= 60, "{report}");
     let last = report.timeline.last().expect("timeline");
     assert_eq!(

@@ -99,6 +99,7 @@ pub(super) fn push_workers(
                 last_done: Mutex::new(now),
                 completed: AtomicUsize::new(0),
                 vm_us: AtomicU64::new(0),
+                unreachable: AtomicUsize::new(0),
                 target: tokio::sync::OnceCell::new(),
             })
         })
@@ -157,7 +158,8 @@ pub(super) async fn sample_workers(
     total
 }
 
-/// One controller step: scale up on overload, scale down one idle worker.
+/// One controller step: scale up on overload or below the minimum (workers the front end
+/// dropped as unreachable), scale down one idle worker.
 pub(super) fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, since: Duration) {
     let now = sh.start.elapsed();
     let recent: Vec<Duration> = sh
@@ -174,17 +176,33 @@ pub(super) fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, s
     let per_worker = queued as f64 / ws.len().max(1) as f64;
     let over_latency = p90 > o.p90_target.as_secs_f64() * 1e6;
     let over_queue = per_worker > o.max_queue;
-    if (over_latency || over_queue) && ws.len() < o.max_workers {
+    let below_min = ws.len() < o.min_workers;
+    if (below_min || over_latency || over_queue) && ws.len() < o.max_workers {
         if sh.scaling.swap(true, Ordering::AcqRel) {
             return;
         }
-        let add = ws.len().div_ceil(2).clamp(1, o.max_workers - ws.len());
-        let reason = format!(
-            "p90 {:.1} ms (target {:.1} ms), {per_worker:.1} requests in flight per worker (max {})",
-            p90 / 1e3,
-            o.p90_target.as_secs_f64() * 1e3,
-            o.max_queue
-        );
+        let (kind, add, reason) = if below_min {
+            (
+                "minimum",
+                o.min_workers - ws.len(),
+                format!(
+                    "{} workers, below the minimum of {}",
+                    ws.len(),
+                    o.min_workers
+                ),
+            )
+        } else {
+            (
+                "overload",
+                ws.len().div_ceil(2).clamp(1, o.max_workers - ws.len()),
+                format!(
+                    "p90 {:.1} ms (target {:.1} ms), {per_worker:.1} requests in flight per worker (max {})",
+                    p90 / 1e3,
+                    o.p90_target.as_secs_f64() * 1e3,
+                    o.max_queue
+                ),
+            )
+        };
         let (sh, o, parent) = (sh.clone(), o.clone(), parent.clone());
         let before = ws.len();
         tokio::spawn(async move {
@@ -213,7 +231,7 @@ pub(super) fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, s
                 .unwrap_or_else(|p| p.into_inner())
                 .push(ScaleEvent {
                     t_s: now.as_secs_f64(),
-                    kind: "overload",
+                    kind,
                     reason,
                     workers_before: before,
                     delta,

@@ -66,6 +66,9 @@ pub trait Pool: Send + Sync + 'static {
     /// A request sent to `w` at `arrived` ended: the worker's answer (its `X-Kscope-Status`,
     /// 0 without one) or the error. Called once per attempt.
     fn finished(&self, w: &Self::Worker, arrived: Instant, outcome: Result<u32, String>);
+    /// An attempt found `w` unreachable (no connection, or no answer within the upstream
+    /// timeout); called after [`Pool::finished`].
+    fn unreachable(&self, _w: &Self::Worker) {}
 }
 
 /// Settings of the front end.
@@ -420,6 +423,9 @@ impl<P: Pool> Front<P> {
                     }
                     tracing::debug!("worker {} failed: {e}", w.name());
                     self.pool.finished(&w, arrived, Err(e.to_string()));
+                    if e.worker_down() {
+                        self.pool.unreachable(&w);
+                    }
                     failures.push(format!("worker {}: {e}", w.name()));
                     skip = Some(w.name().to_string());
                 }

@@ -3,7 +3,9 @@
 //! The pool is the balancer's own worker list: the front end picks among the workers whose
 //! address is known (join-the-shortest-queue on the same in-flight counters), and books every
 //! request the way the generated stream does, so the controller ([`super::control`]) scales
-//! the clones on the p90 latency and queue that outside clients cause.
+//! the clones on the p90 latency and queue that outside clients cause. A worker that the front
+//! end finds unreachable [`EVICT_AFTER`] attempts in a row (stopped or deleted behind the
+//! balancer's back) is dropped and deleted; the controller brings the pool back to its minimum.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,7 +15,12 @@ use hyper::Method;
 
 use super::front::{self, FrontStats};
 use super::tcp::Target;
-use super::{LbOptions, Shared, Source, Worker};
+use super::{LbOptions, ScaleEvent, Shared, Source, Worker};
+
+/// Attempts in a row that found a worker unreachable after which the balancer drops it from
+/// the pool and asks the service to delete it; the controller then replaces it if the pool is
+/// below its minimum.
+pub const EVICT_AFTER: usize = 3;
 
 /// Errors of the listening mode.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +81,46 @@ impl front::Pool for Shared {
             arrived.saturating_duration_since(self.start),
             outcome.map(|s| (s, 0)),
         );
+    }
+    fn unreachable(&self, w: &Worker) {
+        let n = w.unreachable.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < EVICT_AFTER {
+            return;
+        }
+        let before = {
+            let mut ws = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            let before = ws.len();
+            ws.retain(|x| x.id != w.id);
+            if ws.len() == before {
+                return; // already dropped by another request
+            }
+            before
+        };
+        super::control::retire(self, w);
+        tracing::warn!("worker {} unreachable {n} times in a row: dropped", w.id);
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ScaleEvent {
+                t_s: self.start.elapsed().as_secs_f64(),
+                kind: "unreachable",
+                reason: format!(
+                    "worker {} unreachable {n} times in a row: dropped and deleted",
+                    w.id
+                ),
+                workers_before: before,
+                delta: -1,
+                api_ms: 0.0,
+            });
+        let (api, id) = (self.api.clone(), w.id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = api
+                .json(Method::DELETE, &format!("/v1/vms/{id}"), None)
+                .await
+            {
+                tracing::debug!("deleting unreachable worker {id}: {e}");
+            }
+        });
     }
 }
 

@@ -210,7 +210,8 @@ pub struct WorkerLog {
 pub struct ScaleEvent {
     /// When (s since start).
     pub t_s: f64,
-    /// `overload` (workers added) or `idle` (a worker deleted).
+    /// `overload` (workers added), `minimum` (workers added back up to the minimum), `idle` (a
+    /// worker deleted) or `unreachable` (the front end dropped a worker it could not reach).
     pub kind: &'static str,
     /// Why.
     pub reason: String,
@@ -264,6 +265,8 @@ struct Worker {
     completed: AtomicUsize,
     vm_us: AtomicU64,
     log: Mutex<WorkerLog>,
+    /// Attempts in a row that found it unreachable (front end; see [`listen::EVICT_AFTER`]).
+    unreachable: AtomicUsize,
     /// Its HTTP endpoint (TCP mode), looked up from the API at first use.
     target: tokio::sync::OnceCell<Arc<tcp::Target>>,
 }
@@ -315,6 +318,9 @@ impl Shared {
     fn record(&self, w: &Worker, arrived: Duration, outcome: Result<(u32, u64), String>) {
         *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         let finished = self.start.elapsed();
+        if outcome.is_ok() {
+            w.unreachable.store(0, Ordering::Relaxed);
+        }
         if let Ok((0, vm_us)) = &outcome {
             w.vm_us.fetch_add(*vm_us, Ordering::Relaxed);
             w.completed.fetch_add(1, Ordering::Relaxed);
@@ -515,7 +521,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
     }
     let scale_lat: Vec<Duration> = events
         .iter()
-        .filter(|e| e.kind == "overload" && e.delta > 0)
+        .filter(|e| (e.kind == "overload" || e.kind == "minimum") && e.delta > 0)
         .map(|e| Duration::from_secs_f64(e.api_ms / 1e3))
         .collect();
     let report = LbReport {
