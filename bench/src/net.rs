@@ -1,6 +1,8 @@
 //! `kscope bench net`: the web workload over real TCP (wrk inside kscope's network namespace)
 //! beside the request-device path in the same run, the time from a clone call to the clone's
-//! first TCP answer at its own address, wrk against N clones at once, and the tap pool.
+//! first TCP answer at its own address, wrk against N clones at once, wrk against the load
+//! balancer's front end with N clones behind it ([`FrontEnd`], given by the CLI, which owns the
+//! balancer), and the tap pool.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use kscope_guest::abi::request::kind;
-use kscope_vmm::net::{NetAttach, Network, PoolStats};
+use kscope_vmm::net::{NetAttach, Network, PoolStats, BRIDGE_IP};
 use kscope_vmm::{CloneOptions, MemoryMode, Vm, VmConfig};
 use kscope_workloads::Workload;
 use serde::Serialize;
@@ -30,6 +32,63 @@ pub struct NetBenchConfig {
     pub connections: usize,
     /// Guest RAM.
     pub mem_bytes: u64,
+    /// Clones behind the balancer's front end (0: no balancer phase).
+    pub lb_workers: usize,
+    /// The balancer's front end (needed when `lb_workers > 0`).
+    pub front: Option<Arc<dyn FrontEnd>>,
+}
+
+/// Port of the balancer's front end, on the bridge's address inside the namespace.
+pub const LB_PORT: u16 = 8080;
+
+/// A load balancer front end that forwards HTTP/1.1 requests to workers' own addresses.
+/// The CLI gives `kscope lb`'s ([`NetBenchConfig::front`]); the engine only measures it.
+pub trait FrontEnd: Send + Sync {
+    /// Listen at `listen` inside namespace `netns` and forward to `workers`.
+    fn start(
+        &self,
+        netns: &str,
+        listen: SocketAddr,
+        workers: &[SocketAddr],
+    ) -> anyhow::Result<Box<dyn RunningFront>>;
+}
+
+impl std::fmt::Debug for dyn FrontEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrontEnd")
+    }
+}
+
+/// A started front end.
+pub trait RunningFront: Send {
+    /// What it did so far.
+    fn counts(&self) -> FrontCounts;
+    /// Stop it and return what it did.
+    fn stop(self: Box<Self>) -> anyhow::Result<FrontCounts>;
+}
+
+/// What a front end did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FrontCounts {
+    /// Requests each worker answered (in the order of the workers given).
+    pub per_worker: Vec<u64>,
+    /// Requests retried on a second worker.
+    pub retried: u64,
+    /// Requests the front end answered 502/503 itself.
+    pub bad_gateway: u64,
+}
+
+/// wrk against the balancer's front end with clones behind it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LbResult {
+    /// Clones behind the front end.
+    pub workers: usize,
+    /// wrk's figures.
+    pub wrk: WrkResult,
+    /// Requests/s relative to wrk against the single VM of the same run.
+    pub ratio_to_vm: f64,
+    /// The front end's counters (measured phase only).
+    pub front: FrontCounts,
 }
 
 /// One wrk run.
@@ -65,6 +124,8 @@ pub struct NetBenchReport {
     pub clones_tcp: Vec<WrkResult>,
     /// Sum of the clones' requests/s.
     pub clones_total_rps: f64,
+    /// wrk against the balancer's front end with `lb_workers` clones behind it.
+    pub lb: Option<LbResult>,
     /// Tap pool at the end.
     pub pool: PoolStats,
 }
@@ -156,6 +217,69 @@ fn answers_as(net: &Network, ip: Ipv4Addr) -> bool {
     String::from_utf8_lossy(&buf).contains(&format!("ip={ip} "))
 }
 
+/// Wait until the clone at `ip` answers `GET /kscope/id` as itself.
+fn wait_answers(net: &Network, ip: Ipv4Addr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !answers_as(net, ip) {
+        if Instant::now() > deadline {
+            bail!("clone {ip} did not answer within 30 s");
+        }
+    }
+    Ok(())
+}
+
+/// `n` lazy clones of `vm` (one clone call) behind the front end; wrk through it.
+fn lb_phase(
+    cfg: &NetBenchConfig,
+    net: &Network,
+    vm: &Vm,
+    path: &str,
+    vm_rps: f64,
+) -> anyhow::Result<LbResult> {
+    let front = cfg.front.as_ref().context(
+        "the balancer phase needs the front end: run it through `kscope bench net --lb-workers N`",
+    )?;
+    let b = vm.clone_children(
+        cfg.lb_workers,
+        &CloneOptions {
+            memory: MemoryMode::Lazy,
+            ..Default::default()
+        },
+    )?;
+    let mut addrs = Vec::new();
+    for c in &b.children {
+        let ip = c.net_address().context("clone without address")?;
+        wait_answers(net, ip)?;
+        addrs.push(SocketAddr::from((ip, 80)));
+    }
+    let listen = SocketAddr::from((BRIDGE_IP, LB_PORT));
+    let url = format!("http://{listen}{path}");
+    // Warm the clones and the front end's worker connections, then measure.
+    let h = front.start(net.netns(), listen, &addrs)?;
+    let measured = wrk(net.netns(), &url, cfg.connections, Duration::from_secs(1)).and_then(|_| {
+        let before = h.counts();
+        wrk(net.netns(), &url, cfg.connections, cfg.duration).map(|r| (before, r))
+    });
+    let after = h.stop()?;
+    let (before, r) = measured?;
+    let front = FrontCounts {
+        per_worker: after
+            .per_worker
+            .iter()
+            .zip(before.per_worker.iter().chain(std::iter::repeat(&0)))
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect(),
+        retried: after.retried.saturating_sub(before.retried),
+        bad_gateway: after.bad_gateway.saturating_sub(before.bad_gateway),
+    };
+    Ok(LbResult {
+        workers: addrs.len(),
+        ratio_to_vm: r.rps / vm_rps.max(1e-9),
+        wrk: r,
+        front,
+    })
+}
+
 /// Run the benchmark.
 pub fn run(cfg: &NetBenchConfig) -> anyhow::Result<NetBenchReport> {
     let net = Network::get().map_err(|e| anyhow::anyhow!("guest networking: {e}"))?;
@@ -235,12 +359,7 @@ pub fn run(cfg: &NetBenchConfig) -> anyhow::Result<NetBenchReport> {
         clone_call_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let c = b.children.into_iter().next().context("no clone")?;
         let cip = c.net_address().context("clone without address")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !answers_as(&net, cip) {
-            if Instant::now() > deadline {
-                bail!("clone {cip} did not answer within 30 s");
-            }
-        }
+        wait_answers(&net, cip)?;
         clone_first_answer_ms.push(t.elapsed().as_secs_f64() * 1e3);
         clones.push(c);
     }
@@ -258,6 +377,13 @@ pub fn run(cfg: &NetBenchConfig) -> anyhow::Result<NetBenchReport> {
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
     let clones_total_rps = clones_tcp.iter().map(|r| r.rps).sum();
+    // The clones measured alone step aside (their CPU would be shared with the balancer's).
+    drop(clones);
+    let lb = if cfg.lb_workers > 0 {
+        Some(lb_phase(cfg, &net, &vm, &path, tcp.rps)?)
+    } else {
+        None
+    };
     Ok(NetBenchReport {
         tcp,
         request_device_rps,
@@ -266,6 +392,7 @@ pub fn run(cfg: &NetBenchConfig) -> anyhow::Result<NetBenchReport> {
         clone_first_answer_ms,
         clones_tcp,
         clones_total_rps,
+        lb,
         pool: net.pool_stats(),
     })
 }

@@ -16,7 +16,7 @@ pub enum BenchCmd {
     Dedup(DedupArgs),
     /// The web workload over TCP (wrk in kscope's network namespace) beside the request
     /// device; clone call to first TCP answer at the clone's address; N clones under wrk.
-    Net(NetArgs),
+    Net(super::bench_net::NetArgs),
     /// The guest kernel's costs in both CPU modes (emulated vs PVM-native), same run.
     Modes(ModesArgs),
     /// Linux memory images (colorer/linux/make-image.sh): coloring time, and color-targeted
@@ -60,26 +60,6 @@ pub struct LinuxArgs {
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
     /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Arguments of `kscope bench net`.
-#[derive(Args, Debug)]
-pub struct NetArgs {
-    /// Lazy clones (each cloned and timed alone, then loaded together).
-    #[arg(long, default_value_t = 2)]
-    pub clones: usize,
-    /// Seconds of every load phase.
-    #[arg(long, default_value_t = 5)]
-    pub seconds: u64,
-    /// Concurrent connections (and request-device requesters).
-    #[arg(long, default_value_t = 4)]
-    pub connections: usize,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub mem_mib: u64,
-    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -198,50 +178,7 @@ pub fn warmup_svg(r: &warmup::WarmupReport) -> anyhow::Result<String> {
 /// Run `kscope bench ...`.
 pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
-        BenchCmd::Net(a) => {
-            let r = kscope_bench::net::run(&kscope_bench::net::NetBenchConfig {
-                clones: a.clones,
-                duration: std::time::Duration::from_secs(a.seconds),
-                connections: a.connections,
-                mem_bytes: a.mem_mib << 20,
-            })?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "web over TCP (wrk, {} connections): {:.0} req/s, p50 {:.0} us, p99 {:.0} us, {} errors",
-                    a.connections, r.tcp.rps, r.tcp.p50_us, r.tcp.p99_us, r.tcp.errors
-                );
-                println!(
-                    "web over the request device (same VM, same run): {:.0} req/s, p50 {:.0} us, p99 {:.0} us; TCP/device = {:.2}",
-                    r.request_device_rps,
-                    r.request_device_latency.p50_us,
-                    r.request_device_latency.p99_us,
-                    r.tcp.rps / r.request_device_rps.max(1e-9)
-                );
-                for (i, (c, f)) in r
-                    .clone_call_ms
-                    .iter()
-                    .zip(&r.clone_first_answer_ms)
-                    .enumerate()
-                {
-                    println!("clone {i}: clone call {c:.1} ms, first TCP answer at its own address {f:.1} ms after the call");
-                }
-                println!(
-                    "{} clones under wrk at once: {:.0} req/s in total ({:?})",
-                    r.clones_tcp.len(),
-                    r.clones_total_rps,
-                    r.clones_tcp
-                        .iter()
-                        .map(|w| w.rps.round())
-                        .collect::<Vec<_>>()
-                );
-                println!(
-                    "tap pool: {} hits, {} misses, {} ready",
-                    r.pool.hits, r.pool.misses, r.pool.ready
-                );
-            }
-        }
+        BenchCmd::Net(a) => super::bench_net::net(a)?,
         BenchCmd::Warmup(a) => {
             let policies = a
                 .policy

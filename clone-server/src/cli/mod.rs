@@ -2,6 +2,7 @@
 //! engines live in [`kscope_bench::runner`], the VMM and the other crates).
 
 mod bench;
+mod bench_net;
 mod clone;
 mod color;
 mod demo;

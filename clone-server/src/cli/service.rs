@@ -96,9 +96,9 @@ pub struct LbArgs {
     /// Mean arrival rate at factor 1 (requests/s).
     #[arg(long, default_value_t = 150.0)]
     pub rate: f64,
-    /// Length of the run in seconds.
-    #[arg(long, default_value_t = 20.0)]
-    pub duration: f64,
+    /// Length of the run in seconds (default 20; with --listen: until Ctrl-C or SIGTERM).
+    #[arg(long)]
+    pub duration: Option<f64>,
     /// Replay a file of `time_ms request` lines instead of generating load.
     #[arg(long)]
     pub file: Option<PathBuf>,
@@ -125,6 +125,25 @@ pub struct LbArgs {
     /// created with a network; needs the same machine and root, like the service).
     #[arg(long)]
     pub tcp: bool,
+    /// Serve requests from outside instead of generating them: an HTTP/1.1 front end (keep-alive)
+    /// listens at ADDR:PORT inside the service's network namespace, or at the bridge's address
+    /// (10.0.255.254) when only PORT is given, and forwards every request to a worker's own
+    /// address (join-the-shortest-queue); the controller scales the clones on the p90 and queue.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = listen_arg)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// With --listen: seconds one attempt at a worker may take before the request is retried
+    /// on another worker (or answered 502).
+    #[arg(long, default_value_t = 5.0)]
+    pub upstream_timeout: f64,
+}
+
+fn listen_arg(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok((kscope_vmm::net::BRIDGE_IP, port).into());
+    }
+    s.parse().map_err(|_| {
+        format!("--listen {s:?}: give a port (e.g. 8080) or an address inside the namespace with a port (e.g. 10.0.255.254:8080)")
+    })
 }
 
 /// Run `kscope lb` against a running service.
@@ -144,12 +163,22 @@ pub fn lb(a: LbArgs) -> anyhow::Result<()> {
             })?
         }
     };
-    let source = match a.file {
-        Some(f) => Source::File(f),
-        None => Source::Generate {
+    anyhow::ensure!(
+        a.upstream_timeout.is_finite() && a.upstream_timeout > 0.0,
+        "--upstream-timeout must be a positive number of seconds"
+    );
+    let source = match (a.listen, a.file) {
+        (Some(_), Some(_)) => anyhow::bail!("--listen and --file exclude each other: the requests come either from outside or from the file"),
+        (Some(addr), None) => Source::Listen {
+            addr,
+            duration: a.duration.map(Duration::from_secs_f64),
+            stop: None,
+        },
+        (None, Some(f)) => Source::File(f),
+        (None, None) => Source::Generate {
             pattern: Pattern::parse(&a.pattern).map_err(|e| anyhow::anyhow!("--pattern: {e}"))?,
             rate: a.rate,
-            duration: Duration::from_secs_f64(a.duration),
+            duration: Duration::from_secs_f64(a.duration.unwrap_or(20.0)),
             seed: 1,
         },
     };
@@ -166,6 +195,10 @@ pub fn lb(a: LbArgs) -> anyhow::Result<()> {
         memory_mode: a.memory,
         prefetch: a.prefetch,
         tcp: a.tcp,
+        front: lb::front::FrontOptions {
+            upstream_timeout: Duration::from_secs_f64(a.upstream_timeout),
+            ..Default::default()
+        },
         ..LbOptions::default()
     };
     let report = tokio_runtime()?.block_on(lb::run_lb(opts))?;
@@ -182,4 +215,22 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_arg;
+
+    #[test]
+    fn listen_takes_a_port_or_an_address() {
+        assert_eq!(
+            listen_arg("8080").unwrap(),
+            "10.0.255.254:8080".parse().unwrap()
+        );
+        assert_eq!(
+            listen_arg("10.0.255.254:81").unwrap(),
+            "10.0.255.254:81".parse().unwrap()
+        );
+        assert!(listen_arg("nope").unwrap_err().contains("give a port"));
+    }
 }

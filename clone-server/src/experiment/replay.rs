@@ -377,6 +377,7 @@ async fn run_with(
                 },
                 account: true,
                 tcp: false,
+                front: Default::default(),
             };
             set.spawn(async move { (s, lb::run_lb(opts).await) });
         }

@@ -4,25 +4,32 @@
 //! parent VM — dispatching each request to the worker with the fewest requests in flight
 //! (join-the-shortest-queue). A controller watches the p90 latency of the last window and the
 //! mean queue per worker; when either is above its threshold it asks the API for more clones,
-//! and it deletes workers idle for the cool-down. If the service cannot clone (HTTP 501) and
-//! the scale mode is `auto`, it scales by booting fresh parents instead and says so.
+//! and it deletes workers idle for the cool-down ([`control`]). If the service cannot clone
+//! (HTTP 501) and the scale mode is `auto`, it scales by booting fresh parents instead and says
+//! so. With [`Source::Listen`] the requests come from outside instead: an HTTP/1.1 front end
+//! ([`front`]) inside the service's network namespace forwards each one to a worker's own TCP
+//! address with the same choice, and the same controller scales the clones ([`listen`]).
 
 pub mod client;
+mod control;
+pub mod front;
+mod listen;
 pub mod load;
 pub mod tcp;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use kscope_workloads::Workload;
 use serde::Serialize;
-use serde_json::json;
 
-use client::{ApiClient, ClientError};
+use client::ApiClient;
+use control::{add_workers, control, create_parent, push_workers, sample_workers};
 use kscope_vmm::summary::LatencySummary;
 use load::{Arrival, Pattern};
 
@@ -56,6 +63,17 @@ pub enum Source {
     File(PathBuf),
     /// Arrivals built by the caller (e.g. `kscope experiment replay` from a load trace).
     Arrivals(Arc<Vec<Arrival>>),
+    /// Requests from outside, received by the front end ([`front`]) at `addr` inside the
+    /// service's network namespace, until `duration` has passed, `stop` is notified, or the
+    /// process gets SIGINT or SIGTERM (whichever comes first).
+    Listen {
+        /// Address to listen on (e.g. the bridge's, `10.0.255.254:8080`).
+        addr: SocketAddr,
+        /// Stop after this long.
+        duration: Option<Duration>,
+        /// Stop when notified.
+        stop: Option<Arc<tokio::sync::Notify>>,
+    },
 }
 
 /// Options of `kscope lb`.
@@ -99,6 +117,15 @@ pub struct LbOptions {
     pub account: bool,
     /// Send requests over TCP to the workers' addresses ([`tcp`]) instead of the API.
     pub tcp: bool,
+    /// Settings of the front end ([`Source::Listen`]).
+    pub front: front::FrontOptions,
+}
+
+impl LbOptions {
+    /// Whether the workers need a network: TCP dispatch or the front end.
+    pub fn needs_network(&self) -> bool {
+        self.tcp || matches!(self.source, Source::Listen { .. })
+    }
 }
 
 impl Default for LbOptions {
@@ -132,6 +159,7 @@ impl Default for LbOptions {
             recording_from: None,
             account: false,
             tcp: false,
+            front: front::FrontOptions::default(),
         }
     }
 }
@@ -182,7 +210,8 @@ pub struct WorkerLog {
 pub struct ScaleEvent {
     /// When (s since start).
     pub t_s: f64,
-    /// `overload` (workers added) or `idle` (a worker deleted).
+    /// `overload` (workers added), `minimum` (workers added back up to the minimum), `idle` (a
+    /// worker deleted) or `unreachable` (the front end dropped a worker it could not reach).
     pub kind: &'static str,
     /// Why.
     pub reason: String,
@@ -225,6 +254,8 @@ pub struct LbReport {
     pub errors: Vec<String>,
     /// Every worker's life (with `account`: footprint samples).
     pub workers: Vec<WorkerLog>,
+    /// The front end's counters ([`Source::Listen`] only).
+    pub front: Option<front::FrontStats>,
 }
 
 struct Worker {
@@ -234,6 +265,8 @@ struct Worker {
     completed: AtomicUsize,
     vm_us: AtomicU64,
     log: Mutex<WorkerLog>,
+    /// Attempts in a row that found it unreachable (front end; see [`listen::EVICT_AFTER`]).
+    unreachable: AtomicUsize,
     /// Its HTTP endpoint (TCP mode), looked up from the API at first use.
     target: tokio::sync::OnceCell<Arc<tcp::Target>>,
 }
@@ -280,241 +313,35 @@ struct Shared {
 }
 
 impl Shared {
+    /// Book one ended request of worker `w` (its in-flight count already lowered):
+    /// `outcome` is (guest status, in-VM time in us) or the error.
+    fn record(&self, w: &Worker, arrived: Duration, outcome: Result<(u32, u64), String>) {
+        *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let finished = self.start.elapsed();
+        if outcome.is_ok() {
+            w.unreachable.store(0, Ordering::Relaxed);
+        }
+        if let Ok((0, vm_us)) = &outcome {
+            w.vm_us.fetch_add(*vm_us, Ordering::Relaxed);
+            w.completed.fetch_add(1, Ordering::Relaxed);
+            let mut log = w.log.lock().unwrap_or_else(|p| p.into_inner());
+            log.first_answer_s.get_or_insert(finished.as_secs_f64());
+        }
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Done {
+                arrived,
+                finished,
+                outcome: outcome.map(|(s, _)| s),
+            });
+    }
+
     fn pick(&self) -> Option<Arc<Worker>> {
         let ws = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         ws.iter()
             .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
             .cloned()
-    }
-}
-
-/// Boot a fresh parent VM; returns its id.
-async fn create_parent(api: &ApiClient, o: &LbOptions) -> Result<String, ClientError> {
-    let v = api
-        .json(
-            Method::POST,
-            "/v1/vms",
-            Some(&json!({ "workload": o.workload.name(), "memory": o.memory, "network": o.tcp })),
-        )
-        .await?;
-    Ok(v["id"].as_str().unwrap_or_default().to_string())
-}
-
-/// Add `n` workers per the scale mode; returns their ids.
-async fn add_workers(
-    api: &ApiClient,
-    mode_cell: &Mutex<ScaleMode>,
-    o: &LbOptions,
-    parent: &str,
-    n: usize,
-) -> Result<Vec<String>, ClientError> {
-    let mode = *mode_cell.lock().unwrap_or_else(|p| p.into_inner());
-    if mode != ScaleMode::Boot {
-        let mut body = json!({ "n": n, "memory_mode": o.memory_mode, "prefetch": o.prefetch });
-        if let Some(r) = &o.recording_from {
-            body["recording_from"] = json!(r);
-        }
-        match api
-            .json(
-                Method::POST,
-                &format!("/v1/vms/{parent}/clones"),
-                Some(&body),
-            )
-            .await
-        {
-            Ok(v) => {
-                return Ok(v["clones"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|c| c["id"].as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default())
-            }
-            Err(ClientError::Api { status, .. })
-                if status == StatusCode::NOT_IMPLEMENTED && mode == ScaleMode::Auto =>
-            {
-                tracing::warn!("the service cannot clone (501): scaling by booting parents");
-                *mode_cell.lock().unwrap_or_else(|p| p.into_inner()) = ScaleMode::Boot;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let mut ids = Vec::new();
-    for _ in 0..n {
-        ids.push(create_parent(api, o).await?);
-    }
-    Ok(ids)
-}
-
-fn push_workers(sh: &Shared, ids: Vec<String>, decided: Option<Duration>) {
-    let now = Instant::now();
-    let ready_s = now.saturating_duration_since(sh.start).as_secs_f64();
-    let mut ws = sh.workers.lock().unwrap_or_else(|p| p.into_inner());
-    ws.extend(ids.into_iter().map(|id| {
-        Arc::new(Worker {
-            log: Mutex::new(WorkerLog {
-                id: id.clone(),
-                initial: decided.is_none(),
-                decided_s: decided.map_or(0.0, |d| d.as_secs_f64()),
-                ready_s,
-                first_answer_s: None,
-                removed_s: 0.0,
-                samples: Vec::new(),
-            }),
-            id,
-            in_flight: AtomicUsize::new(0),
-            last_done: Mutex::new(now),
-            completed: AtomicUsize::new(0),
-            vm_us: AtomicU64::new(0),
-            target: tokio::sync::OnceCell::new(),
-        })
-    }));
-}
-
-fn retire(sh: &Shared, w: &Worker) {
-    let mut log = w.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    log.removed_s = sh.start.elapsed().as_secs_f64();
-    sh.retired
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(log);
-}
-
-/// Sample every worker's footprint (GET /v1/vms/{id}/stats) and completions; returns the sum
-/// of the footprints.
-async fn sample_workers(sh: &Shared, ws: &[Arc<Worker>], t_s: f64, account: bool) -> u64 {
-    let mut total = 0u64;
-    for w in ws {
-        let bytes = if account {
-            match sh
-                .api
-                .json(Method::GET, &format!("/v1/vms/{}/stats", w.id), None)
-                .await
-            {
-                Ok(v) => v["memory"]["footprint_bytes"].as_u64().unwrap_or(0),
-                Err(e) => {
-                    tracing::debug!("stats of {}: {e}", w.id);
-                    0
-                }
-            }
-        } else {
-            0
-        };
-        total += bytes;
-        let done = w.completed.swap(0, Ordering::Relaxed);
-        let vm_us = w.vm_us.swap(0, Ordering::Relaxed);
-        let inflight = w.in_flight.load(Ordering::Relaxed);
-        w.log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .samples
-            .push((t_s, bytes, done, inflight, vm_us));
-    }
-    total
-}
-
-/// One controller step: scale up on overload, scale down one idle worker.
-fn control(sh: &Arc<Shared>, o: &Arc<LbOptions>, parent: &Arc<str>, since: Duration) {
-    let now = sh.start.elapsed();
-    let recent: Vec<Duration> = sh
-        .done
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .filter(|d| d.finished >= since && d.outcome.is_ok())
-        .map(|d| d.finished - d.arrived)
-        .collect();
-    let p90 = LatencySummary::of(&recent).p90_us;
-    let ws: Vec<Arc<Worker>> = sh.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let queued: usize = ws.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum();
-    let per_worker = queued as f64 / ws.len().max(1) as f64;
-    let over_latency = p90 > o.p90_target.as_secs_f64() * 1e6;
-    let over_queue = per_worker > o.max_queue;
-    if (over_latency || over_queue) && ws.len() < o.max_workers {
-        if sh.scaling.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let add = ws.len().div_ceil(2).clamp(1, o.max_workers - ws.len());
-        let reason = format!(
-            "p90 {:.1} ms (target {:.1} ms), {per_worker:.1} requests in flight per worker (max {})",
-            p90 / 1e3,
-            o.p90_target.as_secs_f64() * 1e3,
-            o.max_queue
-        );
-        let (sh, o, parent) = (sh.clone(), o.clone(), parent.clone());
-        let before = ws.len();
-        tokio::spawn(async move {
-            let t0 = Instant::now();
-            let res = add_workers(&sh.api, &sh.mode, &o, &parent, add).await;
-            let api_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let delta = match res {
-                Ok(ids) => {
-                    let n = ids.len() as i64;
-                    push_workers(&sh, ids, Some(now));
-                    n
-                }
-                Err(e) => {
-                    tracing::warn!("scale-up failed: {e}");
-                    0
-                }
-            };
-            sh.events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(ScaleEvent {
-                    t_s: now.as_secs_f64(),
-                    kind: "overload",
-                    reason,
-                    workers_before: before,
-                    delta,
-                    api_ms,
-                });
-            sh.scaling.store(false, Ordering::Release);
-        });
-        return;
-    }
-    if ws.len() > o.min_workers.max(1) && !sh.scaling.load(Ordering::Acquire) {
-        let idle = ws.iter().find(|w| {
-            w.in_flight.load(Ordering::Relaxed) == 0
-                && w.last_done
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .elapsed()
-                    >= o.cooldown
-                && *w.id != **parent
-        });
-        if let Some(w) = idle.cloned() {
-            sh.workers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|x| x.id != w.id);
-            retire(sh, &w);
-            let sh = sh.clone();
-            let before = ws.len();
-            tokio::spawn(async move {
-                let t0 = Instant::now();
-                if let Err(e) = sh
-                    .api
-                    .json(Method::DELETE, &format!("/v1/vms/{}", w.id), None)
-                    .await
-                {
-                    tracing::warn!("deleting idle worker {} failed: {e}", w.id);
-                }
-                sh.events
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(ScaleEvent {
-                        t_s: now.as_secs_f64(),
-                        kind: "idle",
-                        reason: format!("worker {} idle for the cool-down", w.id),
-                        workers_before: before,
-                        delta: -1,
-                        api_ms: t0.elapsed().as_secs_f64() * 1e3,
-                    });
-            });
-        }
     }
 }
 
@@ -537,8 +364,13 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         }
         Source::File(p) => load::parse_file(p)?,
         Source::Arrivals(a) => a.as_ref().clone(),
+        Source::Listen { .. } => Vec::new(),
     };
-    anyhow::ensure!(!arrivals.is_empty(), "the request stream is empty");
+    let listening = matches!(opts.source, Source::Listen { .. });
+    anyhow::ensure!(
+        listening || !arrivals.is_empty(),
+        "the request stream is empty"
+    );
     let api = ApiClient::new(&opts.api, Some(opts.token.clone()));
     api.json(Method::GET, "/v1/health", None)
         .await
@@ -626,6 +458,12 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         })
     };
 
+    // Requests from outside: the front end, until the end of the listening period.
+    let mut front_result = None;
+    if listening {
+        front_result = Some(listen::serve(&sh, &opts, &parent).await);
+    }
+
     // Dispatcher.
     let mut tasks = tokio::task::JoinSet::new();
     for a in arrivals {
@@ -657,22 +495,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                     .map_err(|e| e.to_string())
             };
             w.in_flight.fetch_sub(1, Ordering::Relaxed);
-            *w.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-            let finished = sh2.start.elapsed();
-            if let Ok((0, vm_us, _)) = &res {
-                w.vm_us.fetch_add(*vm_us, Ordering::Relaxed);
-                w.completed.fetch_add(1, Ordering::Relaxed);
-                let mut log = w.log.lock().unwrap_or_else(|p| p.into_inner());
-                log.first_answer_s.get_or_insert(finished.as_secs_f64());
-            }
-            sh2.done
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Done {
-                    arrived,
-                    finished,
-                    outcome: res.map(|(s, _, _)| s),
-                });
+            sh2.record(&w, arrived, res.map(|(s, l, _)| (s, l)));
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -698,7 +521,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
     }
     let scale_lat: Vec<Duration> = events
         .iter()
-        .filter(|e| e.kind == "overload" && e.delta > 0)
+        .filter(|e| (e.kind == "overload" || e.kind == "minimum") && e.delta > 0)
         .map(|e| Duration::from_secs_f64(e.api_ms / 1e3))
         .collect();
     let report = LbReport {
@@ -728,6 +551,7 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             .collect(),
         events,
         workers,
+        front: front_result.as_ref().and_then(|r| r.as_ref().ok().cloned()),
     };
     if opts.cleanup {
         let ws = std::mem::take(&mut *sh.workers.lock().unwrap_or_else(|p| p.into_inner()));
@@ -743,6 +567,9 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
                 .json(Method::DELETE, &format!("/v1/vms/{parent}"), None)
                 .await;
         }
+    }
+    if let Some(Err(e)) = front_result {
+        return Err(e);
     }
     Ok(report)
 }
@@ -787,6 +614,13 @@ impl std::fmt::Display for LbReport {
                 f,
                 "{:>7.1}s {}: {:+} workers (from {}) in {:.1} ms: {}",
                 e.t_s, e.kind, e.delta, e.workers_before, e.api_ms, e.reason
+            )?;
+        }
+        if let Some(fe) = &self.front {
+            writeln!(
+                f,
+                "front end: {} requests, {} answered by workers, {} retried on another worker, {} answered 502/503 by the front end",
+                fe.requests, fe.answered, fe.retried, fe.bad_gateway
             )?;
         }
         for e in &self.errors {
