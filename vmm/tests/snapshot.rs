@@ -116,8 +116,12 @@ fn damaged_snapshots_are_rejected() {
         VmError::SnapshotCorrupt { .. }
     ));
     f.set_len(len).unwrap();
-    // Missing file.
+    // Missing file: the snapshot is incomplete, and the error says which file.
     std::fs::remove_file(dir.join("kernel.elf")).unwrap();
-    assert!(matches!(restore().unwrap_err(), VmError::SnapshotIo(_)));
+    let e = restore().unwrap_err();
+    assert!(
+        matches!(&e, VmError::SnapshotCorrupt { what, .. } if what.contains("kernel.elf")),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

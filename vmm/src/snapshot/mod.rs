@@ -183,8 +183,19 @@ fn read_blob(dir: &Path, r: &BlobRef) -> Result<Arc<[u8]>, VmError> {
             what: "blob name escapes the snapshot directory".into(),
         });
     }
-    let data = std::fs::read(&path)
-        .map_err(|e| VmError::SnapshotIo(format!("reading {}: {e}", path.display())))?;
+    let data = std::fs::read(&path).map_err(|e| match e.kind() {
+        // The state file names a file the directory does not have: an incomplete snapshot or
+        // an altered state file, either way not restorable.
+        std::io::ErrorKind::NotFound => VmError::SnapshotCorrupt {
+            path: path.display().to_string(),
+            what: format!(
+                "the state file names {:?}, which is missing from the snapshot directory; \
+                 the snapshot is incomplete or its state file was altered: take it again",
+                r.file
+            ),
+        },
+        _ => VmError::SnapshotIo(format!("reading {}: {e}", path.display())),
+    })?;
     let crc = crc32fast::hash(&data);
     if data.len() as u64 != r.len || crc != r.crc32 {
         return Err(VmError::SnapshotCorrupt {
