@@ -73,6 +73,9 @@ pub struct SizeReport {
     pub figures: Vec<Figure>,
     /// Why the size was skipped.
     pub skipped: Option<String>,
+    /// Where a child's creation time went in the n-clone calls: per phase, the mean over
+    /// every child of every repetition, in ms (see [`kscope_vmm::SpawnBreakdown`]).
+    pub breakdown: Vec<(String, f64)>,
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
@@ -107,7 +110,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sample> {
+fn one_rep(
+    cfg: &CloneBenchConfig,
+    mem: u64,
+    rep: usize,
+    parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
+) -> anyhow::Result<Sample> {
     let b = runner::boot(
         Workload::Web,
         mem,
@@ -143,6 +151,7 @@ fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sampl
         .max()
         .copied()
         .unwrap_or_default();
+    parts.extend_from_slice(&batch.breakdown);
     for c in &batch.children {
         c.stop()?;
     }
@@ -168,8 +177,9 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
     for &mem in &cfg.sizes {
         let mut samples: Vec<Sample> = Vec::new();
         let mut skipped = None;
+        let mut parts = Vec::new();
         for rep in 0..cfg.reps.max(1) {
-            match one_rep(cfg, mem, rep) {
+            match one_rep(cfg, mem, rep, &mut parts) {
                 Ok(s) => samples.push(s),
                 Err(e) => {
                     skipped = Some(format!("{e:#}"));
@@ -196,10 +206,23 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
                 })
                 .collect()
         };
+        let breakdown = match parts.first() {
+            None => Vec::new(),
+            Some(p) => p
+                .phases()
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _))| {
+                    let sum: f64 = parts.iter().map(|b| ms(b.phases()[i].1)).sum();
+                    (name.to_string(), sum / parts.len() as f64)
+                })
+                .collect(),
+        };
         out.push(SizeReport {
             mem_mib: mem >> 20,
             figures,
             skipped,
+            breakdown,
         });
     }
     Ok(out)
@@ -240,6 +263,17 @@ pub fn render(r: &[SizeReport]) -> String {
                 goal,
                 ratio
             );
+        }
+        if !size.breakdown.is_empty() {
+            let total: f64 = size.breakdown.iter().map(|(_, v)| v).sum();
+            let _ = write!(
+                s,
+                "  per child of the n-clone call, mean ms: total {total:.2} ="
+            );
+            for (name, v) in &size.breakdown {
+                let _ = write!(s, " {name} {v:.2}");
+            }
+            let _ = writeln!(s);
         }
     }
     s

@@ -35,7 +35,9 @@ pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 
-pub use clone::{CloneBatch, CloneContext, CloneOptions, MemoryMode, PrefetcherFactory};
+pub use clone::{
+    CloneBatch, CloneContext, CloneOptions, MemoryMode, PrefetcherFactory, SpawnBreakdown,
+};
 pub use config::VmConfig;
 pub use devices::request::{PendingResponse, RequestTransport, Response};
 pub use error::VmError;

@@ -82,9 +82,62 @@ pub fn identity_for(id: u64, name: &str) -> Identity {
     }
 }
 
+/// Where one child's creation time went, phase by phase (the phases of [`spawn`] in order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpawnBreakdown {
+    /// `KVM_CREATE_VM`.
+    pub create_vm: Duration,
+    /// The GenPage's identity and seed, the network attachment.
+    pub identity: Duration,
+    /// Destination memory: memfd, mapping, userfaultfd registration (lazy), or the whole copy
+    /// (eager).
+    pub memory: Duration,
+    /// The fault server: policy, handler thread, pre-resume list, the GenPage install.
+    pub fault_server: Duration,
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    pub memory_slot: Duration,
+    /// `KVM_CREATE_VCPU` and CPUID.
+    pub vcpus: Duration,
+    /// The clock and the saved vCPU state.
+    pub vcpu_state: Duration,
+    /// Devices, their state, the VM's bookkeeping and the vCPU threads.
+    pub assemble: Duration,
+}
+
+impl SpawnBreakdown {
+    /// The phases with their names, in order.
+    pub fn phases(&self) -> [(&'static str, Duration); 8] {
+        [
+            ("create_vm", self.create_vm),
+            ("identity", self.identity),
+            ("memory", self.memory),
+            ("fault_server", self.fault_server),
+            ("memory_slot", self.memory_slot),
+            ("vcpus", self.vcpus),
+            ("vcpu_state", self.vcpu_state),
+            ("assemble", self.assemble),
+        ]
+    }
+}
+
 /// Create a VM from `gen` per `spec`.
 pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmError> {
+    spawn_timed(gen, spec).map(|(vm, _)| vm)
+}
+
+/// [`spawn`], with where its time went.
+pub(crate) fn spawn_timed(
+    gen: &Arc<Generation>,
+    spec: &ChildSpec,
+) -> Result<(Vm, SpawnBreakdown), VmError> {
     let start = Instant::now();
+    let mut t = SpawnBreakdown::default();
+    let mut lap = Instant::now();
+    let mut mark = |d: &mut Duration| {
+        let now = Instant::now();
+        *d = now - lap;
+        lap = now;
+    };
     let mut cfg = VmConfig {
         name: spec.name.clone(),
         net: None,
@@ -93,6 +146,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     let size = cfg.mem_bytes;
     let pages = size / PAGE_SIZE as u64;
     let hv = hypervisor::host().create_vm()?;
+    mark(&mut t.create_vm);
     let genpage = if spec.identity {
         let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
         Some(GenPage {
@@ -113,6 +167,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 .map_err(|e| VmError::BadConfig(format!("clone network: {e}")))?,
         );
     }
+    mark(&mut t.identity);
     let (ram, lazy) = match spec.memory {
         MemoryMode::Lazy => {
             let kind = match spec.anon_memory {
@@ -120,6 +175,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 false => RegionKind::SharedMemfd,
             };
             let region = LazyRegion::new(pages, kind)?;
+            mark(&mut t.memory);
             let ctx = CloneContext {
                 generation: gen.clone(),
                 index: spec.index,
@@ -162,6 +218,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 // `size` bytes, owned by `server`, which the keeper keeps alive.
                 None => unsafe { GuestRam::from_raw_anon(addr, size, keep) },
             }?;
+            mark(&mut t.fault_server);
             (ram, Some(server))
         }
         MemoryMode::Eager => {
@@ -170,12 +227,17 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
             if let Some(g) = &genpage {
                 ram.write(GENPAGE_GPA, as_bytes(g))?;
             }
+            mark(&mut t.memory);
             (ram, None)
         }
     };
     // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
     unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
-    let vcpus = state::restore_vcpus(hv.as_ref(), &gen.state, &spec.name)?;
+    mark(&mut t.memory_slot);
+    let mut vcpus = state::create_vcpus(hv.as_ref(), gen.state.vcpus.len() as u32)?;
+    mark(&mut t.vcpus);
+    state::restore_into(hv.as_ref(), &gen.state, &mut vcpus, &spec.name)?;
+    mark(&mut t.vcpu_state);
     let vm = Vm::assemble(Assembly {
         cfg,
         hv,
@@ -212,5 +274,6 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
             }
         }));
     }
-    Ok(vm)
+    mark(&mut t.assemble);
+    Ok((vm, t))
 }

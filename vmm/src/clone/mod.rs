@@ -17,6 +17,8 @@
 pub(crate) mod child;
 pub mod freeze;
 
+pub use child::SpawnBreakdown;
+
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -156,6 +158,8 @@ pub struct CloneBatch {
     /// Per child: time spent creating it (KVM VM, memory, state); children of one call are
     /// created in parallel (one worker per available core), so these overlap.
     pub create_time: Vec<Duration>,
+    /// Per child: where its creation time went.
+    pub breakdown: Vec<SpawnBreakdown>,
     /// The image the children are served from.
     pub generation: Arc<Generation>,
     /// Breakdown of the freeze that made the generation.
@@ -166,7 +170,7 @@ pub struct CloneBatch {
 
 /// One child made by a spawn worker: the VM (or why not), its creation time, and when it was
 /// ready.
-type Made = (Result<Vm, VmError>, Duration, Instant);
+type Made = (Result<(Vm, SpawnBreakdown), VmError>, Duration, Instant);
 
 impl Generation {
     /// Create `n` children of this generation (see the module docs). Nothing here colors or
@@ -206,7 +210,7 @@ impl Generation {
                 anon_memory: opts.anon_memory,
                 identity: true,
             };
-            let r = child::spawn(self, &spec);
+            let r = child::spawn_timed(self, &spec);
             (r, t0.elapsed(), Instant::now())
         };
         let mut made: Vec<Option<Made>> = (0..n).map(|_| None).collect();
@@ -242,9 +246,12 @@ impl Generation {
         let mut children = Vec::with_capacity(n);
         let mut create_time = Vec::with_capacity(n);
         let mut ready_at = Vec::with_capacity(n);
+        let mut breakdown = Vec::with_capacity(n);
         for r in made {
             let (vm, took, ready) = r.expect("every index is taken by one worker");
-            children.push(vm?);
+            let (vm, times) = vm?;
+            children.push(vm);
+            breakdown.push(times);
             create_time.push(took);
             ready_at.push(ready);
         }
@@ -261,6 +268,7 @@ impl Generation {
             parent_pause: self.freeze.pause,
             clone_latency,
             create_time,
+            breakdown,
             generation: self.clone(),
             freeze: self.freeze,
             total: t_call.elapsed(),
