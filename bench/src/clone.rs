@@ -13,6 +13,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use std::sync::Arc;
+
+use kscope_vmm::pool::{ShellKey, ShellPool};
 use kscope_vmm::{CloneOptions, Vm};
 use kscope_workloads::Workload;
 use serde::Serialize;
@@ -32,6 +35,8 @@ pub struct CloneBenchConfig {
     pub warm_requests: usize,
     /// Length of the throughput windows (parent and first clone).
     pub window: Duration,
+    /// Shells in the pool of the pooled measurements (0: measure without a pool only).
+    pub pool: usize,
 }
 
 /// One figure: median over repetitions with min and max, and its goal.
@@ -76,19 +81,104 @@ pub struct SizeReport {
     /// Where a child's creation time went in the n-clone calls: per phase, the mean over
     /// every child of every repetition, in ms (see [`kscope_vmm::SpawnBreakdown`]).
     pub breakdown: Vec<(String, f64)>,
+    /// The same for the n-clone calls from the pool (the last entry of both is the share of
+    /// children that came from a pooled shell).
+    pub pooled_breakdown: Vec<(String, f64)>,
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
-type Sample = [f64; 6];
+type Sample = [f64; 12];
 
-const NAMES: [(&str, &str, f64, bool); 6] = [
+/// Index of the first pooled figure in [`NAMES`].
+const POOLED: usize = 6;
+
+const NAMES: [(&str, &str, f64, bool); 12] = [
     ("parent pause, first clone", "ms", 1.0, true),
     ("parent pause, later clone (dirtied)", "ms", 1.0, true),
     ("pages copied in later pause", "pages", 0.0, true),
     ("clone call -> first instruction", "ms", 1.0, true),
     ("n clones: call -> all running", "ms", 64.0, true),
     ("clone 1st-second throughput / parent", "x", 0.8, false),
+    // Same run, later generations of the same parent, without then with the pool.
+    ("no pool: later call -> first instr.", "ms", 1.0, true),
+    ("pool: later call -> first instr.", "ms", 1.0, true),
+    ("  pool / no pool", "x", 0.0, true),
+    ("pool: n clones: call -> all running", "ms", 64.0, true),
+    ("  pool / no pool (n clones)", "x", 0.0, true),
+    ("pool: host memory per shell", "MiB", 0.0, true),
 ];
+
+/// The host's MemAvailable in MiB (for the pool's memory cost).
+fn mem_available_mib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Without then with a pool of `cfg.pool` shells: a later clone's call -> first instruction
+/// and `cfg.batch` clones' call -> all running; the pool's memory cost per shell. Returns
+/// [direct first, pooled first, direct batch, pooled batch, MiB per shell].
+fn pooled_rep(
+    cfg: &CloneBenchConfig,
+    parent: &Vm,
+    parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
+) -> anyhow::Result<[f64; 5]> {
+    let direct = CloneOptions::default();
+    let one = parent
+        .clone_children(1, &direct)
+        .context("later clone, no pool")?;
+    let direct_first = ms(one.clone_latency[0]);
+    drop(one);
+    let key = ShellKey {
+        mem_bytes: parent.mem_bytes(),
+        vcpus: parent.config().vcpus,
+    };
+    let before = mem_available_mib();
+    let pool = Arc::new(ShellPool::new(cfg.pool).context("starting the VM pool")?);
+    pool.prepare(key);
+    let fill = Duration::from_secs(120);
+    let ready = pool.wait_ready(key, cfg.pool, fill);
+    anyhow::ensure!(
+        ready >= cfg.pool,
+        "the VM pool made {ready} of {} shells in {fill:?}: {}",
+        cfg.pool,
+        pool.last_error().unwrap_or_default()
+    );
+    let per_shell = (before - mem_available_mib()) / cfg.pool as f64;
+    let pooled = CloneOptions {
+        pool: Some(pool.clone()),
+        ..CloneOptions::default()
+    };
+    let one = parent
+        .clone_children(1, &pooled)
+        .context("later clone, pool")?;
+    let pooled_first = ms(one.clone_latency[0]);
+    drop(one);
+    let direct_batch = parent.clone_children(cfg.batch, &direct)?;
+    let direct_all = direct_batch.clone_latency.iter().max().copied();
+    drop(direct_batch);
+    pool.wait_ready(key, cfg.pool, fill);
+    let batch = parent
+        .clone_children(cfg.batch, &pooled)
+        .with_context(|| format!("{} clones in one call from the pool", cfg.batch))?;
+    let pooled_all = batch.clone_latency.iter().max().copied();
+    parts.extend_from_slice(&batch.breakdown);
+    drop(batch);
+    drop(pool);
+    Ok([
+        direct_first,
+        pooled_first,
+        ms(direct_all.unwrap_or_default()),
+        ms(pooled_all.unwrap_or_default()),
+        per_shell,
+    ])
+}
 
 /// Requests served by `vm` in `dur` (window of 4 in flight), all answers checked.
 fn served_in(vm: &Vm, reqs: &[Vec<u8>], dur: Duration) -> anyhow::Result<usize> {
@@ -115,6 +205,7 @@ fn one_rep(
     mem: u64,
     rep: usize,
     parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
+    pooled_parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
 ) -> anyhow::Result<Sample> {
     let b = runner::boot(
         Workload::Web,
@@ -155,6 +246,12 @@ fn one_rep(
     for c in &batch.children {
         c.stop()?;
     }
+    drop(batch);
+    let p = if cfg.pool > 0 {
+        pooled_rep(cfg, parent, pooled_parts)?
+    } else {
+        [f64::NAN; 5]
+    };
     parent.stop()?;
     Ok([
         ms(first.parent_pause),
@@ -163,12 +260,37 @@ fn one_rep(
         ms(first.clone_latency[0]),
         ms(all_running),
         child_served as f64 / parent_served.max(1) as f64,
+        p[0],
+        p[1],
+        p[1] / p[0],
+        p[3],
+        p[3] / p[2],
+        p[4],
     ])
 }
 
 fn spread(mut v: Vec<f64>) -> [f64; 3] {
     v.sort_by(f64::total_cmp);
     [v[0], v[v.len() / 2], v[v.len() - 1]]
+}
+
+/// Per phase, the mean over `parts` in ms.
+fn mean_phases(parts: &[kscope_vmm::SpawnBreakdown]) -> Vec<(String, f64)> {
+    let Some(p) = parts.first() else {
+        return Vec::new();
+    };
+    p.phases()
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let sum: f64 = parts.iter().map(|b| ms(b.phases()[i].1)).sum();
+            (name.to_string(), sum / parts.len() as f64)
+        })
+        .chain(std::iter::once((
+            "pooled share".to_string(),
+            parts.iter().filter(|b| b.pooled).count() as f64 / parts.len() as f64,
+        )))
+        .collect()
 }
 
 /// Measure every size.
@@ -178,8 +300,9 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
         let mut samples: Vec<Sample> = Vec::new();
         let mut skipped = None;
         let mut parts = Vec::new();
+        let mut pooled_parts = Vec::new();
         for rep in 0..cfg.reps.max(1) {
-            match one_rep(cfg, mem, rep, &mut parts) {
+            match one_rep(cfg, mem, rep, &mut parts, &mut pooled_parts) {
                 Ok(s) => samples.push(s),
                 Err(e) => {
                     skipped = Some(format!("{e:#}"));
@@ -193,36 +316,22 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
             NAMES
                 .iter()
                 .enumerate()
+                .filter(|(i, _)| cfg.pool > 0 || *i < POOLED)
                 .map(|(i, &(name, unit, goal, lower))| Figure {
-                    name: if i == 4 {
-                        format!("{} clones: call -> all running", cfg.batch)
-                    } else {
-                        name.to_string()
-                    },
+                    name: name.replace("n clones", &format!("{} clones", cfg.batch)),
                     unit: unit.to_string(),
                     value: spread(samples.iter().map(|s| s[i]).collect()),
-                    goal: if i == 4 { cfg.batch as f64 } else { goal },
+                    goal: if goal == 64.0 { cfg.batch as f64 } else { goal },
                     lower_is_better: lower,
                 })
                 .collect()
-        };
-        let breakdown = match parts.first() {
-            None => Vec::new(),
-            Some(p) => p
-                .phases()
-                .iter()
-                .enumerate()
-                .map(|(i, (name, _))| {
-                    let sum: f64 = parts.iter().map(|b| ms(b.phases()[i].1)).sum();
-                    (name.to_string(), sum / parts.len() as f64)
-                })
-                .collect(),
         };
         out.push(SizeReport {
             mem_mib: mem >> 20,
             figures,
             skipped,
-            breakdown,
+            breakdown: mean_phases(&parts),
+            pooled_breakdown: mean_phases(&pooled_parts),
         });
     }
     Ok(out)
@@ -264,13 +373,20 @@ pub fn render(r: &[SizeReport]) -> String {
                 ratio
             );
         }
-        if !size.breakdown.is_empty() {
-            let total: f64 = size.breakdown.iter().map(|(_, v)| v).sum();
+        for (what, b) in [
+            ("no pool", &size.breakdown),
+            ("pool", &size.pooled_breakdown),
+        ] {
+            let Some(((_, share), phases)) = b.split_last() else {
+                continue;
+            };
+            let total: f64 = phases.iter().map(|(_, v)| v).sum();
             let _ = write!(
                 s,
-                "  per child of the n-clone call, mean ms: total {total:.2} ="
+                "  per child, {what} ({:.0}% pooled), mean ms: total {total:.2} =",
+                share * 100.0
             );
-            for (name, v) in &size.breakdown {
+            for (name, v) in phases {
                 let _ = write!(s, " {name} {v:.2}");
             }
             let _ = writeln!(s);

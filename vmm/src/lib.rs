@@ -26,6 +26,7 @@ pub mod loader;
 pub mod memory;
 pub mod mode;
 pub mod net;
+pub mod pool;
 pub mod prefetch;
 pub mod snapfile;
 pub mod snapshot;

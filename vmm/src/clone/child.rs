@@ -16,6 +16,7 @@ use crate::hypervisor;
 use crate::lazy::{eager_fill, FaultServer, LazyRegion, RegionKind, ServerOptions};
 use crate::memory::{GuestMemory, GuestRam, Keeper};
 use crate::mode::CpuMode;
+use crate::pool::{Shell, ShellKey, ShellPool};
 use crate::prefetch::{OnDemand, Prefetcher};
 use crate::state;
 use crate::vm::{Assembly, BootReport, Vm};
@@ -37,6 +38,8 @@ pub(crate) struct ChildSpec {
     pub anon_memory: bool,
     /// Write a new GenPage (a clone); false for a restored VM.
     pub identity: bool,
+    /// Where a lazy memfd child takes its shell from (none: it makes its own).
+    pub pool: Option<Arc<ShellPool>>,
 }
 
 /// 32 bytes from the kernel's CSPRNG.
@@ -83,8 +86,15 @@ pub fn identity_for(id: u64, name: &str) -> Identity {
 }
 
 /// Where one child's creation time went, phase by phase (the phases of [`spawn`] in order).
+/// A child made from a pooled shell spends nothing in `create_vm`, `memory` (lazy),
+/// `memory_slot` and `vcpus`: they were paid ahead of time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SpawnBreakdown {
+    /// Whether the child came from a pooled shell.
+    pub pooled: bool,
+    /// Taking the shell from the pool (or, on a miss, what making it cost beyond the phases
+    /// below).
+    pub shell: Duration,
     /// `KVM_CREATE_VM`.
     pub create_vm: Duration,
     /// The GenPage's identity and seed, the network attachment.
@@ -106,8 +116,9 @@ pub struct SpawnBreakdown {
 
 impl SpawnBreakdown {
     /// The phases with their names, in order.
-    pub fn phases(&self) -> [(&'static str, Duration); 8] {
+    pub fn phases(&self) -> [(&'static str, Duration); 9] {
         [
+            ("shell", self.shell),
             ("create_vm", self.create_vm),
             ("identity", self.identity),
             ("memory", self.memory),
@@ -145,8 +156,40 @@ pub(crate) fn spawn_timed(
     };
     let size = cfg.mem_bytes;
     let pages = size / PAGE_SIZE as u64;
-    let hv = hypervisor::host().create_vm()?;
-    mark(&mut t.create_vm);
+    // A lazy child on a memfd starts from a shell (KVM VM, memory slot over an empty
+    // userfaultfd region, vCPUs): from the pool when one fits, else made here (a miss).
+    let parts = if spec.memory == MemoryMode::Lazy && !spec.anon_memory {
+        let key = ShellKey {
+            mem_bytes: size,
+            vcpus: gen.state.vcpus.len() as u32,
+        };
+        let taken = spec.pool.as_ref().and_then(|p| p.take(key));
+        t.pooled = taken.is_some();
+        let shell = match taken {
+            Some(s) => s,
+            None => {
+                let (s, st) = Shell::create(key)?;
+                (t.create_vm, t.memory, t.memory_slot, t.vcpus) =
+                    (st.create_vm, st.memory, st.memory_slot, st.vcpus);
+                s
+            }
+        };
+        Some(shell.into_parts())
+    } else {
+        None
+    };
+    let (hv, made_vcpus, made_region) = match parts {
+        Some(p) => (p.hv, Some(p.vcpus), Some(p.region)),
+        None => (hypervisor::host().create_vm()?, None, None),
+    };
+    mark(&mut t.shell);
+    if made_vcpus.is_some() {
+        t.shell = t
+            .shell
+            .saturating_sub(t.create_vm + t.memory + t.memory_slot + t.vcpus);
+    } else {
+        t.create_vm = std::mem::take(&mut t.shell);
+    }
     let genpage = if spec.identity {
         let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
         Some(GenPage {
@@ -174,8 +217,14 @@ pub(crate) fn spawn_timed(
                 true => RegionKind::AnonPrivate,
                 false => RegionKind::SharedMemfd,
             };
-            let region = LazyRegion::new(pages, kind)?;
-            mark(&mut t.memory);
+            let region = match made_region {
+                Some(r) => r,
+                None => {
+                    let r = LazyRegion::new(pages, kind)?;
+                    mark(&mut t.memory);
+                    r
+                }
+            };
             let ctx = CloneContext {
                 generation: gen.clone(),
                 index: spec.index,
@@ -231,11 +280,19 @@ pub(crate) fn spawn_timed(
             (ram, None)
         }
     };
-    // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
-    unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
-    mark(&mut t.memory_slot);
-    let mut vcpus = state::create_vcpus(hv.as_ref(), gen.state.vcpus.len() as u32)?;
-    mark(&mut t.vcpus);
+    let mut vcpus = match made_vcpus {
+        // The shell's slot 0 already maps the region that `ram` is a view of.
+        Some(v) => v,
+        None => {
+            // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is
+            // closed.
+            unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
+            mark(&mut t.memory_slot);
+            let v = state::create_vcpus(hv.as_ref(), gen.state.vcpus.len() as u32)?;
+            mark(&mut t.vcpus);
+            v
+        }
+    };
     state::restore_into(hv.as_ref(), &gen.state, &mut vcpus, &spec.name)?;
     mark(&mut t.vcpu_state);
     let vm = Vm::assemble(Assembly {

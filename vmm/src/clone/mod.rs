@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::VmError;
+use crate::pool::ShellPool;
 use crate::prefetch::Prefetcher;
 use crate::vm::Vm;
 
@@ -117,6 +118,9 @@ pub struct CloneOptions {
     ///
     /// [`RegionKind::AnonPrivate`]: crate::lazy::RegionKind::AnonPrivate
     pub anon_memory: bool,
+    /// Pre-created VM shells ([`ShellPool`]) that lazy memfd children take instead of making
+    /// their own; an empty pool (or none) means the direct, slower path. Default none.
+    pub pool: Option<Arc<ShellPool>>,
 }
 
 impl Default for CloneOptions {
@@ -128,6 +132,7 @@ impl Default for CloneOptions {
             start_paused: false,
             fault_spin: Duration::ZERO,
             anon_memory: false,
+            pool: None,
         }
     }
 }
@@ -140,6 +145,7 @@ impl std::fmt::Debug for CloneOptions {
             .field("name_prefix", &self.name_prefix)
             .field("start_paused", &self.start_paused)
             .field("anon_memory", &self.anon_memory)
+            .field("pool", &self.pool.as_ref().map(|p| p.capacity()))
             .finish()
     }
 }
@@ -209,6 +215,7 @@ impl Generation {
                 fault_spin: opts.fault_spin,
                 anon_memory: opts.anon_memory,
                 identity: true,
+                pool: opts.pool.clone(),
             };
             let r = child::spawn_timed(self, &spec);
             (r, t0.elapsed(), Instant::now())

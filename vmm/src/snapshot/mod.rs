@@ -308,6 +308,7 @@ impl Vm {
                 fault_spin: Duration::ZERO,
                 anon_memory: false,
                 identity: false,
+                pool: None,
             },
         )
     }
