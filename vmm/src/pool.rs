@@ -189,6 +189,8 @@ struct Store {
     shells: HashMap<ShellKey, Vec<Shell>>,
     /// Keys asked for, most recent first.
     wanted: Vec<ShellKey>,
+    /// Refilling is held ([`ShellPool::hold_refill`]).
+    held: bool,
     stop: bool,
     last_error: Option<String>,
 }
@@ -210,6 +212,9 @@ impl Store {
 
     /// The key to make a shell for next, if any.
     fn next_job(&self, capacity: usize) -> Option<ShellKey> {
+        if self.held {
+            return None;
+        }
         let key = *self.wanted.first()?;
         (self.count(&key) < capacity).then_some(key)
     }
@@ -415,6 +420,15 @@ impl ShellPool {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Hold (`true`) or restart (`false`) refilling: while held, takes empty the pool and the
+    /// refill thread makes nothing (e.g. under host memory pressure, or to measure the
+    /// direct path).
+    pub fn hold_refill(&self, held: bool) {
+        let mut s = self.inner.lock();
+        s.held = held;
+        self.inner.cond.notify_all();
     }
 
     /// The counters.

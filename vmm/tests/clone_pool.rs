@@ -132,18 +132,24 @@ fn an_exhausted_pool_takes_the_direct_path_without_waiting() {
     let pool = Arc::new(ShellPool::new(2).unwrap());
     pool.prepare(key);
     assert_eq!(pool.wait_ready(key, 2, Duration::from_secs(60)), 2);
+    // Nothing is refilled during the call: exactly 2 children find a shell.
+    pool.hold_refill(true);
     let t0 = Instant::now();
     let batch = parent.clone_children(8, &pooled(&pool)).unwrap();
     let took = t0.elapsed();
     let st = pool.stats();
-    let from_pool = batch.breakdown.iter().filter(|b| b.pooled).count() as u64;
-    assert_eq!(st.hits + st.misses, 8, "{st:?}");
-    assert_eq!(from_pool, st.hits, "{st:?}");
-    assert!(st.hits >= 2, "the two ready shells were used: {st:?}");
-    assert!(st.misses >= 1, "8 children from 2 shells: {st:?}");
+    assert_eq!((st.hits, st.misses, st.ready), (2, 6, 0), "{st:?}");
+    assert_eq!(batch.breakdown.iter().filter(|b| b.pooled).count(), 2);
     assert!(took < Duration::from_secs(20), "8 clones took {took:?}");
     check_children(&batch);
-    // The pool refills after the takes.
+    // An empty pool answers at once, every time.
+    let t1 = Instant::now();
+    let more = parent.clone_children(2, &pooled(&pool)).unwrap();
+    assert!(t1.elapsed() < Duration::from_secs(10));
+    assert_eq!(pool.stats().misses, 8);
+    check_children(&more);
+    // The pool refills once released.
+    pool.hold_refill(false);
     assert_eq!(pool.wait_ready(key, 2, Duration::from_secs(60)), 2);
     println!("8 clones from a pool of 2 in {took:?}: {st:?}");
 }
