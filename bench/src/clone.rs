@@ -87,24 +87,30 @@ pub struct SizeReport {
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
-type Sample = [f64; 12];
+type Sample = [f64; 17];
 
 /// Index of the first pooled figure in [`NAMES`].
 const POOLED: usize = 6;
 
-const NAMES: [(&str, &str, f64, bool); 12] = [
+const NAMES: [(&str, &str, f64, bool); 17] = [
     ("parent pause, first clone", "ms", 1.0, true),
     ("parent pause, later clone (dirtied)", "ms", 1.0, true),
     ("pages copied in later pause", "pages", 0.0, true),
     ("clone call -> first instruction", "ms", 1.0, true),
     ("n clones: call -> all running", "ms", 64.0, true),
     ("clone 1st-second throughput / parent", "x", 0.8, false),
-    // Same run, later generations of the same parent, without then with the pool.
+    // Same run, later generations of the same parent, without then with the pool; n-clone
+    // calls with each child started when made (the default) or all started together.
     ("no pool: later call -> first instr.", "ms", 1.0, true),
     ("pool: later call -> first instr.", "ms", 1.0, true),
     ("  pool / no pool", "x", 0.0, true),
-    ("pool: n clones: call -> all running", "ms", 64.0, true),
+    ("no pool: n clones -> all running", "ms", 64.0, true),
+    ("no pool, together: n -> all running", "ms", 64.0, true),
+    ("pool: n clones -> all running", "ms", 64.0, true),
+    ("pool, together: n -> all running", "ms", 64.0, true),
     ("  pool / no pool (n clones)", "x", 0.0, true),
+    ("  pool, together / no pool (n clones)", "x", 0.0, true),
+    ("pool, together: n clones: first child", "ms", 0.0, true),
     ("pool: host memory per shell", "MiB", 0.0, true),
 ];
 
@@ -121,14 +127,25 @@ fn mem_available_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Without then with a pool of `cfg.pool` shells: a later clone's call -> first instruction
-/// and `cfg.batch` clones' call -> all running; the pool's memory cost per shell. Returns
-/// [direct first, pooled first, direct batch, pooled batch, MiB per shell].
+/// The pooled figures of one repetition (see [`NAMES`] from [`POOLED`] on).
+struct Pooled {
+    direct_first: f64,
+    pooled_first: f64,
+    /// n clones -> all running: [no pool, no pool together, pool, pool together].
+    batch: [f64; 4],
+    /// The first child's call -> first instruction, pool, together.
+    together_first: f64,
+    mib_per_shell: f64,
+}
+
+/// Without then with a pool of `cfg.pool` shells: a later clone's call -> first instruction,
+/// and `cfg.batch` clones' call -> all running, each started when made or all together; the
+/// pool's memory cost per shell.
 fn pooled_rep(
     cfg: &CloneBenchConfig,
     parent: &Vm,
     parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
-) -> anyhow::Result<[f64; 5]> {
+) -> anyhow::Result<Pooled> {
     let direct = CloneOptions::default();
     let one = parent
         .clone_children(1, &direct)
@@ -150,7 +167,7 @@ fn pooled_rep(
         cfg.pool,
         pool.last_error().unwrap_or_default()
     );
-    let per_shell = (before - mem_available_mib()) / cfg.pool as f64;
+    let mib_per_shell = (before - mem_available_mib()) / cfg.pool as f64;
     let pooled = CloneOptions {
         pool: Some(pool.clone()),
         ..CloneOptions::default()
@@ -160,24 +177,41 @@ fn pooled_rep(
         .context("later clone, pool")?;
     let pooled_first = ms(one.clone_latency[0]);
     drop(one);
-    let direct_batch = parent.clone_children(cfg.batch, &direct)?;
-    let direct_all = direct_batch.clone_latency.iter().max().copied();
-    drop(direct_batch);
-    pool.wait_ready(key, cfg.pool, fill);
-    let batch = parent
-        .clone_children(cfg.batch, &pooled)
-        .with_context(|| format!("{} clones in one call from the pool", cfg.batch))?;
-    let pooled_all = batch.clone_latency.iter().max().copied();
-    parts.extend_from_slice(&batch.breakdown);
-    drop(batch);
+    let mut batch = [0.0; 4];
+    let mut together_first = 0.0;
+    for (i, (use_pool, together)) in [(false, false), (true, false), (false, true), (true, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let opts = CloneOptions {
+            start_together: together,
+            pool: use_pool.then(|| pool.clone()),
+            ..CloneOptions::default()
+        };
+        if use_pool {
+            pool.wait_ready(key, cfg.pool, fill);
+        }
+        let b = parent.clone_children(cfg.batch, &opts).with_context(|| {
+            format!(
+                "{} clones in one call (pool {use_pool}, together {together})",
+                cfg.batch
+            )
+        })?;
+        let all = ms(b.clone_latency.iter().max().copied().unwrap_or_default());
+        batch[[0, 2, 1, 3][i]] = all;
+        if use_pool && together {
+            parts.extend_from_slice(&b.breakdown);
+            together_first = ms(b.clone_latency.iter().min().copied().unwrap_or_default());
+        }
+    }
     drop(pool);
-    Ok([
+    Ok(Pooled {
         direct_first,
         pooled_first,
-        ms(direct_all.unwrap_or_default()),
-        ms(pooled_all.unwrap_or_default()),
-        per_shell,
-    ])
+        batch,
+        together_first,
+        mib_per_shell,
+    })
 }
 
 /// Requests served by `vm` in `dur` (window of 4 in flight), all answers checked.
@@ -250,7 +284,13 @@ fn one_rep(
     let p = if cfg.pool > 0 {
         pooled_rep(cfg, parent, pooled_parts)?
     } else {
-        [f64::NAN; 5]
+        Pooled {
+            direct_first: f64::NAN,
+            pooled_first: f64::NAN,
+            batch: [f64::NAN; 4],
+            together_first: f64::NAN,
+            mib_per_shell: f64::NAN,
+        }
     };
     parent.stop()?;
     Ok([
@@ -260,12 +300,17 @@ fn one_rep(
         ms(first.clone_latency[0]),
         ms(all_running),
         child_served as f64 / parent_served.max(1) as f64,
-        p[0],
-        p[1],
-        p[1] / p[0],
-        p[3],
-        p[3] / p[2],
-        p[4],
+        p.direct_first,
+        p.pooled_first,
+        p.pooled_first / p.direct_first,
+        p.batch[0],
+        p.batch[1],
+        p.batch[2],
+        p.batch[3],
+        p.batch[2] / p.batch[0],
+        p.batch[3] / p.batch[0],
+        p.together_first,
+        p.mib_per_shell,
     ])
 }
 
@@ -318,7 +363,9 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
                 .enumerate()
                 .filter(|(i, _)| cfg.pool > 0 || *i < POOLED)
                 .map(|(i, &(name, unit, goal, lower))| Figure {
-                    name: name.replace("n clones", &format!("{} clones", cfg.batch)),
+                    name: name
+                        .replace("n clones", &format!("{} clones", cfg.batch))
+                        .replace(": n ->", &format!(": {} ->", cfg.batch)),
                     unit: unit.to_string(),
                     value: spread(samples.iter().map(|s| s[i]).collect()),
                     goal: if goal == 64.0 { cfg.batch as f64 } else { goal },

@@ -1,6 +1,7 @@
 //! Clones made from a pool of pre-created VM shells (`kscope_vmm::pool`), under real KVM with
 //! the real kscope kernel and `/bin/ktest`: 64 concurrent pooled clones are each correct, an
-//! exhausted (or empty, or mismatched) pool takes the direct path without waiting.
+//! exhausted (or empty, or mismatched) pool takes the direct path without waiting. The 64 are
+//! started together (`CloneOptions::start_together`, as the service does).
 
 #[path = "clone_support/mod.rs"]
 mod support;
@@ -103,7 +104,11 @@ fn sixty_four_pooled_clones_are_each_correct() {
         pool.last_error()
     );
     let t0 = Instant::now();
-    let batch = parent.clone_children(64, &pooled(&pool)).unwrap();
+    let opts = CloneOptions {
+        start_together: true,
+        ..pooled(&pool)
+    };
+    let batch = parent.clone_children(64, &opts).unwrap();
     let created = t0.elapsed();
     let st = pool.stats();
     assert_eq!(st.hits, 64, "{st:?}");

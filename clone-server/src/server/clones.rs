@@ -205,6 +205,9 @@ pub fn make_clones(
         prefetcher,
         name_prefix: prefix.to_string(),
         pool,
+        // The call answers once every clone exists: starting them together makes the last
+        // one run sooner (running clones no longer slow the creation of the others).
+        start_together: true,
         ..CloneOptions::default()
     };
     let batch = generation.spawn(req.n, &opts).map_err(|e| {

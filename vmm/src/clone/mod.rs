@@ -118,6 +118,12 @@ pub struct CloneOptions {
     ///
     /// [`RegionKind::AnonPrivate`]: crate::lazy::RegionKind::AnonPrivate
     pub anon_memory: bool,
+    /// Start the children of the call together, once every one is made, instead of each as
+    /// soon as it is made (default false). The first child then starts later, but the last
+    /// one sooner: children that already run compete with the creation of the others for the
+    /// host's cores (measured in `docs/BENCHMARKS.md` section 10). Ignored with
+    /// `start_paused`.
+    pub start_together: bool,
     /// Pre-created VM shells ([`ShellPool`]) that lazy memfd children take instead of making
     /// their own; an empty pool (or none) means the direct, slower path. Default none.
     pub pool: Option<Arc<ShellPool>>,
@@ -132,6 +138,7 @@ impl Default for CloneOptions {
             start_paused: false,
             fault_spin: Duration::ZERO,
             anon_memory: false,
+            start_together: false,
             pool: None,
         }
     }
@@ -144,6 +151,7 @@ impl std::fmt::Debug for CloneOptions {
             .field("prefetcher", &self.prefetcher.is_some())
             .field("name_prefix", &self.name_prefix)
             .field("start_paused", &self.start_paused)
+            .field("start_together", &self.start_together)
             .field("anon_memory", &self.anon_memory)
             .field("pool", &self.pool.as_ref().map(|p| p.capacity()))
             .finish()
@@ -204,6 +212,7 @@ impl Generation {
             .min(n)
             .max(1);
         let next = std::sync::atomic::AtomicUsize::new(0);
+        let hold = opts.start_together && !opts.start_paused;
         let make = |i: usize| -> Made {
             let t0 = Instant::now();
             let spec = child::ChildSpec {
@@ -211,7 +220,7 @@ impl Generation {
                 index: i,
                 memory: opts.memory,
                 prefetcher: opts.prefetcher.clone(),
-                start_paused: opts.start_paused,
+                start_paused: opts.start_paused || hold,
                 fault_spin: opts.fault_spin,
                 anon_memory: opts.anon_memory,
                 identity: true,
@@ -261,6 +270,11 @@ impl Generation {
             breakdown.push(times);
             create_time.push(took);
             ready_at.push(ready);
+        }
+        if hold {
+            for c in &children {
+                c.resume()?;
+            }
         }
         let clone_latency = children
             .iter()
