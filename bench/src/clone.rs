@@ -87,12 +87,15 @@ pub struct SizeReport {
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
-type Sample = [f64; 17];
+type Sample = [f64; 20];
+
+/// One-clone calls per repetition and mode (their median is the repetition's value).
+const SINGLES: usize = 5;
 
 /// Index of the first pooled figure in [`NAMES`].
 const POOLED: usize = 6;
 
-const NAMES: [(&str, &str, f64, bool); 17] = [
+const NAMES: [(&str, &str, f64, bool); 20] = [
     ("parent pause, first clone", "ms", 1.0, true),
     ("parent pause, later clone (dirtied)", "ms", 1.0, true),
     ("pages copied in later pause", "pages", 0.0, true),
@@ -104,6 +107,9 @@ const NAMES: [(&str, &str, f64, bool); 17] = [
     ("no pool: later call -> first instr.", "ms", 1.0, true),
     ("pool: later call -> first instr.", "ms", 1.0, true),
     ("  pool / no pool", "x", 0.0, true),
+    ("no pool: spawn -> first instr.", "ms", 1.0, true),
+    ("pool: spawn -> first instr.", "ms", 1.0, true),
+    ("  pool / no pool (spawn)", "x", 0.0, true),
     ("no pool: n clones -> all running", "ms", 64.0, true),
     ("no pool, together: n -> all running", "ms", 64.0, true),
     ("pool: n clones -> all running", "ms", 64.0, true),
@@ -129,8 +135,11 @@ fn mem_available_mib() -> f64 {
 
 /// The pooled figures of one repetition (see [`NAMES`] from [`POOLED`] on).
 struct Pooled {
-    direct_first: f64,
-    pooled_first: f64,
+    /// Freezing the parent for one later clone (median).
+    freeze: f64,
+    /// Spawn -> first instruction of one clone, without and with the pool (medians).
+    direct_spawn: f64,
+    pooled_spawn: f64,
     /// n clones -> all running: [no pool, no pool together, pool, pool together].
     batch: [f64; 4],
     /// The first child's call -> first instruction, pool, together.
@@ -147,11 +156,6 @@ fn pooled_rep(
     parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
 ) -> anyhow::Result<Pooled> {
     let direct = CloneOptions::default();
-    let one = parent
-        .clone_children(1, &direct)
-        .context("later clone, no pool")?;
-    let direct_first = ms(one.clone_latency[0]);
-    drop(one);
     let key = ShellKey {
         mem_bytes: parent.mem_bytes(),
         vcpus: parent.config().vcpus,
@@ -172,11 +176,26 @@ fn pooled_rep(
         pool: Some(pool.clone()),
         ..CloneOptions::default()
     };
-    let one = parent
-        .clone_children(1, &pooled)
-        .context("later clone, pool")?;
-    let pooled_first = ms(one.clone_latency[0]);
-    drop(one);
+    // One clone per call, alternating without and with the pool, SINGLES times each: the
+    // freeze (the same work either way) and the spawn -> first instruction are timed apart.
+    let mut singles: [Vec<f64>; 3] = Default::default();
+    for _ in 0..SINGLES {
+        for (i, opts) in [&direct, &pooled].into_iter().enumerate() {
+            pool.wait_ready(key, cfg.pool, fill);
+            let t = Instant::now();
+            let gen = parent.freeze().context("freezing for a later clone")?;
+            let frozen = t.elapsed();
+            let one = gen.spawn(1, opts).context("a later clone")?;
+            singles[i].push(ms(one.clone_latency[0]));
+            singles[2].push(ms(frozen));
+        }
+    }
+    let median = |v: &[f64]| spread(v.to_vec())[1];
+    let (direct_spawn, pooled_spawn, freeze) = (
+        median(&singles[0]),
+        median(&singles[1]),
+        median(&singles[2]),
+    );
     let mut batch = [0.0; 4];
     let mut together_first = 0.0;
     for (i, (use_pool, together)) in [(false, false), (true, false), (false, true), (true, true)]
@@ -206,8 +225,9 @@ fn pooled_rep(
     }
     drop(pool);
     Ok(Pooled {
-        direct_first,
-        pooled_first,
+        freeze,
+        direct_spawn,
+        pooled_spawn,
         batch,
         together_first,
         mib_per_shell,
@@ -285,8 +305,9 @@ fn one_rep(
         pooled_rep(cfg, parent, pooled_parts)?
     } else {
         Pooled {
-            direct_first: f64::NAN,
-            pooled_first: f64::NAN,
+            freeze: f64::NAN,
+            direct_spawn: f64::NAN,
+            pooled_spawn: f64::NAN,
             batch: [f64::NAN; 4],
             together_first: f64::NAN,
             mib_per_shell: f64::NAN,
@@ -300,9 +321,12 @@ fn one_rep(
         ms(first.clone_latency[0]),
         ms(all_running),
         child_served as f64 / parent_served.max(1) as f64,
-        p.direct_first,
-        p.pooled_first,
-        p.pooled_first / p.direct_first,
+        p.freeze + p.direct_spawn,
+        p.freeze + p.pooled_spawn,
+        (p.freeze + p.pooled_spawn) / (p.freeze + p.direct_spawn),
+        p.direct_spawn,
+        p.pooled_spawn,
+        p.pooled_spawn / p.direct_spawn,
         p.batch[0],
         p.batch[1],
         p.batch[2],

@@ -13,8 +13,9 @@
 //!
 //! Shells are keyed by what must match ([`ShellKey`]: guest memory size and vCPU count). A
 //! [`ShellPool`] keeps at most `capacity` shells in total, for the key asked for most recently
-//! ([`ShellPool::prepare`] or a take); one background thread (niced, so that it yields to
-//! running guests) refills it after every take. Taking never waits: an empty pool is a *miss*
+//! ([`ShellPool::prepare`] or a take); one background thread refills it once no shell was
+//! taken for 20 ms (so that it never competes with a clone call for the locks shell creation
+//! takes). Taking never waits: an empty pool is a *miss*
 //! and the caller creates the shell itself (the slower path). Dropping the pool stops and joins
 //! its thread, then closes every shell (VM, vCPU, memfd and userfaultfd descriptors).
 //!
@@ -181,8 +182,12 @@ pub struct PoolStats {
 const MAX_KEYS: usize = 4;
 /// After a failed shell the refill thread waits this long before it tries again.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
-/// Nice value of the refill thread: it runs when guests leave a core idle.
-const REFILL_NICE: i32 = 10;
+/// The refill thread starts this long after the last take: a clone call (and its children's
+/// first instructions) never competes with shell creation, which takes the process's
+/// `mmap_lock` for writing (mappings, userfaultfd registration, KVM's MMU notifier) and
+/// global KVM locks. The thread runs at normal priority: a lowered one was measured to make
+/// clones wait for it while it held those locks (priority inversion).
+const QUIET_AFTER_TAKE: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct Store {
@@ -191,6 +196,8 @@ struct Store {
     wanted: Vec<ShellKey>,
     /// Refilling is held ([`ShellPool::hold_refill`]).
     held: bool,
+    /// When a shell was last taken or asked for (see [`QUIET_AFTER_TAKE`]).
+    last_take: Option<Instant>,
     stop: bool,
     last_error: Option<String>,
 }
@@ -254,17 +261,6 @@ impl Inner {
     }
 
     fn refill(&self) {
-        // SAFETY: setpriority on this thread's own id only changes its scheduling weight.
-        let rc = unsafe {
-            libc::setpriority(
-                libc::PRIO_PROCESS,
-                libc::gettid() as libc::id_t,
-                REFILL_NICE,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!("VM pool: cannot lower the refill thread's priority");
-        }
         let mut store = self.lock();
         loop {
             if store.stop {
@@ -274,6 +270,17 @@ impl Inner {
                 store = self.cond.wait(store).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
+            let quiet = store.last_take.map_or(Duration::ZERO, |t| {
+                QUIET_AFTER_TAKE.saturating_sub(t.elapsed())
+            });
+            if !quiet.is_zero() {
+                store = self
+                    .cond
+                    .wait_timeout(store, quiet)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
             let evicted = if store.total() >= self.capacity {
                 match store.evict_other(key) {
                     Some(s) => Some(s),
@@ -389,6 +396,7 @@ impl ShellPool {
         } else {
             let mut s = self.inner.lock();
             s.want(key);
+            s.last_take = Some(Instant::now());
             let shell = s.shells.get_mut(&key).and_then(Vec::pop);
             self.inner.cond.notify_all();
             shell
