@@ -180,8 +180,11 @@ pub struct PoolStats {
 
 /// Up to this many keys are remembered (most recent first); only the first is refilled.
 const MAX_KEYS: usize = 4;
-/// After a failed shell the refill thread waits this long before it tries again.
+/// After a failed shell the refill thread waits this long before it tries again, doubling
+/// after every further failure up to [`RETRY_MAX`].
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// The longest wait between two failed attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 /// The refill thread starts this long after the last take: a clone call (and its children's
 /// first instructions) never competes with shell creation, which takes the process's
 /// `mmap_lock` for writing (mappings, userfaultfd registration, KVM's MMU notifier) and
@@ -261,6 +264,7 @@ impl Inner {
     }
 
     fn refill(&self) {
+        let mut retry = RETRY_AFTER;
         let mut store = self.lock();
         loop {
             if store.stop {
@@ -302,6 +306,7 @@ impl Inner {
             store = self.lock();
             match made {
                 Ok((shell, _)) => {
+                    retry = RETRY_AFTER;
                     self.created.fetch_add(1, Ordering::Relaxed);
                     let fits =
                         !store.stop && store.wanted.contains(&key) && store.total() < self.capacity;
@@ -316,13 +321,14 @@ impl Inner {
                 }
                 Err(e) => {
                     self.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("VM pool: {e}; retrying in {RETRY_AFTER:?}");
+                    tracing::warn!("VM pool: {e}; retrying in {retry:?}");
                     store.last_error = Some(e.to_string());
                     store = self
                         .cond
-                        .wait_timeout(store, RETRY_AFTER)
+                        .wait_timeout(store, retry)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
+                    retry = (retry * 2).min(RETRY_MAX);
                 }
             }
         }
