@@ -35,6 +35,7 @@ pub mod summary;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;
+pub mod worker;
 
 pub use clone::{
     CloneBatch, CloneContext, CloneOptions, MemoryMode, PrefetcherFactory, SpawnBreakdown,

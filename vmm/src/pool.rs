@@ -19,7 +19,11 @@
 //! and the caller creates the shell itself (the slower path). Dropping the pool stops and joins
 //! its thread, then closes every shell (VM, vCPU, memfd and userfaultfd descriptors).
 //!
-//! Cost of one shell while it waits: `3 + vcpus` descriptors, no guest memory (the memfd is
+//! A pooled shell also holds its VM's threads, started and waiting (one for the fault handler,
+//! one per vCPU, [`Parked`]), so that the clone path starts none.
+//!
+//! Cost of one shell while it waits: `3 + vcpus` descriptors, `1 + vcpus` idle threads, no
+//! guest memory (the memfd is
 //! empty, the mapping is only reserved address space), and the kernel's per-VM, per-vCPU and
 //! per-slot structures (measured by `kscope bench clone`: see `PoolStats` and
 //! `docs/BENCHMARKS.md`).
@@ -35,6 +39,7 @@ use crate::hostmem::PAGE_SIZE;
 use crate::hypervisor::{self, HvVcpu, HvVm};
 use crate::lazy::{LazyRegion, RegionKind};
 use crate::state;
+use crate::worker::Parked;
 
 #[cfg(doc)]
 use crate::Generation;
@@ -88,9 +93,12 @@ pub(crate) struct ShellTimes {
 /// A KVM VM with its memory slot mapped onto an empty userfaultfd-registered region and its
 /// vCPUs created (CPUID set), ready to receive a generation's state.
 ///
-/// Fields drop in order: vCPUs, then the VM (which removes the slot), then the region.
+/// Fields drop in order: the waiting threads (they end), the vCPUs, then the VM (which
+/// removes the slot), then the region.
 #[derive(Debug)]
 pub struct Shell {
+    /// Threads started ahead of time: the fault handler's, then one per vCPU.
+    threads: Vec<Parked>,
     vcpus: Vec<Box<dyn HvVcpu>>,
     hv: Box<dyn HvVm>,
     region: LazyRegion,
@@ -105,6 +113,10 @@ pub(crate) struct ShellParts {
     pub vcpus: Vec<Box<dyn HvVcpu>>,
     /// The destination memory, empty.
     pub region: LazyRegion,
+    /// A thread for the fault handler.
+    pub handler_thread: Option<Parked>,
+    /// Threads for the vCPUs.
+    pub vcpu_threads: Vec<Parked>,
 }
 
 impl Shell {
@@ -137,6 +149,7 @@ impl Shell {
         t.vcpus = t3.elapsed();
         Ok((
             Shell {
+                threads: Vec::new(),
                 vcpus,
                 hv,
                 region,
@@ -151,11 +164,32 @@ impl Shell {
         self.key
     }
 
+    /// Start the threads the VM will run on (one for the fault handler, one per vCPU):
+    /// done for pooled shells only, a shell made on the clone path starts them as it goes.
+    fn start_threads(&mut self) -> Result<(), PoolError> {
+        for _ in 0..=self.key.vcpus {
+            let p = Parked::start().map_err(|e| PoolError::Thread(e.to_string()))?;
+            self.threads.push(p);
+        }
+        Ok(())
+    }
+
     pub(crate) fn into_parts(self) -> ShellParts {
         let Shell {
-            vcpus, hv, region, ..
+            mut threads,
+            vcpus,
+            hv,
+            region,
+            ..
         } = self;
-        ShellParts { hv, vcpus, region }
+        let handler_thread = (!threads.is_empty()).then(|| threads.remove(0));
+        ShellParts {
+            hv,
+            vcpus,
+            region,
+            handler_thread,
+            vcpu_threads: threads,
+        }
     }
 }
 
@@ -302,7 +336,10 @@ impl Inner {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
             drop(evicted);
-            let made = Shell::create(key);
+            let made = Shell::create(key).and_then(|(mut s, t)| {
+                s.start_threads()?;
+                Ok((s, t))
+            });
             store = self.lock();
             match made {
                 Ok((shell, _)) => {

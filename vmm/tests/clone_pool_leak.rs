@@ -1,5 +1,5 @@
 //! A pool of pre-created VM shells leaks nothing: while it lives its shells hold descriptors
-//! and a refill thread; once it and its clones are dropped, the process has the same
+//! and waiting threads, and it has a refill thread; once it and its clones are dropped, the process has the same
 //! descriptors and threads as before. Alone in its test binary (its own process) because it
 //! counts process-wide resources.
 
@@ -31,9 +31,14 @@ fn a_dropped_pool_leaks_no_threads_or_descriptors() {
         pool.prepare(key);
         assert_eq!(pool.wait_ready(key, 8, Duration::from_secs(60)), 8);
         let (fds_full, tasks_full) = (count_proc("fd"), count_proc("task"));
-        // Each shell: VM, vCPU, memfd, userfaultfd; plus the refill thread.
+        // Each shell: VM, vCPU, memfd, userfaultfd, and 2 waiting threads (fault handler,
+        // vCPU); plus the refill thread.
         assert!(fds_full >= fds + 8 * 4, "{fds} -> {fds_full} with 8 shells");
-        assert_eq!(tasks_full, tasks + 1, "the refill thread");
+        assert_eq!(
+            tasks_full,
+            tasks + 1 + 8 * 2,
+            "the refill thread and the shells'"
+        );
         let opts = CloneOptions {
             pool: Some(pool.clone()),
             ..CloneOptions::default()

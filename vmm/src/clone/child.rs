@@ -178,9 +178,21 @@ pub(crate) fn spawn_timed(
     } else {
         None
     };
-    let (hv, made_vcpus, made_region) = match parts {
-        Some(p) => (p.hv, Some(p.vcpus), Some(p.region)),
-        None => (hypervisor::host().create_vm()?, None, None),
+    let (hv, made_vcpus, made_region, handler_thread, vcpu_threads) = match parts {
+        Some(p) => (
+            p.hv,
+            Some(p.vcpus),
+            Some(p.region),
+            p.handler_thread,
+            p.vcpu_threads,
+        ),
+        None => (
+            hypervisor::host().create_vm()?,
+            None,
+            None,
+            None,
+            Vec::new(),
+        ),
     };
     mark(&mut t.shell);
     if made_vcpus.is_some() {
@@ -234,7 +246,7 @@ pub(crate) fn spawn_timed(
                 Some(f) => f(&ctx),
                 None => Box::new(OnDemand),
             };
-            let mut server = FaultServer::start(
+            let mut server = FaultServer::start_on(
                 region,
                 gen.image.clone(),
                 policy,
@@ -243,6 +255,7 @@ pub(crate) fn spawn_timed(
                     spin: spec.fault_spin,
                     ..Default::default()
                 },
+                handler_thread,
             )?;
             server.before_resume()?;
             if let Some(g) = &genpage {
@@ -316,6 +329,7 @@ pub(crate) fn spawn_timed(
         } else {
             CpuMode::Emulated
         },
+        threads: vcpu_threads,
     })?;
     if let Some(server) = &vm.lazy {
         // A page the image cannot give (a corrupt snapshot page) fails this VM, never the
