@@ -51,7 +51,7 @@ pub enum PoolError {
     #[error("cannot start the VM pool's refill thread: {0}; raise the process's thread limit or run without a pool (size 0)")]
     Thread(String),
     /// A shell could not be created.
-    #[error("cannot create a pooled VM shell of {mem_mib} MiB with {vcpus} vCPUs: {source}")]
+    #[error("cannot create a VM shell of {mem_mib} MiB with {vcpus} vCPUs: {source}; the pool retries with backoff and clones make their own VMs meanwhile; if this persists, check the open-file, thread and memory limits or lower the pool size")]
     Create {
         /// Guest memory of the shell, MiB.
         mem_mib: u64,
@@ -542,6 +542,20 @@ mod tests {
         assert_eq!(s.wanted[1], key(6));
         assert_eq!(s.next_job(2), Some(key(3)));
         assert_eq!(s.next_job(0), None);
+    }
+
+    #[test]
+    fn empty_store_evicts_nothing_and_a_held_one_asks_for_nothing() {
+        let mut s = Store::default();
+        s.want(key(1));
+        s.want(key(2));
+        s.want(key(3));
+        // No shells at all: nothing to evict.
+        assert!(s.evict_other(key(3)).is_none());
+        assert_eq!(s.total(), 0);
+        assert_eq!(s.count(&key(1)), 0);
+        s.held = true;
+        assert_eq!(s.next_job(4), None, "held: no refill");
     }
 
     #[test]
