@@ -41,8 +41,9 @@ fn pooled(pool: &Arc<ShellPool>) -> CloneOptions {
 }
 
 /// Every child answers its own checked request (all in flight at once), and every child has
-/// its own clone id, MAC, IP and random stream.
-fn check_children(batch: &CloneBatch) {
+/// its own clone id, MAC, IP and random stream, and saw SIGCLONE for its generation (the
+/// `sigclones`-th time: a clone of a clone saw its parent's too).
+fn check_children_n(batch: &CloneBatch, sigclones: u32) {
     let pending: Vec<_> = batch
         .children
         .iter()
@@ -86,8 +87,12 @@ fn check_children(batch: &CloneBatch) {
             "{}: same random bytes as a sibling",
             c.name()
         );
-        assert_eq!(ask(c, "sigclone"), format!("1 {}", g.generation));
+        assert_eq!(ask(c, "sigclone"), format!("{sigclones} {}", g.generation));
     }
+}
+
+fn check_children(batch: &CloneBatch) {
+    check_children_n(batch, 1)
 }
 
 #[test]
@@ -184,4 +189,45 @@ fn an_empty_or_mismatched_pool_is_a_miss() {
     let key = key_of(&parent);
     assert_eq!(other.wait_ready(key, 2, Duration::from_secs(60)), 2);
     assert!(other.stats().ready <= 2, "{:?}", other.stats());
+}
+
+#[test]
+fn shells_of_a_key_no_longer_wanted_are_evicted_within_the_capacity() {
+    let pool = ShellPool::new(2).unwrap();
+    let (a, b) = (
+        ShellKey {
+            mem_bytes: 64 * MB,
+            vcpus: 1,
+        },
+        ShellKey {
+            mem_bytes: 32 * MB,
+            vcpus: 1,
+        },
+    );
+    pool.prepare(a);
+    assert_eq!(pool.wait_ready(a, 2, Duration::from_secs(60)), 2);
+    pool.prepare(b);
+    assert_eq!(pool.wait_ready(b, 2, Duration::from_secs(60)), 2);
+    let st = pool.stats();
+    assert_eq!((st.ready, st.evicted), (2, 2), "{st:?}");
+    assert!(pool.take(a).is_none(), "a's shells were evicted");
+    assert!(pool.take(b).is_some());
+}
+
+#[test]
+fn a_pooled_clone_can_be_cloned_again_from_the_pool() {
+    let parent = boot("p-pool-cc", 64 * MB);
+    let pool = Arc::new(ShellPool::new(4).unwrap());
+    let key = key_of(&parent);
+    pool.prepare(key);
+    assert_eq!(pool.wait_ready(key, 4, Duration::from_secs(60)), 4);
+    let first = parent.clone_children(1, &pooled(&pool)).unwrap();
+    let child = &first.children[0];
+    assert_eq!(ask(child, "echo child"), "child");
+    assert_eq!(pool.wait_ready(key, 4, Duration::from_secs(60)), 4);
+    let second = child.clone_children(2, &pooled(&pool)).unwrap();
+    assert!(second.breakdown.iter().all(|b| b.pooled));
+    check_children_n(&second, 2);
+    assert_eq!(ask(child, "echo still"), "still");
+    assert_eq!(pool.stats().hits, 3);
 }
