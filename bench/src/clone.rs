@@ -13,6 +13,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use std::sync::Arc;
+
+use kscope_vmm::pool::{ShellKey, ShellPool};
 use kscope_vmm::{CloneOptions, Vm};
 use kscope_workloads::Workload;
 use serde::Serialize;
@@ -32,6 +35,8 @@ pub struct CloneBenchConfig {
     pub warm_requests: usize,
     /// Length of the throughput windows (parent and first clone).
     pub window: Duration,
+    /// Shells in the pool of the pooled measurements (0: measure without a pool only).
+    pub pool: usize,
 }
 
 /// One figure: median over repetitions with min and max, and its goal.
@@ -73,19 +78,161 @@ pub struct SizeReport {
     pub figures: Vec<Figure>,
     /// Why the size was skipped.
     pub skipped: Option<String>,
+    /// Where a child's creation time went in the n-clone calls: per phase, the mean over
+    /// every child of every repetition, in ms (see [`kscope_vmm::SpawnBreakdown`]).
+    pub breakdown: Vec<(String, f64)>,
+    /// The same for the n-clone calls from the pool (the last entry of both is the share of
+    /// children that came from a pooled shell).
+    pub pooled_breakdown: Vec<(String, f64)>,
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
-type Sample = [f64; 6];
+type Sample = [f64; 20];
 
-const NAMES: [(&str, &str, f64, bool); 6] = [
+/// One-clone calls per repetition and mode (their median is the repetition's value).
+const SINGLES: usize = 5;
+
+/// Index of the first pooled figure in [`NAMES`].
+const POOLED: usize = 6;
+
+const NAMES: [(&str, &str, f64, bool); 20] = [
     ("parent pause, first clone", "ms", 1.0, true),
     ("parent pause, later clone (dirtied)", "ms", 1.0, true),
     ("pages copied in later pause", "pages", 0.0, true),
     ("clone call -> first instruction", "ms", 1.0, true),
     ("n clones: call -> all running", "ms", 64.0, true),
     ("clone 1st-second throughput / parent", "x", 0.8, false),
+    // Same run, later generations of the same parent, without then with the pool; n-clone
+    // calls with each child started when made (the default) or all started together.
+    ("no pool: later call -> first instr.", "ms", 1.0, true),
+    ("pool: later call -> first instr.", "ms", 1.0, true),
+    ("  pool / no pool", "x", 0.0, true),
+    ("no pool: spawn -> first instr.", "ms", 1.0, true),
+    ("pool: spawn -> first instr.", "ms", 1.0, true),
+    ("  pool / no pool (spawn)", "x", 0.0, true),
+    ("no pool: n clones -> all running", "ms", 64.0, true),
+    ("no pool, together: n -> all running", "ms", 64.0, true),
+    ("pool: n clones -> all running", "ms", 64.0, true),
+    ("pool, together: n -> all running", "ms", 64.0, true),
+    ("  pool / no pool (n clones)", "x", 0.0, true),
+    ("  pool, together / no pool (n clones)", "x", 0.0, true),
+    ("pool, together: n clones: first child", "ms", 0.0, true),
+    ("pool: host memory per shell", "MiB", 0.0, true),
 ];
+
+/// The host's MemAvailable in MiB (for the pool's memory cost).
+fn mem_available_mib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The pooled figures of one repetition (see [`NAMES`] from [`POOLED`] on).
+struct Pooled {
+    /// Freezing the parent for one later clone (median).
+    freeze: f64,
+    /// Spawn -> first instruction of one clone, without and with the pool (medians).
+    direct_spawn: f64,
+    pooled_spawn: f64,
+    /// n clones -> all running: [no pool, no pool together, pool, pool together].
+    batch: [f64; 4],
+    /// The first child's call -> first instruction, pool, together.
+    together_first: f64,
+    mib_per_shell: f64,
+}
+
+/// Without then with a pool of `cfg.pool` shells: a later clone's call -> first instruction,
+/// and `cfg.batch` clones' call -> all running, each started when made or all together; the
+/// pool's memory cost per shell.
+fn pooled_rep(
+    cfg: &CloneBenchConfig,
+    parent: &Vm,
+    parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
+) -> anyhow::Result<Pooled> {
+    let direct = CloneOptions::default();
+    let key = ShellKey {
+        mem_bytes: parent.mem_bytes(),
+        vcpus: parent.config().vcpus,
+    };
+    let before = mem_available_mib();
+    let pool = Arc::new(ShellPool::new(cfg.pool).context("starting the VM pool")?);
+    pool.prepare(key);
+    let fill = Duration::from_secs(120);
+    let ready = pool.wait_ready(key, cfg.pool, fill);
+    anyhow::ensure!(
+        ready >= cfg.pool,
+        "the VM pool made {ready} of {} shells in {fill:?}: {}",
+        cfg.pool,
+        pool.last_error().unwrap_or_default()
+    );
+    let mib_per_shell = (before - mem_available_mib()) / cfg.pool as f64;
+    let pooled = CloneOptions {
+        pool: Some(pool.clone()),
+        ..CloneOptions::default()
+    };
+    // One clone per call, alternating without and with the pool, SINGLES times each: the
+    // freeze (the same work either way) and the spawn -> first instruction are timed apart.
+    let mut singles: [Vec<f64>; 3] = Default::default();
+    for _ in 0..SINGLES {
+        for (i, opts) in [&direct, &pooled].into_iter().enumerate() {
+            pool.wait_ready(key, cfg.pool, fill);
+            let t = Instant::now();
+            let gen = parent.freeze().context("freezing for a later clone")?;
+            let frozen = t.elapsed();
+            let one = gen.spawn(1, opts).context("a later clone")?;
+            singles[i].push(ms(one.clone_latency[0]));
+            singles[2].push(ms(frozen));
+        }
+    }
+    let median = |v: &[f64]| spread(v.to_vec())[1];
+    let (direct_spawn, pooled_spawn, freeze) = (
+        median(&singles[0]),
+        median(&singles[1]),
+        median(&singles[2]),
+    );
+    let mut batch = [0.0; 4];
+    let mut together_first = 0.0;
+    for (i, (use_pool, together)) in [(false, false), (true, false), (false, true), (true, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let opts = CloneOptions {
+            start_together: together,
+            pool: use_pool.then(|| pool.clone()),
+            ..CloneOptions::default()
+        };
+        if use_pool {
+            pool.wait_ready(key, cfg.pool, fill);
+        }
+        let b = parent.clone_children(cfg.batch, &opts).with_context(|| {
+            format!(
+                "{} clones in one call (pool {use_pool}, together {together})",
+                cfg.batch
+            )
+        })?;
+        let all = ms(b.clone_latency.iter().max().copied().unwrap_or_default());
+        batch[[0, 2, 1, 3][i]] = all;
+        if use_pool && together {
+            parts.extend_from_slice(&b.breakdown);
+            together_first = ms(b.clone_latency.iter().min().copied().unwrap_or_default());
+        }
+    }
+    drop(pool);
+    Ok(Pooled {
+        freeze,
+        direct_spawn,
+        pooled_spawn,
+        batch,
+        together_first,
+        mib_per_shell,
+    })
+}
 
 /// Requests served by `vm` in `dur` (window of 4 in flight), all answers checked.
 fn served_in(vm: &Vm, reqs: &[Vec<u8>], dur: Duration) -> anyhow::Result<usize> {
@@ -107,7 +254,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sample> {
+fn one_rep(
+    cfg: &CloneBenchConfig,
+    mem: u64,
+    rep: usize,
+    parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
+    pooled_parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
+) -> anyhow::Result<Sample> {
     let b = runner::boot(
         Workload::Web,
         mem,
@@ -143,9 +296,23 @@ fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sampl
         .max()
         .copied()
         .unwrap_or_default();
+    parts.extend_from_slice(&batch.breakdown);
     for c in &batch.children {
         c.stop()?;
     }
+    drop(batch);
+    let p = if cfg.pool > 0 {
+        pooled_rep(cfg, parent, pooled_parts)?
+    } else {
+        Pooled {
+            freeze: f64::NAN,
+            direct_spawn: f64::NAN,
+            pooled_spawn: f64::NAN,
+            batch: [f64::NAN; 4],
+            together_first: f64::NAN,
+            mib_per_shell: f64::NAN,
+        }
+    };
     parent.stop()?;
     Ok([
         ms(first.parent_pause),
@@ -154,6 +321,20 @@ fn one_rep(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<Sampl
         ms(first.clone_latency[0]),
         ms(all_running),
         child_served as f64 / parent_served.max(1) as f64,
+        p.freeze + p.direct_spawn,
+        p.freeze + p.pooled_spawn,
+        (p.freeze + p.pooled_spawn) / (p.freeze + p.direct_spawn),
+        p.direct_spawn,
+        p.pooled_spawn,
+        p.pooled_spawn / p.direct_spawn,
+        p.batch[0],
+        p.batch[1],
+        p.batch[2],
+        p.batch[3],
+        p.batch[2] / p.batch[0],
+        p.batch[3] / p.batch[0],
+        p.together_first,
+        p.mib_per_shell,
     ])
 }
 
@@ -162,14 +343,35 @@ fn spread(mut v: Vec<f64>) -> [f64; 3] {
     [v[0], v[v.len() / 2], v[v.len() - 1]]
 }
 
+/// Per phase, the mean over `parts` in ms.
+fn mean_phases(parts: &[kscope_vmm::SpawnBreakdown]) -> Vec<(String, f64)> {
+    let Some(p) = parts.first() else {
+        return Vec::new();
+    };
+    p.phases()
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let sum: f64 = parts.iter().map(|b| ms(b.phases()[i].1)).sum();
+            (name.to_string(), sum / parts.len() as f64)
+        })
+        .chain(std::iter::once((
+            "pooled share".to_string(),
+            parts.iter().filter(|b| b.pooled).count() as f64 / parts.len() as f64,
+        )))
+        .collect()
+}
+
 /// Measure every size.
 pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
     let mut out = Vec::new();
     for &mem in &cfg.sizes {
         let mut samples: Vec<Sample> = Vec::new();
         let mut skipped = None;
+        let mut parts = Vec::new();
+        let mut pooled_parts = Vec::new();
         for rep in 0..cfg.reps.max(1) {
-            match one_rep(cfg, mem, rep) {
+            match one_rep(cfg, mem, rep, &mut parts, &mut pooled_parts) {
                 Ok(s) => samples.push(s),
                 Err(e) => {
                     skipped = Some(format!("{e:#}"));
@@ -183,15 +385,14 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
             NAMES
                 .iter()
                 .enumerate()
+                .filter(|(i, _)| cfg.pool > 0 || *i < POOLED)
                 .map(|(i, &(name, unit, goal, lower))| Figure {
-                    name: if i == 4 {
-                        format!("{} clones: call -> all running", cfg.batch)
-                    } else {
-                        name.to_string()
-                    },
+                    name: name
+                        .replace("n clones", &format!("{} clones", cfg.batch))
+                        .replace(": n ->", &format!(": {} ->", cfg.batch)),
                     unit: unit.to_string(),
                     value: spread(samples.iter().map(|s| s[i]).collect()),
-                    goal: if i == 4 { cfg.batch as f64 } else { goal },
+                    goal: if goal == 64.0 { cfg.batch as f64 } else { goal },
                     lower_is_better: lower,
                 })
                 .collect()
@@ -200,6 +401,8 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
             mem_mib: mem >> 20,
             figures,
             skipped,
+            breakdown: mean_phases(&parts),
+            pooled_breakdown: mean_phases(&pooled_parts),
         });
     }
     Ok(out)
@@ -240,6 +443,24 @@ pub fn render(r: &[SizeReport]) -> String {
                 goal,
                 ratio
             );
+        }
+        for (what, b) in [
+            ("no pool", &size.breakdown),
+            ("pool", &size.pooled_breakdown),
+        ] {
+            let Some(((_, share), phases)) = b.split_last() else {
+                continue;
+            };
+            let total: f64 = phases.iter().map(|(_, v)| v).sum();
+            let _ = write!(
+                s,
+                "  per child, {what} ({:.0}% pooled), mean ms: total {total:.2} =",
+                share * 100.0
+            );
+            for (name, v) in phases {
+                let _ = write!(s, " {name} {v:.2}");
+            }
+            let _ = writeln!(s);
         }
     }
     s

@@ -27,6 +27,7 @@ pub mod memory;
 pub mod mode;
 pub mod net;
 pub mod pagemap;
+pub mod pool;
 pub mod prefetch;
 pub mod snapfile;
 pub mod snapshot;
@@ -35,8 +36,11 @@ pub mod summary;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;
+pub mod worker;
 
-pub use clone::{CloneBatch, CloneContext, CloneOptions, MemoryMode, PrefetcherFactory};
+pub use clone::{
+    CloneBatch, CloneContext, CloneOptions, MemoryMode, PrefetcherFactory, SpawnBreakdown,
+};
 pub use config::VmConfig;
 pub use devices::request::{PendingResponse, RequestTransport, Response};
 pub use error::VmError;

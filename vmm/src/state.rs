@@ -1,7 +1,7 @@
 //! Whole-VM state with one home (Firecracker's `persist.rs` is the model): what a VM needs to
 //! resume elsewhere ([`MachineState`]: vCPUs, devices, clock, the host CPU it ran on), how it
 //! is captured from a paused VM ([`capture`]), how it is restored into a new one
-//! ([`restore_vcpus`]), and the version of its serialized form ([`STATE_VERSION`]).
+//! ([`create_vcpus`], [`restore_into`]), and the version of its serialized form ([`STATE_VERSION`]).
 //!
 //! **Changing the serialized form.** [`MachineState`] and everything in it
 //! ([`VcpuState`], [`ArchState`](crate::hypervisor::ArchState), [`DeviceStates`],
@@ -127,28 +127,42 @@ pub(crate) fn capture(
     })
 }
 
-/// Set up a new VM from `state`: its clock, then one vCPU per saved state (CPUID, then the
-/// saved registers, MSRs and the rest). Devices are restored when the VM is assembled. A state
-/// the hypervisor refuses is [`VmError::StateRejected`], naming the vCPU and the part.
-pub(crate) fn restore_vcpus(
+/// Create `n` vCPUs with their CPUID set: the part of a restore that does not depend on the
+/// saved state (a pool can do it ahead of time, see [`crate::pool`]).
+pub(crate) fn create_vcpus(hv: &dyn HvVm, n: u32) -> Result<Vec<Box<dyn HvVcpu>>, VmError> {
+    let mut vcpus = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut v = hv.create_vcpu(i)?;
+        v.cpuid(n)?;
+        vcpus.push(v);
+    }
+    Ok(vcpus)
+}
+
+/// Restore `state`'s clock and saved vCPU states into a VM and its vCPUs made by
+/// [`create_vcpus`] (one per saved state).
+pub(crate) fn restore_into(
     hv: &dyn HvVm,
     state: &MachineState,
+    vcpus: &mut [Box<dyn HvVcpu>],
     name: &str,
-) -> Result<Vec<Box<dyn HvVcpu>>, VmError> {
+) -> Result<(), VmError> {
+    if vcpus.len() != state.vcpus.len() {
+        return Err(VmError::Internal(format!(
+            "{} vCPUs made for a state of {}",
+            vcpus.len(),
+            state.vcpus.len()
+        )));
+    }
     if let Some(c) = &state.clock {
         if let Err(e) = hv.set_clock(c) {
             tracing::debug!(vm = %name, "setting the clock: {e}");
         }
     }
-    let n = state.vcpus.len() as u32;
-    let mut vcpus = Vec::with_capacity(n as usize);
-    for (i, st) in state.vcpus.iter().enumerate() {
-        let mut v = hv.create_vcpu(i as u32)?;
-        v.cpuid(n)?;
+    for (v, st) in vcpus.iter_mut().zip(&state.vcpus) {
         v.restore_state(st)?;
-        vcpus.push(v);
     }
-    Ok(vcpus)
+    Ok(())
 }
 
 /// The host CPU as far as saved guest state depends on it: the vendor, and the instruction-set

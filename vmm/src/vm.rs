@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootParams};
@@ -31,6 +30,7 @@ use crate::state::{self, MachineState};
 use crate::vcpu::{
     ExitCounters, ExitCounts, ExitReason, VcpuControl, VcpuHost, VcpuMsg, VcpuThread,
 };
+use crate::worker::{Parked, Worker};
 use kscope_guest::abi::boot::{DeviceDesc, DeviceKind, Identity};
 use kscope_guest::abi::layout::{ports, MMIO_BASE, MMIO_DEVICE_SIZE};
 
@@ -241,6 +241,9 @@ pub(crate) struct Assembly<'a> {
     /// The CPU mode the kernel must report (booted: the resolved request; restored or
     /// cloned: the mode of the saved vCPU state).
     pub(crate) mode: CpuMode,
+    /// Threads started ahead of time for the vCPUs (as many as given are used; the others
+    /// are started here).
+    pub(crate) threads: Vec<Parked>,
 }
 
 /// A running VM. `Send + Sync`; dropping it stops the VM.
@@ -248,7 +251,7 @@ pub struct Vm {
     // Field order matters for drop: threads are joined in `Drop`, then the KVM VM is closed,
     // then guest RAM is unmapped (and a clone's fault server stopped).
     pub(crate) core: Arc<VmCore>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Vec<Worker<()>>>,
     pub(crate) hv: Box<dyn HvVm>,
     pub(crate) memory: Arc<GuestMemory>,
     mem_bytes: u64,
@@ -352,6 +355,7 @@ impl Vm {
             origin: None,
             identity: None,
             mode,
+            threads: Vec::new(),
         })
     }
 
@@ -371,6 +375,7 @@ impl Vm {
             origin,
             identity,
             mode,
+            threads: parked,
         } = a;
         let echo = std::env::var("KSCOPE_SERIAL").is_ok_and(|v| v == "stderr");
         let console = Arc::new(ConsoleBuffer::new(CONSOLE_CAPACITY, echo));
@@ -481,6 +486,7 @@ impl Vm {
 
         let first_run = Arc::new(OnceLock::new());
         let mut threads = Vec::new();
+        let mut parked = parked.into_iter();
         for (i, (vcpu, rx)) in vcpus.into_iter().zip(receivers).enumerate() {
             let t = VcpuThread {
                 id: i as u32,
@@ -495,10 +501,10 @@ impl Vm {
                 first_run: first_run.clone(),
                 start_paused: start_paused && i == 0,
             };
-            let h = std::thread::Builder::new()
-                .name(format!("vcpu{i}-{}", cfg.name))
-                .spawn(move || t.run())
-                .map_err(|e| VmError::Internal(format!("cannot spawn a vCPU thread: {e}")))?;
+            let h = Worker::start(&format!("vcpu{i}-{}", cfg.name), parked.next(), move || {
+                t.run()
+            })
+            .map_err(|e| VmError::Internal(format!("cannot spawn a vCPU thread: {e}")))?;
             threads.push(h);
         }
         let mem_bytes = cfg.mem_bytes;

@@ -45,6 +45,12 @@ pub struct CloneArgs {
     /// Throughput window in milliseconds (parent and first clone).
     #[arg(long, default_value_t = 1000)]
     pub window_ms: u64,
+    /// Shells in the pool of pre-created VMs for the pooled measurements (same run, later
+    /// clones of the same parent, without then with the pool); default: the batch size. Each
+    /// shell holds 4 descriptors and kernel memory (printed as "host memory per shell"); 0
+    /// skips the pooled measurements.
+    #[arg(long)]
+    pub pool: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -238,6 +244,7 @@ pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                 batch: a.clones.max(1),
                 warm_requests: a.warm_requests,
                 window: std::time::Duration::from_millis(a.window_ms.max(1)),
+                pool: a.pool.unwrap_or(a.clones.max(1)),
             };
             let r = kscope_bench::clone::run(&cfg)?;
             if a.json {

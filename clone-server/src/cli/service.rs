@@ -42,6 +42,13 @@ pub struct ServeArgs {
     /// Guest memory of a VM created without one.
     #[arg(long, default_value = "64M", value_parser = super::mem_arg)]
     pub default_mem: u64,
+    /// Pre-created VM shells kept ready for lazy clones (KVM VM, memory slot, vCPU, empty
+    /// userfaultfd memory), for the size of the most recent parent; refilled in the background
+    /// after each clone. Each shell holds 4 open files and a little kernel memory (no guest
+    /// memory; see docs/BENCHMARKS.md section 10). A clone call that finds the pool empty
+    /// makes its own (slower). 0 disables the pool.
+    #[arg(long, default_value_t = 8)]
+    pub pool: usize,
 }
 
 /// Run `kscope serve` until SIGTERM/SIGINT.
@@ -58,6 +65,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             overcommit: a.overcommit,
         },
         default_mem: a.default_mem,
+        pool: a.pool,
         ..ServeOptions::default()
     };
     tokio_runtime()?.block_on(server::serve(opts))

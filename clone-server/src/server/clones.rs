@@ -176,6 +176,7 @@ pub fn make_clones(
     req: &CloneRequest,
     recording: Option<Arc<[Gfn]>>,
     prefix: &str,
+    pool: Option<Arc<kscope_vmm::pool::ShellPool>>,
 ) -> ApiResult<MadeBatch> {
     let t_freeze = Instant::now();
     let generation = parent
@@ -203,6 +204,10 @@ pub fn make_clones(
         memory: req.mode,
         prefetcher,
         name_prefix: prefix.to_string(),
+        pool,
+        // The call answers once every clone exists: starting them together makes the last
+        // one run sooner (running clones no longer slow the creation of the others).
+        start_together: true,
         ..CloneOptions::default()
     };
     let batch = generation.spawn(req.n, &opts).map_err(|e| {

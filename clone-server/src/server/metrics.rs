@@ -89,6 +89,8 @@ pub struct Gauges {
     pub open_files: u64,
     /// Its soft RLIMIT_NOFILE.
     pub open_files_limit: u64,
+    /// The pool of pre-created VM shells (all zero without a pool).
+    pub pool: kscope_vmm::pool::PoolStats,
 }
 
 impl Metrics {
@@ -139,9 +141,39 @@ impl Metrics {
             "Soft open-file limit of the service (raised to the hard limit at start).",
             g.open_files_limit,
         );
+        gauge(
+            &mut o,
+            "kscope_pool_capacity",
+            "Most pre-created VM shells kept for lazy clones (--pool).",
+            g.pool.capacity as u64,
+        );
+        gauge(
+            &mut o,
+            "kscope_pool_ready",
+            "Pre-created VM shells ready now.",
+            g.pool.ready as u64,
+        );
         let counter = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
+        counter(
+            &mut o,
+            "kscope_pool_hits_total",
+            "Lazy clones made from a pre-created VM shell.",
+            g.pool.hits,
+        );
+        counter(
+            &mut o,
+            "kscope_pool_misses_total",
+            "Lazy clones that found no ready shell and made their own (the slower path).",
+            g.pool.misses,
+        );
+        counter(
+            &mut o,
+            "kscope_pool_shell_failures_total",
+            "Shells the pool failed to make (see the log; it retries).",
+            g.pool.failed,
+        );
         counter(
             &mut o,
             "kscope_faults_total",

@@ -49,6 +49,10 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// A VM not ready for this long fails to create.
     pub boot_timeout: Duration,
+    /// Pre-created VM shells kept for lazy clones ([`kscope_vmm::pool::ShellPool`]), for the
+    /// memory size of the most recently created parent or cloned VM; 0: no pool (the
+    /// library default; `kscope serve --pool` defaults to 8).
+    pub pool: usize,
 }
 
 impl Default for ServeOptions {
@@ -62,6 +66,7 @@ impl Default for ServeOptions {
             default_mem: 64 << 20,
             request_timeout: Duration::from_secs(30),
             boot_timeout: Duration::from_secs(60),
+            pool: 0,
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct AppState {
     pub state_dir: PathBuf,
     /// The open-file budget (soft RLIMIT_NOFILE, raised at start).
     pub fds: limits::FdBudget,
+    /// Pre-created VM shells for lazy clones (`None` when [`ServeOptions::pool`] is 0).
+    pub pool: Option<Arc<kscope_vmm::pool::ShellPool>>,
     kernel: OnceLock<Arc<[u8]>>,
     disk: OnceLock<Arc<[u8]>>,
 }
@@ -208,7 +215,14 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     }
     let nofile = limits::raise_nofile(1 << 20);
     clean_snapshot_leftovers(&state_dir);
+    let pool = match opts.pool {
+        0 => None,
+        n => Some(Arc::new(kscope_vmm::pool::ShellPool::new(n).context(
+            "starting the pool of pre-created VMs (--pool 0 runs without it)",
+        )?)),
+    };
     let state = Arc::new(AppState {
+        pool,
         registry: registry::Registry::new(opts.limits),
         metrics: metrics::Metrics::default(),
         fds: limits::FdBudget::new(nofile),

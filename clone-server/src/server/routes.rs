@@ -232,6 +232,13 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
     let entry = Arc::new(entry);
     s.registry.insert(entry.clone());
     reservation.commit();
+    // Its clones will want shells of its size: have them ready before the first clone call.
+    if let Some(pool) = &s.pool {
+        pool.prepare(kscope_vmm::pool::ShellKey {
+            mem_bytes: mem,
+            vcpus: entry.vm.config().vcpus,
+        });
+    }
     tracing::info!(vm = %id, workload = workload.name(), mem, "VM created");
     Ok((StatusCode::CREATED, Json(entry.view())).into_response())
 }
@@ -391,8 +398,8 @@ async fn create_clones(
     s.fds.check_vms(req.n, parent.vm.net_attach().is_some())?;
     let generation = s.registry.new_generation();
     let prefix = format!("{}-g{generation}-", parent.id);
-    let (p2, r2) = (parent.clone(), req.clone());
-    let batch = control(move || clones::make_clones(&p2, &r2, recording, &prefix)).await?;
+    let (p2, r2, pool) = (parent.clone(), req.clone(), s.pool.clone());
+    let batch = control(move || clones::make_clones(&p2, &r2, recording, &prefix, pool)).await?;
     let made = batch.clones.len();
     reservation.shrink_clones(req.n - made.min(req.n), charge);
     let policy = format!("{}:{}", req.mode, req.prefetch.name);
@@ -566,6 +573,9 @@ async fn metrics(State(s): St) -> Response {
     let mut g = s.registry.gauges();
     g.open_files = limits::open_fds();
     g.open_files_limit = s.fds.limit();
+    if let Some(pool) = &s.pool {
+        g.pool = pool.stats();
+    }
     let text = s.metrics.render(&g);
     (
         [(

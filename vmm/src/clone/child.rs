@@ -16,6 +16,7 @@ use crate::hypervisor;
 use crate::lazy::{eager_fill, FaultServer, LazyRegion, RegionKind, ServerOptions};
 use crate::memory::{GuestMemory, GuestRam, Keeper};
 use crate::mode::CpuMode;
+use crate::pool::{Shell, ShellKey, ShellPool};
 use crate::prefetch::{OnDemand, Prefetcher};
 use crate::state;
 use crate::vm::{Assembly, BootReport, Vm};
@@ -37,6 +38,8 @@ pub(crate) struct ChildSpec {
     pub anon_memory: bool,
     /// Write a new GenPage (a clone); false for a restored VM.
     pub identity: bool,
+    /// Where a lazy memfd child takes its shell from (none: it makes its own).
+    pub pool: Option<Arc<ShellPool>>,
 }
 
 /// 32 bytes from the kernel's CSPRNG.
@@ -82,9 +85,70 @@ pub fn identity_for(id: u64, name: &str) -> Identity {
     }
 }
 
+/// Where one child's creation time went, phase by phase (the phases of [`spawn`] in order).
+/// A child made from a pooled shell spends nothing in `create_vm`, `memory` (lazy),
+/// `memory_slot` and `vcpus`: they were paid ahead of time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpawnBreakdown {
+    /// Whether the child came from a pooled shell.
+    pub pooled: bool,
+    /// Taking the shell from the pool (or, on a miss, what making it cost beyond the phases
+    /// below).
+    pub shell: Duration,
+    /// `KVM_CREATE_VM`.
+    pub create_vm: Duration,
+    /// The GenPage's identity and seed, the network attachment.
+    pub identity: Duration,
+    /// Destination memory: memfd, mapping, userfaultfd registration (lazy), or the whole copy
+    /// (eager).
+    pub memory: Duration,
+    /// The fault server: policy, handler thread, pre-resume list, the GenPage install.
+    pub fault_server: Duration,
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    pub memory_slot: Duration,
+    /// `KVM_CREATE_VCPU` and CPUID.
+    pub vcpus: Duration,
+    /// The clock and the saved vCPU state.
+    pub vcpu_state: Duration,
+    /// Devices, their state, the VM's bookkeeping and the vCPU threads.
+    pub assemble: Duration,
+}
+
+impl SpawnBreakdown {
+    /// The phases with their names, in order.
+    pub fn phases(&self) -> [(&'static str, Duration); 9] {
+        [
+            ("shell", self.shell),
+            ("create_vm", self.create_vm),
+            ("identity", self.identity),
+            ("memory", self.memory),
+            ("fault_server", self.fault_server),
+            ("memory_slot", self.memory_slot),
+            ("vcpus", self.vcpus),
+            ("vcpu_state", self.vcpu_state),
+            ("assemble", self.assemble),
+        ]
+    }
+}
+
 /// Create a VM from `gen` per `spec`.
 pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmError> {
+    spawn_timed(gen, spec).map(|(vm, _)| vm)
+}
+
+/// [`spawn`], with where its time went.
+pub(crate) fn spawn_timed(
+    gen: &Arc<Generation>,
+    spec: &ChildSpec,
+) -> Result<(Vm, SpawnBreakdown), VmError> {
     let start = Instant::now();
+    let mut t = SpawnBreakdown::default();
+    let mut lap = Instant::now();
+    let mut mark = |d: &mut Duration| {
+        let now = Instant::now();
+        *d = now - lap;
+        lap = now;
+    };
     let mut cfg = VmConfig {
         name: spec.name.clone(),
         net: None,
@@ -92,7 +156,52 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
     };
     let size = cfg.mem_bytes;
     let pages = size / PAGE_SIZE as u64;
-    let hv = hypervisor::host().create_vm()?;
+    // A lazy child on a memfd starts from a shell (KVM VM, memory slot over an empty
+    // userfaultfd region, vCPUs): from the pool when one fits, else made here (a miss).
+    let parts = if spec.memory == MemoryMode::Lazy && !spec.anon_memory {
+        let key = ShellKey {
+            mem_bytes: size,
+            vcpus: gen.state.vcpus.len() as u32,
+        };
+        let taken = spec.pool.as_ref().and_then(|p| p.take(key));
+        t.pooled = taken.is_some();
+        let shell = match taken {
+            Some(s) => s,
+            None => {
+                let (s, st) = Shell::create(key)?;
+                (t.create_vm, t.memory, t.memory_slot, t.vcpus) =
+                    (st.create_vm, st.memory, st.memory_slot, st.vcpus);
+                s
+            }
+        };
+        Some(shell.into_parts())
+    } else {
+        None
+    };
+    let (hv, made_vcpus, made_region, handler_thread, vcpu_threads) = match parts {
+        Some(p) => (
+            p.hv,
+            Some(p.vcpus),
+            Some(p.region),
+            p.handler_thread,
+            p.vcpu_threads,
+        ),
+        None => (
+            hypervisor::host().create_vm()?,
+            None,
+            None,
+            None,
+            Vec::new(),
+        ),
+    };
+    mark(&mut t.shell);
+    if made_vcpus.is_some() {
+        t.shell = t
+            .shell
+            .saturating_sub(t.create_vm + t.memory + t.memory_slot + t.vcpus);
+    } else {
+        t.create_vm = std::mem::take(&mut t.shell);
+    }
     let genpage = if spec.identity {
         let clone_id = NEXT_CLONE_ID.fetch_add(1, Ordering::Relaxed);
         Some(GenPage {
@@ -113,13 +222,21 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 .map_err(|e| VmError::BadConfig(format!("clone network: {e}")))?,
         );
     }
+    mark(&mut t.identity);
     let (ram, lazy) = match spec.memory {
         MemoryMode::Lazy => {
             let kind = match spec.anon_memory {
                 true => RegionKind::AnonPrivate,
                 false => RegionKind::SharedMemfd,
             };
-            let region = LazyRegion::new(pages, kind)?;
+            let region = match made_region {
+                Some(r) => r,
+                None => {
+                    let r = LazyRegion::new(pages, kind)?;
+                    mark(&mut t.memory);
+                    r
+                }
+            };
             let ctx = CloneContext {
                 generation: gen.clone(),
                 index: spec.index,
@@ -129,7 +246,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 Some(f) => f(&ctx),
                 None => Box::new(OnDemand),
             };
-            let mut server = FaultServer::start(
+            let mut server = FaultServer::start_on(
                 region,
                 gen.image.clone(),
                 policy,
@@ -138,6 +255,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                     spin: spec.fault_spin,
                     ..Default::default()
                 },
+                handler_thread,
             )?;
             server.before_resume()?;
             if let Some(g) = &genpage {
@@ -162,6 +280,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
                 // `size` bytes, owned by `server`, which the keeper keeps alive.
                 None => unsafe { GuestRam::from_raw_anon(addr, size, keep) },
             }?;
+            mark(&mut t.fault_server);
             (ram, Some(server))
         }
         MemoryMode::Eager => {
@@ -170,12 +289,25 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
             if let Some(g) = &genpage {
                 ram.write(GENPAGE_GPA, as_bytes(g))?;
             }
+            mark(&mut t.memory);
             (ram, None)
         }
     };
-    // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is closed.
-    unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
-    let vcpus = state::restore_vcpus(hv.as_ref(), &gen.state, &spec.name)?;
+    let mut vcpus = match made_vcpus {
+        // The shell's slot 0 already maps the region that `ram` is a view of.
+        Some(v) => v,
+        None => {
+            // SAFETY: `ram` is kept alive by the VM's `GuestMemory` until after the KVM VM is
+            // closed.
+            unsafe { hv.set_memory_slot(0, 0, ram.size(), ram.host_addr())? };
+            mark(&mut t.memory_slot);
+            let v = state::create_vcpus(hv.as_ref(), gen.state.vcpus.len() as u32)?;
+            mark(&mut t.vcpus);
+            v
+        }
+    };
+    state::restore_into(hv.as_ref(), &gen.state, &mut vcpus, &spec.name)?;
+    mark(&mut t.vcpu_state);
     let vm = Vm::assemble(Assembly {
         cfg,
         hv,
@@ -197,6 +329,7 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
         } else {
             CpuMode::Emulated
         },
+        threads: vcpu_threads,
     })?;
     if let Some(server) = &vm.lazy {
         // A page the image cannot give (a corrupt snapshot page) fails this VM, never the
@@ -212,5 +345,6 @@ pub(crate) fn spawn(gen: &Arc<Generation>, spec: &ChildSpec) -> Result<Vm, VmErr
             }
         }));
     }
-    Ok(vm)
+    mark(&mut t.assemble);
+    Ok((vm, t))
 }

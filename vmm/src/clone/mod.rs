@@ -18,6 +18,8 @@ pub(crate) mod child;
 pub mod cow;
 pub mod freeze;
 
+pub use child::SpawnBreakdown;
+
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::VmError;
+use crate::pool::ShellPool;
 use crate::prefetch::Prefetcher;
 use crate::vm::Vm;
 
@@ -116,6 +119,15 @@ pub struct CloneOptions {
     ///
     /// [`RegionKind::AnonPrivate`]: crate::lazy::RegionKind::AnonPrivate
     pub anon_memory: bool,
+    /// Start the children of the call together, once every one is made, instead of each as
+    /// soon as it is made (default false). The first child then starts later, but the last
+    /// one sooner: children that already run compete with the creation of the others for the
+    /// host's cores (measured in `docs/BENCHMARKS.md` section 10). Ignored with
+    /// `start_paused`.
+    pub start_together: bool,
+    /// Pre-created VM shells ([`ShellPool`]) that lazy memfd children take instead of making
+    /// their own; an empty pool (or none) means the direct, slower path. Default none.
+    pub pool: Option<Arc<ShellPool>>,
 }
 
 impl Default for CloneOptions {
@@ -127,6 +139,8 @@ impl Default for CloneOptions {
             start_paused: false,
             fault_spin: Duration::ZERO,
             anon_memory: false,
+            start_together: false,
+            pool: None,
         }
     }
 }
@@ -138,7 +152,9 @@ impl std::fmt::Debug for CloneOptions {
             .field("prefetcher", &self.prefetcher.is_some())
             .field("name_prefix", &self.name_prefix)
             .field("start_paused", &self.start_paused)
+            .field("start_together", &self.start_together)
             .field("anon_memory", &self.anon_memory)
+            .field("pool", &self.pool.as_ref().map(|p| p.capacity()))
             .finish()
     }
 }
@@ -157,6 +173,8 @@ pub struct CloneBatch {
     /// Per child: time spent creating it (KVM VM, memory, state); children of one call are
     /// created in parallel (one worker per available core), so these overlap.
     pub create_time: Vec<Duration>,
+    /// Per child: where its creation time went.
+    pub breakdown: Vec<SpawnBreakdown>,
     /// The image the children are served from.
     pub generation: Arc<Generation>,
     /// Breakdown of the freeze that made the generation.
@@ -167,7 +185,7 @@ pub struct CloneBatch {
 
 /// One child made by a spawn worker: the VM (or why not), its creation time, and when it was
 /// ready.
-type Made = (Result<Vm, VmError>, Duration, Instant);
+type Made = (Result<(Vm, SpawnBreakdown), VmError>, Duration, Instant);
 
 impl Generation {
     /// Create `n` children of this generation (see the module docs). Nothing here colors or
@@ -195,6 +213,7 @@ impl Generation {
             .min(n)
             .max(1);
         let next = std::sync::atomic::AtomicUsize::new(0);
+        let hold = opts.start_together && !opts.start_paused;
         let make = |i: usize| -> Made {
             let t0 = Instant::now();
             let spec = child::ChildSpec {
@@ -202,12 +221,13 @@ impl Generation {
                 index: i,
                 memory: opts.memory,
                 prefetcher: opts.prefetcher.clone(),
-                start_paused: opts.start_paused,
+                start_paused: opts.start_paused || hold,
                 fault_spin: opts.fault_spin,
                 anon_memory: opts.anon_memory,
                 identity: true,
+                pool: opts.pool.clone(),
             };
-            let r = child::spawn(self, &spec);
+            let r = child::spawn_timed(self, &spec);
             (r, t0.elapsed(), Instant::now())
         };
         let mut made: Vec<Option<Made>> = (0..n).map(|_| None).collect();
@@ -243,11 +263,19 @@ impl Generation {
         let mut children = Vec::with_capacity(n);
         let mut create_time = Vec::with_capacity(n);
         let mut ready_at = Vec::with_capacity(n);
+        let mut breakdown = Vec::with_capacity(n);
         for r in made {
             let (vm, took, ready) = r.expect("every index is taken by one worker");
-            children.push(vm?);
+            let (vm, times) = vm?;
+            children.push(vm);
+            breakdown.push(times);
             create_time.push(took);
             ready_at.push(ready);
+        }
+        if hold {
+            for c in &children {
+                c.resume()?;
+            }
         }
         let clone_latency = children
             .iter()
@@ -262,6 +290,7 @@ impl Generation {
             parent_pause: self.freeze.pause,
             clone_latency,
             create_time,
+            breakdown,
             generation: self.clone(),
             freeze: self.freeze,
             total: t_call.elapsed(),

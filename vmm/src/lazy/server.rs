@@ -30,6 +30,7 @@ use super::{
 };
 use crate::prefetch::{Fault, FaultPlan, Fill, Gfn, Install, Prefetcher};
 use crate::uffd::{self, Event};
+use crate::worker::{Parked, Worker};
 
 /// Largest run of contiguous pages installed by one `UFFDIO_COPY`.
 const MAX_RUN: usize = 64;
@@ -467,7 +468,7 @@ pub struct FaultServer {
     /// The policy's background list, until the fetcher starts.
     background: Vec<Install>,
     stop: Arc<EventFd>,
-    handler: Option<JoinHandle<Result<()>>>,
+    handler: Option<Worker<Result<()>>>,
     fetcher: Option<JoinHandle<()>>,
 }
 
@@ -485,8 +486,20 @@ impl FaultServer {
     pub fn start(
         region: LazyRegion,
         source: Arc<dyn PageSource>,
+        prefetcher: Box<dyn Prefetcher>,
+        opts: ServerOptions,
+    ) -> Result<Self> {
+        Self::start_on(region, source, prefetcher, opts, None)
+    }
+
+    /// [`FaultServer::start`], with the handler on `thread` when given (a thread started
+    /// ahead of time, see [`crate::pool`]).
+    pub fn start_on(
+        region: LazyRegion,
+        source: Arc<dyn PageSource>,
         mut prefetcher: Box<dyn Prefetcher>,
         opts: ServerOptions,
+        thread: Option<Parked>,
     ) -> Result<Self> {
         if source.pages() > region.pages() {
             return Err(LazyError::Size(format!(
@@ -530,13 +543,12 @@ impl FaultServer {
             spin: opts.spin,
         };
         let tname = format!("kscope-uffd-{}", opts.name);
-        let handle = std::thread::Builder::new()
-            .name(tname.clone())
-            .spawn(move || handler.run())
-            .map_err(|e| LazyError::Thread {
-                name: tname,
+        let handle = Worker::start(&tname, thread, move || handler.run()).map_err(|e| {
+            LazyError::Thread {
+                name: tname.clone(),
                 what: e.to_string(),
-            })?;
+            }
+        })?;
         Ok(Self {
             shared,
             before: Mutex::new(before),

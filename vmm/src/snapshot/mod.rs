@@ -319,6 +319,7 @@ impl Vm {
                 fault_spin: Duration::ZERO,
                 anon_memory: false,
                 identity: false,
+                pool: None,
             },
         )
     }
