@@ -198,11 +198,6 @@ impl CowLayer {
         (i < self.ranges.len() && self.ranges[i].0 <= gfn).then_some(i)
     }
 
-    /// Pages still to copy (for tests and reports).
-    pub fn remaining_ranges(&self) -> usize {
-        self.remaining.load(Ordering::Acquire)
-    }
-
     /// Copies range `r` if nobody has, then lifts its protection (waking blocked writers).
     fn complete(&self, r: usize) {
         if self.range_done.get(r as u64) {
