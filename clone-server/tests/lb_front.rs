@@ -354,9 +354,29 @@ async fn front_end_without_reachable_workers_answers_502_in_bounded_time() {
 
     // No workers at all: 503 at once.
     let empty = Arc::new(FixedPool::new(net.netns(), &[]));
-    let h = front::start(net.netns(), listen, empty, FrontOptions::default())
+    let quiet = FrontOptions {
+        header_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let h = front::start(net.netns(), listen, empty, quiet)
         .await
         .expect("front end");
+    // A client that connects and sends nothing is closed after the header timeout.
+    let n2 = net.clone();
+    let (n, took) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = n2.connect(listen, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = std::time::Instant::now();
+        let mut b = [0u8; 512];
+        (s.read(&mut b).unwrap_or(0), t.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "a silent client kept its connection for {took:?} ({n} bytes)"
+    );
     let n2 = net.clone();
     let (resp, took) = tokio::task::spawn_blocking(move || {
         exchange(&n2, listen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

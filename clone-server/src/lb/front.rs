@@ -80,6 +80,9 @@ pub struct FrontOptions {
     pub down_for: Duration,
     /// Largest request body accepted (413 above).
     pub max_body: usize,
+    /// A client connection that does not complete a request's headers within this time (an
+    /// idle keep-alive connection included) is closed.
+    pub header_timeout: Duration,
 }
 
 impl Default for FrontOptions {
@@ -88,6 +91,7 @@ impl Default for FrontOptions {
             upstream_timeout: Duration::from_secs(5),
             down_for: Duration::from_secs(2),
             max_body: 1 << 20,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -226,12 +230,15 @@ async fn serve_conn<P: Pool>(
     stream: tokio::net::TcpStream,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let header_timeout = front.opts.header_timeout;
     let svc = hyper::service::service_fn(move |req| front.clone().handle(req));
     // The worker's answer goes out as it came: header names in its case, no added Date.
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .preserve_header_case(true)
         .auto_date_header(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
