@@ -71,19 +71,7 @@ async fn pooled_clones_answer_and_metrics_count_hits_and_misses() {
         for (i, cl) in clones.iter().enumerate() {
             assert!(identities.insert(cl["identity"]["mac"].to_string()), "{cl}");
             let req = Workload::Web.requests(300 + i as u64, 1).remove(0);
-            let r = c
-                .send(
-                    Method::POST,
-                    cl["request_url"].as_str().unwrap(),
-                    Some("application/octet-stream"),
-                    req.clone(),
-                )
-                .await
-                .unwrap();
-            assert_eq!(r.status, StatusCode::OK);
-            if r.headers["x-kscope-status"] == "0" {
-                Workload::Web.check(&req, &r.body).unwrap();
-            }
+            ask_web_checked(&c, cl["request_url"].as_str().unwrap(), &req).await;
         }
         let (hits, misses) = (
             metric(&c, "kscope_pool_hits_total").await,

@@ -292,3 +292,22 @@ pub fn assert_error(v: &Value, code: &str) {
 pub fn web_request() -> Vec<u8> {
     b"GET / HTTP/1.1\r\nHost: kscope\r\n\r\n".to_vec()
 }
+
+/// POST one web request to a VM's request URL: the service answers 200, and the guest's
+/// answer, when it served the request (`x-kscope-status: 0`), passes the workload's check.
+pub async fn ask_web_checked(c: &ApiClient, request_url: &str, req: &[u8]) -> RawResponse {
+    let r = c
+        .send(
+            Method::POST,
+            request_url,
+            Some("application/octet-stream"),
+            req.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    if r.headers["x-kscope-status"] == "0" {
+        kscope_workloads::Workload::Web.check(req, &r.body).unwrap();
+    }
+    r
+}
