@@ -7,7 +7,7 @@
 
 mod api_util;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use kscope::lb::front::{self, FixedPool, FrontOptions};
 use kscope::lb::{self, LbOptions, Source};
 use kscope::server::Limits;
 use kscope_vmm::net::{Network, BRIDGE_IP};
-use kscope_workloads::Workload;
+use kscope_workloads::{read_http_response, Workload};
 
 /// The namespace, or None (the test is skipped) where guest networking cannot be set up.
 fn network() -> Option<Arc<Network>> {
@@ -27,39 +27,6 @@ fn network() -> Option<Arc<Network>> {
             eprintln!("SKIPPED: guest networking is unavailable: {e}");
             None
         }
-    }
-}
-
-/// Read one HTTP response (head + Content-Length body, or the head alone for a HEAD
-/// request); leftover bytes stay in `buf`.
-fn read_response(
-    s: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    head_only: bool,
-) -> std::io::Result<Vec<u8>> {
-    let mut tmp = [0u8; 16384];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            let len = if head_only { 0 } else { len };
-            if buf.len() >= end + 4 + len {
-                let rest = buf.split_off(end + 4 + len);
-                return Ok(std::mem::replace(buf, rest));
-            }
-        }
-        let n = s.read(&mut tmp)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        buf.extend_from_slice(&tmp[..n]);
     }
 }
 
@@ -76,7 +43,7 @@ fn exchange(net: &Network, addr: SocketAddr, req: &[u8]) -> (Vec<u8>, Duration) 
     let t = Instant::now();
     let mut s = connect(net, addr);
     s.write_all(req).unwrap();
-    let r = read_response(&mut s, &mut Vec::new(), is_head(req))
+    let r = read_http_response(&mut s, &mut Vec::new(), is_head(req))
         .unwrap_or_else(|e| panic!("no answer from the front end after {:?}: {e}", t.elapsed()));
     (r, t.elapsed())
 }
@@ -153,7 +120,7 @@ async fn front_end_spreads_over_clones_and_survives_a_deleted_worker() {
         let mut buf = Vec::new();
         for req in mix(3, 60) {
             s.write_all(&req).unwrap();
-            let resp = read_response(&mut s, &mut buf, is_head(&req)).unwrap_or_else(|e| {
+            let resp = read_http_response(&mut s, &mut buf, is_head(&req)).unwrap_or_else(|e| {
                 panic!("no answer to {:?}: {e}", String::from_utf8_lossy(&req))
             });
             if let Err(e) = w.check(&req, &resp) {

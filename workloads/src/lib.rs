@@ -30,8 +30,8 @@ pub mod guest;
 mod host;
 #[cfg(not(feature = "guest-bins"))]
 pub use host::{
-    build_image, check, dataset, default_image, host_handler, lz_decode, requests, try_build_image,
-    Dataset, ImageError,
+    build_image, check, dataset, default_image, host_handler, lz_decode, read_http_response,
+    requests, try_build_image, Dataset, ImageError,
 };
 
 pub use data::ImageOptions;

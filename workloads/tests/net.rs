@@ -4,7 +4,7 @@
 //! identity, and do not continue the parent's connections. All traffic stays inside the
 //! namespace; counts and times are bounded.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,31 +46,8 @@ fn boot(net: &Arc<Network>, w: Workload, name: &str) -> Vm {
     vm
 }
 
-/// Read one HTTP response (headers + Content-Length body) from `s`.
 fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
-    let mut tmp = [0u8; 16384];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let rest = buf.split_off(end + 4 + len);
-                return Ok(std::mem::replace(buf, rest));
-            }
-        }
-        let n = s.read(&mut tmp)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
+    kscope_workloads::read_http_response(s, buf, false)
 }
 
 fn connect(net: &Network, ip: Ipv4Addr) -> TcpStream {

@@ -1,5 +1,6 @@
 //! Host side: the image builder, the data set cache, request mixes and response checks.
 
+mod http;
 mod reference;
 mod requests;
 mod web_check;
@@ -21,6 +22,7 @@ use crate::files::MemFiles;
 use crate::handlers::{handler_for, Handler};
 use crate::Workload;
 
+pub use http::read_http_response;
 pub use reference::lz_decode;
 pub use requests::requests;
 
