@@ -81,9 +81,8 @@ impl CowTracker {
     }
 
     /// With the VM paused: finds the view's anonymous pages and write-protects them. Returns
-    /// the layer (complete it with [`CowTracker::launch`] after the resume) and the pages it
-    /// holds.
-    pub fn capture(&mut self, name: &str) -> Result<(Arc<CowLayer>, Bitmap), VmError> {
+    /// the layer (complete it with [`CowTracker::launch`] after the resume).
+    pub fn capture(&mut self, name: &str) -> Result<Arc<CowLayer>, VmError> {
         self.settle();
         let base = self.ram.host_addr() as u64;
         let pages = self.ram.size() / PAGE_SIZE as u64;
@@ -138,11 +137,11 @@ impl CowTracker {
             failed: Mutex::new(None),
             src: Mutex::new((!ranges.is_empty()).then(|| self.ram.clone())),
             uffd: self.uffd.clone(),
-            present: present.clone(),
+            present,
             ranges,
             file,
         });
-        Ok((layer, present))
+        Ok(layer)
     }
 
     /// After the resume: starts the thread that copies `layer` and serves the parent's
@@ -193,6 +192,11 @@ impl std::fmt::Debug for CowLayer {
 }
 
 impl CowLayer {
+    /// The pages the layer holds (written by the parent before the freeze).
+    pub fn present(&self) -> &Bitmap {
+        &self.present
+    }
+
     fn range_of(&self, gfn: Gfn) -> Option<usize> {
         let i = self.ranges.partition_point(|&(_, e)| e <= gfn);
         (i < self.ranges.len() && self.ranges[i].0 <= gfn).then_some(i)

@@ -174,12 +174,10 @@ impl Vm {
                 };
                 base
             }
-            Pending::Cow {
-                base,
-                layer,
-                present,
-            } => {
+            Pending::Cow { base, layer } => {
                 // Its copier was started right after the resume.
+                let present = layer.present().clone();
+                rep.pages_protected = present.count();
                 let mut img = LayeredImage::new(base);
                 img.push(layer, present)?;
                 Arc::new(img)
@@ -225,8 +223,9 @@ impl Vm {
         rep.capture = t.elapsed();
         let t = Instant::now();
         let ram = self.memory.load();
-        let pending = match &ps.base {
-            None => {
+        let copy = ps.copy_while_paused;
+        let pending = match (&ps.base, ps.cow.as_mut()) {
+            (None, _) => {
                 if ram.is_private() {
                     return Err(VmError::Internal(
                         "guest RAM is a private view without a frozen base".into(),
@@ -244,20 +243,11 @@ impl Vm {
                 rep.first = true;
                 Pending::First { file, old }
             }
-            Some(base) if ps.cow.is_some() && !ps.copy_while_paused => {
-                let cow = ps
-                    .cow
-                    .as_mut()
-                    .ok_or_else(|| VmError::Internal("no tracker".into()))?;
-                let (layer, present) = cow.capture(self.name())?;
-                rep.pages_protected = present.count();
-                Pending::Cow {
-                    base: base.clone(),
-                    layer,
-                    present,
-                }
-            }
-            Some(base) => {
+            (Some(base), Some(cow)) if !copy => Pending::Cow {
+                base: base.clone(),
+                layer: cow.capture(self.name())?,
+            },
+            (Some(base), _) => {
                 let dirty = private_pages(ram.host_addr() as u64, self.pages())?;
                 let delta = copy_delta(&ram, &dirty)?;
                 rep.pages_copied = dirty.count();
@@ -287,6 +277,5 @@ enum Pending {
     Cow {
         base: Arc<DeferredImage>,
         layer: Arc<CowLayer>,
-        present: Bitmap,
     },
 }
