@@ -111,6 +111,13 @@ pub struct ParentState {
     /// Later freezes copy the dirty pages while paused (the method before copy-on-write
     /// capture; a baseline for benchmarks), see [`crate::Vm::set_capture_by_copy`].
     pub(crate) copy_while_paused: bool,
+    /// The VM the first freeze moves this one onto (see [`crate::clone::rehome`]), made ahead
+    /// of time by [`crate::Vm::prepare_freeze`] or on the first freeze call.
+    pub(crate) standby: Option<crate::clone::rehome::Standby>,
+    /// The first freeze re-points the KVM slot instead of moving onto a standby VM (the
+    /// method before the standby; a baseline for benchmarks), see
+    /// [`crate::Vm::set_first_freeze_by_repoint`].
+    pub(crate) repoint_first: bool,
 }
 
 /// Where the time of a freeze went.
@@ -135,4 +142,9 @@ pub struct FreezeReport {
     pub complete: Duration,
     /// True for the first freeze (zero-copy view swap).
     pub first: bool,
+    /// First freeze: making the standby VM on this call, before the pause (zero when it was
+    /// made ahead of time with [`crate::Vm::prepare_freeze`]).
+    pub prepare: Duration,
+    /// First freeze: the VM moved onto a standby VM (`false`: the KVM slot was re-pointed).
+    pub rehomed: bool,
 }

@@ -42,6 +42,13 @@ pub enum VcpuMsg {
     GetState(Sender<Result<VcpuState, VmError>>),
     /// Restore a vCPU state (only honoured while paused or parked).
     SetState(Box<VcpuState>, Sender<Result<(), VmError>>),
+    /// Run this vCPU from now on (state already loaded) and hand back the one run so far
+    /// (only honoured while paused or parked; otherwise the given vCPU comes back). A parent
+    /// moves onto a fresh VM this way at its first freeze (see `clone::freeze`).
+    Swap(
+        Box<dyn HvVcpu>,
+        Sender<Result<Box<dyn HvVcpu>, Box<dyn HvVcpu>>>,
+    ),
 }
 
 /// Why a VM ended.
@@ -271,6 +278,15 @@ impl VcpuThread {
                     self.vcpu.restore_state(&st)
                 };
                 let _ = tx.send(r);
+                s
+            }
+            VcpuMsg::Swap(mut vcpu, tx) => {
+                if s == RunState::Running {
+                    let _ = tx.send(Err(vcpu));
+                } else {
+                    vcpu.bind_to_current_thread();
+                    let _ = tx.send(Ok(std::mem::replace(&mut self.vcpu, vcpu)));
+                }
                 s
             }
         }

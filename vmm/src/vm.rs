@@ -42,7 +42,7 @@ pub const CONSOLE_CAPACITY: usize = 1 << 20;
 /// Lines of console included in error reports.
 const TAIL_LINES: usize = 20;
 /// KVM memory slot of guest RAM.
-const RAM_SLOT: u32 = 0;
+pub(crate) const RAM_SLOT: u32 = 0;
 /// GPA of the block device.
 pub const BLOCK_GPA: u64 = MMIO_BASE;
 /// GPA of the request device.
@@ -87,7 +87,7 @@ pub(crate) struct VmCore {
     status: Mutex<Status>,
     cond: Condvar,
     console: Arc<ConsoleBuffer>,
-    controls: Vec<Arc<VcpuControl>>,
+    pub(crate) controls: Vec<Arc<VcpuControl>>,
     requests: VirtioRequestTransport,
     net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
     boot_start: Instant,
@@ -252,7 +252,8 @@ pub struct Vm {
     // then guest RAM is unmapped (and a clone's fault server stopped).
     pub(crate) core: Arc<VmCore>,
     threads: Mutex<Vec<Worker<()>>>,
-    pub(crate) hv: Box<dyn HvVm>,
+    /// The KVM VM. Replaced once, at the first freeze ([`crate::clone`]'s re-home).
+    pub(crate) hv: Mutex<Box<dyn HvVm>>,
     pub(crate) memory: Arc<GuestMemory>,
     mem_bytes: u64,
     pub(crate) devices: DeviceSet,
@@ -511,7 +512,7 @@ impl Vm {
         let vm = Vm {
             core,
             threads: Mutex::new(threads),
-            hv,
+            hv: Mutex::new(hv),
             memory,
             mem_bytes,
             devices: DeviceSet {
@@ -741,13 +742,11 @@ impl Vm {
             )));
         }
         let ram = Arc::new(ram);
-        self.hv.remove_memory_slot(RAM_SLOT, 0)?;
+        let hv = self.hv();
+        hv.remove_memory_slot(RAM_SLOT, 0)?;
         // SAFETY: `ram` is kept alive by `self.memory` (replaced below) for as long as the
         // slot points at it; the old mapping is released only after the slot moved away.
-        unsafe {
-            self.hv
-                .set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())?
-        };
+        unsafe { hv.set_memory_slot(RAM_SLOT, 0, ram.size(), ram.host_addr())? };
         Ok(self.memory.replace(ram))
     }
 
@@ -776,9 +775,14 @@ impl Vm {
         state::capture(
             &self.core.controls,
             &self.devices,
-            self.hv.as_ref(),
+            self.hv().as_ref(),
             ready_value,
         )
+    }
+
+    /// The KVM VM (locked: a first freeze may replace it).
+    pub(crate) fn hv(&self) -> std::sync::MutexGuard<'_, Box<dyn HvVm>> {
+        self.hv.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Fail with a [`StateError`] unless `op` is valid in the VM's current state (the table in

@@ -130,6 +130,64 @@ fn bench_later_pause_copy_vs_cow() {
     }
 }
 
+/// The first pause with the parent moved onto a standby VM (made ahead with
+/// `Vm::prepare_freeze`) against the slot re-point baseline, in the same run: per size, 3 fresh
+/// parents per method, alternating; each touches `KSCOPE_BENCH_FILL` of its RAM first.
+#[test]
+#[ignore]
+fn bench_first_pause_standby_vs_repoint() {
+    println!("| RAM | populated | method | first pause (ms) | stop/capture/memory (ms) | parent's next answer (ms) | clone call -> first instr. (ms) |");
+    println!("|---|---|---|---|---|---|---|");
+    for mb in sizes(&[64, 256, 1024, 4096]) {
+        let mut pauses: [Vec<f64>; 2] = Default::default();
+        for rep in 0..3 {
+            for (m, repoint) in [false, true].into_iter().enumerate() {
+                let vm = boot(&format!("bfirst{mb}-{rep}-{m}"), mb * MB);
+                populate(&vm, fill());
+                let footprint = vm.memory_stats().footprint_bytes;
+                vm.set_first_freeze_by_repoint(repoint);
+                vm.prepare_freeze().unwrap();
+                let b = vm.clone_children(1, &CloneOptions::default()).unwrap();
+                let t = Instant::now();
+                assert_eq!(ask(&vm, "echo p"), "p");
+                let next = t.elapsed();
+                assert_eq!(ask(&b.children[0], "echo c"), "c");
+                let f = &b.freeze;
+                assert!(f.first && f.rehomed != repoint, "{f:?}");
+                assert_eq!(f.prepare, Duration::ZERO, "{f:?}");
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                pauses[m].push(ms(b.parent_pause));
+                println!(
+                    "| {mb} MiB | {} MiB | {} | {:.2} | {:.2}/{:.2}/{:.2} | {:.2} | {:.2} |",
+                    footprint >> 20,
+                    if repoint {
+                        "slot re-point"
+                    } else {
+                        "standby VM"
+                    },
+                    ms(b.parent_pause),
+                    ms(f.stop_vcpus),
+                    ms(f.capture),
+                    ms(f.memory),
+                    ms(next),
+                    ms(b.clone_latency[0]),
+                );
+                drop(b);
+                vm.stop().unwrap();
+            }
+        }
+        for v in &mut pauses {
+            v.sort_by(f64::total_cmp);
+        }
+        println!(
+            "  {mb} MiB median first pause: standby {:.2} ms, re-point {:.2} ms, ratio {:.3}",
+            pauses[0][1],
+            pauses[1][1],
+            pauses[0][1] / pauses[1][1]
+        );
+    }
+}
+
 #[test]
 #[ignore]
 fn bench_batch_creation() {

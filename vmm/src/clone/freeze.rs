@@ -1,10 +1,13 @@
 //! Freezing a running VM's memory into a generation image with a short pause.
 //!
-//! - **First freeze** of a VM whose RAM is a `MAP_SHARED` memfd `F`: pause, capture vCPU and
-//!   device state, map `F` again `MAP_PRIVATE` and re-point the KVM slot at that view
-//!   (`Vm::swap_memory`), resume. From then on the parent's writes land in private
-//!   copy-on-write pages and `F` is frozen: it *is* the image. Nothing is copied; the pause is
-//!   one `mmap` and a slot delete/re-add. The image's hole scan (`SEEK_DATA`) and the unmap of
+//! - **First freeze** of a VM whose RAM is a `MAP_SHARED` memfd `F`: from then on the parent
+//!   runs on a `MAP_PRIVATE` view of `F`, its writes land in private copy-on-write pages and
+//!   `F` is frozen: it *is* the image. Nothing is copied. The parent moves onto a *standby*
+//!   KVM VM whose slot already maps the view ([`super::rehome`]): the pause captures the
+//!   vCPU and device state and loads it into the standby's vCPUs, and does not depend on
+//!   memory size. (The method before, kept as a baseline, re-points the VM's own slot at the
+//!   view while paused, `Vm::swap_memory`: KVM then drops every shadow mapping inside the
+//!   pause.) The image's hole scan (`SEEK_DATA`), the old KVM VM's teardown and the unmap of
 //!   the old mapping happen after the parent resumed.
 //! - **Later freezes** (the parent runs on the private view of `F`): the image is `F` plus a
 //!   delta layer of the pages the parent wrote since the first freeze. They are exactly the
@@ -24,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::cow::{CowLayer, CowTracker};
+use super::rehome::{Retired, Standby};
 use crate::error::VmError;
 use crate::generation::{FreezeReport, Generation, ParentState};
 use crate::hostmem::{memfd_create, Gfn, PAGE_SIZE};
@@ -72,7 +76,7 @@ fn copy_delta(ram: &GuestRam, dirty: &Bitmap) -> Result<OwnedFd, VmError> {
 
 /// Drop the page table entries of a `MAP_SHARED` guest RAM mapping nobody uses any more, 32 MiB
 /// at a time (`MADV_DONTNEED` takes the mmap lock shared, per chunk). The file keeps the data.
-fn release_page_tables(ram: &GuestRam) {
+pub(super) fn release_page_tables(ram: &GuestRam) {
     if ram.is_private() {
         return;
     }
@@ -124,6 +128,12 @@ impl Vm {
                 rep.complete = t.elapsed();
             }
         }
+        if ps.base.is_none() && !ps.repoint_first && ps.standby.is_none() {
+            // The standby VM of the first freeze, unless made ahead (`prepare_freeze`).
+            let t = Instant::now();
+            ps.standby = Some(Standby::prepare(&self.memory.load(), self.cfg.vcpus)?);
+            rep.prepare = t.elapsed();
+        }
         // Read the host CPU (CPUID, which may exit to an outer hypervisor) before the pause;
         // the capture below then finds it cached.
         crate::state::HostCpu::current();
@@ -146,19 +156,9 @@ impl Vm {
         let t1 = Instant::now();
         let image: Arc<dyn PageSource> = match pending {
             Pending::First { file, old } => {
-                // Unmapping the old shared mapping costs time proportional to its populated
-                // pages and holds the process's mmap lock throughout, stalling every mmap
-                // (new clones) meanwhile: drop its page tables in small chunks first, on a
-                // short-lived thread, then unmap the empty range.
-                let reaper = std::thread::Builder::new()
-                    .name("kscope-unmap".into())
-                    .spawn(move || {
-                        release_page_tables(&old);
-                        drop(old);
-                    });
-                if let Err(e) = reaper {
-                    tracing::debug!("no unmap thread ({e}); unmapping inline");
-                }
+                // Tearing down the old KVM VM and unmapping the old shared mapping cost time
+                // proportional to the populated pages: on a thread, after the resume.
+                old.release();
                 let base = DeferredImage::start(dup(&file)?, self.pages())?;
                 ps.base = Some(base.clone());
                 // Later freezes capture copy-on-write through write-protection of the view.
@@ -209,6 +209,18 @@ impl Vm {
         ps.copy_while_paused = copy;
     }
 
+    /// The first freeze of this VM re-points its KVM memory slot at the private view while
+    /// paused (`true`: the method before the standby VM, kept as a baseline for benchmarks;
+    /// the pause then grows with the populated memory) or moves the VM onto a standby VM
+    /// (`false`, the default; see [`super::rehome`]). Takes effect at the first freeze.
+    pub fn set_first_freeze_by_repoint(&self, repoint: bool) {
+        let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
+        ps.repoint_first = repoint;
+        if repoint {
+            ps.standby = None;
+        }
+    }
+
     fn pages(&self) -> u64 {
         self.mem_bytes() / PAGE_SIZE as u64
     }
@@ -237,9 +249,18 @@ impl Vm {
                         VmError::Internal("anonymous guest RAM cannot be frozen".into())
                     })?
                     .clone();
-                let view = GuestRam::from_file(file.clone(), ram.size(), libc::MAP_PRIVATE)?;
-                let old = self.swap_memory(view)?;
                 drop(ram);
+                let old = match ps.standby.take() {
+                    Some(standby) => {
+                        rep.rehomed = true;
+                        self.rehome(standby, &state)?
+                    }
+                    None => {
+                        let view =
+                            GuestRam::from_file(file.clone(), self.mem_bytes(), libc::MAP_PRIVATE)?;
+                        Retired::mapping(self.swap_memory(view)?)
+                    }
+                };
                 rep.first = true;
                 Pending::First { file, old }
             }
@@ -267,7 +288,7 @@ impl Vm {
 enum Pending {
     First {
         file: Arc<File>,
-        old: Arc<GuestRam>,
+        old: Retired,
     },
     Later {
         base: Arc<DeferredImage>,

@@ -17,6 +17,7 @@
 pub(crate) mod child;
 pub mod cow;
 pub mod freeze;
+pub(crate) mod rehome;
 
 pub use child::SpawnBreakdown;
 
