@@ -87,19 +87,23 @@ pub struct SizeReport {
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
-type Sample = [f64; 20];
+type Sample = [f64; 25];
 
 /// One-clone calls per repetition and mode (their median is the repetition's value).
 const SINGLES: usize = 5;
 
 /// Index of the first pooled figure in [`NAMES`].
-const POOLED: usize = 6;
+const POOLED: usize = 10;
 
-const NAMES: [(&str, &str, f64, bool); 20] = [
+const NAMES: [(&str, &str, f64, bool); 25] = [
     ("parent pause, first clone", "ms", 1.0, true),
+    ("  before: slot re-point", "ms", 1.0, true),
+    ("  standby VM / slot re-point", "x", 0.0, true),
     ("parent pause, later clone (dirtied)", "ms", 1.0, true),
     ("pages copied in later pause", "pages", 0.0, true),
-    ("clone call -> first instruction", "ms", 1.0, true),
+    ("first clone: call -> first instruction", "ms", 1.0, true),
+    ("  before: re-point, no pool", "ms", 1.0, true),
+    ("  now / before", "x", 0.0, true),
     ("n clones: call -> all running", "ms", 64.0, true),
     ("clone 1st-second throughput / parent", "x", 0.8, false),
     // Same run, later generations of the same parent, without then with the pool; n-clone
@@ -118,6 +122,7 @@ const NAMES: [(&str, &str, f64, bool); 20] = [
     ("  pool, together / no pool (n clones)", "x", 0.0, true),
     ("pool, together: n clones: first child", "ms", 0.0, true),
     ("pool: host memory per shell", "MiB", 0.0, true),
+    ("first freeze: standby made on the call", "ms", 0.0, true),
 ];
 
 /// The host's MemAvailable in MiB (for the pool's memory cost).
@@ -153,25 +158,12 @@ struct Pooled {
 fn pooled_rep(
     cfg: &CloneBenchConfig,
     parent: &Vm,
+    (pool, mib_per_shell): (Arc<ShellPool>, f64),
     parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
 ) -> anyhow::Result<Pooled> {
     let direct = CloneOptions::default();
-    let key = ShellKey {
-        mem_bytes: parent.mem_bytes(),
-        vcpus: parent.config().vcpus,
-    };
-    let before = mem_available_mib();
-    let pool = Arc::new(ShellPool::new(cfg.pool).context("starting the VM pool")?);
-    pool.prepare(key);
-    let fill = Duration::from_secs(120);
-    let ready = pool.wait_ready(key, cfg.pool, fill);
-    anyhow::ensure!(
-        ready >= cfg.pool,
-        "the VM pool made {ready} of {} shells in {fill:?}: {}",
-        cfg.pool,
-        pool.last_error().unwrap_or_default()
-    );
-    let mib_per_shell = (before - mem_available_mib()) / cfg.pool as f64;
+    let key = shell_key(parent);
+    let fill = POOL_FILL;
     let pooled = CloneOptions {
         pool: Some(pool.clone()),
         ..CloneOptions::default()
@@ -234,6 +226,53 @@ fn pooled_rep(
     })
 }
 
+/// How long a pool may take to fill.
+const POOL_FILL: Duration = Duration::from_secs(120);
+
+fn shell_key(vm: &Vm) -> ShellKey {
+    ShellKey {
+        mem_bytes: vm.mem_bytes(),
+        vcpus: vm.config().vcpus,
+    }
+}
+
+/// A full pool of `cfg.pool` shells for `key` and the host memory each one costs (MiB).
+fn full_pool(cfg: &CloneBenchConfig, key: ShellKey) -> anyhow::Result<(Arc<ShellPool>, f64)> {
+    let before = mem_available_mib();
+    let pool = Arc::new(ShellPool::new(cfg.pool).context("starting the VM pool")?);
+    pool.prepare(key);
+    let ready = pool.wait_ready(key, cfg.pool, POOL_FILL);
+    anyhow::ensure!(
+        ready >= cfg.pool,
+        "the VM pool made {ready} of {} shells in {POOL_FILL:?}: {}",
+        cfg.pool,
+        pool.last_error().unwrap_or_default()
+    );
+    Ok((pool, (before - mem_available_mib()) / cfg.pool as f64))
+}
+
+/// The baseline of the first clone, as before the standby VM and the pool: a fresh parent,
+/// warmed the same way, whose first freeze re-points its KVM slot, cloned once without a
+/// pool. Returns (parent pause, call -> first instruction) in ms.
+fn first_clone_before(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<(f64, f64)> {
+    let b = runner::boot(
+        Workload::Web,
+        mem,
+        &format!("bench-clone-{}m-{rep}-before", mem >> 20),
+    )?;
+    let warm = Workload::Web.requests(11 + rep as u64, cfg.warm_requests.max(1));
+    runner::drive(&b.vm, Workload::Web, &warm, 4, true).context("warming the baseline parent")?;
+    b.vm.set_first_freeze_by_repoint(true);
+    let first =
+        b.vm.clone_children(1, &CloneOptions::default())
+            .context("first clone of the baseline parent")?;
+    for c in &first.children {
+        c.stop()?;
+    }
+    b.vm.stop()?;
+    Ok((ms(first.parent_pause), ms(first.clone_latency[0])))
+}
+
 /// Requests served by `vm` in `dur` (window of 4 in flight), all answers checked.
 fn served_in(vm: &Vm, reqs: &[Vec<u8>], dur: Duration) -> anyhow::Result<usize> {
     let start = Instant::now();
@@ -270,9 +309,22 @@ fn one_rep(
     let warm = Workload::Web.requests(11 + rep as u64, cfg.warm_requests.max(1));
     let reqs = Workload::Web.requests(1000 + rep as u64, 4096);
     runner::drive(parent, Workload::Web, &warm, 4, true).context("warming the parent")?;
+    // As `kscope serve` does after a boot: the standby VM of the first freeze, made ahead.
+    parent
+        .prepare_freeze()
+        .context("making the parent's standby VM")?;
     let parent_served = served_in(parent, &reqs, cfg.window).context("parent throughput")?;
 
-    let opts = CloneOptions::default();
+    // The first clone from the pool when there is one.
+    let pool = if cfg.pool > 0 {
+        Some(full_pool(cfg, shell_key(parent))?)
+    } else {
+        None
+    };
+    let opts = CloneOptions {
+        pool: pool.as_ref().map(|(p, _)| p.clone()),
+        ..CloneOptions::default()
+    };
     let first = parent.clone_children(1, &opts).context("first clone")?;
     let child_served =
         served_in(&first.children[0], &reqs, cfg.window).context("first clone's throughput")?;
@@ -280,6 +332,7 @@ fn one_rep(
         c.stop()?;
     }
     drop(first.children);
+    let opts = CloneOptions::default();
 
     runner::drive(parent, Workload::Web, &warm, 4, true).context("dirtying the parent")?;
     let later = parent.clone_children(1, &opts).context("later clone")?;
@@ -301,8 +354,8 @@ fn one_rep(
         c.stop()?;
     }
     drop(batch);
-    let p = if cfg.pool > 0 {
-        pooled_rep(cfg, parent, pooled_parts)?
+    let p = if let Some(pool) = pool {
+        pooled_rep(cfg, parent, pool, pooled_parts)?
     } else {
         Pooled {
             freeze: f64::NAN,
@@ -314,11 +367,18 @@ fn one_rep(
         }
     };
     parent.stop()?;
+    drop(b);
+    let (before_pause, before_call) = first_clone_before(cfg, mem, rep)?;
+    let call = ms(first.clone_latency[0]);
     Ok([
         ms(first.parent_pause),
+        before_pause,
+        ms(first.parent_pause) / before_pause,
         ms(later.parent_pause),
         later.freeze.pages_copied as f64,
-        ms(first.clone_latency[0]),
+        call,
+        before_call,
+        call / before_call,
         ms(all_running),
         child_served as f64 / parent_served.max(1) as f64,
         p.freeze + p.direct_spawn,
@@ -335,6 +395,7 @@ fn one_rep(
         p.batch[3] / p.batch[0],
         p.together_first,
         p.mib_per_shell,
+        ms(first.freeze.prepare),
     ])
 }
 

@@ -261,3 +261,64 @@ fn two_clones_draw_different_random_streams() {
     );
     assert_eq!(ask(&parent, "sigclone"), "0 0");
 }
+
+/// The first freeze moves the parent onto a standby KVM VM (made ahead or on the call) or, as
+/// the baseline, re-points its slot: either way the parent keeps running with its devices,
+/// request path and counters, a request queued across the freeze is answered, the image holds
+/// the parent's memory at the freeze and nothing written after it, and the parent's later
+/// freezes capture copy-on-write.
+#[test]
+fn first_freeze_moves_the_parent_onto_a_standby_vm() {
+    let marker = 0x60000;
+    for (name, repoint, ahead) in [
+        ("p-standby", false, true),
+        ("p-standby-call", false, false),
+        ("p-repoint", true, false),
+    ] {
+        let parent = boot(name, 64 * MB);
+        ask(&parent, "alloc 256");
+        parent.set_first_freeze_by_repoint(repoint);
+        if ahead {
+            parent.prepare_freeze().unwrap();
+            parent.prepare_freeze().unwrap();
+        }
+        parent.write_phys(marker, b"before").unwrap();
+        let exits = parent.exit_counts();
+        let pending = parent.submit(kind::WORKLOAD, b"echo across").unwrap();
+        let batch = parent.clone_children(1, &CloneOptions::default()).unwrap();
+        let f = batch.freeze;
+        assert!(f.first && f.rehomed != repoint, "{name}: {f:?}");
+        assert_eq!(f.prepare.is_zero(), ahead || repoint, "{name}: {f:?}");
+        assert_eq!(pending.wait(T).unwrap().payload, b"across");
+        parent.write_phys(marker, b"after!").unwrap();
+        let r = ask(&parent, "alloc 256");
+        assert!(r.starts_with("ok"), "{name}: {r}");
+        assert_eq!(parent.state(), VmState::Running, "{name}");
+        assert!(parent.exit_counts().io >= exits.io, "{name}: counters kept");
+        let mut b = [0u8; 6];
+        batch.generation.read_phys(marker, &mut b).unwrap();
+        assert_eq!(&b, b"before", "{name}: image");
+        let child = &batch.children[0];
+        child.read_phys(marker, &mut b).unwrap();
+        assert_eq!(&b, b"before", "{name}: child");
+        parent.read_phys(marker, &mut b).unwrap();
+        assert_eq!(&b, b"after!", "{name}: parent");
+        assert_eq!(ask(child, "echo c"), "c");
+        // A later freeze: copy-on-write capture of what the parent wrote since.
+        let later = parent.clone_children(1, &CloneOptions::default()).unwrap();
+        assert!(
+            !later.freeze.first && later.freeze.pages_protected > 0,
+            "{name}: {:?}",
+            later.freeze
+        );
+        assert_eq!(later.freeze.pages_copied, 0, "{name}");
+        later.children[0].read_phys(marker, &mut b).unwrap();
+        assert_eq!(&b, b"after!", "{name}: later child");
+        assert_eq!(ask(&later.children[0], "echo l"), "l");
+        assert_eq!(ask(&parent, "echo p"), "p");
+        parent.prepare_freeze().unwrap();
+        drop(later);
+        drop(batch);
+        parent.stop().unwrap();
+    }
+}

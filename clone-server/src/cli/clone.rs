@@ -87,6 +87,11 @@ pub fn clone_workload(
     let parent = runner::boot(w, mem, &format!("{}-parent", w.name()))?;
     let parent_warm = runner::drive(&parent.vm, w, &w.requests(1, warm), 4, true)
         .context("warming the parent")?;
+    // As `kscope serve` does after a boot: the standby VM of the first freeze, made ahead.
+    parent
+        .vm
+        .prepare_freeze()
+        .context("making the parent's standby VM")?;
     let t = Instant::now();
     let batch = parent
         .vm

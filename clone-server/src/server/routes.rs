@@ -239,6 +239,14 @@ async fn create_vm(State(s): St, JsonBody(body): JsonBody<CreateVm>) -> ApiResul
             vcpus: entry.vm.config().vcpus,
         });
     }
+    // And the standby VM of its first freeze (see `kscope_vmm::Vm::prepare_freeze`), so that
+    // the first clone call does not make it; off the request path.
+    let standby = entry.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = standby.vm.prepare_freeze() {
+            tracing::warn!(vm = %standby.id, "no standby VM for the first clone (the first clone call makes it): {e}");
+        }
+    });
     tracing::info!(vm = %id, workload = workload.name(), mem, "VM created");
     Ok((StatusCode::CREATED, Json(entry.view())).into_response())
 }

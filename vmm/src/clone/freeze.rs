@@ -161,17 +161,20 @@ impl Vm {
                 old.release();
                 let base = DeferredImage::start(dup(&file)?, self.pages())?;
                 ps.base = Some(base.clone());
-                // Later freezes capture copy-on-write through write-protection of the view.
-                ps.cow = match CowTracker::new(self.memory.load()) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        tracing::debug!(
-                            "{}: later freezes will copy while paused: {e}",
-                            self.name()
-                        );
-                        None
-                    }
-                };
+                // Later freezes capture copy-on-write through write-protection of the view
+                // (registered with the standby VM ahead of time, or now after a re-point).
+                if !rep.rehomed {
+                    ps.cow = match CowTracker::new(self.memory.load()) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            tracing::debug!(
+                                "{}: later freezes will copy while paused: {e}",
+                                self.name()
+                            );
+                            None
+                        }
+                    };
+                }
                 base
             }
             Pending::Cow { base, layer } => {
@@ -236,6 +239,8 @@ impl Vm {
         let t = Instant::now();
         let ram = self.memory.load();
         let copy = ps.copy_while_paused;
+        // The standby's write-protect tracker, once the VM runs on its view.
+        let mut tracker = None;
         let pending = match (&ps.base, ps.cow.as_mut()) {
             (None, _) => {
                 if ram.is_private() {
@@ -251,9 +256,12 @@ impl Vm {
                     .clone();
                 drop(ram);
                 let old = match ps.standby.take() {
-                    Some(standby) => {
+                    Some(mut standby) => {
+                        let cow = standby.take_cow();
+                        let old = self.rehome(standby, &state)?;
                         rep.rehomed = true;
-                        self.rehome(standby, &state)?
+                        tracker = cow;
+                        old
                     }
                     None => {
                         let view =
@@ -279,6 +287,9 @@ impl Vm {
                 }
             }
         };
+        if tracker.is_some() {
+            ps.cow = tracker;
+        }
         rep.memory = t.elapsed();
         Ok((state, pending))
     }

@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use super::cow::CowTracker;
 use crate::error::VmError;
 use crate::hypervisor::{self, HvVcpu, HvVm};
 use crate::memory::GuestRam;
@@ -32,12 +33,27 @@ use crate::vm::{Vm, RAM_SLOT};
 /// A KVM VM ready to take a parent over at its first freeze: slot 0 maps a private view of
 /// the parent's memfd, its vCPUs exist with CPUID set.
 ///
-/// Fields drop in order: vCPUs, then the VM (which closes the slot), then the view.
-#[derive(Debug)]
+/// It also carries the write-protect tracking of the view for the parent's later freezes
+/// ([`CowTracker`]), registered ahead too (`None` where the kernel refuses it: later freezes
+/// then copy while paused).
+///
+/// Fields drop in order: vCPUs, then the VM (which closes the slot), the tracker, then the
+/// view.
 pub(crate) struct Standby {
     vcpus: Vec<Box<dyn HvVcpu>>,
     hv: Box<dyn HvVm>,
+    cow: Option<CowTracker>,
     view: Arc<GuestRam>,
+}
+
+impl std::fmt::Debug for Standby {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standby")
+            .field("vcpus", &self.vcpus.len())
+            .field("cow", &self.cow.is_some())
+            .field("bytes", &self.view.size())
+            .finish()
+    }
 }
 
 impl Standby {
@@ -59,7 +75,25 @@ impl Standby {
         // it as its guest RAM, released only after that VM is closed.
         unsafe { hv.set_memory_slot(RAM_SLOT, 0, view.size(), view.host_addr())? };
         let vcpus = state::create_vcpus(hv.as_ref(), vcpus)?;
-        Ok(Standby { vcpus, hv, view })
+        let cow = match CowTracker::new(view.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::debug!("later freezes will copy while paused: {e}");
+                None
+            }
+        };
+        Ok(Standby {
+            vcpus,
+            hv,
+            cow,
+            view,
+        })
+    }
+
+    /// Takes the write-protect tracker of the view out (the VM that takes this standby over
+    /// keeps it for its later freezes).
+    pub(crate) fn take_cow(&mut self) -> Option<CowTracker> {
+        self.cow.take()
     }
 
     /// True if this standby was made for guest RAM backed by the same file as `ram`.
@@ -145,7 +179,9 @@ impl Vm {
             ));
         }
         state::restore_into(standby.hv.as_ref(), state, &mut standby.vcpus, self.name())?;
-        let Standby { vcpus, hv, view } = standby;
+        let Standby {
+            vcpus, hv, view, ..
+        } = standby;
         let controls = &self.core.controls;
         if vcpus.len() != controls.len() {
             return Err(VmError::Internal(format!(
