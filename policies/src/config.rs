@@ -58,6 +58,11 @@ pub enum Rule {
     Pivot(u64),
     /// On a fault, fetch those of the next `n` physical frames that have the same color.
     Local(u64),
+    /// On a fault, fetch the next `n` physical frames whatever their color (the `blind`
+    /// window, but chosen per color of the faulting frame), except frames served as zero
+    /// pages. Not in the paper's table; `learned` picks it where colors interleave in
+    /// physical memory so that a same-color window misses what runs next.
+    Span(u64),
     /// Fetch every frame of the color before the clone resumes.
     Upfront,
     /// Fetch every frame of the color with the background fetcher.
@@ -73,6 +78,7 @@ impl fmt::Display for Rule {
             Rule::File(n) => write!(f, "file:{n}"),
             Rule::Pivot(n) => write!(f, "pivot:{n}"),
             Rule::Local(n) => write!(f, "local:{n}"),
+            Rule::Span(n) => write!(f, "span:{n}"),
             Rule::Upfront => write!(f, "upfront"),
             Rule::Background => write!(f, "background"),
             Rule::Zero => write!(f, "zero"),
@@ -116,13 +122,14 @@ impl Rule {
             "file" => Rule::File(window()?),
             "pivot" => Rule::Pivot(window()?),
             "local" => Rule::Local(window()?),
+            "span" => Rule::Span(window()?),
             "upfront" => Rule::Upfront,
             "background" => Rule::Background,
             "zero" => Rule::Zero,
             _ => {
                 return Err(ConfigError::Item {
                     item: item.to_string(),
-                    why: "rule must be none, file:N, pivot:N, local:N, upfront, background or zero"
+                    why: "rule must be none, file:N, pivot:N, local:N, span:N, upfront, background or zero"
                         .into(),
                 })
             }

@@ -104,6 +104,11 @@ impl Prefetcher for Kaleidoscope {
         match self.config.rule(c) {
             Rule::None | Rule::Upfront | Rule::Background | Rule::Zero => {}
             Rule::Local(n) => self.local(g, c, n, out),
+            Rule::Span(n) => {
+                for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(frames) {
+                    self.push(x, out);
+                }
+            }
             Rule::File(n) => match pos {
                 Some((f, p)) => {
                     let file = self.ctx.file(f);
@@ -192,6 +197,14 @@ mod tests {
         // Clipped at the end of memory.
         assert_eq!(fault(&mut p, 44), vec![45, 46, 47]);
         assert_eq!(fault(&mut p, 27), Vec::<Gfn>::new());
+    }
+
+    #[test]
+    fn span_crosses_colors_but_not_zero_pages() {
+        let mut p = policy("user_data=span:8");
+        // 5..=12 whatever their color, except 7 (zero) and 9 (free, served as zero).
+        assert_eq!(fault(&mut p, 4), vec![5, 6, 8, 10, 11, 12]);
+        assert_eq!(fault(&mut p, 44), vec![45, 46, 47]);
     }
 
     #[test]

@@ -62,12 +62,12 @@ pub struct Learned {
     pub evaluated: u64,
 }
 
-/// Candidate rules for a color: none, or a window of every size as file readahead, pivot or
-/// same-color locality.
+/// Candidate rules for a color: none, or a window of every size as file readahead, pivot,
+/// same-color locality or a physical span across colors.
 fn candidates() -> Vec<Rule> {
     let mut v = vec![Rule::None];
     for n in WINDOWS {
-        v.extend([Rule::File(n), Rule::Pivot(n), Rule::Local(n)]);
+        v.extend([Rule::File(n), Rule::Pivot(n), Rule::Local(n), Rule::Span(n)]);
     }
     v
 }
@@ -77,7 +77,7 @@ fn candidates() -> Vec<Rule> {
 fn learnable(r: Rule) -> bool {
     matches!(
         r,
-        Rule::None | Rule::File(_) | Rule::Pivot(_) | Rule::Local(_)
+        Rule::None | Rule::File(_) | Rule::Pivot(_) | Rule::Local(_) | Rule::Span(_)
     )
 }
 
