@@ -58,10 +58,11 @@ pub enum Rule {
     Pivot(u64),
     /// On a fault, fetch those of the next `n` physical frames that have the same color.
     Local(u64),
-    /// On a fault, fetch the next `n` physical frames whatever their color (the `blind`
-    /// window, but chosen per color of the faulting frame), except frames served as zero
-    /// pages. Not in the paper's table; `learned` picks it where colors interleave in
-    /// physical memory so that a same-color window misses what runs next.
+    /// On a fault, install the next `n` physical frames whatever their color (the `blind`
+    /// window, but chosen per color of the faulting frame); frames served as zero pages are
+    /// installed as zero pages (nothing read). Not in the paper's table; `learned` picks it
+    /// where colors interleave in physical memory so that a same-color window misses what
+    /// runs next.
     Span(u64),
     /// Fetch every frame of the color before the clone resumes.
     Upfront,
@@ -69,6 +70,10 @@ pub enum Rule {
     Background,
     /// Never fetch: serve as a zero page (allocation on demand).
     Zero,
+    /// Like `Zero`, and on a fault also install the next `n` frames of the same color as zero
+    /// pages (guest allocators hand out free frames in runs: a workload that allocates
+    /// faults on each of them otherwise). Written `zero:N`.
+    ZeroAhead(u64),
 }
 
 impl fmt::Display for Rule {
@@ -82,6 +87,7 @@ impl fmt::Display for Rule {
             Rule::Upfront => write!(f, "upfront"),
             Rule::Background => write!(f, "background"),
             Rule::Zero => write!(f, "zero"),
+            Rule::ZeroAhead(n) => write!(f, "zero:{n}"),
         }
     }
 }
@@ -125,11 +131,12 @@ impl Rule {
             "span" => Rule::Span(window()?),
             "upfront" => Rule::Upfront,
             "background" => Rule::Background,
-            "zero" => Rule::Zero,
+            "zero" if arg.is_none() => Rule::Zero,
+            "zero" => Rule::ZeroAhead(window()?),
             _ => {
                 return Err(ConfigError::Item {
                     item: item.to_string(),
-                    why: "rule must be none, file:N, pivot:N, local:N, span:N, upfront, background or zero"
+                    why: "rule must be none, file:N, pivot:N, local:N, span:N, upfront, background, zero or zero:N"
                         .into(),
                 })
             }

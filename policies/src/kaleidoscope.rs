@@ -41,8 +41,10 @@ impl Kaleidoscope {
     /// True if `gfn` is served as a zero page instead of being fetched (rule `zero`, or
     /// all-zero content with `zero_pages`).
     pub fn zero_fill(&self, gfn: Gfn) -> bool {
-        self.config.rule(self.ctx.color(gfn)) == Rule::Zero
-            || (self.config.zero_pages && self.ctx.is_zero(gfn))
+        matches!(
+            self.config.rule(self.ctx.color(gfn)),
+            Rule::Zero | Rule::ZeroAhead(_)
+        ) || (self.config.zero_pages && self.ctx.is_zero(gfn))
     }
 
     /// Every frame whose color has `rule`, ascending, minus zero-filled frames.
@@ -106,7 +108,18 @@ impl Prefetcher for Kaleidoscope {
             Rule::Local(n) => self.local(g, c, n, out),
             Rule::Span(n) => {
                 for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(frames) {
-                    self.push(x, out);
+                    out.push(if self.zero_fill(x) {
+                        Install::zero(x)
+                    } else {
+                        Install::data(x)
+                    });
+                }
+            }
+            Rule::ZeroAhead(n) => {
+                for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(frames) {
+                    if self.ctx.color(x) == c {
+                        out.push(Install::zero(x));
+                    }
                 }
             }
             Rule::File(n) => match pos {
@@ -201,10 +214,45 @@ mod tests {
 
     #[test]
     fn span_crosses_colors_but_not_zero_pages() {
-        let mut p = policy("user_data=span:8");
-        // 5..=12 whatever their color, except 7 (zero) and 9 (free, served as zero).
-        assert_eq!(fault(&mut p, 4), vec![5, 6, 8, 10, 11, 12]);
-        assert_eq!(fault(&mut p, 44), vec![45, 46, 47]);
+        let mut p = policy("user_data=span:8,free=zero:4");
+        // 5..=12 whatever their color; 7 (zero) and 9 (free) as zero pages.
+        let mut plan = FaultPlan::default();
+        p.on_fault(
+            Fault {
+                gfn: 4,
+                write: false,
+            },
+            &mut plan,
+        );
+        let fills: Vec<(Gfn, Fill)> = plan.prefetch.iter().map(|i| (i.gfn, i.fill)).collect();
+        let (d, z) = (Fill::Data, Fill::Zero);
+        assert_eq!(
+            fills,
+            [
+                (5, d),
+                (6, d),
+                (7, z),
+                (8, d),
+                (9, z),
+                (10, d),
+                (11, d),
+                (12, d)
+            ]
+        );
+        // A free frame's fault zero-fills it and the next free frames of the next 4.
+        let mut plan = FaultPlan::default();
+        p.on_fault(
+            Fault {
+                gfn: 9,
+                write: true,
+            },
+            &mut plan,
+        );
+        assert_eq!(plan.fault, Fill::Zero);
+        assert!(plan
+            .prefetch
+            .iter()
+            .all(|i| i.fill == Fill::Zero && i.gfn > 9 && i.gfn <= 13));
     }
 
     #[test]

@@ -62,9 +62,16 @@ pub struct Learned {
     pub evaluated: u64,
 }
 
-/// Candidate rules for a color: none, or a window of every size as file readahead, pivot,
-/// same-color locality or a physical span across colors.
-fn candidates() -> Vec<Rule> {
+/// Candidate rules for a color whose configured rule is `base`: for a zero-served color,
+/// zero alone or with zero pages ahead (it stays unfetched); for a fetched one, none, or a
+/// window of every size as file readahead, pivot, same-color locality or a physical span
+/// across colors.
+fn candidates(base: Rule) -> Vec<Rule> {
+    if matches!(base, Rule::Zero | Rule::ZeroAhead(_)) {
+        let mut v = vec![Rule::Zero];
+        v.extend(WINDOWS.map(Rule::ZeroAhead));
+        return v;
+    }
     let mut v = vec![Rule::None];
     for n in WINDOWS {
         v.extend([Rule::File(n), Rule::Pivot(n), Rule::Local(n), Rule::Span(n)]);
@@ -72,13 +79,24 @@ fn candidates() -> Vec<Rule> {
     v
 }
 
-/// True for rules the learner may replace (windowed or none); upfront, background and zero
+/// True for rules the learner may replace (windowed, none or zero); upfront and background
 /// rules stay as configured.
 fn learnable(r: Rule) -> bool {
     matches!(
         r,
-        Rule::None | Rule::File(_) | Rule::Pivot(_) | Rule::Local(_) | Rule::Span(_)
+        Rule::None
+            | Rule::File(_)
+            | Rule::Pivot(_)
+            | Rule::Local(_)
+            | Rule::Span(_)
+            | Rule::Zero
+            | Rule::ZeroAhead(_)
     )
+}
+
+/// True for colors whose pages are fetched (not served as zero pages).
+fn fetched(r: Rule) -> bool {
+    !matches!(r, Rule::Zero | Rule::ZeroAhead(_))
 }
 
 struct Replayer<'a> {
@@ -144,10 +162,23 @@ pub fn learn_with(
     colors.sort_by_key(|&c| std::cmp::Reverse(per_color[c.index()]));
     let mut cfg = base.clone();
     let mut best = base_stats;
+    // A second starting point: the learned colors all with a physical span of the blind
+    // window (blind's shape, minus zero pages). Where colors interleave in physical memory
+    // (compress), it is far ahead of the paper's table, and one color at a time cannot get
+    // there: each color's switch alone gains too little.
+    let mut spans = base.clone();
+    for &c in colors.iter().filter(|&&c| fetched(base.rule(c))) {
+        spans.rules[c.index()] = Rule::Span(base.blind_window.max(1));
+    }
+    let s = r.run(&spans);
+    if r.key(&s) < r.key(&best) {
+        best = s;
+        cfg = spans;
+    }
     for _pass in 0..2 {
         let mut changed = false;
         for &c in &colors {
-            for rule in candidates() {
+            for rule in candidates(base.rule(c)) {
                 if rule == cfg.rule(c) {
                     continue;
                 }
