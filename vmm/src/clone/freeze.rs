@@ -130,8 +130,17 @@ impl Vm {
         }
         if ps.base.is_none() && !ps.repoint_first && ps.standby.is_none() {
             // The standby VM of the first freeze, unless made ahead (`prepare_freeze`).
+            // If it cannot be made (descriptor or memory limits), the slot is re-pointed
+            // instead: a longer pause, not a failed clone.
             let t = Instant::now();
-            ps.standby = Some(Standby::prepare(&self.memory.load(), self.cfg.vcpus)?);
+            match Standby::prepare(&self.memory.load(), self.cfg.vcpus) {
+                Ok(s) => ps.standby = Some(s),
+                Err(e) => tracing::warn!(
+                    vm = %self.name(),
+                    "no standby VM for the first freeze ({e}); re-pointing the memory slot \
+                     while paused instead (a pause that grows with the populated memory)"
+                ),
+            }
             rep.prepare = t.elapsed();
         }
         // Read the host CPU (CPUID, which may exit to an outer hypervisor) before the pause;
