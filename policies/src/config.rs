@@ -17,6 +17,11 @@
 //! zero_pages      = true       # zero-fill every all-zero frame, whatever its color
 //! blind_window = 8, faasnap_readahead = 8, activeset_block = 32
 //! ```
+//!
+//! Two rules are not in the paper's table; the `learned` policy picks them where a recording
+//! shows they pay: `span:N` (the next N physical frames whatever their color, zero-served ones
+//! as zero pages) and `zero:N` (zero-served, plus the next N frames of the color as zero
+//! pages on each fault).
 
 use kscope_colorer::Color;
 use std::fmt;

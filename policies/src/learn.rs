@@ -262,6 +262,28 @@ mod tests {
     }
 
     #[test]
+    fn zero_served_colors_stay_unfetched() {
+        assert!(candidates(Rule::Zero)
+            .iter()
+            .all(|r| matches!(r, Rule::Zero | Rule::ZeroAhead(_))));
+        assert!(candidates(Rule::Local(8)).iter().all(|&r| fetched(r)));
+        assert!(candidates(Rule::Local(8)).contains(&Rule::Span(8)));
+    }
+
+    #[test]
+    fn cross_color_windows_need_evidence() {
+        let map = testmap::map();
+        let ctx = PolicyContext::new(&map);
+        // Under 8 recorded frames per color: spans and zero pages ahead of at most 1 frame.
+        let trace = [13, 15, 12, 24, 25, 26, 28, 29, 30, 31, 4, 5, 9, 10];
+        let base = PolicyConfig::default();
+        let l = learn_with(&ctx, &trace, &base, 3.0, 1);
+        for c in Color::ALL {
+            assert!(spread_window(l.config.rule(c)) <= 1, "{c:?}: {}", l.config.rule(c));
+        }
+    }
+
+    #[test]
     fn colors_with_too_little_evidence_keep_their_rules() {
         let map = testmap::map();
         let ctx = PolicyContext::new(&map);
