@@ -279,7 +279,11 @@ mod tests {
         let base = PolicyConfig::default();
         let l = learn_with(&ctx, &trace, &base, 3.0, 1);
         for c in Color::ALL {
-            assert!(spread_window(l.config.rule(c)) <= 1, "{c:?}: {}", l.config.rule(c));
+            assert!(
+                spread_window(l.config.rule(c)) <= 1,
+                "{c:?}: {}",
+                l.config.rule(c)
+            );
         }
     }
 
