@@ -61,9 +61,14 @@ impl Kaleidoscope {
         }
     }
 
+    /// The `n` frames after `g` by physical address (clipped at the end of memory).
+    fn ahead(&self, g: Gfn, n: u64) -> std::ops::Range<Gfn> {
+        g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(self.ctx.frames())
+    }
+
     /// Next `n` frames by physical address that have color `c`.
     fn local(&self, g: Gfn, c: Color, n: u64, out: &mut Vec<Install>) {
-        for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(self.ctx.frames()) {
+        for x in self.ahead(g, n) {
             if self.ctx.color(x) == c {
                 self.push(x, out);
             }
@@ -107,7 +112,7 @@ impl Prefetcher for Kaleidoscope {
             Rule::None | Rule::Upfront | Rule::Background | Rule::Zero => {}
             Rule::Local(n) => self.local(g, c, n, out),
             Rule::Span(n) => {
-                for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(frames) {
+                for x in self.ahead(g, n) {
                     out.push(if self.zero_fill(x) {
                         Install::zero(x)
                     } else {
@@ -116,7 +121,7 @@ impl Prefetcher for Kaleidoscope {
                 }
             }
             Rule::ZeroAhead(n) => {
-                for x in g.saturating_add(1)..g.saturating_add(n).saturating_add(1).min(frames) {
+                for x in self.ahead(g, n) {
                     if self.ctx.color(x) == c {
                         out.push(Install::zero(x));
                     }
