@@ -123,6 +123,9 @@ pub struct ParentState {
 /// Where the time of a freeze went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FreezeReport {
+    /// Waiting, before the pause, for the previous layer's copier to finish (later freezes
+    /// with copy-on-write capture).
+    pub settle: Duration,
     /// vCPUs out of the guest: from the pause request to the resume.
     pub pause: Duration,
     /// Taking the vCPUs out of the guest (pause acknowledged).

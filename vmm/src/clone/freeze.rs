@@ -117,7 +117,9 @@ impl Vm {
         let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cow) = ps.cow.as_mut() {
             // The previous layer finishes its copy before this pause.
+            let t = Instant::now();
             cow.settle();
+            rep.settle = t.elapsed();
         }
         if ps.base.is_none() {
             if let Some(server) = &self.lazy {
