@@ -18,7 +18,7 @@ fn first_freezes_and_unused_standbys_leak_nothing() {
     let round = |i: usize| {
         let parent = boot(&format!("p-rehome-{i}"), 64 * MB);
         parent.prepare_freeze().unwrap();
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let batch = parent.clone_children(1, &CloneOptions::default()).unwrap();
             assert!(batch.freeze.rehomed);
             assert_eq!(ask(&batch.children[0], "echo c"), "c");
