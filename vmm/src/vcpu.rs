@@ -44,7 +44,7 @@ pub enum VcpuMsg {
     SetState(Box<VcpuState>, Sender<Result<(), VmError>>),
     /// Run this vCPU from now on (state already loaded) and hand back the one run so far
     /// (only honoured while paused or parked; otherwise the given vCPU comes back). A parent
-    /// moves onto a fresh VM this way at its first freeze (see `clone::freeze`).
+    /// moves onto a fresh VM this way at its first freeze (see `clone::rehome`).
     Swap(
         Box<dyn HvVcpu>,
         Sender<Result<Box<dyn HvVcpu>, Box<dyn HvVcpu>>>,

@@ -72,6 +72,14 @@ impl CowTracker {
         })
     }
 
+    /// [`CowTracker::new`], or `None` (logged) where the kernel refuses write-protection on
+    /// the view: later freezes of that VM then copy its dirty pages while paused.
+    pub fn try_new(ram: Arc<GuestRam>, name: &str) -> Option<Self> {
+        Self::new(ram)
+            .map_err(|e| tracing::debug!("{name}: later freezes will copy while paused: {e}"))
+            .ok()
+    }
+
     /// Waits until the previous capture's layer is complete (call before pausing the VM for
     /// the next capture: one layer is copied at a time).
     pub fn settle(&mut self) {

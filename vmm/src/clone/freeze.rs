@@ -135,7 +135,7 @@ impl Vm {
             // If it cannot be made (descriptor or memory limits), the slot is re-pointed
             // instead: a longer pause, not a failed clone.
             let t = Instant::now();
-            match Standby::prepare(&self.memory.load(), self.cfg.vcpus) {
+            match Standby::prepare(self.name(), &self.memory.load(), self.cfg.vcpus) {
                 Ok(s) => ps.standby = Some(s),
                 Err(e) => tracing::warn!(
                     vm = %self.name(),
@@ -175,16 +175,7 @@ impl Vm {
                 // Later freezes capture copy-on-write through write-protection of the view
                 // (registered with the standby VM ahead of time, or now after a re-point).
                 if !rep.rehomed {
-                    ps.cow = match CowTracker::new(self.memory.load()) {
-                        Ok(t) => Some(t),
-                        Err(e) => {
-                            tracing::debug!(
-                                "{}: later freezes will copy while paused: {e}",
-                                self.name()
-                            );
-                            None
-                        }
-                    };
+                    ps.cow = CowTracker::try_new(self.memory.load(), self.name());
                 }
                 base
             }

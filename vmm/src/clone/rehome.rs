@@ -57,8 +57,9 @@ impl std::fmt::Debug for Standby {
 }
 
 impl Standby {
-    /// Makes a standby for a VM running on `ram` (a shared memfd mapping) with `vcpus` vCPUs.
-    pub(crate) fn prepare(ram: &GuestRam, vcpus: u32) -> Result<Standby, VmError> {
+    /// Makes a standby for VM `name` running on `ram` (a shared memfd mapping) with `vcpus`
+    /// vCPUs.
+    pub(crate) fn prepare(name: &str, ram: &GuestRam, vcpus: u32) -> Result<Standby, VmError> {
         if ram.is_private() {
             return Err(VmError::Internal(
                 "a standby VM is made for shared guest RAM only (first freeze)".into(),
@@ -75,13 +76,7 @@ impl Standby {
         // it as its guest RAM, released only after that VM is closed.
         unsafe { hv.set_memory_slot(RAM_SLOT, 0, view.size(), view.host_addr())? };
         let vcpus = state::create_vcpus(hv.as_ref(), vcpus)?;
-        let cow = match CowTracker::new(view.clone()) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::debug!("later freezes will copy while paused: {e}");
-                None
-            }
-        };
+        let cow = CowTracker::try_new(view.clone(), name);
         Ok(Standby {
             vcpus,
             hv,
@@ -159,7 +154,7 @@ impl Vm {
         if ram.is_anonymous() {
             return Ok(());
         }
-        ps.standby = Some(Standby::prepare(&ram, self.cfg.vcpus)?);
+        ps.standby = Some(Standby::prepare(self.name(), &ram, self.cfg.vcpus)?);
         Ok(())
     }
 
@@ -178,18 +173,18 @@ impl Vm {
                 "the standby VM was made for other guest RAM".into(),
             ));
         }
+        let controls = &self.core.controls;
+        if standby.vcpus.len() != controls.len() {
+            return Err(VmError::Internal(format!(
+                "standby has {} vCPUs, the VM {}",
+                standby.vcpus.len(),
+                controls.len()
+            )));
+        }
         state::restore_into(standby.hv.as_ref(), state, &mut standby.vcpus, self.name())?;
         let Standby {
             vcpus, hv, view, ..
         } = standby;
-        let controls = &self.core.controls;
-        if vcpus.len() != controls.len() {
-            return Err(VmError::Internal(format!(
-                "standby has {} vCPUs, the VM {}",
-                vcpus.len(),
-                controls.len()
-            )));
-        }
         // From here on the VM runs on the new KVM VM, whatever happens.
         let old_hv = std::mem::replace(&mut *self.hv(), hv);
         let old_ram = self.memory.replace(view);
