@@ -118,6 +118,9 @@ pub struct ParentState {
     /// method before the standby; a baseline for benchmarks), see
     /// [`crate::Vm::set_first_freeze_by_repoint`].
     pub(crate) repoint_first: bool,
+    /// Every later freeze captures all pages written since the first (the method before
+    /// incremental layers; a baseline for benchmarks), see [`crate::Vm::set_full_layers`].
+    pub(crate) full_layers: bool,
 }
 
 /// Where the time of a freeze went.
@@ -143,6 +146,12 @@ pub struct FreezeReport {
     pub after_resume: Duration,
     /// Completing a lazily served VM before the freeze (installing missing pages).
     pub complete: Duration,
+    /// Later freezes: the layer holds every page written since the first freeze (the first
+    /// later freeze, every `MAX_LAYERS`-th, and all of them with full layers or copy while
+    /// paused); `false`: only the pages written since the previous freeze.
+    pub full_layer: bool,
+    /// Later freezes: layers over the base in the generation's image.
+    pub layers: u64,
     /// True for the first freeze (zero-copy view swap).
     pub first: bool,
     /// First freeze: making the standby VM on this call, before the pause (zero when it was

@@ -37,6 +37,8 @@ pub enum PagemapError {
 }
 
 // ---- UAPI facts (linux/fs.h) ----
+/// Present or swapped and not write-protected through a userfaultfd.
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_IS_FILE: u64 = 1 << 2;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
@@ -75,20 +77,32 @@ const PAGEMAP_SCAN: libc::c_ulong =
 /// (present and not file-backed, or swapped out) in `[start, end)` of this process, in
 /// address order, adjacent ranges merged.
 pub fn anon_ranges(start: u64, end: u64) -> Result<Vec<(u64, u64)>, PagemapError> {
+    ranges(start, end, false)
+}
+
+/// [`anon_ranges`] restricted to the pages that are not write-protected through a
+/// userfaultfd (`PAGE_IS_WRITTEN`): in a range registered in write-protect mode, the private
+/// anonymous pages written (or first made) since their protection was last set or lifted.
+pub fn written_anon_ranges(start: u64, end: u64) -> Result<Vec<(u64, u64)>, PagemapError> {
+    ranges(start, end, true)
+}
+
+fn ranges(start: u64, end: u64, written: bool) -> Result<Vec<(u64, u64)>, PagemapError> {
     let p = PAGE_SIZE as u64;
     if !start.is_multiple_of(p) || !end.is_multiple_of(p) || end < start {
         return Err(PagemapError::Unaligned { start, end });
     }
     let f = File::open("/proc/self/pagemap")
         .map_err(|source| PagemapError::Io { op: "open", source })?;
-    match scan(&f, start, end) {
+    match scan(&f, start, end, written) {
         Some(r) => Ok(r),
-        None => read_entries(&f, start, end),
+        None => read_entries(&f, start, end, written),
     }
 }
 
 /// `PAGEMAP_SCAN`; `None` when the kernel does not have it.
-fn scan(f: &File, start: u64, end: u64) -> Option<Vec<(u64, u64)>> {
+fn scan(f: &File, start: u64, end: u64, written: bool) -> Option<Vec<(u64, u64)>> {
+    let also = if written { PAGE_IS_WRITTEN } else { 0 };
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut vec = vec![PageRegion::default(); 512];
     let mut at = start;
@@ -99,9 +113,9 @@ fn scan(f: &File, start: u64, end: u64) -> Option<Vec<(u64, u64)>> {
             end,
             vec: vec.as_mut_ptr() as u64,
             vec_len: vec.len() as u64,
-            // Not file-backed, and present or swapped.
+            // Not file-backed (and, if asked, not write-protected), and present or swapped.
             category_inverted: PAGE_IS_FILE,
-            category_mask: PAGE_IS_FILE,
+            category_mask: PAGE_IS_FILE | also,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             ..Default::default()
@@ -133,10 +147,16 @@ fn scan(f: &File, start: u64, end: u64) -> Option<Vec<(u64, u64)>> {
 }
 
 /// The same by reading 8-byte pagemap entries (every page of the range).
-fn read_entries(f: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, PagemapError> {
+fn read_entries(
+    f: &File,
+    start: u64,
+    end: u64,
+    written: bool,
+) -> Result<Vec<(u64, u64)>, PagemapError> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     const FILE: u64 = 1 << 61;
+    const UFFD_WP: u64 = 1 << 57;
     let p = PAGE_SIZE as u64;
     let mut out: Vec<(u64, u64)> = Vec::new();
     let chunk = 64 * 1024u64;
@@ -150,7 +170,8 @@ fn read_entries(f: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, Pagem
             .map_err(|source| PagemapError::Io { op: "read", source })?;
         for (i, e) in b.chunks_exact(8).enumerate() {
             let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
-            if (v & PRESENT != 0 && v & FILE == 0) || v & SWAPPED != 0 {
+            let anon = (v & PRESENT != 0 && v & FILE == 0) || v & SWAPPED != 0;
+            if anon && !(written && v & UFFD_WP != 0) {
                 let a = (page + i as u64) * p;
                 match out.last_mut() {
                     Some(l) if l.1 == a => l.1 = a + p,
@@ -213,10 +234,38 @@ mod tests {
             (a + 1023 * 4096, e),
         ];
         let f = File::open("/proc/self/pagemap").unwrap();
-        assert_eq!(scan(&f, a, e).expect("PAGEMAP_SCAN (Linux 6.7+)"), want);
-        assert_eq!(read_entries(&f, a, e).unwrap(), want);
+        assert_eq!(
+            scan(&f, a, e, false).expect("PAGEMAP_SCAN (Linux 6.7+)"),
+            want
+        );
+        assert_eq!(read_entries(&f, a, e, false).unwrap(), want);
         assert_eq!(anon_ranges(a, e).unwrap(), want);
         assert!(anon_ranges(a + 1, e).is_err());
+
+        // Write-protect every page through a userfaultfd, lift page 4's protection and make a
+        // new anonymous page (500): only those two count as written since.
+        use crate::uffd::{features, RegisterMode, Uffd};
+        let u = Uffd::new(features::PAGEFAULT_FLAG_WP | features::WP_HUGETLBFS_SHMEM).unwrap();
+        let mode = RegisterMode {
+            wp: true,
+            ..Default::default()
+        };
+        u.register(a, len as u64, mode).unwrap();
+        u.writeprotect(a, len as u64, true, false).unwrap();
+        u.writeprotect(a + 4 * 4096, 4096, false, false).unwrap();
+        // Page 500 is a read (file-backed) page, protected too: lift it so the write below
+        // does not wait for a fault handler this test does not run.
+        u.writeprotect(a + 500 * 4096, 4096, false, false).unwrap();
+        // SAFETY: inside the mapping, not write-protected.
+        unsafe { std::ptr::write_volatile(base.add(500 * PAGE_SIZE), 9) };
+        let want = vec![
+            (a + 4 * 4096, a + 5 * 4096),
+            (a + 500 * 4096, a + 501 * 4096),
+        ];
+        assert_eq!(scan(&f, a, e, true).unwrap(), want);
+        assert_eq!(read_entries(&f, a, e, true).unwrap(), want);
+        assert_eq!(written_anon_ranges(a, e).unwrap(), want);
+        drop(u);
         // SAFETY: unmapping the mapping created above, no longer used.
         unsafe { libc::munmap(addr, len) };
     }

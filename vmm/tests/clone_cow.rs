@@ -135,3 +135,92 @@ fn a_parent_writing_hot_pages_while_cloned_100_times() {
     );
     assert!(protected > 0, "later freezes captured copy-on-write");
 }
+
+/// FNV-1a of a generation's (or VM's) whole guest memory, read 1 MiB at a time.
+fn digest(read: impl Fn(u64, &mut [u8]), bytes: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut buf = vec![0u8; MB as usize];
+    for gpa in (0..bytes).step_by(MB as usize) {
+        read(gpa, &mut buf);
+        for w in buf.chunks_exact(8) {
+            let v = u64::from_le_bytes(w.try_into().unwrap());
+            h = (h ^ v).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Incremental layers (each later generation stacks only the pages written since the one
+/// before on the previous generation's layers): for 40 generations, crossing the point where
+/// a full layer starts a new stack, every image equals the parent's memory at its freeze,
+/// byte for byte, and still does at the end, after the parent wrote on.
+#[test]
+fn every_incremental_generation_equals_the_parent_at_its_freeze() {
+    let mem = 64 * MB;
+    let parent = boot("p-incr", mem);
+    drop(parent.clone_children(1, &CloneOptions::default()).unwrap());
+    // 16 MiB written once, before the first later freeze: in its layer only.
+    ask(&parent, "bench-fault 4096");
+    let mut kept = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut incremental = 0;
+    for k in 0..40u64 {
+        // The guest writes (allocations, a mapping written then unmapped) and the VMM writes
+        // a few pages of the unused boot area, some of them again and again.
+        assert_eq!(ask(&parent, "alloc 16"), "ok 16 136");
+        ask(&parent, "bench-fault 64");
+        for _ in 0..8 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let page = 0x50 + (seed >> 33) % 0x40;
+            parent
+                .write_phys(page << 12, &(k + 1).to_le_bytes())
+                .unwrap();
+        }
+        parent.pause().unwrap();
+        let g = parent.freeze().unwrap();
+        let rep = *g.freeze_report();
+        assert_eq!(rep.pages_copied, 0, "generation {k}: copied while paused");
+        if !rep.full_layer {
+            incremental += 1;
+        }
+        let want = digest(|gpa, b| parent.read_phys(gpa, b).unwrap(), mem);
+        let got = digest(|gpa, b| g.read_phys(gpa, b).unwrap(), mem);
+        assert_eq!(
+            got, want,
+            "generation {k} ({rep:?}) differs from its parent"
+        );
+        kept.push((g, want, rep));
+        parent.resume().unwrap();
+    }
+    // The first later freeze takes every written page; then one layer per freeze, until a
+    // full layer starts a new stack (32 layers, or more pages stacked than in the full one).
+    let layers: Vec<u64> = kept.iter().map(|(_, _, r)| r.layers).collect();
+    assert_eq!(layers[..3], [1, 2, 3], "{layers:?}");
+    for (k, w) in layers.windows(2).enumerate() {
+        let full = kept[k + 1].2.full_layer;
+        assert_eq!(w[1], if full { 1 } else { w[0] + 1 }, "{layers:?}");
+        assert!(w[0] <= 32, "{layers:?}");
+    }
+    let protected: Vec<u64> = kept.iter().map(|(_, _, r)| r.pages_protected).collect();
+    println!("layers per generation {layers:?}, pages protected {protected:?}");
+    assert!(kept[0].2.full_layer);
+    assert!((30..40).contains(&incremental), "{layers:?}");
+    // Incremental layers protect only what was written since the generation before.
+    let firsts = kept[0].2.pages_protected;
+    let later = kept[5].2.pages_protected;
+    assert!(
+        firsts > 4096 && later < 1024,
+        "{later} pages protected vs {firsts} at the first"
+    );
+    ask(&parent, "alloc 64");
+    for (k, (g, want, _)) in kept.iter().enumerate() {
+        let got = digest(|gpa, b| g.read_phys(gpa, b).unwrap(), mem);
+        assert_eq!(
+            got, *want,
+            "generation {k} changed after the parent wrote on"
+        );
+    }
+    // A child of an old generation runs.
+    let child = kept[10].0.spawn(1, &CloneOptions::default()).unwrap();
+    assert_eq!(ask(&child.children[0], "alloc 8"), "ok 8 36");
+}

@@ -22,8 +22,12 @@ fn a_dropped_pool_leaks_no_threads_or_descriptors() {
         mem_bytes: parent.mem_bytes(),
         vcpus: parent.config().vcpus,
     };
-    // One clone first, so that lazily made process-wide things (KVM handle, ...) exist.
-    drop(parent.clone_children(1, &CloneOptions::default()).unwrap());
+    // Two clones first, so that lazily made things exist: process-wide ones (KVM handle, ...)
+    // and the parent's (its copy-on-write handler thread and the memfd of its latest layers,
+    // made by its first later freeze and kept while it lives).
+    for _ in 0..2 {
+        drop(parent.clone_children(1, &CloneOptions::default()).unwrap());
+    }
     std::thread::sleep(Duration::from_millis(100));
     let (fds, tasks) = (count_proc("fd"), count_proc("task"));
     for round in 0..5 {

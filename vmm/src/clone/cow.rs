@@ -1,54 +1,152 @@
 //! Copy-on-write capture of a parent's later generations: nothing is copied while the parent
-//! is paused.
+//! is paused, and only what it wrote since its previous freeze is even looked at.
 //!
-//! After its first freeze a parent runs on a private view of its frozen memfd, so the pages it
-//! wrote since are exactly the view's anonymous pages. A later freeze used to copy them while
-//! the parent was paused (135 ms for 13,000 pages). Now the pause only
+//! After its first freeze a parent runs on a private view of its frozen memfd (the *base*),
+//! so the pages it wrote since are exactly the view's anonymous pages. The view is registered
+//! in a userfaultfd's write-protect mode ([`CowTracker`]), and captured pages **stay**
+//! write-protected after they are copied, so the protection itself records what the parent
+//! writes next: a page that is anonymous and not protected (`PAGE_IS_WRITTEN` of
+//! `PAGEMAP_SCAN`) was written, or first made, since the previous capture. A later freeze
+//! therefore, while paused,
 //!
-//! 1. finds them with `PAGEMAP_SCAN` ([`crate::pagemap`], time in the populated page tables),
-//! 2. write-protects them through a userfaultfd registered in WP mode on the view
-//!    ([`CowTracker`], registered once, after the first freeze),
+//! 1. finds the anonymous pages written since the previous freeze ([`crate::pagemap`]),
+//! 2. write-protects them (a few ioctls: runs closer than [`MAX_GAP`] pages are merged),
 //!
-//! and the parent resumes. A copier thread then copies the protected pages into the new
-//! layer's memfd, range by range, and lifts the protection of each range once it is copied.
-//! A parent write to a page still protected blocks in the kernel and arrives at the copier
-//! as a write-protect fault: the copier copies that page's range first, then lifts its
-//! protection, which wakes the writer. A child (or anything else) that reads a page of the
-//! layer before the copier reached it copies the range itself, under the same lock, so every
-//! reader sees the page as it was at the freeze.
+//! and the parent resumes. The generation's image is the previous one with one more layer
+//! on top, holding those pages ([`LayeredImage`]: base, then layers newest first). A handler
+//! thread (one per parent, for its life) copies the new layer's pages into the layer's memfd
+//! range by range, and serves the parent's write faults on protected pages: it copies the
+//! faulting page's range first if that range is not copied yet, then lifts the protection of
+//! that one page, which wakes the writer and marks the page written for the next capture. A
+//! child (or anything else) that reads a page of the layer before the handler reached it
+//! copies the range itself, under the same lock, so every reader sees the page as it was at
+//! the freeze.
 //!
-//! A range's protection is lifted even when its copy fails (out of memory for the memfd):
-//! the parent never hangs, and readers of that range get the error, which fails their VM.
+//! A page the parent did not write since an earlier capture is still protected, so its
+//! content equals that earlier layer's copy: it is read from there. The first capture takes
+//! all anonymous pages (a *full* layer over the base), and so does a capture once
+//! [`MAX_LAYERS`] layers are stacked (which bounds the layers a child's page read looks
+//! through) or once the stacked layers hold more pages than the full one (the parent keeps
+//! its latest chain, so this bounds what it keeps to twice its written pages). The layers of
+//! one chain share one memfd. This relies on the VMM never
+//! discarding pages of the view (`MADV_DONTNEED`), which would make an earlier layer's copy
+//! stale; it does not.
+//!
+//! A layer whose copy fails (out of memory for the memfd) keeps lifting protection on
+//! faults: the parent never hangs, and readers of the failed range get the error, which
+//! fails their VM.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::VmError;
 use crate::hostmem::{memfd_create, Gfn, PAGE_SIZE};
-use crate::lazy::{AtomicBitmap, Bitmap, LazyError, PageSource};
+use crate::lazy::{AtomicBitmap, Bitmap, DeferredImage, LayeredImage, LazyError, PageSource};
 use crate::memory::GuestRam;
 use crate::uffd::{features, Event, RegisterMode, Uffd};
 
-/// Pages per protected range at most: a parent write waits for at most this many page copies.
+/// Pages per copy range at most: a parent write waits for at most this many page copies.
 const MAX_RANGE: u64 = 64;
-/// Anonymous runs separated by at most this many pages are protected by one ioctl while
-/// paused (each costs a few microseconds, mostly KVM's invalidation); gap pages are never
-/// copied and lose their protection with the range that covers them.
+/// Written runs separated by at most this many pages are protected by one ioctl while paused
+/// (each costs a few microseconds, mostly KVM's invalidation); gap pages are never copied.
 const MAX_GAP: u64 = 16;
+/// Layers stacked over the base before a capture takes every anonymous page again.
+pub(crate) const MAX_LAYERS: usize = 32;
 
 fn err(what: &str, e: impl std::fmt::Display) -> VmError {
     VmError::Memory(format!("copy-on-write capture: {what}: {e}"))
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the tracker and its handler thread share.
+struct Shared {
+    uffd: Uffd,
+    /// Host address of the view.
+    base: u64,
+    /// The newest layer (published before its pages are protected).
+    current: Mutex<Option<Arc<CowLayer>>>,
+    stop: AtomicBool,
+    wake: EventFd,
+}
+
+impl Shared {
+    /// A write fault on a protected page: its layer range copied first, then the page
+    /// released.
+    fn fault(&self, address: u64) {
+        let page = address & !(PAGE_SIZE as u64 - 1);
+        let layer = lock(&self.current).clone();
+        if let Some(l) = layer {
+            if let Some(r) = l.range_of((page - self.base) / PAGE_SIZE as u64) {
+                l.complete(r);
+            }
+        }
+        if let Err(e) = self.uffd.writeprotect(page, PAGE_SIZE as u64, false, false) {
+            tracing::warn!("copy-on-write: lifting the protection of {page:#x}: {e}");
+        }
+    }
+
+    /// The handler thread: faults first, then the next range of the newest layer.
+    fn serve(&self) {
+        let mut events = Vec::new();
+        while !self.stop.load(Ordering::Acquire) {
+            let copying = lock(&self.current)
+                .as_ref()
+                .is_some_and(|l| !l.is_complete());
+            match self.uffd.wait(&self.wake, if copying { 0 } else { -1 }) {
+                Ok(r) if r.other => {
+                    let _ = self.wake.read();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("copy-on-write: waiting for faults: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            events.clear();
+            if let Err(e) = self.uffd.read_events(&mut events, 32) {
+                tracing::warn!("copy-on-write: reading write faults: {e}");
+            }
+            // Each fault looks the newest layer up after it was read: a capture publishes
+            // its layer before protecting any page of it.
+            for ev in &events {
+                if let Event::Pagefault { address, .. } = *ev {
+                    self.fault(address);
+                }
+            }
+            let layer = lock(&self.current).clone();
+            if let Some(l) = layer {
+                l.copy_next();
+            }
+        }
+    }
+}
+
 /// Write-protect tracking of a parent's private RAM view (one per parent, after its first
-/// freeze).
+/// freeze), and the chain of layers of its latest generation.
 pub(crate) struct CowTracker {
-    uffd: Arc<Uffd>,
+    shared: Arc<Shared>,
     ram: Arc<GuestRam>,
-    copier: Option<JoinHandle<()>>,
+    handler: Option<JoinHandle<()>>,
+    /// The latest generation's image (base and layers), `None` before the first capture.
+    chain: Option<LayeredImage>,
+    /// The memfd of `chain`'s layers (each at its own offset: one descriptor for all) and
+    /// the slot of the next layer in it.
+    stack: Option<(Arc<File>, u64)>,
+    /// Layers over the base in `chain`.
+    depth: usize,
+    /// Pages of `chain`'s full layer, and of the layers stacked on it since.
+    full_pages: u64,
+    stacked_pages: u64,
+    /// Layers over the base before a full capture ([`MAX_LAYERS`]; 1: every capture is full).
+    max_layers: usize,
 }
 
 impl CowTracker {
@@ -65,10 +163,23 @@ impl CowTracker {
         };
         uffd.register(ram.host_addr() as u64, ram.size(), mode)
             .map_err(|e| err("registering the view for write-protect faults", e))?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| err("eventfd", e))?;
         Ok(Self {
-            uffd: Arc::new(uffd),
+            shared: Arc::new(Shared {
+                uffd,
+                base: ram.host_addr() as u64,
+                current: Mutex::new(None),
+                stop: AtomicBool::new(false),
+                wake,
+            }),
             ram,
-            copier: None,
+            handler: None,
+            chain: None,
+            stack: None,
+            depth: 0,
+            full_pages: 0,
+            stacked_pages: 0,
+            max_layers: MAX_LAYERS,
         })
     }
 
@@ -80,27 +191,46 @@ impl CowTracker {
             .ok()
     }
 
-    /// Waits until the previous capture's layer is complete (call before pausing the VM for
-    /// the next capture: one layer is copied at a time).
+    /// Every capture takes all of the view's anonymous pages (`false`: the method before
+    /// incremental layers, kept as a baseline for benchmarks) or only those written since the
+    /// previous capture (`true`, the default).
+    pub fn set_incremental(&mut self, on: bool) {
+        self.max_layers = if on { MAX_LAYERS } else { 1 };
+    }
+
+    /// Completes the newest layer's copy in the calling thread (call before pausing the VM
+    /// for the next capture: one layer is copied at a time).
     pub fn settle(&mut self) {
-        if let Some(h) = self.copier.take() {
-            let _ = h.join();
+        let layer = lock(&self.shared.current).clone();
+        if let Some(l) = layer {
+            for r in 0..l.ranges.len() {
+                l.complete(r);
+            }
         }
     }
 
-    /// With the VM paused: finds the view's anonymous pages and write-protects them. Returns
-    /// the layer (complete it with [`CowTracker::launch`] after the resume).
+    /// With the VM paused: finds the pages to capture and write-protects them. Returns the
+    /// layer (finish with [`CowTracker::launch`] after the resume, whatever happens between).
     pub fn capture(&mut self, name: &str) -> Result<Arc<CowLayer>, VmError> {
         self.settle();
-        let base = self.ram.host_addr() as u64;
+        // A full layer also once the stacked layers hold more pages than the full one: the
+        // chain (which the parent keeps) then holds at most twice its written pages.
+        let full = self.chain.is_none()
+            || self.depth >= self.max_layers
+            || self.stacked_pages > self.full_pages;
+        let base = self.shared.base;
+        let end = base + self.ram.size();
+        let found = if full {
+            crate::pagemap::anon_ranges(base, end)
+        } else {
+            crate::pagemap::written_anon_ranges(base, end)
+        }
+        .map_err(|e| err("scanning the view", e))?;
         let pages = self.ram.size() / PAGE_SIZE as u64;
-        let anon = crate::pagemap::anon_ranges(base, base + self.ram.size())
-            .map_err(|e| err("scanning the view", e))?;
         let mut present = Bitmap::new(pages);
-        // Spans to protect: anonymous runs closer than MAX_GAP pages merged (few ioctls
-        // while paused).
+        // Spans to protect: runs closer than MAX_GAP pages merged (few ioctls while paused).
         let mut spans: Vec<(Gfn, Gfn)> = Vec::new();
-        for (s, e) in anon {
+        for (s, e) in found {
             let (s, e) = ((s - base) / PAGE_SIZE as u64, (e - base) / PAGE_SIZE as u64);
             present.set_range(s, e);
             match spans.last_mut() {
@@ -108,23 +238,7 @@ impl CowTracker {
                 _ => spans.push((s, e)),
             }
         }
-        let p = PAGE_SIZE as u64;
-        for (i, &(s, e)) in spans.iter().enumerate() {
-            if let Err(e) = self
-                .uffd
-                .writeprotect(base + s * p, (e - s) * p, true, false)
-            {
-                // Undo what was protected so the parent cannot hang on it.
-                for &(s, e) in &spans[..i] {
-                    let _ = self
-                        .uffd
-                        .writeprotect(base + s * p, (e - s) * p, false, false);
-                }
-                return Err(err("write-protecting", e));
-            }
-        }
-        // Copy ranges: the spans cut into pieces of at most MAX_RANGE pages; together they
-        // cover every protected page, so lifting each range's protection lifts all of it.
+        // Copy ranges: the spans cut into pieces of at most MAX_RANGE pages.
         let ranges: Vec<(Gfn, Gfn)> = spans
             .iter()
             .flat_map(|&(s, e)| {
@@ -133,66 +247,160 @@ impl CowTracker {
                     .map(move |a| (a, e.min(a + MAX_RANGE)))
             })
             .collect();
-        let file = File::from(
-            memfd_create(c"kscope-cow", self.ram.size()).map_err(|e| err("memfd_create", e))?,
-        );
+        let (file, slot) = match &self.stack {
+            Some((f, slot)) if !full => (f.clone(), *slot),
+            _ => {
+                let f = memfd_create(c"kscope-cow", self.ram.size())
+                    .map_err(|e| err("memfd_create", e))?;
+                (Arc::new(File::from(f)), 0)
+            }
+        };
         let layer = Arc::new(CowLayer {
             name: name.to_string(),
             pages,
-            base,
+            full,
+            offset: slot * self.ram.size(),
+            slot,
             range_done: AtomicBitmap::new(ranges.len() as u64),
             remaining: AtomicUsize::new(ranges.len()),
+            cursor: AtomicUsize::new(0),
             failed: Mutex::new(None),
             src: Mutex::new((!ranges.is_empty()).then(|| self.ram.clone())),
-            uffd: self.uffd.clone(),
-            present,
+            present: Arc::new(present),
             ranges,
             file,
         });
+        // Published before any of its pages is protected: a fault on one of them (from a
+        // device thread while the vCPUs are paused) then copies before it releases.
+        let previous = lock(&self.shared.current).replace(layer.clone());
+        let p = PAGE_SIZE as u64;
+        for (i, &(s, e)) in spans.iter().enumerate() {
+            if let Err(e) = self
+                .shared
+                .uffd
+                .writeprotect(base + s * p, (e - s) * p, true, false)
+            {
+                // Undo, so the parent cannot hang on it; the undone pages count as written
+                // and are captured again next time.
+                for &(s, e) in &spans[..i] {
+                    let _ = self
+                        .shared
+                        .uffd
+                        .writeprotect(base + s * p, (e - s) * p, false, false);
+                }
+                *lock(&self.shared.current) = previous;
+                return Err(err("write-protecting", e));
+            }
+        }
         Ok(layer)
     }
 
-    /// After the resume: starts the thread that copies `layer` and serves the parent's
-    /// write-protect faults until the layer is complete.
-    pub fn launch(&mut self, layer: Arc<CowLayer>) {
-        let l = layer.clone();
+    /// After the resume: stacks `layer` onto the chain, wakes (or starts) the handler thread
+    /// that copies it, and returns the generation's image.
+    pub fn launch(
+        &mut self,
+        layer: Arc<CowLayer>,
+        base: &Arc<DeferredImage>,
+    ) -> Result<Arc<LayeredImage>, VmError> {
+        let mut chain = match (&self.chain, layer.full) {
+            (Some(c), false) => c.clone(),
+            _ => LayeredImage::new(base.clone()),
+        };
+        let pushed = chain.push(layer.clone(), layer.present.clone());
+        let n = layer.present.count();
+        if layer.full {
+            (self.depth, self.full_pages, self.stacked_pages) = (1, n, 0);
+        } else {
+            self.depth += 1;
+            self.stacked_pages += n;
+        }
+        self.chain = pushed.is_ok().then(|| chain.clone());
+        self.stack = Some((layer.file.clone(), layer.slot + 1));
+        self.start_handler();
+        // Cannot fail (sizes match); if it did, the next capture starts a new chain.
+        pushed.map_err(|e| err("stacking the layer", e))?;
+        Ok(Arc::new(chain))
+    }
+
+    /// After a freeze that copied while paused: that image is the chain from now on (it holds
+    /// every page the parent wrote; pages still protected are in it unchanged).
+    pub fn adopt(&mut self, image: LayeredImage, pages: u64) {
+        (self.depth, self.full_pages, self.stacked_pages) = (1, pages, 0);
+        self.stack = None;
+        self.chain = Some(image);
+    }
+
+    fn start_handler(&mut self) {
+        if self.handler.is_some() {
+            if let Err(e) = self.shared.wake.write(1) {
+                tracing::warn!("copy-on-write: waking the handler: {e}");
+            }
+            return;
+        }
+        let shared = self.shared.clone();
         match std::thread::Builder::new()
             .name("kscope-cow".into())
-            .spawn(move || l.copy_all())
+            .spawn(move || shared.serve())
         {
-            Ok(h) => self.copier = Some(h),
+            Ok(h) => self.handler = Some(h),
             Err(e) => {
-                // Never leave pages protected without a copier: copy here, now.
-                tracing::warn!("no copier thread ({e}); copying the layer inline");
-                layer.copy_all();
+                // Never leave pages protected without a handler: copy here, now, release
+                // every page, and start over with a full capture next time.
+                tracing::warn!("no copy-on-write handler thread ({e}); copying inline");
+                self.settle();
+                let _ =
+                    self.shared
+                        .uffd
+                        .writeprotect(self.shared.base, self.ram.size(), false, false);
+                self.depth = self.max_layers;
             }
         }
     }
 }
 
-/// A generation layer captured copy-on-write: the pages the parent had written at the
-/// freeze, copied into a memfd after the parent resumed (see the module docs).
+impl Drop for CowTracker {
+    fn drop(&mut self) {
+        // Layers outlive the parent in its children's images: finish the copy while the
+        // view is still there (the parent is not running any more).
+        self.settle();
+        if let Some(h) = self.handler.take() {
+            self.shared.stop.store(true, Ordering::Release);
+            let _ = self.shared.wake.write(1);
+            let _ = h.join();
+        }
+    }
+}
+
+/// A generation layer captured copy-on-write: the pages the parent wrote since its previous
+/// capture (or all its pages, for a full layer), copied into a memfd after it resumed (see
+/// the module docs).
 pub struct CowLayer {
     name: String,
     pages: u64,
-    /// Host address of the parent's view.
-    base: u64,
-    present: Bitmap,
+    /// Holds every anonymous page of the view at the freeze (stacked on the base alone).
+    full: bool,
+    /// Where its pages are in `file` (page `g` at `offset + g * PAGE_SIZE`): the layers of one
+    /// stack share a memfd, one RAM size apart.
+    offset: u64,
+    slot: u64,
+    present: Arc<Bitmap>,
     /// Protected ranges of pages, sorted, disjoint.
     ranges: Vec<(Gfn, Gfn)>,
     range_done: AtomicBitmap,
     remaining: AtomicUsize,
+    /// Where the handler's in-order copy goes on.
+    cursor: AtomicUsize,
     failed: Mutex<Option<String>>,
     /// The parent's view until every range is copied; its lock serializes the copies.
     src: Mutex<Option<Arc<GuestRam>>>,
-    uffd: Arc<Uffd>,
-    file: File,
+    file: Arc<File>,
 }
 
 impl std::fmt::Debug for CowLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CowLayer")
             .field("pages", &self.present.count())
+            .field("full", &self.full)
             .field("ranges", &self.ranges.len())
             .field("remaining", &self.remaining.load(Ordering::Relaxed))
             .finish()
@@ -200,9 +408,19 @@ impl std::fmt::Debug for CowLayer {
 }
 
 impl CowLayer {
-    /// The pages the layer holds (written by the parent before the freeze).
+    /// The pages the layer holds.
     pub fn present(&self) -> &Bitmap {
         &self.present
+    }
+
+    /// True if it holds all the parent's written pages, not only those since the previous
+    /// capture.
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    fn is_complete(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
     }
 
     fn range_of(&self, gfn: Gfn) -> Option<usize> {
@@ -210,12 +428,24 @@ impl CowLayer {
         (i < self.ranges.len() && self.ranges[i].0 <= gfn).then_some(i)
     }
 
-    /// Copies range `r` if nobody has, then lifts its protection (waking blocked writers).
+    /// Copies the next range in order that nobody has copied yet.
+    fn copy_next(&self) {
+        let mut r = self.cursor.load(Ordering::Relaxed);
+        while r < self.ranges.len() && self.range_done.get(r as u64) {
+            r += 1;
+        }
+        if r < self.ranges.len() {
+            self.complete(r);
+        }
+        self.cursor.store(r + 1, Ordering::Relaxed);
+    }
+
+    /// Copies range `r` if nobody has. Its pages stay protected.
     fn complete(&self, r: usize) {
         if self.range_done.get(r as u64) {
             return;
         }
-        let mut src = self.src.lock().unwrap_or_else(|p| p.into_inner());
+        let mut src = lock(&self.src);
         if self.range_done.get(r as u64) {
             return;
         }
@@ -225,20 +455,12 @@ impl CowLayer {
             None => Err("the parent's view was released early".to_string()),
         };
         if let Err(why) = copied {
-            let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-            f.get_or_insert(format!(
+            lock(&self.failed).get_or_insert(format!(
                 "copy-on-write layer of {}: pages {s:#x}..{e:#x}: {why}",
                 self.name
             ));
         }
         self.range_done.set(r as u64);
-        let p = PAGE_SIZE as u64;
-        if let Err(e) = self
-            .uffd
-            .writeprotect(self.base + s * p, (e - s) * p, false, false)
-        {
-            tracing::warn!("{}: lifting write protection: {e}", self.name);
-        }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             *src = None;
         }
@@ -264,40 +486,11 @@ impl CowLayer {
                 std::slice::from_raw_parts(ram.host_addr().add(off), n as usize * PAGE_SIZE)
             };
             self.file
-                .write_all_at(data, off as u64)
+                .write_all_at(data, self.offset + off as u64)
                 .map_err(|e| e.to_string())?;
             g += n;
         }
         Ok(())
-    }
-
-    /// The copier: serve write-protect faults first, then copy the next range.
-    fn copy_all(&self) {
-        let mut events = Vec::new();
-        let mut next = 0;
-        while self.remaining.load(Ordering::Acquire) > 0 {
-            events.clear();
-            if let Err(e) = self.uffd.read_events(&mut events, 32) {
-                tracing::warn!("{}: reading write-protect faults: {e}", self.name);
-            }
-            for ev in &events {
-                if let Event::Pagefault { address, .. } = *ev {
-                    let gfn = (address.saturating_sub(self.base)) / PAGE_SIZE as u64;
-                    match self.range_of(gfn) {
-                        Some(r) => self.complete(r),
-                        // Not ours (cannot happen): never leave a writer blocked.
-                        None => {
-                            let a = address & !(PAGE_SIZE as u64 - 1);
-                            let _ = self.uffd.writeprotect(a, PAGE_SIZE as u64, false, false);
-                        }
-                    }
-                }
-            }
-            if next < self.ranges.len() {
-                self.complete(next);
-                next += 1;
-            }
-        }
     }
 }
 
@@ -316,12 +509,7 @@ impl PageSource for CowLayer {
         }
         if let Some(r) = self.range_of(gfn) {
             self.complete(r);
-            if let Some(why) = self
-                .failed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
+            if let Some(why) = lock(&self.failed).as_ref() {
                 return Err(LazyError::Io {
                     op: why.clone(),
                     source: std::io::Error::other("the page could not be captured"),
@@ -329,7 +517,7 @@ impl PageSource for CowLayer {
             }
         }
         self.file
-            .read_exact_at(buf, gfn * PAGE_SIZE as u64)
+            .read_exact_at(buf, self.offset + gfn * PAGE_SIZE as u64)
             .map_err(|source| LazyError::Io {
                 op: format!("reading the copy-on-write layer of {}", self.name),
                 source,

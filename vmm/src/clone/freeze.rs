@@ -157,11 +157,14 @@ impl Vm {
         let result = self.freeze_paused(&mut ps, &mut rep);
         let resumed = if was_paused { Ok(()) } else { self.resume() };
         rep.pause = t0.elapsed();
-        // Pages write-protected by the capture are copied (and released) whatever happens
-        // next: a protected page without its copier would block the parent's writes forever.
-        if let (Ok((_, Pending::Cow { layer, .. })), Some(cow)) = (&result, ps.cow.as_mut()) {
-            cow.launch(layer.clone());
-        }
+        // Pages write-protected by the capture are copied and served whatever happens next:
+        // a protected page without its handler would block the parent's writes forever.
+        let launched = match (&result, ps.cow.as_mut()) {
+            (Ok((_, Pending::Cow { base, layer })), Some(cow)) => {
+                Some(cow.launch(layer.clone(), base))
+            }
+            _ => None,
+        };
         resumed?;
         let (state, pending) = result?;
         let t1 = Instant::now();
@@ -179,17 +182,24 @@ impl Vm {
                 }
                 base
             }
-            Pending::Cow { base, layer } => {
-                // Its copier was started right after the resume.
-                let present = layer.present().clone();
-                rep.pages_protected = present.count();
-                let mut img = LayeredImage::new(base);
-                img.push(layer, present)?;
-                Arc::new(img)
+            Pending::Cow { layer, .. } => {
+                // Stacked and handed to the handler thread right after the resume.
+                rep.pages_protected = layer.present().count();
+                rep.full_layer = layer.is_full();
+                let image = launched.ok_or_else(|| {
+                    VmError::Internal("copy-on-write layer without its tracker".into())
+                })??;
+                rep.layers = image.depth() as u64 - 1;
+                image
             }
             Pending::Later { base, delta, dirty } => {
                 let mut img = LayeredImage::new(base);
                 img.push(Arc::new(MemfdImage::new(delta, self.pages())?), dirty)?;
+                if let Some(cow) = ps.cow.as_mut() {
+                    cow.adopt(img.clone(), rep.pages_copied);
+                }
+                rep.full_layer = true;
+                rep.layers = 1;
                 Arc::new(img)
             }
         };
@@ -212,6 +222,15 @@ impl Vm {
     pub fn set_capture_by_copy(&self, copy: bool) {
         let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
         ps.copy_while_paused = copy;
+    }
+
+    /// Every later freeze of this VM captures all the pages the parent wrote since its first
+    /// freeze (`true`: the method before incremental layers, kept as a baseline for
+    /// benchmarks; the pause then grows with them) or only those written since its previous
+    /// freeze (`false`, the default; see [`super::cow`]). Takes effect at the next freeze.
+    pub fn set_full_layers(&self, full: bool) {
+        let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
+        ps.full_layers = full;
     }
 
     /// The first freeze of this VM re-points its KVM memory slot at the private view while
@@ -274,10 +293,13 @@ impl Vm {
                 rep.first = true;
                 Pending::First { file, old }
             }
-            (Some(base), Some(cow)) if !copy => Pending::Cow {
-                base: base.clone(),
-                layer: cow.capture(self.name())?,
-            },
+            (Some(base), Some(cow)) if !copy => {
+                cow.set_incremental(!ps.full_layers);
+                Pending::Cow {
+                    base: base.clone(),
+                    layer: cow.capture(self.name())?,
+                }
+            }
             (Some(base), _) => {
                 let dirty = private_pages(ram.host_addr() as u64, self.pages())?;
                 let delta = copy_delta(&ram, &dirty)?;

@@ -263,9 +263,11 @@ impl PageSource for FileImage {
 /// Layers of images: the newest layer that has a page provides it, older layers fill in the
 /// rest. Typical use: a generation image = the base memfd (bottom, complete) plus a delta of
 /// the pages dirtied since (a layer whose presence bitmap marks those pages).
+#[derive(Clone)]
 pub struct LayeredImage {
     /// Newest first; `None` presence means the layer has every page it holds (the base).
-    layers: Vec<(Arc<dyn PageSource>, Option<Bitmap>)>,
+    /// Cloning an image shares its layers (a parent's next generation stacks one more).
+    layers: Vec<(Arc<dyn PageSource>, Option<Arc<Bitmap>>)>,
     pages: u64,
 }
 
@@ -305,7 +307,12 @@ impl LayeredImage {
 
     /// Adds a newer layer holding the pages set in `present`, which must be as long as the
     /// image; the layer must be able to read every page `present` marks.
-    pub fn push(&mut self, layer: Arc<dyn PageSource>, present: Bitmap) -> Result<()> {
+    pub fn push(
+        &mut self,
+        layer: Arc<dyn PageSource>,
+        present: impl Into<Arc<Bitmap>>,
+    ) -> Result<()> {
+        let present = present.into();
         if present.len() != self.pages {
             return Err(LazyError::Size(format!(
                 "layer presence bitmap has {} pages, the image {}",
@@ -313,7 +320,9 @@ impl LayeredImage {
                 self.pages
             )));
         }
-        if let Some(g) = present.iter_set().find(|&g| g >= layer.pages()) {
+        if layer.pages() >= self.pages {
+            // Every page the bitmap can mark is inside the layer.
+        } else if let Some(g) = present.iter_set().find(|&g| g >= layer.pages()) {
             return Err(LazyError::OutOfRange {
                 gfn: g,
                 pages: layer.pages(),
