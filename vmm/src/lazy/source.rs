@@ -260,14 +260,17 @@ impl PageSource for FileImage {
     }
 }
 
+/// One layer of a [`LayeredImage`] and the pages it holds (`None`: every page, the base).
+type Layer = (Arc<dyn PageSource>, Option<Arc<Bitmap>>);
+
 /// Layers of images: the newest layer that has a page provides it, older layers fill in the
-/// rest. Typical use: a generation image = the base memfd (bottom, complete) plus a delta of
-/// the pages dirtied since (a layer whose presence bitmap marks those pages).
+/// rest. Typical use: a generation image = the base memfd (bottom, complete) plus layers of
+/// the pages dirtied since (each a layer whose presence bitmap marks those pages).
 #[derive(Clone)]
 pub struct LayeredImage {
     /// Newest first; `None` presence means the layer has every page it holds (the base).
     /// Cloning an image shares its layers (a parent's next generation stacks one more).
-    layers: Vec<(Arc<dyn PageSource>, Option<Arc<Bitmap>>)>,
+    layers: Vec<Layer>,
     pages: u64,
 }
 
