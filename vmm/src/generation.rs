@@ -150,6 +150,10 @@ pub struct FreezeReport {
     /// later freeze, every `MAX_LAYERS`-th, and all of them with full layers or copy while
     /// paused); `false`: only the pages written since the previous freeze.
     pub full_layer: bool,
+    /// Later freezes: the written pages came from the record the copy-on-write handler keeps
+    /// of the parent's writes (every page of its view protected since its first freeze), not
+    /// from a scan of its page tables.
+    pub recorded: bool,
     /// Later freezes: layers over the base in the generation's image.
     pub layers: u64,
     /// True for the first freeze (zero-copy view swap).

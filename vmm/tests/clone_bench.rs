@@ -130,6 +130,76 @@ fn bench_later_pause_copy_vs_cow() {
     }
 }
 
+/// Later pauses with recorded incremental layers (the pages written since the previous freeze,
+/// recorded by the copy-on-write handler: no scan) against full layers found by a scan (all
+/// pages written since the first freeze, the method before), in the same run: per size, two
+/// parents (the second with `Vm::set_full_layers`) touch `KSCOPE_BENCH_FILL` of their RAM, are
+/// cloned, dirty 5% of it, are cloned again (their first later freeze), then per round
+/// allocate 180 pages and are cloned, alternating, 5 times each.
+#[test]
+#[ignore]
+fn bench_later_pause_incremental_vs_full() {
+    println!("| RAM | first later layer (pages) | method | pause (ms) | stop / capture / memory (ms) | pages in the layer |");
+    println!("|---|---|---|---|---|---|");
+    for mb in sizes(&[256, 1024, 4096]) {
+        let vms: Vec<Vm> = [false, true]
+            .into_iter()
+            .map(|full| {
+                let vm = boot(&format!("binc{mb}-{full}"), mb * MB);
+                vm.set_full_layers(full);
+                populate(&vm, fill());
+                drop(vm.clone_children(1, &CloneOptions::default()).unwrap());
+                populate(&vm, 0.05);
+                drop(vm.clone_children(1, &CloneOptions::default()).unwrap());
+                vm
+            })
+            .collect();
+        let mut rows: [Vec<[f64; 5]>; 2] = Default::default();
+        let mut first = [0u64; 2];
+        for _ in 0..5 {
+            for (i, vm) in vms.iter().enumerate() {
+                assert!(ask(vm, "alloc 180").starts_with("ok"));
+                let b = vm.clone_children(1, &CloneOptions::default()).unwrap();
+                assert_eq!(ask(&b.children[0], "echo i"), "i");
+                let f = &b.freeze;
+                let full = i == 1;
+                assert_eq!((f.full_layer, f.recorded), (full, !full), "{f:?}");
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                rows[i].push([
+                    ms(b.parent_pause),
+                    ms(f.stop_vcpus),
+                    ms(f.capture),
+                    ms(f.memory),
+                    f.pages_protected as f64,
+                ]);
+                first[i] = first[i].max(f.pages_protected);
+            }
+        }
+        for (i, name) in ["recorded, incremental", "scanned, full (before)"]
+            .into_iter()
+            .enumerate()
+        {
+            let med = |k: usize| {
+                let mut v: Vec<f64> = rows[i].iter().map(|r| r[k]).collect();
+                v.sort_by(f64::total_cmp);
+                (v[2], v[0], v[4])
+            };
+            let (p, p0, p1) = med(0);
+            println!(
+                "| {mb} MiB | {} | {name} | {p:.2} ({p0:.2}-{p1:.2}) | {:.2} / {:.2} / {:.2} | {:.0} |",
+                first[1],
+                med(1).0,
+                med(2).0,
+                med(3).0,
+                med(4).0
+            );
+        }
+        for vm in vms {
+            vm.stop().unwrap();
+        }
+    }
+}
+
 /// The first pause with the parent moved onto a standby VM (made ahead with
 /// `Vm::prepare_freeze`) against the slot re-point baseline, in the same run: per size, 3 fresh
 /// parents per method, alternating; each touches `KSCOPE_BENCH_FILL` of its RAM first.
@@ -310,5 +380,32 @@ fn bench_child_setup_pieces() {
         let t_slot = t2.elapsed();
         drop(hv);
         println!("{mb} MiB: region {t_region:?}, create VM {t_vm:?}, memory slot {t_slot:?}");
+    }
+}
+
+/// The parent's cost of writing fresh pages after its first freeze, recording vs scanning
+/// (`Vm::set_full_layers`): ktest `bench-fault 256` (ns per page), before and after the
+/// first freeze, and after a later one.
+#[test]
+#[ignore]
+fn bench_parent_writes_after_freeze() {
+    for mb in sizes(&[256, 4096]) {
+        for full in [false, true] {
+            let vm = boot(&format!("bw{mb}-{full}"), mb * MB);
+            vm.set_full_layers(full);
+            populate(&vm, fill());
+            let before = ask(&vm, "bench-fault 256");
+            drop(vm.clone_children(1, &CloneOptions::default()).unwrap());
+            let t = Instant::now();
+            let after = ask(&vm, "bench-fault 256");
+            let took = t.elapsed();
+            drop(vm.clone_children(1, &CloneOptions::default()).unwrap());
+            let later = ask(&vm, "bench-fault 256");
+            println!(
+                "{mb} MiB, full layers {full}: ns per fresh page written: before {before}, \
+                 after the first freeze {after} ({took:?} for the request), after a later {later}"
+            );
+            vm.stop().unwrap();
+        }
     }
 }

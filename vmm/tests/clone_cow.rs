@@ -156,8 +156,20 @@ fn digest(read: impl Fn(u64, &mut [u8]), bytes: u64) -> u64 {
 /// byte for byte, and still does at the end, after the parent wrote on.
 #[test]
 fn every_incremental_generation_equals_the_parent_at_its_freeze() {
+    generations_equal_the_parent(false);
+}
+
+/// The same with a parent whose first freeze re-points its slot: its tracker is made after it
+/// runs on the view, so it finds written pages by scanning its page tables, not by record.
+#[test]
+fn every_scanned_incremental_generation_equals_the_parent_at_its_freeze() {
+    generations_equal_the_parent(true);
+}
+
+fn generations_equal_the_parent(repoint: bool) {
     let mem = 64 * MB;
-    let parent = boot("p-incr", mem);
+    let parent = boot(&format!("p-incr-{repoint}"), mem);
+    parent.set_first_freeze_by_repoint(repoint);
     drop(parent.clone_children(1, &CloneOptions::default()).unwrap());
     // 16 MiB written once, before the first later freeze: in its layer only.
     ask(&parent, "bench-fault 4096");
@@ -180,6 +192,10 @@ fn every_incremental_generation_equals_the_parent_at_its_freeze() {
         let g = parent.freeze().unwrap();
         let rep = *g.freeze_report();
         assert_eq!(rep.pages_copied, 0, "generation {k}: copied while paused");
+        assert_eq!(
+            rep.recorded, !repoint,
+            "generation {k}: recorded, or scanned"
+        );
         if !rep.full_layer {
             incremental += 1;
         }

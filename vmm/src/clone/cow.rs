@@ -50,11 +50,21 @@ use crate::lazy::{AtomicBitmap, Bitmap, DeferredImage, LayeredImage, LazyError, 
 use crate::memory::GuestRam;
 use crate::uffd::{features, Event, RegisterMode, Uffd};
 
-/// Pages per copy range at most: a parent write waits for at most this many page copies.
-const MAX_RANGE: u64 = 64;
+/// Pages per copy chunk (one word of a layer's page bitmap, aligned): a parent write waits for
+/// at most this many page copies.
+const CHUNK: u64 = 64;
+/// Pages released together by a write fault (an aligned block; a divisor of [`CHUNK`]): a
+/// parent that writes pages next to each other then faults once per block, not per page
+/// (each fault is a round trip through the handler thread, ~0.2 ms here), at the price of
+/// capturing the block's other pages too. Measured: `docs/BENCHMARKS.md` §10.
+const LIFT: u64 = 16;
 /// Written runs separated by at most this many pages are protected by one ioctl while paused
 /// (each costs a few microseconds, mostly KVM's invalidation); gap pages are never copied.
 const MAX_GAP: u64 = 16;
+/// The same for recorded pages: every page between two written ones is protected already, so
+/// a longer span only costs its walk (measured: 12 ioctls took ~0.4 ms at 4 GiB, 2-3 took
+/// ~0.15-0.25 ms).
+const RECORDED_GAP: u64 = 512;
 /// Layers stacked over the base before a capture takes every anonymous page again.
 pub(crate) const MAX_LAYERS: usize = 32;
 
@@ -73,6 +83,12 @@ struct Shared {
     base: u64,
     /// The newest layer (published before its pages are protected).
     current: Mutex<Option<Arc<CowLayer>>>,
+    /// Pages released by a fault since the last capture (recording trackers: the parent's
+    /// writes since, see [`CowTracker::new_recording`]), in fault order. Its lock is held by
+    /// a capture from taking them until its pages are protected, and by a fault around
+    /// recording and releasing its page: a page is released either wholly before a capture
+    /// (and captured by it) or wholly after (and captured by the next).
+    written: Mutex<Vec<Gfn>>,
     stop: AtomicBool,
     wake: EventFd,
 }
@@ -81,15 +97,21 @@ impl Shared {
     /// A write fault on a protected page: its layer range copied first, then the page
     /// released.
     fn fault(&self, address: u64) {
-        let page = address & !(PAGE_SIZE as u64 - 1);
+        let gfn = (address - self.base) / PAGE_SIZE as u64;
         let layer = lock(&self.current).clone();
         if let Some(l) = layer {
-            if let Some(r) = l.range_of((page - self.base) / PAGE_SIZE as u64) {
-                l.complete(r);
-            }
+            l.complete(gfn / CHUNK);
         }
-        if let Err(e) = self.uffd.writeprotect(page, PAGE_SIZE as u64, false, false) {
-            tracing::warn!("copy-on-write: lifting the protection of {page:#x}: {e}");
+        // The block around the page, inside the chunk just copied.
+        let first = gfn & !(LIFT - 1);
+        let mut written = lock(&self.written);
+        written.extend(first..first + LIFT);
+        let at = self.base + first * PAGE_SIZE as u64;
+        if let Err(e) = self
+            .uffd
+            .writeprotect(at, LIFT * PAGE_SIZE as u64, false, false)
+        {
+            tracing::warn!("copy-on-write: lifting the protection of {at:#x}: {e}");
         }
     }
 
@@ -147,6 +169,11 @@ pub(crate) struct CowTracker {
     stacked_pages: u64,
     /// Layers over the base before a full capture ([`MAX_LAYERS`]; 1: every capture is full).
     max_layers: usize,
+    /// Every page of the view was protected before the parent ran on it: every write since
+    /// went through the handler, which recorded it (no scan needed).
+    recording: bool,
+    /// Recording trackers: every page written since the first freeze.
+    ever: Bitmap,
 }
 
 impl CowTracker {
@@ -164,11 +191,13 @@ impl CowTracker {
         uffd.register(ram.host_addr() as u64, ram.size(), mode)
             .map_err(|e| err("registering the view for write-protect faults", e))?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| err("eventfd", e))?;
+        let pages = ram.size() / PAGE_SIZE as u64;
         Ok(Self {
             shared: Arc::new(Shared {
                 uffd,
                 base: ram.host_addr() as u64,
                 current: Mutex::new(None),
+                written: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
                 wake,
             }),
@@ -180,15 +209,52 @@ impl CowTracker {
             full_pages: 0,
             stacked_pages: 0,
             max_layers: MAX_LAYERS,
+            recording: false,
+            ever: Bitmap::new(pages),
         })
     }
 
-    /// [`CowTracker::new`], or `None` (logged) where the kernel refuses write-protection on
-    /// the view: later freezes of that VM then copy its dirty pages while paused.
-    pub fn try_new(ram: Arc<GuestRam>, name: &str) -> Option<Self> {
-        Self::new(ram)
-            .map_err(|e| tracing::debug!("{name}: later freezes will copy while paused: {e}"))
+    /// [`CowTracker::new`] for a view the VM does not run on yet, with every page of it
+    /// write-protected now (before the VM moves onto it: the standby VM of a first freeze).
+    /// From then on every write of the VM goes through the handler thread, which records it,
+    /// so a capture needs no scan of the page tables: it takes the recorded pages. Where
+    /// protecting the whole view fails, the tracker finds written pages by scanning instead.
+    pub fn new_recording(ram: Arc<GuestRam>) -> Result<Self, VmError> {
+        let mut me = Self::new(ram)?;
+        match me
+            .shared
+            .uffd
+            .writeprotect(me.shared.base, me.ram.size(), true, false)
+        {
+            Ok(()) => me.recording = true,
+            Err(e) => {
+                tracing::debug!("write-protecting the whole view: {e}; later freezes scan");
+                let _ = me
+                    .shared
+                    .uffd
+                    .writeprotect(me.shared.base, me.ram.size(), false, false);
+            }
+        }
+        Ok(me)
+    }
+
+    /// [`CowTracker::new`] (or [`CowTracker::new_recording`] if `recording`), or `None`
+    /// (logged) where the kernel refuses write-protection on the view: later freezes of that
+    /// VM then copy its dirty pages while paused.
+    pub fn try_new(ram: Arc<GuestRam>, name: &str, recording: bool) -> Option<Self> {
+        let made = if recording {
+            Self::new_recording(ram)
+        } else {
+            Self::new(ram)
+        };
+        made.map_err(|e| tracing::debug!("{name}: later freezes will copy while paused: {e}"))
             .ok()
+    }
+
+    /// Starts the handler thread (call as soon as the VM runs on the view: with a recording
+    /// tracker, its first write to any page waits for the handler).
+    pub fn activate(&mut self) {
+        self.start_handler();
     }
 
     /// Every capture takes all of the view's anonymous pages (`false`: the method before
@@ -202,9 +268,9 @@ impl CowTracker {
     /// for the next capture: one layer is copied at a time).
     pub fn settle(&mut self) {
         let layer = lock(&self.shared.current).clone();
-        if let Some(l) = layer {
-            for r in 0..l.ranges.len() {
-                l.complete(r);
+        if let Some(l) = layer.filter(|l| !l.is_complete()) {
+            for c in 0..l.present.words() {
+                l.complete(c);
             }
         }
     }
@@ -218,35 +284,61 @@ impl CowTracker {
         let full = self.chain.is_none()
             || self.depth >= self.max_layers
             || self.stacked_pages > self.full_pages;
-        let base = self.shared.base;
-        let end = base + self.ram.size();
-        let found = if full {
-            crate::pagemap::anon_ranges(base, end)
-        } else {
-            crate::pagemap::written_anon_ranges(base, end)
-        }
-        .map_err(|e| err("scanning the view", e))?;
+        let shared = self.shared.clone();
+        let base = shared.base;
         let pages = self.ram.size() / PAGE_SIZE as u64;
-        let mut present = Bitmap::new(pages);
-        // Spans to protect: runs closer than MAX_GAP pages merged (few ioctls while paused).
-        let mut spans: Vec<(Gfn, Gfn)> = Vec::new();
-        for (s, e) in found {
-            let (s, e) = ((s - base) / PAGE_SIZE as u64, (e - base) / PAGE_SIZE as u64);
-            present.set_range(s, e);
-            match spans.last_mut() {
-                Some(last) if s - last.1 <= MAX_GAP => last.1 = e,
-                _ => spans.push((s, e)),
+        let mut written = lock(&shared.written);
+        // `present`: the pages the layer holds; `protect`: spans to protect now (runs closer
+        // than MAX_GAP pages merged: few ioctls while paused).
+        let recorded = self.recording && self.max_layers > 1;
+        let (present, protect, taken) = if recorded {
+            // Recorded: the pages released since the last capture, nothing scanned. Pages of
+            // earlier layers not written since are still protected.
+            let mut d = std::mem::take(&mut *written);
+            d.sort_unstable();
+            d.dedup();
+            d.retain(|&g| g < pages);
+            let mut protect: Vec<(Gfn, Gfn)> = Vec::new();
+            for &g in &d {
+                self.ever.set(g);
+                match protect.last_mut() {
+                    Some(last) if g - last.1 <= RECORDED_GAP => last.1 = g + 1,
+                    _ => protect.push((g, g + 1)),
+                }
             }
-        }
-        // Copy ranges: the spans cut into pieces of at most MAX_RANGE pages.
-        let ranges: Vec<(Gfn, Gfn)> = spans
-            .iter()
-            .flat_map(|&(s, e)| {
-                (s..e)
-                    .step_by(MAX_RANGE as usize)
-                    .map(move |a| (a, e.min(a + MAX_RANGE)))
-            })
-            .collect();
+            let present = if full {
+                self.ever.clone()
+            } else {
+                let mut b = Bitmap::new(pages);
+                d.iter().for_each(|&g| b.set(g));
+                b
+            };
+            (present, protect, Some(d))
+        } else {
+            let end = base + self.ram.size();
+            let found = if full {
+                crate::pagemap::anon_ranges(base, end)
+            } else {
+                crate::pagemap::written_anon_ranges(base, end)
+            }
+            .map_err(|e| err("scanning the view", e))?;
+            let mut present = Bitmap::new(pages);
+            let mut protect: Vec<(Gfn, Gfn)> = Vec::new();
+            for (s, e) in found {
+                let (s, e) = ((s - base) / PAGE_SIZE as u64, (e - base) / PAGE_SIZE as u64);
+                present.set_range(s, e);
+                match protect.last_mut() {
+                    Some(last) if s - last.1 <= MAX_GAP => last.1 = e,
+                    _ => protect.push((s, e)),
+                }
+            }
+            if self.recording {
+                // A full scan took everything written: the record starts over.
+                written.clear();
+                self.ever = present.clone();
+            }
+            (present, protect, None)
+        };
         let (file, slot) = match &self.stack {
             Some((f, slot)) if !full => (f.clone(), *slot),
             _ => {
@@ -255,40 +347,43 @@ impl CowTracker {
                 (Arc::new(File::from(f)), 0)
             }
         };
+        let chunks = present.words();
+        let busy = (0..chunks).filter(|&c| present.word(c) != 0).count();
         let layer = Arc::new(CowLayer {
             name: name.to_string(),
             pages,
             full,
+            recorded,
             offset: slot * self.ram.size(),
             slot,
-            range_done: AtomicBitmap::new(ranges.len() as u64),
-            remaining: AtomicUsize::new(ranges.len()),
+            chunk_done: AtomicBitmap::new(chunks),
+            remaining: AtomicUsize::new(busy),
             cursor: AtomicUsize::new(0),
             failed: Mutex::new(None),
-            src: Mutex::new((!ranges.is_empty()).then(|| self.ram.clone())),
+            src: Mutex::new((busy > 0).then(|| self.ram.clone())),
             present: Arc::new(present),
-            ranges,
             file,
         });
         // Published before any of its pages is protected: a fault on one of them (from a
         // device thread while the vCPUs are paused) then copies before it releases.
-        let previous = lock(&self.shared.current).replace(layer.clone());
+        let previous = lock(&shared.current).replace(layer.clone());
         let p = PAGE_SIZE as u64;
-        for (i, &(s, e)) in spans.iter().enumerate() {
-            if let Err(e) = self
-                .shared
+        for (i, &(s, e)) in protect.iter().enumerate() {
+            if let Err(e) = shared
                 .uffd
                 .writeprotect(base + s * p, (e - s) * p, true, false)
             {
                 // Undo, so the parent cannot hang on it; the undone pages count as written
                 // and are captured again next time.
-                for &(s, e) in &spans[..i] {
-                    let _ = self
-                        .shared
+                for &(s, e) in &protect[..i] {
+                    let _ = shared
                         .uffd
                         .writeprotect(base + s * p, (e - s) * p, false, false);
                 }
-                *lock(&self.shared.current) = previous;
+                if let Some(d) = taken {
+                    written.extend(d);
+                }
+                *lock(&shared.current) = previous;
                 return Err(err("write-protecting", e));
             }
         }
@@ -353,6 +448,7 @@ impl CowTracker {
                         .uffd
                         .writeprotect(self.shared.base, self.ram.size(), false, false);
                 self.depth = self.max_layers;
+                self.recording = false;
             }
         }
     }
@@ -379,14 +475,15 @@ pub struct CowLayer {
     pages: u64,
     /// Holds every anonymous page of the view at the freeze (stacked on the base alone).
     full: bool,
+    /// Its pages came from the handler's record of the parent's writes (no scan).
+    recorded: bool,
     /// Where its pages are in `file` (page `g` at `offset + g * PAGE_SIZE`): the layers of one
     /// stack share a memfd, one RAM size apart.
     offset: u64,
     slot: u64,
     present: Arc<Bitmap>,
-    /// Protected ranges of pages, sorted, disjoint.
-    ranges: Vec<(Gfn, Gfn)>,
-    range_done: AtomicBitmap,
+    /// Chunks of [`CHUNK`] pages copied (or without a page of the layer).
+    chunk_done: AtomicBitmap,
     remaining: AtomicUsize,
     /// Where the handler's in-order copy goes on.
     cursor: AtomicUsize,
@@ -401,7 +498,7 @@ impl std::fmt::Debug for CowLayer {
         f.debug_struct("CowLayer")
             .field("pages", &self.present.count())
             .field("full", &self.full)
-            .field("ranges", &self.ranges.len())
+            .field("chunks", &self.present.words())
             .field("remaining", &self.remaining.load(Ordering::Relaxed))
             .finish()
     }
@@ -419,76 +516,75 @@ impl CowLayer {
         self.full
     }
 
+    /// True if its pages came from the handler's record of the parent's writes, not from a
+    /// scan of the page tables.
+    pub fn is_recorded(&self) -> bool {
+        self.recorded
+    }
+
     fn is_complete(&self) -> bool {
         self.remaining.load(Ordering::Acquire) == 0
     }
 
-    fn range_of(&self, gfn: Gfn) -> Option<usize> {
-        let i = self.ranges.partition_point(|&(_, e)| e <= gfn);
-        (i < self.ranges.len() && self.ranges[i].0 <= gfn).then_some(i)
-    }
-
-    /// Copies the next range in order that nobody has copied yet.
+    /// Copies the next chunk in order that nobody has copied yet.
     fn copy_next(&self) {
-        let mut r = self.cursor.load(Ordering::Relaxed);
-        while r < self.ranges.len() && self.range_done.get(r as u64) {
-            r += 1;
+        let chunks = self.present.words();
+        let mut c = self.cursor.load(Ordering::Relaxed) as u64;
+        while c < chunks && (self.present.word(c) == 0 || self.chunk_done.get(c)) {
+            c += 1;
         }
-        if r < self.ranges.len() {
-            self.complete(r);
+        if c < chunks {
+            self.complete(c);
         }
-        self.cursor.store(r + 1, Ordering::Relaxed);
+        self.cursor.store(c as usize + 1, Ordering::Relaxed);
     }
 
-    /// Copies range `r` if nobody has. Its pages stay protected.
-    fn complete(&self, r: usize) {
-        if self.range_done.get(r as u64) {
+    /// Copies chunk `c` (pages `c * CHUNK ..`) if nobody has. Its pages stay protected.
+    fn complete(&self, c: u64) {
+        let word = self.present.word(c);
+        if word == 0 || self.chunk_done.get(c) {
             return;
         }
         let mut src = lock(&self.src);
-        if self.range_done.get(r as u64) {
+        if self.chunk_done.get(c) {
             return;
         }
-        let (s, e) = self.ranges[r];
         let copied = match src.as_ref() {
-            Some(ram) => self.copy_range(ram, s, e),
+            Some(ram) => self.copy_chunk(ram, c, word),
             None => Err("the parent's view was released early".to_string()),
         };
         if let Err(why) = copied {
             lock(&self.failed).get_or_insert(format!(
-                "copy-on-write layer of {}: pages {s:#x}..{e:#x}: {why}",
-                self.name
+                "copy-on-write layer of {}: pages {:#x}..{:#x}: {why}",
+                self.name,
+                c * CHUNK,
+                (c + 1) * CHUNK
             ));
         }
-        self.range_done.set(r as u64);
+        self.chunk_done.set(c);
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             *src = None;
         }
     }
 
-    /// Copies the present pages of `[s, e)` from the (still protected) view into the memfd.
-    fn copy_range(&self, ram: &GuestRam, s: Gfn, e: Gfn) -> Result<(), String> {
-        let mut g = s;
-        while g < e {
-            if !self.present.get(g) {
-                g += 1;
-                continue;
-            }
-            let mut n = 1;
-            while g + n < e && self.present.get(g + n) {
-                n += 1;
-            }
-            let off = g as usize * PAGE_SIZE;
-            // SAFETY: `[off, off + n pages)` lies inside `ram`'s live mapping (ranges come from
-            // a scan of it, and `ram` is kept alive by `src`); the pages are write-protected,
-            // so nothing modifies them while they are read.
+    /// Copies the pages of chunk `c` set in `word` from the (still protected) view into the
+    /// memfd, one write per run.
+    fn copy_chunk(&self, ram: &GuestRam, c: u64, word: u64) -> Result<(), String> {
+        let mut rest = word;
+        while rest != 0 {
+            let first = rest.trailing_zeros() as u64;
+            let n = (rest >> first).trailing_ones() as u64;
+            rest &= !(((1u128 << n) - 1) << first) as u64;
+            let off = (c * CHUNK + first) as usize * PAGE_SIZE;
+            // SAFETY: `[off, off + n pages)` lies inside `ram`'s live mapping (the chunk's
+            // pages are pages of the view, and `ram` is kept alive by `src`); they are
+            // write-protected, so nothing modifies them while they are read.
             let data = unsafe {
                 std::slice::from_raw_parts(ram.host_addr().add(off), n as usize * PAGE_SIZE)
             };
             self.file
                 .write_all_at(data, self.offset + off as u64)
                 .map_err(|e| e.to_string())?;
-            g += n;
         }
         Ok(())
     }
@@ -507,8 +603,8 @@ impl PageSource for CowLayer {
                 what: "copy-on-write layer",
             });
         }
-        if let Some(r) = self.range_of(gfn) {
-            self.complete(r);
+        if self.present.get(gfn) {
+            self.complete(gfn / CHUNK);
             if let Some(why) = lock(&self.failed).as_ref() {
                 return Err(LazyError::Io {
                     op: why.clone(),

@@ -135,7 +135,12 @@ impl Vm {
             // If it cannot be made (descriptor or memory limits), the slot is re-pointed
             // instead: a longer pause, not a failed clone.
             let t = Instant::now();
-            match Standby::prepare(self.name(), &self.memory.load(), self.cfg.vcpus) {
+            match Standby::prepare(
+                self.name(),
+                &self.memory.load(),
+                self.cfg.vcpus,
+                !ps.full_layers,
+            ) {
                 Ok(s) => ps.standby = Some(s),
                 Err(e) => tracing::warn!(
                     vm = %self.name(),
@@ -163,6 +168,12 @@ impl Vm {
             (Ok((_, Pending::Cow { base, layer })), Some(cow)) => {
                 Some(cow.launch(layer.clone(), base))
             }
+            // The standby's tracker protected the whole view: its handler serves the
+            // parent's writes from now on.
+            (Ok((_, Pending::First { .. })), Some(cow)) => {
+                cow.activate();
+                None
+            }
             _ => None,
         };
         resumed?;
@@ -178,7 +189,7 @@ impl Vm {
                 // Later freezes capture copy-on-write through write-protection of the view
                 // (registered with the standby VM ahead of time, or now after a re-point).
                 if !rep.rehomed {
-                    ps.cow = CowTracker::try_new(self.memory.load(), self.name());
+                    ps.cow = CowTracker::try_new(self.memory.load(), self.name(), false);
                 }
                 base
             }
@@ -186,6 +197,7 @@ impl Vm {
                 // Stacked and handed to the handler thread right after the resume.
                 rep.pages_protected = layer.present().count();
                 rep.full_layer = layer.is_full();
+                rep.recorded = layer.is_recorded();
                 let image = launched.ok_or_else(|| {
                     VmError::Internal("copy-on-write layer without its tracker".into())
                 })??;

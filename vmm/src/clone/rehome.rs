@@ -34,8 +34,9 @@ use crate::vm::{Vm, RAM_SLOT};
 /// the parent's memfd, its vCPUs exist with CPUID set.
 ///
 /// It also carries the write-protect tracking of the view for the parent's later freezes
-/// ([`CowTracker`]), registered ahead too (`None` where the kernel refuses it: later freezes
-/// then copy while paused).
+/// ([`CowTracker`]), registered ahead too, with every page of the view protected while the
+/// view is not used yet, so that the parent's writes are recorded from its first freeze on
+/// (`None` where the kernel refuses it: later freezes then copy while paused).
 ///
 /// Fields drop in order: vCPUs, then the VM (which closes the slot), the tracker, then the
 /// view.
@@ -58,8 +59,14 @@ impl std::fmt::Debug for Standby {
 
 impl Standby {
     /// Makes a standby for VM `name` running on `ram` (a shared memfd mapping) with `vcpus`
-    /// vCPUs.
-    pub(crate) fn prepare(name: &str, ram: &GuestRam, vcpus: u32) -> Result<Standby, VmError> {
+    /// vCPUs; its tracker protects the whole view and records the writes if `recording`
+    /// ([`CowTracker::new_recording`]).
+    pub(crate) fn prepare(
+        name: &str,
+        ram: &GuestRam,
+        vcpus: u32,
+        recording: bool,
+    ) -> Result<Standby, VmError> {
         if ram.is_private() {
             return Err(VmError::Internal(
                 "a standby VM is made for shared guest RAM only (first freeze)".into(),
@@ -76,7 +83,7 @@ impl Standby {
         // it as its guest RAM, released only after that VM is closed.
         unsafe { hv.set_memory_slot(RAM_SLOT, 0, view.size(), view.host_addr())? };
         let vcpus = state::create_vcpus(hv.as_ref(), vcpus)?;
-        let cow = CowTracker::try_new(view.clone(), name);
+        let cow = CowTracker::try_new(view.clone(), name, recording);
         Ok(Standby {
             vcpus,
             hv,
@@ -144,7 +151,8 @@ impl Vm {
     /// docs), ahead of time, so that the first clone call does not spend the 1-20 ms of VM
     /// and memory slot creation. Does nothing if the VM was frozen before or has a standby
     /// already. A standby costs a KVM VM with its vCPUs and per-page slot metadata (about
-    /// 2 MiB per GiB of guest memory), no guest memory.
+    /// 2 MiB per GiB of guest memory), and the page tables that protect every page of its
+    /// view (another 2 MiB per GiB), no guest memory.
     pub fn prepare_freeze(&self) -> Result<(), VmError> {
         let mut ps = self.parent.lock().unwrap_or_else(|p| p.into_inner());
         if ps.base.is_some() || ps.standby.is_some() || ps.repoint_first {
@@ -154,7 +162,12 @@ impl Vm {
         if ram.is_anonymous() {
             return Ok(());
         }
-        ps.standby = Some(Standby::prepare(self.name(), &ram, self.cfg.vcpus)?);
+        ps.standby = Some(Standby::prepare(
+            self.name(),
+            &ram,
+            self.cfg.vcpus,
+            !ps.full_layers,
+        )?);
         Ok(())
     }
 
