@@ -87,7 +87,7 @@ pub struct SizeReport {
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
-type Sample = [f64; 25];
+type Sample = [f64; 27];
 
 /// One-clone calls per repetition and mode (their median is the repetition's value).
 const SINGLES: usize = 5;
@@ -95,7 +95,7 @@ const SINGLES: usize = 5;
 /// Index of the first pooled figure in [`NAMES`].
 const POOLED: usize = 10;
 
-const NAMES: [(&str, &str, f64, bool); 25] = [
+const NAMES: [(&str, &str, f64, bool); 27] = [
     ("parent pause, first clone", "ms", 1.0, true),
     ("  before: slot re-point", "ms", 1.0, true),
     ("  standby VM / slot re-point", "x", 0.0, true),
@@ -123,6 +123,10 @@ const NAMES: [(&str, &str, f64, bool); 25] = [
     ("pool, together: n clones: first child", "ms", 0.0, true),
     ("pool: host memory per shell", "MiB", 0.0, true),
     ("first freeze: standby made on the call", "ms", 0.0, true),
+    // Same run: the later pause of the baseline parent (re-point, so its writes are found
+    // by scanning page tables, and every later layer holds all of them).
+    ("  later pause before: scanned, full layer", "ms", 1.0, true),
+    ("  later pause recorded / scanned full", "x", 0.0, true),
 ];
 
 /// The host's MemAvailable in MiB (for the pool's memory cost).
@@ -251,10 +255,15 @@ fn full_pool(cfg: &CloneBenchConfig, key: ShellKey) -> anyhow::Result<(Arc<Shell
     Ok((pool, (before - mem_available_mib()) / cfg.pool as f64))
 }
 
-/// The baseline of the first clone, as before the standby VM and the pool: a fresh parent,
+/// The baseline, as before the standby VM, the pool and recorded layers: a fresh parent,
 /// warmed the same way, whose first freeze re-points its KVM slot, cloned once without a
-/// pool. Returns (parent pause, call -> first instruction) in ms.
-fn first_clone_before(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<(f64, f64)> {
+/// pool, then driven the same way and cloned again with a full layer found by a scan. Returns
+/// (first pause, first call -> first instruction, later pause) in ms.
+fn clones_before(
+    cfg: &CloneBenchConfig,
+    mem: u64,
+    rep: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
     let b = runner::boot(
         Workload::Web,
         mem,
@@ -263,14 +272,26 @@ fn first_clone_before(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::R
     let warm = Workload::Web.requests(11 + rep as u64, cfg.warm_requests.max(1));
     runner::drive(&b.vm, Workload::Web, &warm, 4, true).context("warming the baseline parent")?;
     b.vm.set_first_freeze_by_repoint(true);
+    b.vm.set_full_layers(true);
     let first =
         b.vm.clone_children(1, &CloneOptions::default())
             .context("first clone of the baseline parent")?;
     for c in &first.children {
         c.stop()?;
     }
+    runner::drive(&b.vm, Workload::Web, &warm, 4, true).context("dirtying the baseline")?;
+    let later =
+        b.vm.clone_children(1, &CloneOptions::default())
+            .context("later clone of the baseline parent")?;
+    for c in &later.children {
+        c.stop()?;
+    }
     b.vm.stop()?;
-    Ok((ms(first.parent_pause), ms(first.clone_latency[0])))
+    Ok((
+        ms(first.parent_pause),
+        ms(first.clone_latency[0]),
+        ms(later.parent_pause),
+    ))
 }
 
 /// Requests served by `vm` in `dur` (window of 4 in flight), all answers checked.
@@ -368,7 +389,7 @@ fn one_rep(
     };
     parent.stop()?;
     drop(b);
-    let (before_pause, before_call) = first_clone_before(cfg, mem, rep)?;
+    let (before_pause, before_call, before_later) = clones_before(cfg, mem, rep)?;
     let call = ms(first.clone_latency[0]);
     Ok([
         ms(first.parent_pause),
@@ -396,6 +417,8 @@ fn one_rep(
         p.together_first,
         p.mib_per_shell,
         ms(first.freeze.prepare),
+        before_later,
+        ms(later.parent_pause) / before_later,
     ])
 }
 
