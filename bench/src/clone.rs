@@ -84,6 +84,40 @@ pub struct SizeReport {
     /// The same for the n-clone calls from the pool (the last entry of both is the share of
     /// children that came from a pooled shell).
     pub pooled_breakdown: Vec<(String, f64)>,
+    /// Where the parent's first and later (dirtied) freezes went: per part, the median over
+    /// the repetitions, in ms (pages: the later layer's pages).
+    pub freezes: Vec<(String, Vec<(String, f64)>)>,
+}
+
+/// The parts of a freeze report, in ms (and the layer's pages).
+fn freeze_parts(f: &kscope_vmm::FreezeReport) -> Vec<(String, f64)> {
+    [
+        ("stop", ms(f.stop_vcpus)),
+        ("capture", ms(f.capture)),
+        ("memory", ms(f.memory)),
+        ("pause", ms(f.pause)),
+        ("after-resume", ms(f.after_resume)),
+        ("pages", f.pages_protected as f64),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v))
+    .collect()
+}
+
+/// Per part, the median over `reports`.
+fn median_parts(reports: &[kscope_vmm::FreezeReport]) -> Vec<(String, f64)> {
+    let all: Vec<Vec<(String, f64)>> = reports.iter().map(freeze_parts).collect();
+    let Some(first) = all.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let v = all.iter().map(|p| p[i].1).collect();
+            (name.clone(), spread(v)[1])
+        })
+        .collect()
 }
 
 /// Samples of one repetition, in [`NAMES`] order.
@@ -259,11 +293,7 @@ fn full_pool(cfg: &CloneBenchConfig, key: ShellKey) -> anyhow::Result<(Arc<Shell
 /// warmed the same way, whose first freeze re-points its KVM slot, cloned once without a
 /// pool, then driven the same way and cloned again with a full layer found by a scan. Returns
 /// (first pause, first call -> first instruction, later pause) in ms.
-fn clones_before(
-    cfg: &CloneBenchConfig,
-    mem: u64,
-    rep: usize,
-) -> anyhow::Result<(f64, f64, f64)> {
+fn clones_before(cfg: &CloneBenchConfig, mem: u64, rep: usize) -> anyhow::Result<(f64, f64, f64)> {
     let b = runner::boot(
         Workload::Web,
         mem,
@@ -320,6 +350,7 @@ fn one_rep(
     rep: usize,
     parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
     pooled_parts: &mut Vec<kscope_vmm::SpawnBreakdown>,
+    freezes: &mut [Vec<kscope_vmm::FreezeReport>; 2],
 ) -> anyhow::Result<Sample> {
     let b = runner::boot(
         Workload::Web,
@@ -360,6 +391,8 @@ fn one_rep(
     for c in &later.children {
         c.stop()?;
     }
+    freezes[0].push(first.freeze);
+    freezes[1].push(later.freeze);
 
     let batch = parent
         .clone_children(cfg.batch, &opts)
@@ -454,8 +487,9 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
         let mut skipped = None;
         let mut parts = Vec::new();
         let mut pooled_parts = Vec::new();
+        let mut freezes: [Vec<kscope_vmm::FreezeReport>; 2] = Default::default();
         for rep in 0..cfg.reps.max(1) {
-            match one_rep(cfg, mem, rep, &mut parts, &mut pooled_parts) {
+            match one_rep(cfg, mem, rep, &mut parts, &mut pooled_parts, &mut freezes) {
                 Ok(s) => samples.push(s),
                 Err(e) => {
                     skipped = Some(format!("{e:#}"));
@@ -487,6 +521,10 @@ pub fn run(cfg: &CloneBenchConfig) -> anyhow::Result<Vec<SizeReport>> {
             skipped,
             breakdown: mean_phases(&parts),
             pooled_breakdown: mean_phases(&pooled_parts),
+            freezes: vec![
+                ("first freeze".into(), median_parts(&freezes[0])),
+                ("later freeze (dirtied)".into(), median_parts(&freezes[1])),
+            ],
         });
     }
     Ok(out)
@@ -542,6 +580,13 @@ pub fn render(r: &[SizeReport]) -> String {
                 share * 100.0
             );
             for (name, v) in phases {
+                let _ = write!(s, " {name} {v:.2}");
+            }
+            let _ = writeln!(s);
+        }
+        for (what, parts) in &size.freezes {
+            let _ = write!(s, "  {what}, median ms:");
+            for (name, v) in parts {
                 let _ = write!(s, " {name} {v:.2}");
             }
             let _ = writeln!(s);

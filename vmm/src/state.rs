@@ -111,15 +111,21 @@ pub(crate) fn load_vcpus(
     Ok(())
 }
 
-/// Capture a paused VM's whole machine state.
+/// Capture a paused VM's whole machine state (its vCPUs' states asked for unless `vcpus`
+/// brings them).
 pub(crate) fn capture(
     controls: &[Arc<VcpuControl>],
     devices: &DeviceSet,
     hv: &dyn HvVm,
     ready_value: u32,
+    vcpus: Option<Vec<VcpuState>>,
 ) -> Result<MachineState, VmError> {
+    let vcpus = match vcpus {
+        Some(v) => v,
+        None => save_vcpus(controls)?,
+    };
     Ok(MachineState {
-        vcpus: save_vcpus(controls)?,
+        vcpus,
         devices: devices.save_states(),
         clock: hv.clock().ok(),
         ready_value,

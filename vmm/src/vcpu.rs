@@ -30,6 +30,9 @@ pub enum VcpuMsg {
     Run,
     /// Leave the guest and acknowledge once out of it.
     Pause(Sender<()>),
+    /// [`VcpuMsg::Pause`], acknowledged with the vCPU's saved state (a freeze: one round trip
+    /// to the vCPU thread instead of two).
+    PauseAndSave(Sender<Result<VcpuState, VmError>>),
     /// Return to the state before `Pause`.
     Resume,
     /// Leave the guest and end the thread.
@@ -244,6 +247,15 @@ impl VcpuThread {
                     RunState::Parked => RunState::Paused { was_running: false },
                     other => other,
                 }
+            }
+            VcpuMsg::PauseAndSave(ack) => {
+                let next = match s {
+                    RunState::Running => RunState::Paused { was_running: true },
+                    RunState::Parked => RunState::Paused { was_running: false },
+                    other => other,
+                };
+                let _ = ack.send(self.vcpu.save_state());
+                next
             }
             VcpuMsg::Resume => match s {
                 RunState::Paused { was_running: true } => RunState::Running,

@@ -597,6 +597,20 @@ impl Vm {
 
     /// Take every vCPU out of the guest and keep it out until [`Vm::resume`].
     pub fn pause(&self) -> Result<(), VmError> {
+        self.pause_with(VcpuMsg::Pause).map(|_| ())
+    }
+
+    /// [`Vm::pause`], each vCPU saving its state as it acknowledges (a freeze).
+    pub(crate) fn pause_and_save(&self) -> Result<Vec<VcpuState>, VmError> {
+        self.pause_with(VcpuMsg::PauseAndSave)?
+            .into_iter()
+            .collect()
+    }
+
+    fn pause_with<T: Send + 'static>(
+        &self,
+        msg: impl Fn(mpsc::Sender<T>) -> VcpuMsg,
+    ) -> Result<Vec<T>, VmError> {
         let mut s = self.core.lock();
         let next = s.state.transition(VmOp::Pause, &s.paused_from)?;
         let acks: Vec<_> = self
@@ -605,22 +619,26 @@ impl Vm {
             .iter()
             .map(|c| {
                 let (tx, rx) = mpsc::channel();
-                c.send_and_kick(VcpuMsg::Pause(tx));
+                c.send_and_kick(msg(tx));
                 rx
             })
             .collect();
         s.paused_from = std::mem::replace(&mut s.state, next);
         drop(s);
+        let mut out = Vec::with_capacity(acks.len());
         for rx in acks {
-            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-                let s = self.core.lock();
-                return match &s.outcome {
-                    Some(r) => Err(VmCore::reason_error(r)),
-                    None => Err(VmError::Internal("a vCPU did not acknowledge pause".into())),
-                };
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(v) => out.push(v),
+                Err(_) => {
+                    let s = self.core.lock();
+                    return match &s.outcome {
+                        Some(r) => Err(VmCore::reason_error(r)),
+                        None => Err(VmError::Internal("a vCPU did not acknowledge pause".into())),
+                    };
+                }
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Resume a paused VM.
@@ -771,12 +789,22 @@ impl Vm {
     /// Capture the whole machine state (VM paused), see [`crate::state`].
     pub fn save_machine_state(&self) -> Result<MachineState, VmError> {
         self.check_op(VmOp::SaveState)?;
+        self.capture_state(None)
+    }
+
+    /// The machine state of a paused VM, with its vCPUs' states if already saved (by
+    /// [`Vm::pause_and_save`]).
+    pub(crate) fn capture_state(
+        &self,
+        vcpus: Option<Vec<VcpuState>>,
+    ) -> Result<MachineState, VmError> {
         let ready_value = self.boot_report().map_or(0, |r| r.ready_value);
         state::capture(
             &self.core.controls,
             &self.devices,
             self.hv().as_ref(),
             ready_value,
+            vcpus,
         )
     }
 

@@ -409,3 +409,53 @@ fn bench_parent_writes_after_freeze() {
         }
     }
 }
+
+/// The first and a later pause of parents whose standby protects its whole view and records
+/// writes (the default) against parents whose standby does not (`Vm::set_full_layers`): 3
+/// fresh parents per method and size, alternating; each touches `KSCOPE_BENCH_FILL` of its
+/// RAM, makes its standby ahead, is cloned, allocates 180 pages and is cloned again.
+#[test]
+#[ignore]
+fn bench_pauses_recording_vs_not() {
+    println!("| RAM | method | first pause: stop / capture / memory / total (ms) | later pause: stop / capture / memory / total (ms) |");
+    println!("|---|---|---|---|");
+    for mb in sizes(&[256, 4096]) {
+        let mut rows: [Vec<[f64; 8]>; 2] = Default::default();
+        for k in 0..3 {
+            for (i, full) in [false, true].into_iter().enumerate() {
+                let vm = boot(&format!("brec{mb}-{k}-{full}"), mb * MB);
+                vm.set_full_layers(full);
+                populate(&vm, fill());
+                vm.prepare_freeze().unwrap();
+                let a = vm.clone_children(1, &CloneOptions::default()).unwrap();
+                assert!(ask(&vm, "alloc 180").starts_with("ok"));
+                let b = vm.clone_children(1, &CloneOptions::default()).unwrap();
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let (f, l) = (&a.freeze, &b.freeze);
+                rows[i].push([
+                    ms(f.stop_vcpus),
+                    ms(f.capture),
+                    ms(f.memory),
+                    ms(f.pause),
+                    ms(l.stop_vcpus),
+                    ms(l.capture),
+                    ms(l.memory),
+                    ms(l.pause),
+                ]);
+                drop((a, b));
+                vm.stop().unwrap();
+            }
+        }
+        for (i, name) in ["recording", "not recording"].into_iter().enumerate() {
+            let med = |k: usize| {
+                let mut v: Vec<f64> = rows[i].iter().map(|r| r[k]).collect();
+                v.sort_by(f64::total_cmp);
+                v[1]
+            };
+            println!(
+                "| {mb} MiB | {name} | {:.2} / {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} / {:.2} |",
+                med(0), med(1), med(2), med(3), med(4), med(5), med(6), med(7)
+            );
+        }
+    }
+}

@@ -155,11 +155,14 @@ impl Vm {
         crate::state::HostCpu::current();
         let was_paused = self.state() == VmState::Paused;
         let t0 = Instant::now();
-        if !was_paused {
-            self.pause()?;
-        }
+        // Each vCPU saves its state as it acknowledges the pause (one round trip).
+        let saved = if was_paused {
+            None
+        } else {
+            Some(self.pause_and_save()?)
+        };
         rep.stop_vcpus = t0.elapsed();
-        let result = self.freeze_paused(&mut ps, &mut rep);
+        let result = self.freeze_paused(&mut ps, &mut rep, saved);
         let resumed = if was_paused { Ok(()) } else { self.resume() };
         rep.pause = t0.elapsed();
         // Pages write-protected by the capture are copied and served whatever happens next:
@@ -265,9 +268,10 @@ impl Vm {
         &self,
         ps: &mut ParentState,
         rep: &mut FreezeReport,
+        vcpus: Option<Vec<crate::hypervisor::VcpuState>>,
     ) -> Result<(MachineState, Pending), VmError> {
         let t = Instant::now();
-        let state = self.save_machine_state()?;
+        let state = self.capture_state(vcpus)?;
         rep.capture = t.elapsed();
         let t = Instant::now();
         let ram = self.memory.load();
