@@ -83,7 +83,12 @@ impl Standby {
         // it as its guest RAM, released only after that VM is closed.
         unsafe { hv.set_memory_slot(RAM_SLOT, 0, view.size(), view.host_addr())? };
         let vcpus = state::create_vcpus(hv.as_ref(), vcpus)?;
-        let cow = CowTracker::try_new(view.clone(), name, recording);
+        let mut cow = CowTracker::try_new(view.clone(), name, recording);
+        // Its handler thread waits from now on: the parent's first write after the freeze
+        // does not wait for a thread to be made.
+        if let Some(c) = cow.as_mut() {
+            c.activate();
+        }
         Ok(Standby {
             vcpus,
             hv,
