@@ -81,6 +81,8 @@ struct Shared {
     uffd: Uffd,
     /// Host address of the view.
     base: u64,
+    /// Pages of the view.
+    pages: u64,
     /// The newest layer (published before its pages are protected).
     current: Mutex<Option<Arc<CowLayer>>>,
     /// Pages released by a fault since the last capture (recording trackers: the parent's
@@ -102,14 +104,15 @@ impl Shared {
         if let Some(l) = layer {
             l.complete(gfn / CHUNK);
         }
-        // The block around the page, inside the chunk just copied.
+        // The block around the page, inside the chunk just copied (and inside the view).
         let first = gfn & !(LIFT - 1);
+        let end = (first + LIFT).min(self.pages).max(gfn + 1);
         let mut written = lock(&self.written);
-        written.extend(first..first + LIFT);
+        written.extend(first..end);
         let at = self.base + first * PAGE_SIZE as u64;
         if let Err(e) = self
             .uffd
-            .writeprotect(at, LIFT * PAGE_SIZE as u64, false, false)
+            .writeprotect(at, (end - first) * PAGE_SIZE as u64, false, false)
         {
             tracing::warn!("copy-on-write: lifting the protection of {at:#x}: {e}");
         }
@@ -196,6 +199,7 @@ impl CowTracker {
             shared: Arc::new(Shared {
                 uffd,
                 base: ram.host_addr() as u64,
+                pages,
                 current: Mutex::new(None),
                 written: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
