@@ -4,23 +4,25 @@
 //! After its first freeze a parent runs on a private view of its frozen memfd (the *base*),
 //! so the pages it wrote since are exactly the view's anonymous pages. The view is registered
 //! in a userfaultfd's write-protect mode ([`CowTracker`]), and captured pages **stay**
-//! write-protected after they are copied, so the protection itself records what the parent
-//! writes next: a page that is anonymous and not protected (`PAGE_IS_WRITTEN` of
-//! `PAGEMAP_SCAN`) was written, or first made, since the previous capture. A later freeze
-//! therefore, while paused,
+//! write-protected after they are copied, so the protection itself tells what the parent
+//! writes next. Two ways to know it:
 //!
-//! 1. finds the anonymous pages written since the previous freeze ([`crate::pagemap`]),
-//! 2. write-protects them (a few ioctls: runs closer than [`MAX_GAP`] pages are merged),
+//! - **Recorded** (the standby VM's tracker, [`CowTracker::new_recording`]): the whole view is
+//!   protected before the parent moves onto it, so every write goes through the handler
+//!   thread, which records its [`LIFT`]-page block and lifts its protection. A later freeze
+//!   takes that record: no page-table scan.
+//! - **Scanned** (a tracker made after the parent runs on the view): a later freeze finds the
+//!   anonymous pages not protected (`PAGE_IS_WRITTEN` of `PAGEMAP_SCAN`, [`crate::pagemap`]).
 //!
-//! and the parent resumes. The generation's image is the previous one with one more layer
-//! on top, holding those pages ([`LayeredImage`]: base, then layers newest first). A handler
-//! thread (one per parent, for its life) copies the new layer's pages into the layer's memfd
-//! range by range, and serves the parent's write faults on protected pages: it copies the
-//! faulting page's range first if that range is not copied yet, then lifts the protection of
-//! that one page, which wakes the writer and marks the page written for the next capture. A
-//! child (or anything else) that reads a page of the layer before the handler reached it
-//! copies the range itself, under the same lock, so every reader sees the page as it was at
-//! the freeze.
+//! Either way the freeze, while paused, protects those pages again (a few ioctls: nearby runs
+//! merged) and publishes the layer; the parent resumes. The generation's image is the
+//! previous one with one more layer on top, holding those pages ([`LayeredImage`]: base, then
+//! layers newest first). The handler thread (one per parent, for its life) copies the new
+//! layer into its memfd in [`CHUNK`]-page chunks, and serves the parent's write faults on
+//! protected pages: it copies the faulting page's chunk first if it is not copied yet, then
+//! lifts the protection of the page's block, which wakes the writer. A child (or anything
+//! else) that reads a page of the layer before the handler reached it copies the chunk
+//! itself, under the same lock, so every reader sees the page as it was at the freeze.
 //!
 //! A page the parent did not write since an earlier capture is still protected, so its
 //! content equals that earlier layer's copy: it is read from there. The first capture takes
@@ -28,9 +30,8 @@
 //! [`MAX_LAYERS`] layers are stacked (which bounds the layers a child's page read looks
 //! through) or once the stacked layers hold more pages than the full one (the parent keeps
 //! its latest chain, so this bounds what it keeps to twice its written pages). The layers of
-//! one chain share one memfd. This relies on the VMM never
-//! discarding pages of the view (`MADV_DONTNEED`), which would make an earlier layer's copy
-//! stale; it does not.
+//! one chain share one memfd. This relies on the VMM never discarding pages of the view
+//! (`MADV_DONTNEED`), which would make an earlier layer's copy stale; it does not.
 //!
 //! A layer whose copy fails (out of memory for the memfd) keeps lifting protection on
 //! faults: the parent never hangs, and readers of the failed range get the error, which
@@ -72,6 +73,15 @@ fn err(what: &str, e: impl std::fmt::Display) -> VmError {
     VmError::Memory(format!("copy-on-write capture: {what}: {e}"))
 }
 
+/// Appends the run `[s, e)` (after every span of `spans`) to `spans`, merged into the last span
+/// if at most `gap` pages separate them.
+fn extend_spans(spans: &mut Vec<(Gfn, Gfn)>, (s, e): (Gfn, Gfn), gap: u64) {
+    match spans.last_mut() {
+        Some(last) if s - last.1 <= gap => last.1 = e,
+        _ => spans.push((s, e)),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -96,8 +106,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// A write fault on a protected page: its layer range copied first, then the page
-    /// released.
+    /// A write fault on a protected page: its chunk of the newest layer copied first, then
+    /// its block recorded and released.
     fn fault(&self, address: u64) {
         let gfn = (address - self.base) / PAGE_SIZE as u64;
         let layer = lock(&self.current).clone();
@@ -118,7 +128,7 @@ impl Shared {
         }
     }
 
-    /// The handler thread: faults first, then the next range of the newest layer.
+    /// The handler thread: faults first, then the next chunk of the newest layer.
     fn serve(&self) {
         let mut events = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
@@ -255,7 +265,7 @@ impl CowTracker {
             .ok()
     }
 
-    /// Starts the handler thread (call as soon as the VM runs on the view: with a recording
+    /// Starts the handler thread (call before the VM runs on the view: with a recording
     /// tracker, its first write to any page waits for the handler).
     pub fn activate(&mut self) {
         self.start_handler();
@@ -305,10 +315,7 @@ impl CowTracker {
             let mut protect: Vec<(Gfn, Gfn)> = Vec::new();
             for &g in &d {
                 self.ever.set(g);
-                match protect.last_mut() {
-                    Some(last) if g - last.1 <= RECORDED_GAP => last.1 = g + 1,
-                    _ => protect.push((g, g + 1)),
-                }
+                extend_spans(&mut protect, (g, g + 1), RECORDED_GAP);
             }
             let present = if full {
                 self.ever.clone()
@@ -331,10 +338,7 @@ impl CowTracker {
             for (s, e) in found {
                 let (s, e) = ((s - base) / PAGE_SIZE as u64, (e - base) / PAGE_SIZE as u64);
                 present.set_range(s, e);
-                match protect.last_mut() {
-                    Some(last) if s - last.1 <= MAX_GAP => last.1 = e,
-                    _ => protect.push((s, e)),
-                }
+                extend_spans(&mut protect, (s, e), MAX_GAP);
             }
             if self.recording {
                 // A full scan took everything written: the record starts over.

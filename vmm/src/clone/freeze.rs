@@ -171,12 +171,6 @@ impl Vm {
             (Ok((_, Pending::Cow { base, layer })), Some(cow)) => {
                 Some(cow.launch(layer.clone(), base))
             }
-            // The standby's tracker protected the whole view: its handler serves the
-            // parent's writes from now on.
-            (Ok((_, Pending::First { .. })), Some(cow)) => {
-                cow.activate();
-                None
-            }
             _ => None,
         };
         resumed?;

@@ -84,19 +84,6 @@ impl Bitmap {
         })
     }
 
-    /// Runs of set frames `[start, end)`, ascending; runs separated by at most `gap` clear
-    /// frames are merged into one.
-    pub fn runs(&self, gap: u64) -> Vec<(Gfn, Gfn)> {
-        let mut out: Vec<(Gfn, Gfn)> = Vec::new();
-        for g in self.iter_set() {
-            match out.last_mut() {
-                Some(last) if g - last.1 <= gap => last.1 = g + 1,
-                _ => out.push((g, g + 1)),
-            }
-        }
-        out
-    }
-
     /// Word `i` of the bitmap: frames `64 * i ..= 64 * i + 63`, bit `k` for frame `64 * i + k`
     /// (zero beyond the end).
     pub fn word(&self, i: u64) -> u64 {
@@ -106,13 +93,6 @@ impl Bitmap {
     /// Number of words (groups of 64 frames).
     pub fn words(&self) -> u64 {
         self.words.len() as u64
-    }
-
-    /// Sets every frame set in `other` (of the same length).
-    pub fn union_with(&mut self, other: &Bitmap) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= b;
-        }
     }
 }
 
@@ -174,18 +154,6 @@ impl AtomicBitmap {
             .sum()
     }
 
-    /// Clears every frame, returning what was set (each word swapped atomically).
-    pub fn take(&self) -> Bitmap {
-        Bitmap {
-            words: self
-                .words
-                .iter()
-                .map(|w| w.swap(0, Ordering::AcqRel))
-                .collect(),
-            bits: self.bits,
-        }
-    }
-
     /// A point-in-time copy.
     pub fn snapshot(&self) -> Bitmap {
         Bitmap {
@@ -204,7 +172,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn set_frames_runs_union_and_take() {
+    fn set_frames_are_listed_in_order_across_words() {
         let mut b = Bitmap::new(300);
         for g in [0, 1, 2, 63, 64, 70, 200, 299] {
             b.set(g);
@@ -213,19 +181,6 @@ mod tests {
             b.iter_set().collect::<Vec<_>>(),
             [0, 1, 2, 63, 64, 70, 200, 299]
         );
-        assert_eq!(
-            b.runs(0),
-            [(0, 3), (63, 65), (70, 71), (200, 201), (299, 300)]
-        );
-        assert_eq!(b.runs(5), [(0, 3), (63, 71), (200, 201), (299, 300)]);
-        let mut c = Bitmap::new(300);
-        c.set(5);
-        c.union_with(&b);
-        assert_eq!(c.count(), 9);
-        let a = AtomicBitmap::new(300);
-        assert!(a.set(7) && a.set(299));
-        let t = a.take();
-        assert_eq!(t.iter_set().collect::<Vec<_>>(), [7, 299]);
-        assert_eq!(a.count(), 0);
+        assert_eq!((b.words(), b.word(1), b.word(9)), (5, 0b100_0001, 0));
     }
 }
