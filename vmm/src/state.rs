@@ -146,12 +146,15 @@ pub(crate) fn create_vcpus(hv: &dyn HvVm, n: u32) -> Result<Vec<Box<dyn HvVcpu>>
 }
 
 /// Restore `state`'s clock and saved vCPU states into a VM and its vCPUs made by
-/// [`create_vcpus`] (one per saved state).
+/// [`create_vcpus`] (one per saved state). `just_saved`: the state was saved by this process
+/// (a clone, a move onto a standby), so it is loaded the fast way ([`HvVcpu::load_state`]);
+/// otherwise (a snapshot file) every part is set and checked now.
 pub(crate) fn restore_into(
     hv: &dyn HvVm,
     state: &MachineState,
     vcpus: &mut [Box<dyn HvVcpu>],
     name: &str,
+    just_saved: bool,
 ) -> Result<(), VmError> {
     if vcpus.len() != state.vcpus.len() {
         return Err(VmError::Internal(format!(
@@ -166,7 +169,10 @@ pub(crate) fn restore_into(
         }
     }
     for (v, st) in vcpus.iter_mut().zip(&state.vcpus) {
-        v.restore_state(st)?;
+        match just_saved {
+            true => v.load_state(st)?,
+            false => v.restore_state(st)?,
+        }
     }
     Ok(())
 }

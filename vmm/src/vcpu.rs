@@ -48,11 +48,11 @@ pub enum VcpuMsg {
     /// Run this vCPU from now on (state already loaded) and hand back the one run so far
     /// (only honoured while paused or parked; otherwise the given vCPU comes back). A parent
     /// moves onto a fresh VM this way at its first freeze (see `clone::rehome`).
-    Swap(
-        Box<dyn HvVcpu>,
-        Sender<Result<Box<dyn HvVcpu>, Box<dyn HvVcpu>>>,
-    ),
+    Swap(Box<dyn HvVcpu>, Sender<SwapReply>),
 }
+
+/// The answer to [`VcpuMsg::Swap`]: the old vCPU, or the new one back if the thread was running.
+pub type SwapReply = Result<Box<dyn HvVcpu>, Box<dyn HvVcpu>>;
 
 /// Why a VM ended.
 #[derive(Debug, Clone)]
@@ -175,6 +175,33 @@ enum RunState {
     Running,
     Paused { was_running: bool },
     Done,
+}
+
+/// How long a control thread spins for a vCPU thread's reply before it blocks (see
+/// [`recv_soon`]).
+const REPLY_SPIN: Duration = Duration::from_millis(1);
+
+/// Receives a reply that a vCPU thread sends within microseconds (a pause acknowledgement, a
+/// swapped vCPU): spins on the channel for up to [`REPLY_SPIN`] first, then blocks until
+/// `timeout`. A blocked receiver is woken 50-400 us after the send on this host (measured
+/// in the first clone's pause, `docs/BENCHMARKS.md` section 10), a spinning one at once.
+pub(crate) fn recv_soon<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, RecvTimeoutError> {
+    let start = Instant::now();
+    let spin = REPLY_SPIN.min(timeout);
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Ok(v),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                return Err(RecvTimeoutError::Disconnected)
+            }
+            // Yield, not a bare spin: the vCPU thread may have been woken on this core.
+            Err(std::sync::mpsc::TryRecvError::Empty) if start.elapsed() < spin => {
+                std::thread::yield_now()
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => break,
+        }
+    }
+    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
 }
 
 /// One vCPU and everything its thread needs.

@@ -627,7 +627,7 @@ impl Vm {
         drop(s);
         let mut out = Vec::with_capacity(acks.len());
         for rx in acks {
-            match rx.recv_timeout(Duration::from_secs(10)) {
+            match crate::vcpu::recv_soon(&rx, Duration::from_secs(10)) {
                 Ok(v) => out.push(v),
                 Err(_) => {
                     let s = self.core.lock();

@@ -306,7 +306,13 @@ pub(crate) fn spawn_timed(
             v
         }
     };
-    state::restore_into(hv.as_ref(), &gen.state, &mut vcpus, &spec.name)?;
+    state::restore_into(
+        hv.as_ref(),
+        &gen.state,
+        &mut vcpus,
+        &spec.name,
+        spec.identity,
+    )?;
     mark(&mut t.vcpu_state);
     let vm = Vm::assemble(Assembly {
         cfg,

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::cow::{CowLayer, CowTracker};
-use super::rehome::{Retired, Standby};
+use super::rehome::{Retired, Retiring, Standby};
 use crate::error::VmError;
 use crate::generation::{FreezeReport, Generation, ParentState};
 use crate::hostmem::{memfd_create, Gfn, PAGE_SIZE};
@@ -105,6 +105,16 @@ impl Vm {
     /// from the result with [`Generation::spawn`]; the report is
     /// [`Generation::freeze_report`].
     pub fn freeze(&self) -> Result<Arc<Generation>, VmError> {
+        let (generation, chores) = self.freeze_staged()?;
+        chores.run();
+        Ok(generation)
+    }
+
+    /// [`Vm::freeze`], leaving the chores of a first freeze ([`Chores`]) to the caller, who
+    /// runs them once its children are made ([`Vm::clone_children`]) or drops them (which
+    /// runs them too).
+    pub(crate) fn freeze_staged(&self) -> Result<(Arc<Generation>, Chores), VmError> {
+        let mut chores = Chores::default();
         let mut rep = FreezeReport::default();
         self.check_op(VmOp::Freeze)?;
         if self.memory.load().is_anonymous() {
@@ -179,9 +189,11 @@ impl Vm {
         let image: Arc<dyn PageSource> = match pending {
             Pending::First { file, old } => {
                 // Tearing down the old KVM VM and unmapping the old shared mapping cost time
-                // proportional to the populated pages: on a thread, after the resume.
-                old.release();
-                let base = DeferredImage::start(dup(&file)?, self.pages())?;
+                // proportional to the populated pages: on a thread, after the resume (and
+                // after the children of the call are made).
+                chores.retired = Some(old);
+                let base = DeferredImage::new(dup(&file)?, self.pages())?;
+                chores.scan = Some(base.clone());
                 ps.base = Some(base.clone());
                 // Later freezes capture copy-on-write through write-protection of the view
                 // (registered with the standby VM ahead of time, or now after a re-point).
@@ -222,7 +234,7 @@ impl Vm {
             created: Instant::now(),
             freeze: rep,
         });
-        Ok(generation)
+        Ok((generation, chores))
     }
 
     /// Later freezes of this VM copy the parent's dirty pages while it is paused (`true`),
@@ -297,7 +309,7 @@ impl Vm {
                     None => {
                         let view =
                             GuestRam::from_file(file.clone(), self.mem_bytes(), libc::MAP_PRIVATE)?;
-                        Retired::mapping(self.swap_memory(view)?)
+                        Retiring::done(Retired::mapping(self.swap_memory(view)?))
                     }
                 };
                 rep.first = true;
@@ -329,11 +341,48 @@ impl Vm {
     }
 }
 
+/// Work a first freeze leaves for after the children of its call are made, which the clone
+/// call need not wait for: taking the old vCPUs back from the vCPU threads (they hand them
+/// over as they resume), releasing them with the old KVM VM and mapping, and starting the
+/// image's hole scan (each a thread). Run by [`Chores::run`] or on drop.
+#[derive(Default)]
+pub(crate) struct Chores {
+    retired: Option<Retiring>,
+    scan: Option<Arc<DeferredImage>>,
+}
+
+impl Chores {
+    /// Starts the work now.
+    pub(crate) fn run(mut self) {
+        self.start();
+    }
+
+    fn start(&mut self) {
+        if let Some(old) = self.retired.take() {
+            // The vCPU threads hand their old vCPUs back as they resume; one that could not
+            // take its new vCPU had ended (the VM is stopping, which reports it).
+            match old.collect() {
+                Ok(retired) => retired.release(),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        if let Some(image) = self.scan.take() {
+            image.start_scan();
+        }
+    }
+}
+
+impl Drop for Chores {
+    fn drop(&mut self) {
+        self.start();
+    }
+}
+
 /// Memory work left for after the resume.
 enum Pending {
     First {
         file: Arc<File>,
-        old: Retired,
+        old: Retiring,
     },
     Later {
         base: Arc<DeferredImage>,

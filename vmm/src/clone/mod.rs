@@ -184,6 +184,13 @@ pub struct CloneBatch {
     pub total: Duration,
 }
 
+/// The cores this process may use (read once: `available_parallelism` reads cgroup files,
+/// 20-100 us, which a clone call should not spend).
+fn host_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()))
+}
+
 /// One child made by a spawn worker: the VM (or why not), its creation time, and when it was
 /// ready.
 type Made = (Result<(Vm, SpawnBreakdown), VmError>, Duration, Instant);
@@ -209,10 +216,7 @@ impl Generation {
         // Children are created in parallel, by at most one worker per available core; each
         // worker takes the next index, so the batch keeps its order and the first error (by
         // index) is returned. Children made before an error are dropped (stopped).
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |c| c.get())
-            .min(n)
-            .max(1);
+        let workers = host_cores().min(n).max(1);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let hold = opts.start_together && !opts.start_paused;
         let make = |i: usize| -> Made {
@@ -304,6 +308,9 @@ impl Vm {
     /// running or paused; a paused VM stays paused.
     pub fn clone_children(&self, n: usize, opts: &CloneOptions) -> Result<CloneBatch, VmError> {
         let t_call = Instant::now();
-        self.freeze()?.spawn_from(t_call, n, opts)
+        let (generation, chores) = self.freeze_staged()?;
+        let batch = generation.spawn_from(t_call, n, opts);
+        chores.run();
+        batch
     }
 }

@@ -20,6 +20,7 @@
 //! The parent's shadow mappings are rebuilt on demand after the resume either way (the
 //! re-point drops them too), from pages that are all resident: `P` reads `F`'s pages.
 
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use super::cow::CowTracker;
@@ -27,7 +28,7 @@ use crate::error::VmError;
 use crate::hypervisor::{self, HvVcpu, HvVm};
 use crate::memory::GuestRam;
 use crate::state::{self, MachineState};
-use crate::vcpu::VcpuMsg;
+use crate::vcpu::{SwapReply, VcpuMsg};
 use crate::vm::{Vm, RAM_SLOT};
 
 /// A KVM VM ready to take a parent over at its first freeze: slot 0 maps a private view of
@@ -177,15 +178,16 @@ impl Vm {
     }
 
     /// With the VM paused and `state` captured from it: loads `state` into the standby's
-    /// vCPUs, swaps every vCPU thread onto them and the VM onto the standby's KVM VM and RAM
-    /// view. Returns what the VM ran on so far. On error before the swap the VM is unchanged;
-    /// a vCPU thread that cannot take its new vCPU (it has ended: the VM is stopping) fails
-    /// the freeze with the VM left on the standby.
+    /// vCPUs, queues for every vCPU thread the swap onto its new vCPU (taken before the
+    /// resume that follows it in the queue: no round trip inside the pause) and swaps the VM
+    /// onto the standby's KVM VM and RAM view. Returns what the VM ran on so far, once the
+    /// threads have handed their old vCPUs back ([`Retiring::collect`], after the resume). On
+    /// error before the swap the VM is unchanged.
     pub(crate) fn rehome(
         &self,
         mut standby: Standby,
         state: &MachineState,
-    ) -> Result<Retired, VmError> {
+    ) -> Result<Retiring, VmError> {
         if !standby.fits(&self.memory.load()) {
             return Err(VmError::Internal(
                 "the standby VM was made for other guest RAM".into(),
@@ -199,34 +201,79 @@ impl Vm {
                 controls.len()
             )));
         }
-        state::restore_into(standby.hv.as_ref(), state, &mut standby.vcpus, self.name())?;
+        state::restore_into(
+            standby.hv.as_ref(),
+            state,
+            &mut standby.vcpus,
+            self.name(),
+            true,
+        )?;
         let Standby {
             vcpus, hv, view, ..
         } = standby;
         // From here on the VM runs on the new KVM VM, whatever happens.
         let old_hv = std::mem::replace(&mut *self.hv(), hv);
         let old_ram = self.memory.replace(view);
-        let mut old_vcpus = Vec::with_capacity(vcpus.len());
+        let swaps = controls
+            .iter()
+            .zip(vcpus)
+            .map(|(c, v)| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                c.send(VcpuMsg::Swap(v, tx));
+                rx
+            })
+            .collect();
+        Ok(Retiring {
+            swaps,
+            retired: Retired {
+                vcpus: Vec::new(),
+                hv: Some(old_hv),
+                ram: old_ram,
+            },
+            name: self.name().to_string(),
+        })
+    }
+}
+
+/// A re-homed VM's old KVM objects while its vCPU threads swap: the old vCPUs come back
+/// through `swaps`.
+pub(crate) struct Retiring {
+    swaps: Vec<Receiver<SwapReply>>,
+    retired: Retired,
+    name: String,
+}
+
+impl Retiring {
+    /// Only an old mapping, nothing to wait for (a slot re-point).
+    pub(crate) fn done(retired: Retired) -> Retiring {
+        Retiring {
+            swaps: Vec::new(),
+            retired,
+            name: String::new(),
+        }
+    }
+
+    /// Waits for every vCPU thread to hand its old vCPU back. A thread that could not take
+    /// its new vCPU (it has ended: the VM is stopping) fails the freeze; the VM stays on the
+    /// standby, and what came back is released.
+    pub(crate) fn collect(self) -> Result<Retired, VmError> {
+        let Retiring {
+            swaps,
+            mut retired,
+            name,
+        } = self;
         let mut failed = None;
-        for (c, v) in controls.iter().zip(vcpus) {
-            let (tx, rx) = std::sync::mpsc::channel();
-            c.send(VcpuMsg::Swap(v, tx));
-            match rx.recv_timeout(std::time::Duration::from_secs(5)) {
-                Ok(Ok(old)) => old_vcpus.push(old),
+        for rx in swaps {
+            match crate::vcpu::recv_soon(&rx, std::time::Duration::from_secs(5)) {
+                Ok(Ok(old)) => retired.vcpus.push(old),
                 Ok(Err(_)) => failed = Some("a vCPU was running during the swap"),
                 Err(_) => failed = Some("a vCPU thread did not take its new vCPU"),
             }
         }
-        let retired = Retired {
-            vcpus: old_vcpus,
-            hv: Some(old_hv),
-            ram: old_ram,
-        };
         if let Some(why) = failed {
             retired.release();
             return Err(VmError::Internal(format!(
-                "moving {} onto its standby VM: {why}",
-                self.name()
+                "moving {name} onto its standby VM: {why}"
             )));
         }
         Ok(retired)

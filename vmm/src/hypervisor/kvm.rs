@@ -27,7 +27,10 @@ use super::{
 use crate::error::VmError;
 use kscope_guest::abi::boot::pvm;
 
+mod sync;
 mod validate;
+
+use sync::{SyncArea, Synced};
 
 pub(crate) use validate::check_raw_lengths;
 
@@ -163,14 +166,21 @@ impl HvVm for KvmVm {
 
 impl KvmVm {
     fn create_kvm_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
-        let fd = self
+        let mut fd = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let sync = SyncArea::enable(&mut fd);
+        // What vCPU 0 starts with, read once (from the first one, still as made).
+        if id == 0 {
+            fresh_parts(&fd);
+        }
         Ok(KvmVcpu {
             fd,
             id,
             bound: false,
+            sync,
+            fresh: true,
         })
     }
 }
@@ -287,6 +297,10 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
     bound: bool,
+    /// What the `kvm_run` page holds of the state ([`sync`]).
+    sync: SyncArea,
+    /// Nothing has been set or run on this vCPU since it was made (but CPUID).
+    fresh: bool,
 }
 
 impl Drop for KvmVcpu {
@@ -396,6 +410,8 @@ impl KvmVcpu {
 
 impl HvVcpu for KvmVcpu {
     fn configure(&mut self, state: &BootCpuState, vcpu_count: u32) -> Result<(), VmError> {
+        self.sync.invalidate(&mut self.fd);
+        self.fresh = false;
         self.set_cpuid(vcpu_count)?;
         let fpu = kvm_fpu {
             fcw: 0x37f,
@@ -437,7 +453,14 @@ impl HvVcpu for KvmVcpu {
 
     fn run(&mut self) -> Result<Exit<'_>, VmError> {
         let run_ptr = self.fd.get_kvm_run() as *mut kvm_run;
-        let exit = match self.fd.run() {
+        self.fresh = false;
+        let result = self.fd.run();
+        // Every return through KVM's exit path (exits, EINTR, EAGAIN) filled the sync area.
+        self.sync.after_run(match &result {
+            Ok(_) => true,
+            Err(e) => e.errno() == libc::EINTR || e.errno() == libc::EAGAIN,
+        });
+        let exit = match result {
             Ok(VcpuExit::IoIn(port, data)) => return Ok(Exit::IoIn { port, data }),
             Ok(VcpuExit::IoOut(port, data)) => return Ok(Exit::IoOut { port, data }),
             Ok(VcpuExit::MmioRead(addr, data)) => return Ok(Exit::MmioRead { addr, data }),
@@ -473,9 +496,21 @@ impl HvVcpu for KvmVcpu {
 
     fn save_state(&self) -> Result<VcpuState, VmError> {
         let fd = &self.fd;
-        let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-        let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let fpu = fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+        // Registers, special registers and events from the last exit where KVM left them.
+        let Synced {
+            regs,
+            sregs,
+            events,
+        } = match self.sync.read(fd) {
+            Some(s) => s,
+            None => Synced {
+                regs: fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+                sregs: fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+                events: fd
+                    .get_vcpu_events()
+                    .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            },
+        };
         let xsave = if xsave_fits() {
             Some(
                 fd.get_xsave()
@@ -485,6 +520,11 @@ impl HvVcpu for KvmVcpu {
             )
         } else {
             None
+        };
+        // The FPU is the XSAVE area's legacy region where there is one.
+        let fpu = match xsave.as_deref().and_then(sync::fpu_from_xsave) {
+            Some(f) => f,
+            None => fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
         };
         let xcrs = fd.get_xcrs().ok();
         let entries: Vec<kvm_msr_entry> = saved_msr_list(fd)?
@@ -504,9 +544,6 @@ impl HvVcpu for KvmVcpu {
                 value: e.data,
             })
             .collect();
-        let events = fd
-            .get_vcpu_events()
-            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         let debugregs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
         let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
         Ok(VcpuState {
@@ -525,7 +562,24 @@ impl HvVcpu for KvmVcpu {
     }
 
     fn restore_state(&mut self, saved: &VcpuState) -> Result<(), VmError> {
-        restore_kvm(&self.fd, saved).map_err(|e| rejected(self.id, e))
+        self.sync.invalidate(&mut self.fd);
+        self.fresh = false;
+        restore_kvm(&self.fd, saved, Load::Checked).map_err(|e| rejected(self.id, e))
+    }
+
+    fn load_state(&mut self, saved: &VcpuState) -> Result<(), VmError> {
+        let ArchState::Kvm(state) = &saved.arch;
+        let synced = Synced {
+            regs: to_kvm_regs(&saved.regs),
+            sregs: state.sregs,
+            events: state.events,
+        };
+        if !self.sync.defer(&mut self.fd, synced) {
+            return self.restore_state(saved);
+        }
+        // Only vCPU 0's start is known (the MP state of others depends on the irqchip).
+        let fresh = std::mem::replace(&mut self.fresh, false) && self.id == 0;
+        restore_kvm(&self.fd, saved, Load::Deferred { fresh }).map_err(|e| rejected(self.id, e))
     }
 
     fn native_available(&self) -> bool {
@@ -544,16 +598,62 @@ impl HvVcpu for KvmVcpu {
     }
 }
 
-/// Restores a saved vCPU state into `fd` (see [`HvVcpu::restore_state`]).
-fn restore_kvm(fd: &VcpuFd, saved: &VcpuState) -> Result<(), VmError> {
+/// How [`restore_kvm`] loads a state.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Every part by ioctl, checked now ([`HvVcpu::restore_state`]).
+    Checked,
+    /// The registers, special registers and events are in the sync area for the next
+    /// `KVM_RUN`, the FPU comes with the XSAVE area where there is one, and on a vCPU that was
+    /// just made (`fresh`), parts equal to what it starts with are not set again
+    /// ([`HvVcpu::load_state`]).
+    Deferred { fresh: bool },
+}
+
+/// The MP state and debug registers a vCPU starts with (read once, from the first vCPU
+/// made).
+struct FreshParts {
+    mp_state: kvm_mp_state,
+    debugregs: kvm_debugregs,
+}
+
+fn fresh_parts(fd: &VcpuFd) -> Option<&'static FreshParts> {
+    static FRESH: OnceLock<Option<FreshParts>> = OnceLock::new();
+    FRESH
+        .get_or_init(|| {
+            Some(FreshParts {
+                mp_state: fd.get_mp_state().ok()?,
+                debugregs: fd.get_debug_regs().ok()?,
+            })
+        })
+        .as_ref()
+}
+
+/// Restores a saved vCPU state into `fd` (see [`Load`]).
+fn restore_kvm(fd: &VcpuFd, saved: &VcpuState, how: Load) -> Result<(), VmError> {
     let ArchState::Kvm(state) = &saved.arch;
-    fd.set_mp_state(state.mp_state)
-        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-    fd.set_sregs(&state.sregs)
-        .map_err(kvm_err("KVM_SET_SREGS"))?;
-    fd.set_regs(&to_kvm_regs(&saved.regs))
-        .map_err(kvm_err("KVM_SET_REGS"))?;
-    fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    let (deferred, fresh) = match how {
+        Load::Checked => (false, None),
+        Load::Deferred { fresh } => (true, fresh.then(|| fresh_parts(fd)).flatten()),
+    };
+    let as_made = |f: fn(&FreshParts) -> &[u8], now: &[u8]| fresh.is_some_and(|p| f(p) == now);
+    if !as_made(
+        |p| kscope_guest::abi::as_bytes(&p.mp_state),
+        kscope_guest::abi::as_bytes(&state.mp_state),
+    ) {
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    }
+    if !deferred {
+        fd.set_sregs(&state.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        fd.set_regs(&to_kvm_regs(&saved.regs))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+    }
+    // KVM_SET_XSAVE sets the whole FPU (its legacy region); KVM_SET_FPU only where it is not.
+    if !deferred || state.xsave.is_none() || !xsave_fits() {
+        fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    }
     if let Some(region) = &state.xsave {
         let mut x = kvm_xsave::default();
         if region.len() != x.region.len() {
@@ -609,8 +709,16 @@ fn restore_kvm(fd: &VcpuFd, saved: &VcpuState) -> Result<(), VmError> {
             )));
         }
     }
-    fd.set_debug_regs(&state.debugregs)
-        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    if !as_made(
+        |p| kscope_guest::abi::as_bytes(&p.debugregs),
+        kscope_guest::abi::as_bytes(&state.debugregs),
+    ) {
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    }
+    if deferred {
+        return Ok(());
+    }
     fd.set_vcpu_events(&state.events)
         .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
 }

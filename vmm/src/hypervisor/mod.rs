@@ -287,6 +287,13 @@ pub trait HvVcpu: Send + std::fmt::Debug {
     fn save_state(&self) -> Result<VcpuState, VmError>;
     /// Restore a saved vCPU state (of this backend: another backend's is refused).
     fn restore_state(&mut self, state: &VcpuState) -> Result<(), VmError>;
+    /// Like [`restore_state`](Self::restore_state), for a state this process just saved (a
+    /// clone, a VM moving onto a standby): parts of it may be loaded by the next run instead
+    /// of now, which saves ioctls, so a state the hypervisor refuses fails that run rather
+    /// than this call. Snapshots from files go through `restore_state`.
+    fn load_state(&mut self, state: &VcpuState) -> Result<(), VmError> {
+        self.restore_state(state)
+    }
     /// True if the host can run this guest's kernel natively (PVM's native-supervisor
     /// switch, `kscope_guest::abi::boot::pvm`).
     fn native_available(&self) -> bool;

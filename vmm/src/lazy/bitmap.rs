@@ -99,15 +99,33 @@ impl Bitmap {
 /// A fixed-size bitmap with atomic set/test, shared between threads.
 #[derive(Debug)]
 pub struct AtomicBitmap {
-    words: Vec<AtomicU64>,
+    words: Box<[AtomicU64]>,
     bits: u64,
+}
+
+/// `n` zeroed atomic words from the allocator's zeroed memory: a large bitmap (128 KiB for 4
+/// GiB of guest memory) is then mapped zero pages until first written, instead of being
+/// written word by word when it is made (which was ~0.1 ms of every 4 GiB clone's start).
+fn zeroed_words(n: usize) -> Box<[AtomicU64]> {
+    if n == 0 {
+        return Box::new([]);
+    }
+    let layout = std::alloc::Layout::array::<AtomicU64>(n).expect("bitmap size fits a layout");
+    // SAFETY: `layout` has a non-zero size (n > 0).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
+    if p.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `p` is a fresh allocation of `layout` (n AtomicU64, the global allocator, as
+    // `Box` uses), all zero bytes, which is a valid `AtomicU64` (0); the box takes ownership.
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) }
 }
 
 impl AtomicBitmap {
     /// An all-clear bitmap of `bits` frames.
     pub fn new(bits: u64) -> Self {
         Self {
-            words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: zeroed_words(bits.div_ceil(64) as usize),
             bits,
         }
     }

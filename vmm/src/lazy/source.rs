@@ -392,13 +392,39 @@ impl std::fmt::Debug for DeferredImage {
 impl DeferredImage {
     /// Starts the scan of a frozen memfd of `pages` pages.
     pub fn start(fd: OwnedFd, pages: u64) -> Result<Arc<DeferredImage>> {
-        let file = File::from(fd.try_clone().map_err(io_at("dup memfd"))?);
-        let me = Arc::new(DeferredImage {
+        let me = DeferredImage::new(fd, pages)?;
+        me.start_scan();
+        Ok(me)
+    }
+
+    /// The image of a frozen memfd of `pages` pages, read with `pread` until
+    /// [`start_scan`](Self::start_scan) is called and its scan is done.
+    pub fn new(fd: OwnedFd, pages: u64) -> Result<Arc<DeferredImage>> {
+        let file = File::from(fd);
+        Ok(Arc::new(DeferredImage {
             pages,
             file,
             ready: OnceLock::new(),
-        });
-        let target = me.clone();
+        }))
+    }
+
+    /// Scans the memfd for its holes on a thread (once); until then and meanwhile, pages are
+    /// read with `pread`.
+    pub fn start_scan(self: &Arc<Self>) {
+        if self.ready.get().is_some() {
+            return;
+        }
+        let fd = match self.file.as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot dup the frozen memfd for its scan ({e}); reading with pread"
+                );
+                let _ = self.ready.set(None);
+                return;
+            }
+        };
+        let (target, pages) = (self.clone(), self.pages);
         let scan = move || {
             let image = match MemfdImage::new(fd, pages) {
                 Ok(i) => Some(Arc::new(i)),
@@ -414,9 +440,8 @@ impl DeferredImage {
             .spawn(scan)
         {
             tracing::warn!("cannot start the image scan thread ({e}); reading with pread");
-            let _ = me.ready.set(None);
+            let _ = self.ready.set(None);
         }
-        Ok(me)
     }
 
     /// The scanned image if the scan is done.
