@@ -31,8 +31,16 @@ pub enum VcpuMsg {
     /// Leave the guest and acknowledge once out of it.
     Pause(Sender<()>),
     /// [`VcpuMsg::Pause`], acknowledged with the vCPU's saved state (a freeze: one round trip
-    /// to the vCPU thread instead of two).
-    PauseAndSave(Sender<Result<VcpuState, VmError>>),
+    /// to the vCPU thread instead of two). With `poll`, the thread waits for its next message
+    /// polling ([`recv_soon`]): the swap and resume of a first freeze follow within a fraction
+    /// of a millisecond, and a send to a polling thread is free. (Not for later freezes: a
+    /// thread polling in the process makes their write-protect TLB flushes dearer.)
+    PauseAndSave {
+        /// Where the saved state goes.
+        ack: Sender<Result<VcpuState, VmError>>,
+        /// Poll for the next message.
+        poll: bool,
+    },
     /// Return to the state before `Pause`.
     Resume,
     /// Leave the guest and end the thread.
@@ -177,31 +185,39 @@ enum RunState {
     Done,
 }
 
-/// How long a control thread spins for a vCPU thread's reply before it blocks (see
-/// [`recv_soon`]).
+/// How long a control thread spins for a vCPU thread's reply before it blocks, and a vCPU
+/// thread paused while running for the next message (see [`recv_soon`]).
 const REPLY_SPIN: Duration = Duration::from_millis(1);
 
-/// Receives a reply that a vCPU thread sends within microseconds (a pause acknowledgement, a
-/// swapped vCPU): spins on the channel for up to [`REPLY_SPIN`] first, then blocks until
-/// `timeout`. A blocked receiver is woken 50-400 us after the send on this host (measured
-/// in the first clone's pause, `docs/BENCHMARKS.md` section 10), a spinning one at once.
-pub(crate) fn recv_soon<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, RecvTimeoutError> {
+/// Receives a message expected within microseconds to a millisecond (a pause acknowledgement,
+/// a swapped vCPU; for a vCPU thread paused while running, the swap and resume of a freeze):
+/// polls the channel, yielding the core, for up to [`REPLY_SPIN`] first, then blocks until
+/// `timeout` (`None`: for ever). On this host a send to a thread blocked in its receive costs
+/// the *sender* 15-500 us (~170 us median to a vCPU thread, measured on `Vm::resume`), which
+/// lands inside a freeze's pause and a clone call; a send to a polling receiver costs nothing.
+pub(crate) fn recv_soon<T>(
+    rx: &Receiver<T>,
+    timeout: Option<Duration>,
+) -> Result<T, RecvTimeoutError> {
     let start = Instant::now();
-    let spin = REPLY_SPIN.min(timeout);
+    let spin = timeout.map_or(REPLY_SPIN, |t| REPLY_SPIN.min(t));
     loop {
         match rx.try_recv() {
             Ok(v) => return Ok(v),
             Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                 return Err(RecvTimeoutError::Disconnected)
             }
-            // Yield, not a bare spin: the vCPU thread may have been woken on this core.
+            // Yield, not a bare spin: the thread we wait for may be runnable on this core.
             Err(std::sync::mpsc::TryRecvError::Empty) if start.elapsed() < spin => {
                 std::thread::yield_now()
             }
             Err(std::sync::mpsc::TryRecvError::Empty) => break,
         }
     }
-    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
+    match timeout {
+        Some(t) => rx.recv_timeout(t.saturating_sub(start.elapsed())),
+        None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+    }
 }
 
 /// One vCPU and everything its thread needs.
@@ -229,6 +245,8 @@ pub struct VcpuThread {
     /// Start paused (as if `Pause` had been received while running) instead of parked: a
     /// clone or restored VM created paused; [`VcpuMsg::Resume`] starts it.
     pub start_paused: bool,
+    /// Wait for the next message polling (see [`VcpuMsg::PauseAndSave`]); false to start.
+    pub poll_next: bool,
 }
 
 /// How long an idle vCPU first waits before re-entering the guest when requests are queued
@@ -253,6 +271,15 @@ impl VcpuThread {
         while state != RunState::Done {
             state = match state {
                 RunState::Running => self.step(),
+                s if std::mem::take(&mut self.poll_next) => match recv_soon(&self.rx, None) {
+                    Ok(m) => {
+                        let next = self.handle(s, m);
+                        // The resume of a first freeze comes right after its swap.
+                        self.poll_next |= next != RunState::Running;
+                        next
+                    }
+                    Err(_) => RunState::Done,
+                },
                 s => match self.rx.recv() {
                     Ok(m) => self.handle(s, m),
                     Err(_) => RunState::Done,
@@ -275,7 +302,8 @@ impl VcpuThread {
                     other => other,
                 }
             }
-            VcpuMsg::PauseAndSave(ack) => {
+            VcpuMsg::PauseAndSave { ack, poll } => {
+                self.poll_next = poll;
                 let next = match s {
                     RunState::Running => RunState::Paused { was_running: true },
                     RunState::Parked => RunState::Paused { was_running: false },

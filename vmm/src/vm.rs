@@ -501,6 +501,7 @@ impl Vm {
                 backoff: crate::vcpu::NO_BUFFER_BACKOFF,
                 first_run: first_run.clone(),
                 start_paused: start_paused && i == 0,
+                poll_next: false,
             };
             let h = Worker::start(&format!("vcpu{i}-{}", cfg.name), parked.next(), move || {
                 t.run()
@@ -600,9 +601,11 @@ impl Vm {
         self.pause_with(VcpuMsg::Pause).map(|_| ())
     }
 
-    /// [`Vm::pause`], each vCPU saving its state as it acknowledges (a freeze).
-    pub(crate) fn pause_and_save(&self) -> Result<Vec<VcpuState>, VmError> {
-        self.pause_with(VcpuMsg::PauseAndSave)?
+    /// [`Vm::pause`], each vCPU saving its state as it acknowledges (a freeze); with `poll`,
+    /// the vCPU threads then wait for their next messages polling (see
+    /// [`VcpuMsg::PauseAndSave`]).
+    pub(crate) fn pause_and_save(&self, poll: bool) -> Result<Vec<VcpuState>, VmError> {
+        self.pause_with(|ack| VcpuMsg::PauseAndSave { ack, poll })?
             .into_iter()
             .collect()
     }
@@ -627,7 +630,7 @@ impl Vm {
         drop(s);
         let mut out = Vec::with_capacity(acks.len());
         for rx in acks {
-            match crate::vcpu::recv_soon(&rx, Duration::from_secs(10)) {
+            match crate::vcpu::recv_soon(&rx, Some(Duration::from_secs(10))) {
                 Ok(v) => out.push(v),
                 Err(_) => {
                     let s = self.core.lock();

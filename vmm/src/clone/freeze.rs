@@ -165,11 +165,13 @@ impl Vm {
         crate::state::HostCpu::current();
         let was_paused = self.state() == VmState::Paused;
         let t0 = Instant::now();
-        // Each vCPU saves its state as it acknowledges the pause (one round trip).
+        // Each vCPU saves its state as it acknowledges the pause (one round trip); on a move
+        // onto the standby, the vCPU threads then poll for their swap and resume.
         let saved = if was_paused {
             None
         } else {
-            Some(self.pause_and_save()?)
+            let rehoming = ps.base.is_none() && ps.standby.is_some();
+            Some(self.pause_and_save(rehoming)?)
         };
         rep.stop_vcpus = t0.elapsed();
         let result = self.freeze_paused(&mut ps, &mut rep, saved);

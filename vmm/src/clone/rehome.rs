@@ -264,7 +264,7 @@ impl Retiring {
         } = self;
         let mut failed = None;
         for rx in swaps {
-            match crate::vcpu::recv_soon(&rx, std::time::Duration::from_secs(5)) {
+            match crate::vcpu::recv_soon(&rx, Some(std::time::Duration::from_secs(5))) {
                 Ok(Ok(old)) => retired.vcpus.push(old),
                 Ok(Err(_)) => failed = Some("a vCPU was running during the swap"),
                 Err(_) => failed = Some("a vCPU thread did not take its new vCPU"),
