@@ -45,6 +45,15 @@ fn warmup_runs_two_policies_under_kvm() {
         k.blocking_faults,
         lazy.blocking_faults
     );
+    // The warm reference ran, and a lazy clone loses time against it (its clone call and its
+    // faults at least).
+    assert!(r.reference_k_ms[0] > 0.0 && r.reference_k_ms[1] <= r.reference_k_ms[2]);
+    assert!(
+        lazy.warm_cost_ms > 0.0,
+        "lazy time to warm {}",
+        lazy.warm_cost_ms
+    );
     let text = warmup::render(&r);
     assert!(text.contains("kaleidoscope") && text.contains("goals:"));
+    assert!(text.contains("time to warm"));
 }

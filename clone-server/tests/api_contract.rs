@@ -416,6 +416,17 @@ async fn request_bodies_match_their_schemas() {
             {
                 tries.push(json!("zzz-not-in-the-enum"));
             }
+            // A string the spec's pattern refuses (where the field has one).
+            let has_pattern = s.get("pattern").is_some()
+                || ["oneOf", "anyOf"].iter().any(|alt| {
+                    s.get(*alt)
+                        .and_then(|a| a.as_sequence())
+                        .is_some_and(|a| a.iter().any(|x| sp.resolve(x).get("pattern").is_some()))
+                });
+            if has_pattern {
+                tries.push(json!("!not-in-the-pattern!"));
+                tries.push(json!(""));
+            }
             for bound in ["minimum", "maximum"] {
                 let b = s.get(bound).or_else(|| {
                     s.get("oneOf")

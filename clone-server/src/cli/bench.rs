@@ -101,7 +101,8 @@ pub struct WarmupArgs {
         default_value = "lazy,upfront,blind,kaleidoscope,reap,faasnap,activeset,learned"
     )]
     pub policy: String,
-    /// Clones per policy (run one after another; medians are reported).
+    /// Rounds: each runs a warm reference clone (all memory installed before it starts) and
+    /// one clone per policy; medians over the rounds are reported.
     #[arg(long, default_value_t = 1)]
     pub clones: usize,
     /// Requests per measured stream (K).
@@ -116,7 +117,8 @@ pub struct WarmupArgs {
     /// Record the working set with one input and run with another (FaaSnap's case).
     #[arg(long)]
     pub ws_change: bool,
-    /// Fraction of the warm parent's throughput that counts as warm.
+    /// Fraction of the warm parent's throughput that counts as warm for the threshold time
+    /// (the reported time to warm is the time lost against the warm reference).
     #[arg(long, default_value_t = 0.9)]
     pub warm_fraction: f64,
     /// Write the throughput-over-time plot (SVG) here.

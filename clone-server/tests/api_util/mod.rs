@@ -90,15 +90,15 @@ impl Spec {
     }
 
     /// Check that `v` conforms to `schema`, recursively: types, required fields, no
-    /// undocumented fields, enums, bounds, nullability, `oneOf`/`anyOf`/`allOf`. Panics with
-    /// the mismatch.
+    /// undocumented fields, enums, bounds, string patterns, nullability,
+    /// `oneOf`/`anyOf`/`allOf`. Panics with the mismatch.
     pub fn check_schema(&self, schema: &Yaml, v: &Value, at: &str) {
         if let Err(e) = self.conforms(schema, v, at) {
             panic!("{e}");
         }
     }
 
-    /// [`Spec::check_schema`] as a result (`pattern` is not checked).
+    /// [`Spec::check_schema`] as a result.
     pub fn conforms(&self, schema: &Yaml, v: &Value, at: &str) -> Result<(), String> {
         let schema = self.resolve(schema);
         if v.is_null() {
@@ -130,6 +130,13 @@ impl Spec {
                 .collect();
             if !allowed.contains(v) {
                 return Err(format!("{at}: {v} is not one of the enum {allowed:?}"));
+            }
+        }
+        if let (Some(p), Some(x)) = (schema.get("pattern").and_then(|p| p.as_str()), v.as_str()) {
+            let re = regex_automata::meta::Regex::new(p)
+                .map_err(|e| format!("{at}: the spec's pattern {p:?} does not compile: {e}"))?;
+            if !re.is_match(x) {
+                return Err(format!("{at}: {v} does not match the pattern {p:?}"));
             }
         }
         let num = |k: &str| schema.get(k).and_then(|m| m.as_f64());
