@@ -17,6 +17,7 @@ fn warmup_runs_two_policies_under_kvm() {
         mem_bytes: 64 << 20,
         ws_change: false,
         warm_fraction: 0.9,
+        fault_spin: std::time::Duration::ZERO,
     };
     let r = warmup::run(&cfg).expect("warmup runs");
     assert_eq!(r.policies.len(), 2);

@@ -62,8 +62,11 @@ pub struct WarmupConfig {
     pub mem_bytes: u64,
     /// Record with one input and run with another.
     pub ws_change: bool,
-    /// Fraction of the warm throughput that counts as warm.
+    /// Fraction of the warm throughput that counts as warm (the threshold time).
     pub warm_fraction: f64,
+    /// How long each clone's fault handler polls for the next fault before it sleeps
+    /// ([`CloneOptions::fault_spin`]).
+    pub fault_spin: Duration,
 }
 
 /// One policy's measurements (medians over its clones).
@@ -520,6 +523,7 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
     let rate_window = (k / 10).max(5).min(k);
     let lazy_opts = CloneOptions {
         memory: MemoryMode::Lazy,
+        fault_spin: cfg.fault_spin,
         ..CloneOptions::default()
     };
     let m = Measure {
@@ -546,6 +550,7 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
                 memory: MemoryMode::Lazy,
                 prefetcher: factory(spec, Some(ctx.clone()), Some(recording.clone()))
                     .with_context(|| format!("policy {}", spec.name))?,
+                fault_spin: cfg.fault_spin,
                 ..CloneOptions::default()
             })
         })

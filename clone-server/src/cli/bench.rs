@@ -121,6 +121,10 @@ pub struct WarmupArgs {
     /// (the reported time to warm is the time lost against the warm reference).
     #[arg(long, default_value_t = 0.9)]
     pub warm_fraction: f64,
+    /// Each clone's fault handler polls this long (microseconds) for the next fault before
+    /// it sleeps (default: the clones' default, `kscope_vmm::clone::FAULT_SPIN`).
+    #[arg(long, default_value_t = kscope_vmm::clone::FAULT_SPIN.as_micros() as u64)]
+    pub fault_spin_us: u64,
     /// Write the throughput-over-time plot (SVG) here.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
@@ -203,6 +207,7 @@ pub fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                 mem_bytes: a.mem,
                 ws_change: a.ws_change,
                 warm_fraction: a.warm_fraction,
+                fault_spin: std::time::Duration::from_micros(a.fault_spin_us),
             };
             let r = warmup::run(&cfg)?;
             if let Some(path) = &a.svg {

@@ -98,6 +98,15 @@ pub struct CloneContext {
 /// Makes the prefetch policy of one clone.
 pub type PrefetcherFactory = Arc<dyn Fn(&CloneContext) -> Box<dyn Prefetcher> + Send + Sync>;
 
+/// How long a clone's fault handler polls for the next fault (yielding the core) before it
+/// sleeps, by default. A clone warming up faults every few hundred microseconds, and on this
+/// host a sleeping handler costs each fault two slow wake-ups: with 500 us of polling a lazy
+/// web / olap / compress clone lost 82 / 111 / 157 ms to warming up instead of 187 / 218 /
+/// 314 ms, and its first response came after 48 / 167 / 235 ms instead of 75 / 251 / 399 ms
+/// (`kscope bench warmup --fault-spin-us`, `docs/BENCHMARKS.md` section 10). A handler polls
+/// only after a fault, so an idle clone costs nothing.
+pub const FAULT_SPIN: Duration = Duration::from_micros(500);
+
 /// Options of [`Vm::clone_children`].
 #[derive(Clone)]
 pub struct CloneOptions {
@@ -111,7 +120,7 @@ pub struct CloneOptions {
     /// until they run.
     pub start_paused: bool,
     /// Fault handlers poll this long after their queue runs dry (see
-    /// [`ServerOptions::spin`](crate::lazy::ServerOptions)).
+    /// [`ServerOptions::spin`](crate::lazy::ServerOptions)); default [`FAULT_SPIN`].
     pub fault_spin: Duration,
     /// Lazy children get anonymous `MAP_PRIVATE` memory ([`RegionKind::AnonPrivate`]) instead
     /// of a memfd: Linux KSM can then merge their live pages copy-on-write (see
@@ -138,7 +147,7 @@ impl Default for CloneOptions {
             prefetcher: None,
             name_prefix: String::new(),
             start_paused: false,
-            fault_spin: Duration::ZERO,
+            fault_spin: FAULT_SPIN,
             anon_memory: false,
             start_together: false,
             pool: None,

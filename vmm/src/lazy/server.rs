@@ -366,7 +366,8 @@ impl Handler {
                         && t0.elapsed() < self.spin
                         && !s.stop.load(Ordering::Relaxed)
                     {
-                        std::hint::spin_loop();
+                        // Yield: the faulting vCPU or another clone may want this core.
+                        std::thread::yield_now();
                         uffd.read_events(&mut self.events, 32)?;
                     }
                 }

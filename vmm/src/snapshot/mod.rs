@@ -316,7 +316,7 @@ impl Vm {
                 memory: mode,
                 prefetcher: None,
                 start_paused,
-                fault_spin: Duration::ZERO,
+                fault_spin: crate::clone::FAULT_SPIN,
                 anon_memory: false,
                 identity: false,
                 pool: None,
