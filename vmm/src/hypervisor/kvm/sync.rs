@@ -151,24 +151,32 @@ pub(super) fn fpu_from_xsave(region: &[u32]) -> Option<kvm_fpu> {
 mod tests {
     use super::*;
 
+    /// A legacy (FXSAVE) region: control 0x027f, status 0x3800, tag 0x81, opcode 0x07ff, the
+    /// instruction and data pointers, MXCSR 0x1fa0, ST(i) filled with 0x11 * (i + 1), XMM(i)
+    /// with 0x0f ^ i.
+    pub(super) fn legacy_region() -> [u8; 512] {
+        let mut b = [0u8; 512];
+        b[0..2].copy_from_slice(&0x027fu16.to_le_bytes());
+        b[2..4].copy_from_slice(&0x3800u16.to_le_bytes());
+        b[4] = 0x81;
+        b[6..8].copy_from_slice(&0x07ffu16.to_le_bytes());
+        b[8..16].copy_from_slice(&0xffff_8000_0010_2030u64.to_le_bytes());
+        b[16..24].copy_from_slice(&0x0000_7fff_1234_5678u64.to_le_bytes());
+        b[24..28].copy_from_slice(&0x1fa0u32.to_le_bytes());
+        b[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+        for i in 0..8 {
+            b[32 + 16 * i..42 + 16 * i].fill(0x11 * (i as u8 + 1));
+        }
+        for i in 0..16 {
+            b[160 + 16 * i..176 + 16 * i].fill(0x0f ^ i as u8);
+        }
+        b
+    }
+
     /// The FXSAVE fields land where `KVM_GET_FPU` puts them.
     #[test]
     fn fpu_fields_come_from_the_legacy_region() {
-        let mut b = [0u8; 512];
-        b[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
-        b[2..4].copy_from_slice(&0x1234u16.to_le_bytes());
-        b[4] = 0xa5;
-        b[6..8].copy_from_slice(&0x0123u16.to_le_bytes());
-        b[8..16].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
-        b[16..24].copy_from_slice(&0x99aa_bbcc_ddee_ff00u64.to_le_bytes());
-        b[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
-        for i in 0..8 {
-            b[32 + 16 * i] = 0x10 + i as u8;
-        }
-        for i in 0..16 {
-            b[160 + 16 * i + 15] = 0x40 + i as u8;
-        }
-        let words: Vec<u32> = b
+        let words: Vec<u32> = legacy_region()
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .chain(std::iter::repeat_n(0, 896))
@@ -176,15 +184,15 @@ mod tests {
         let f = fpu_from_xsave(&words).unwrap();
         assert_eq!(
             (f.fcw, f.fsw, f.ftwx, f.last_opcode),
-            (0x037f, 0x1234, 0xa5, 0x0123)
+            (0x027f, 0x3800, 0x81, 0x07ff)
         );
         assert_eq!(
             (f.last_ip, f.last_dp),
-            (0x1122_3344_5566_7788, 0x99aa_bbcc_ddee_ff00)
+            (0xffff_8000_0010_2030, 0x0000_7fff_1234_5678)
         );
-        assert_eq!(f.mxcsr, 0x1f80);
-        assert_eq!(f.fpr[3][0], 0x13);
-        assert_eq!(f.xmm[15][15], 0x4f);
+        assert_eq!(f.mxcsr, 0x1fa0);
+        assert_eq!((f.fpr[3][0], f.fpr[3][10]), (0x44, 0));
+        assert_eq!(f.xmm[15], [0x0f ^ 15; 16]);
         assert!(fpu_from_xsave(&words[..100]).is_none());
     }
 }
@@ -208,21 +216,7 @@ mod live {
             .unwrap();
         vcpu.set_cpuid2(&cpuid).unwrap();
         let mut x = vcpu.get_xsave().unwrap();
-        let mut b = [0u8; 512];
-        b[0..2].copy_from_slice(&0x027fu16.to_le_bytes());
-        b[2..4].copy_from_slice(&0x3800u16.to_le_bytes());
-        b[4] = 0x81;
-        b[6..8].copy_from_slice(&0x07ffu16.to_le_bytes());
-        b[8..16].copy_from_slice(&0xffff_8000_0010_2030u64.to_le_bytes());
-        b[16..24].copy_from_slice(&0x0000_7fff_1234_5678u64.to_le_bytes());
-        b[24..28].copy_from_slice(&0x1fa0u32.to_le_bytes());
-        b[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
-        for i in 0..8 {
-            b[32 + 16 * i..42 + 16 * i].fill(0x11 * (i as u8 + 1));
-        }
-        for i in 0..16 {
-            b[160 + 16 * i..176 + 16 * i].fill(0x0f ^ i as u8);
-        }
+        let b = super::tests::legacy_region();
         for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
             *w = u32::from_le_bytes(c.try_into().unwrap());
         }
