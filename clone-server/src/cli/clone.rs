@@ -1,10 +1,12 @@
 //! `kscope clone`: boot and warm a parent, clone it N times, drive every clone, report per
 //! clone.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use kscope_vmm::pool::{ShellKey, ShellPool};
 use kscope_vmm::{CloneOptions, MemoryMode, Vm};
 use kscope_workloads::Workload;
 use serde::Serialize;
@@ -33,6 +35,10 @@ pub struct CloneArgs {
     /// Requests sent to each clone.
     #[arg(long, default_value_t = 20)]
     pub requests: usize,
+    /// Pre-created VM shells ready for lazy clones before the call, as a running
+    /// `kscope serve --pool N` keeps them (0: every clone makes its own VM, slower).
+    #[arg(long, default_value_t = 8)]
+    pub pool: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -71,6 +77,8 @@ pub struct CloneReport {
     pub parent_pause_ms: f64,
     /// Wall time of the clone call.
     pub clone_call_ms: f64,
+    /// Clones that started from a pre-created VM shell (`--pool`).
+    pub pooled: usize,
     /// Per clone.
     pub clones: Vec<CloneResult>,
 }
@@ -83,6 +91,7 @@ pub fn clone_workload(
     memory: MemoryMode,
     warm: usize,
     requests: usize,
+    pool: usize,
 ) -> anyhow::Result<CloneReport> {
     let parent = runner::boot(w, mem, &format!("{}-parent", w.name()))?;
     let parent_warm = runner::drive(&parent.vm, w, &w.requests(1, warm), 4, true)
@@ -92,6 +101,21 @@ pub fn clone_workload(
         .vm
         .prepare_freeze()
         .context("making the parent's standby VM")?;
+    // As a running service has them: pre-created VM shells for lazy clones of this size, the
+    // pool full (its refill thread idle, as it is in a service that has been up a while).
+    let shells = match (pool, memory) {
+        (0, _) | (_, MemoryMode::Eager) => None,
+        (cap, MemoryMode::Lazy) => {
+            let p = Arc::new(ShellPool::new(cap).context("starting the VM pool")?);
+            let key = ShellKey {
+                mem_bytes: parent.vm.mem_bytes(),
+                vcpus: parent.vm.config().vcpus,
+            };
+            p.prepare(key);
+            p.wait_ready(key, cap, Duration::from_secs(30));
+            Some(p)
+        }
+    };
     let t = Instant::now();
     let batch = parent
         .vm
@@ -99,6 +123,8 @@ pub fn clone_workload(
             n,
             &CloneOptions {
                 memory,
+                // A clone: the pool (and its leftover shells' teardown) outlives the call.
+                pool: shells.clone(),
                 ..CloneOptions::default()
             },
         )
@@ -136,6 +162,7 @@ pub fn clone_workload(
         parent_warm,
         parent_pause_ms: batch.parent_pause.as_secs_f64() * 1e3,
         clone_call_ms: clone_call.as_secs_f64() * 1e3,
+        pooled: batch.breakdown.iter().filter(|b| b.pooled).count(),
         clones,
     })
 }
@@ -166,7 +193,7 @@ fn drive_clone(
 /// Run `kscope clone`.
 pub fn clone(a: CloneArgs) -> anyhow::Result<()> {
     let w = runner::parse_workload(&a.workload)?;
-    let r = clone_workload(w, a.mem, a.clones, a.memory, a.warm, a.requests)?;
+    let r = clone_workload(w, a.mem, a.clones, a.memory, a.warm, a.requests, a.pool)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -186,10 +213,11 @@ pub fn print_report(r: &CloneReport) {
         fmt_us(r.parent_warm.latency.p50_us)
     );
     println!(
-        "clone call: {} for {} {:?} clones; parent paused {}",
+        "clone call: {} for {} {:?} clones ({} from the pool of pre-created VMs); parent paused {}",
         fmt_us(r.clone_call_ms * 1e3),
         r.clones.len(),
         r.memory,
+        r.pooled,
         fmt_us(r.parent_pause_ms * 1e3)
     );
     println!(

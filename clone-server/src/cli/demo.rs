@@ -65,7 +65,9 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             kscope_vmm::MemoryMode::Lazy,
             format!(
                 "Cloning: a warm web parent is cloned {} times with lazy memory (pages fetched on \
-                 first touch through userfaultfd); each clone answers its own requests, checked.",
+                 first touch through userfaultfd), each clone into a VM created ahead of the call \
+                 (as `kscope serve --pool` keeps them); each clone answers its own requests, \
+                 checked.",
                 a.clones
             ),
         ),
@@ -84,6 +86,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
             memory,
             a.requests,
             a.requests,
+            a.clones,
         )?;
         super::print_clone_report(&r);
     }
