@@ -185,6 +185,17 @@ enum RunState {
     Done,
 }
 
+impl RunState {
+    /// The state a pause leaves: out of the guest, remembering whether it was running.
+    fn paused(self) -> RunState {
+        match self {
+            RunState::Running => RunState::Paused { was_running: true },
+            RunState::Parked => RunState::Paused { was_running: false },
+            other => other,
+        }
+    }
+}
+
 /// How long a control thread spins for a vCPU thread's reply before it blocks, and a vCPU
 /// thread paused while running for the next message (see [`recv_soon`]).
 const REPLY_SPIN: Duration = Duration::from_millis(1);
@@ -296,21 +307,12 @@ impl VcpuThread {
             VcpuMsg::Run => s,
             VcpuMsg::Pause(ack) => {
                 let _ = ack.send(());
-                match s {
-                    RunState::Running => RunState::Paused { was_running: true },
-                    RunState::Parked => RunState::Paused { was_running: false },
-                    other => other,
-                }
+                s.paused()
             }
             VcpuMsg::PauseAndSave { ack, poll } => {
                 self.poll_next = poll;
-                let next = match s {
-                    RunState::Running => RunState::Paused { was_running: true },
-                    RunState::Parked => RunState::Paused { was_running: false },
-                    other => other,
-                };
                 let _ = ack.send(self.vcpu.save_state());
-                next
+                s.paused()
             }
             VcpuMsg::Resume => match s {
                 RunState::Paused { was_running: true } => RunState::Running,

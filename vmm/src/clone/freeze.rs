@@ -194,7 +194,7 @@ impl Vm {
                 // proportional to the populated pages: on a thread, after the resume (and
                 // after the children of the call are made).
                 chores.retired = Some(old);
-                let base = DeferredImage::new(dup(&file)?, self.pages())?;
+                let base = DeferredImage::new(dup(&file)?, self.pages());
                 chores.scan = Some(base.clone());
                 ps.base = Some(base.clone());
                 // Later freezes capture copy-on-write through write-protection of the view

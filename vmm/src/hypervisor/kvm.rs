@@ -636,11 +636,11 @@ fn restore_kvm(fd: &VcpuFd, saved: &VcpuState, how: Load) -> Result<(), VmError>
         Load::Checked => (false, None),
         Load::Deferred { fresh } => (true, fresh.then(|| fresh_parts(fd)).flatten()),
     };
-    let as_made = |f: fn(&FreshParts) -> &[u8], now: &[u8]| fresh.is_some_and(|p| f(p) == now);
-    if !as_made(
-        |p| kscope_guest::abi::as_bytes(&p.mp_state),
-        kscope_guest::abi::as_bytes(&state.mp_state),
-    ) {
+    use kscope_guest::abi::as_bytes;
+    // Parts a fresh vCPU already has, byte for byte, need no ioctl.
+    let mp_as_made = fresh.is_some_and(|p| as_bytes(&p.mp_state) == as_bytes(&state.mp_state));
+    let dr_as_made = fresh.is_some_and(|p| as_bytes(&p.debugregs) == as_bytes(&state.debugregs));
+    if !mp_as_made {
         fd.set_mp_state(state.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     }
@@ -709,10 +709,7 @@ fn restore_kvm(fd: &VcpuFd, saved: &VcpuState, how: Load) -> Result<(), VmError>
             )));
         }
     }
-    if !as_made(
-        |p| kscope_guest::abi::as_bytes(&p.debugregs),
-        kscope_guest::abi::as_bytes(&state.debugregs),
-    ) {
+    if !dr_as_made {
         fd.set_debug_regs(&state.debugregs)
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
     }

@@ -390,22 +390,14 @@ impl std::fmt::Debug for DeferredImage {
 }
 
 impl DeferredImage {
-    /// Starts the scan of a frozen memfd of `pages` pages.
-    pub fn start(fd: OwnedFd, pages: u64) -> Result<Arc<DeferredImage>> {
-        let me = DeferredImage::new(fd, pages)?;
-        me.start_scan();
-        Ok(me)
-    }
-
     /// The image of a frozen memfd of `pages` pages, read with `pread` until
     /// [`start_scan`](Self::start_scan) is called and its scan is done.
-    pub fn new(fd: OwnedFd, pages: u64) -> Result<Arc<DeferredImage>> {
-        let file = File::from(fd);
-        Ok(Arc::new(DeferredImage {
+    pub fn new(fd: OwnedFd, pages: u64) -> Arc<DeferredImage> {
+        Arc::new(DeferredImage {
             pages,
-            file,
+            file: File::from(fd),
             ready: OnceLock::new(),
-        }))
+        })
     }
 
     /// Scans the memfd for its holes on a thread (once); until then and meanwhile, pages are
