@@ -162,6 +162,10 @@ pub struct PolicyConfig {
     pub faasnap_readahead: u64,
     /// `activeset`: block size (aligned) in which pages are fetched.
     pub activeset_block: u64,
+    /// `learned`: also install the recorded frames with the background fetcher, in
+    /// first-touch order, from the clone's first instruction (the learned windows serve what
+    /// the recording did not see).
+    pub learned_replay: bool,
 }
 
 impl Default for PolicyConfig {
@@ -188,7 +192,19 @@ impl Default for PolicyConfig {
             blind_window: 8,
             faasnap_readahead: 8,
             activeset_block: 32,
+            learned_replay: true,
         }
+    }
+}
+
+fn parse_bool(item: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::Item {
+            item: item.to_string(),
+            why: "expected true or false".into(),
+        }),
     }
 }
 
@@ -233,18 +249,8 @@ impl PolicyConfig {
                     .replace('-', "_");
                 let v = v.trim().trim_matches('"').trim_matches('\'');
                 match k.as_str() {
-                    "zero_pages" => {
-                        self.zero_pages = match v {
-                            "true" | "1" | "yes" => true,
-                            "false" | "0" | "no" => false,
-                            _ => {
-                                return Err(ConfigError::Item {
-                                    item: item.to_string(),
-                                    why: "expected true or false".into(),
-                                })
-                            }
-                        }
-                    }
+                    "zero_pages" => self.zero_pages = parse_bool(item, v)?,
+                    "learned_replay" => self.learned_replay = parse_bool(item, v)?,
                     "blind_window" => self.blind_window = parse_window(item, v)?,
                     "faasnap_readahead" => {
                         self.faasnap_readahead = if v.trim() == "0" {
@@ -258,7 +264,7 @@ impl PolicyConfig {
                         let color: Color = k.parse().map_err(|e: kscope_colorer::color::ParseColorError| {
                             ConfigError::Item {
                                 item: item.to_string(),
-                                why: format!("{e}, or zero_pages, blind_window, faasnap_readahead, activeset_block"),
+                                why: format!("{e}, or zero_pages, blind_window, faasnap_readahead, activeset_block, learned_replay"),
                             }
                         })?;
                         self.rules[color.index()] = Rule::parse(item, v)?;
@@ -276,8 +282,12 @@ impl PolicyConfig {
             s.push_str(&format!("{} = {}\n", c.name(), self.rule(c)));
         }
         s.push_str(&format!(
-            "zero_pages = {}\nblind_window = {}\nfaasnap_readahead = {}\nactiveset_block = {}\n",
-            self.zero_pages, self.blind_window, self.faasnap_readahead, self.activeset_block
+            "zero_pages = {}\nblind_window = {}\nfaasnap_readahead = {}\nactiveset_block = {}\nlearned_replay = {}\n",
+            self.zero_pages,
+            self.blind_window,
+            self.faasnap_readahead,
+            self.activeset_block,
+            self.learned_replay
         ));
         s
     }
@@ -307,10 +317,11 @@ mod tests {
         assert_eq!(c.rule(Color::PageTable), Rule::Background);
         assert_eq!(c.blind_window, 4);
         assert_eq!(c.rule(Color::PageCacheData), Rule::File(8));
-        let toml = "[kaleidoscope]\n# comment\nkernel_data = \"none\"\nzero_pages = false  # off\n\nfaasnap_readahead = 0\n";
+        let toml = "[kaleidoscope]\n# comment\nkernel_data = \"none\"\nzero_pages = false  # off\n\nfaasnap_readahead = 0\nlearned_replay=no\n";
         let c = PolicyConfig::parse(toml).unwrap();
         assert_eq!(c.rule(Color::KernelData), Rule::None);
         assert!(!c.zero_pages);
+        assert!(!c.learned_replay);
         assert_eq!(c.faasnap_readahead, 0);
         // Render and parse back.
         assert_eq!(PolicyConfig::parse(&c.render()).unwrap(), c);
@@ -334,6 +345,7 @@ mod tests {
             ("user_data=sometimes", "rule must be"),
             ("user_data", "key=value"),
             ("zero_pages=maybe", "true or false"),
+            ("learned_replay=2", "true or false"),
             ("blind_window=100000", "window must be"),
         ] {
             let e = PolicyConfig::parse(bad).unwrap_err().to_string();

@@ -57,14 +57,16 @@ pub fn factory(
             faults_base = learned.base.faults,
             faults_learned = learned.learned.faults,
             tables = learned.evaluated,
-            "learned a per-color table:\n{}",
-            learned.config.render()
+            "learned a per-color table:\n{}\nrecording under the base table:\n{}\nunder the learned table:\n{}",
+            learned.config.render(),
+            crate::learn::render_color_faults(&crate::learn::color_faults(&ctx, &spec.config, &rec)),
+            crate::learn::render_color_faults(&crate::learn::color_faults(&ctx, &learned.config, &rec)),
         );
         return Ok(Some(Arc::new(move |_: &CloneContext| {
-            Box::new(crate::kaleidoscope::Kaleidoscope::named(
+            Box::new(crate::learn::LearnedPolicy::new(
                 ctx.clone(),
                 learned.config.clone(),
-                "learned",
+                rec.clone(),
             )) as Box<dyn kscope_vmm::prefetch::Prefetcher>
         })));
     }

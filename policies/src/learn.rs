@@ -21,6 +21,15 @@
 //! Unlike REAP and FaaSnap, what is learned is a *shape* (window sizes per color), not a set of
 //! pages: when the clone's inputs differ from the recorded ones, the windows still follow the
 //! new faults (measured with `kscope bench warmup --ws-change`).
+//!
+//! Colors and the recorded working set together ([`LearnedPolicy`], `learned_replay`, on by
+//! default): the recorded frames are also installed by the background fetcher in first-touch
+//! order from the clone's first instruction (zero-served ones as zero pages, none before the
+//! resume, so the clone call is not delayed), and the learned windows serve the faults on what
+//! the recording did not see or what the fetcher has not reached yet. With the recorded input
+//! the clone then takes almost no faults (as REAP's, without REAP's wait before resume); with
+//! another input the windows follow the new faults (where REAP and FaaSnap fall back to single
+//! pages).
 
 use std::sync::Arc;
 
@@ -28,8 +37,9 @@ use kscope_colorer::{Color, FrameSet};
 
 use crate::config::{PolicyConfig, Rule};
 use crate::kaleidoscope::Kaleidoscope;
-use crate::sim::{simulate, SimStats};
+use crate::sim::{simulate, simulate_with, SimStats};
 use crate::{Gfn, PolicyContext};
+use kscope_vmm::prefetch::{Fault, FaultPlan, Install, Prefetcher};
 
 /// Default page budget: installed pages at most this many times the recorded touched pages.
 pub const DEFAULT_BUDGET: f64 = 1.15;
@@ -223,6 +233,105 @@ pub fn learn_with(
     }
 }
 
+/// The `learned` policy for one clone: the learned per-color table, plus (with
+/// `learned_replay`) the recording installed in the background (see the module docs).
+#[derive(Debug)]
+pub struct LearnedPolicy {
+    table: Kaleidoscope,
+    ctx: Arc<PolicyContext>,
+    config: PolicyConfig,
+    recording: Arc<[Gfn]>,
+}
+
+impl LearnedPolicy {
+    /// A clone's policy from a learned `config` (as [`learn`] returns) and the recording it
+    /// was learned from.
+    pub fn new(ctx: Arc<PolicyContext>, config: PolicyConfig, recording: Arc<[Gfn]>) -> Self {
+        LearnedPolicy {
+            table: Kaleidoscope::named(ctx.clone(), config.clone(), "learned"),
+            ctx,
+            config,
+            recording,
+        }
+    }
+}
+
+impl Prefetcher for LearnedPolicy {
+    fn name(&self) -> &str {
+        "learned"
+    }
+
+    fn on_fault(&mut self, fault: Fault, plan: &mut FaultPlan) {
+        self.table.on_fault(fault, plan);
+    }
+
+    fn before_resume(&mut self) -> Vec<Install> {
+        self.table.before_resume()
+    }
+
+    /// The recorded frames in first-touch order (minus those installed before resume),
+    /// then the frames of colors whose rule is `background`.
+    fn background(&mut self) -> Vec<Install> {
+        let mut out = Vec::new();
+        if self.config.learned_replay {
+            let mut seen = FrameSet::new(self.ctx.frames());
+            for &g in self.recording.iter().filter(|&&g| g < self.ctx.frames()) {
+                if seen.contains(g) || self.config.rule(self.ctx.color(g)) == Rule::Upfront {
+                    continue;
+                }
+                seen.insert(g);
+                out.push(if self.table.zero_fill(g) {
+                    Install::zero(g)
+                } else {
+                    Install::data(g)
+                });
+            }
+        }
+        out.extend(self.table.background());
+        out
+    }
+}
+
+/// Per color: the distinct frames of `trace` and the blocking faults a replay of `trace`
+/// against `cfg` takes on them (indexed by [`Color::index`]); for logs and reports of what a
+/// table leaves.
+pub fn color_faults(
+    ctx: &Arc<PolicyContext>,
+    cfg: &PolicyConfig,
+    trace: &[Gfn],
+) -> [(u64, u64); Color::COUNT] {
+    let mut out = [(0u64, 0u64); Color::COUNT];
+    let mut seen = FrameSet::new(ctx.frames());
+    for &g in trace.iter().filter(|&&g| g < ctx.frames()) {
+        if !seen.contains(g) {
+            seen.insert(g);
+            out[ctx.color(g).index()].0 += 1;
+        }
+    }
+    let mut p = Kaleidoscope::new(ctx.clone(), cfg.clone());
+    simulate_with(&mut p, ctx.frames(), trace, 0, &mut |g| {
+        out[ctx.color(g).index()].1 += 1;
+    });
+    out
+}
+
+/// `color_faults` as one line per color that the trace touches: `color touched faults`.
+pub fn render_color_faults(per: &[(u64, u64); Color::COUNT]) -> String {
+    Color::ALL
+        .into_iter()
+        .filter(|c| per[c.index()].0 > 0)
+        .map(|c| {
+            format!(
+                "{:<16} {:>6} touched {:>6} faults",
+                c.name(),
+                per[c.index()].0,
+                per[c.index()].1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +368,47 @@ mod tests {
         let loose = learn_with(&ctx, &trace, &none, 3.0, 1);
         assert!(loose.learned.faults < tight.base.faults, "{loose:?}");
         assert!(loose.learned.faults <= tight.learned.faults);
+    }
+
+    #[test]
+    fn the_recording_is_installed_in_the_background_in_first_touch_order() {
+        let map = testmap::map();
+        let ctx = PolicyContext::new(&map);
+        // 1 is kernel code (upfront: before resume, not again), 17 is free (a zero page), 13
+        // repeats, 99 is past the end of memory.
+        let rec: Arc<[Gfn]> = vec![13, 1, 4, 17, 13, 26, 99].into();
+        let cfg = PolicyConfig::default();
+        let mut p = LearnedPolicy::new(ctx.clone(), cfg.clone(), rec.clone());
+        assert_eq!(p.name(), "learned");
+        assert_eq!(
+            p.background(),
+            vec![
+                Install::data(13),
+                Install::data(4),
+                Install::zero(17),
+                Install::zero(26)
+            ]
+        );
+        // The table's own lists and windows are kaleidoscope's.
+        let mut k = Kaleidoscope::new(ctx.clone(), cfg.clone());
+        assert_eq!(p.before_resume(), k.before_resume());
+        let (mut a, mut b) = (FaultPlan::default(), FaultPlan::default());
+        let f = Fault {
+            gfn: 13,
+            write: false,
+        };
+        p.on_fault(f, &mut a);
+        k.on_fault(f, &mut b);
+        assert_eq!((a.fault, &a.prefetch), (b.fault, &b.prefetch));
+        // Without replay, only the table's background rule (here: a color set to background).
+        let off = PolicyConfig::parse("learned_replay=false,user_code=background").unwrap();
+        let mut p = LearnedPolicy::new(ctx.clone(), off, rec);
+        assert_eq!(p.background(), [14, 16, 18, 21].map(Install::data).to_vec());
+        // Replayed, the recording's faults are gone in the simulator but the first (whose
+        // model runs the fetcher after each access).
+        let mut p = LearnedPolicy::new(ctx.clone(), cfg, vec![13, 4, 17].into());
+        let s = simulate(&mut p, ctx.frames(), &[13, 4, 17], 3);
+        assert_eq!((s.faults, s.background), (1, 2), "{s:?}");
     }
 
     #[test]

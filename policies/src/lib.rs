@@ -12,7 +12,7 @@
 //! | `reap` | the recorded working set before resume, the rest on demand (REAP) |
 //! | `faasnap` | recorded accesses plus `faasnap_readahead` frames after each, by the background fetcher in recorded order, never blocking; all-zero frames zero-filled (FaaSnap) |
 //! | `activeset` | the aligned `activeset_block`-frame blocks of the recorded pages before resume, then on demand in blocks (Picocenter) |
-//! | `learned` | `kaleidoscope` with each color's rule and window learned from a recorded run by replaying it in the simulator ([`learn`]) |
+//! | `learned` | `kaleidoscope` with each color's rule and window learned from a recorded run by replaying it in the simulator, plus the recorded frames installed in the background in first-touch order (`learned_replay`) ([`learn`]) |
 //!
 //! A spec string is a name optionally followed by `:` and configuration items, e.g.
 //! `kaleidoscope:user_data=local:16,page_table=background` ([`PolicySpec`]).
@@ -208,6 +208,24 @@ impl FromStr for PolicySpec {
 }
 
 impl PolicySpec {
+    /// The spec as shown in reports: the name, then `:` and the items that differ from the
+    /// default configuration, if any (`learned:learned_replay=false`).
+    pub fn label(&self) -> String {
+        let default = PolicyConfig::default().render();
+        let items: Vec<String> = self
+            .config
+            .render()
+            .lines()
+            .filter(|l| !default.lines().any(|d| d == *l))
+            .map(|l| l.replace(' ', ""))
+            .collect();
+        if items.is_empty() {
+            self.name.as_str().to_string()
+        } else {
+            format!("{}:{}", self.name.as_str(), items.join(","))
+        }
+    }
+
     /// Build the policy for one clone.
     pub fn build(
         &self,
@@ -240,8 +258,9 @@ impl PolicySpec {
                 c.activeset_block,
             )),
             PolicyName::Learned => {
-                let l = learn::learn(&ctx, rec()?, c, learn::DEFAULT_BUDGET);
-                Box::new(kaleidoscope::Kaleidoscope::named(ctx, l.config, "learned"))
+                let rec = rec()?;
+                let l = learn::learn(&ctx, rec, c, learn::DEFAULT_BUDGET);
+                Box::new(learn::LearnedPolicy::new(ctx, l.config, rec.into()))
             }
         })
     }
@@ -354,6 +373,11 @@ mod tests {
             (PolicyName::Blind, &PolicyConfig::default())
         );
         assert!("blind:window=3".parse::<PolicySpec>().is_err());
+        assert_eq!(s.label(), "blind");
+        let v: PolicySpec = "learned:learned_replay=no,user_data=local:16"
+            .parse()
+            .unwrap();
+        assert_eq!(v.label(), "learned:user_data=local:16,learned_replay=false");
         let map = testmap::map();
         let ctx = PolicyContext::new(&map);
         let p = s.build_with(ctx.clone(), None).unwrap();

@@ -66,6 +66,17 @@ pub fn simulate(
     trace: &[Gfn],
     background_per_access: usize,
 ) -> SimStats {
+    simulate_with(p, frames, trace, background_per_access, &mut |_| {})
+}
+
+/// [`simulate`], calling `on_fault` with every frame that faults (in order).
+pub fn simulate_with(
+    p: &mut dyn Prefetcher,
+    frames: u64,
+    trace: &[Gfn],
+    background_per_access: usize,
+    on_fault: &mut dyn FnMut(Gfn),
+) -> SimStats {
     let before = p.before_resume();
     let queue = p.background();
     let mut st = State {
@@ -87,6 +98,7 @@ pub fn simulate(
         accessed.insert(g);
         if g < frames && !st.resident.contains(g) {
             st.s.faults += 1;
+            on_fault(g);
             plan.clear();
             st.p.on_fault(
                 Fault {

@@ -596,7 +596,7 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
     let results: Vec<PolicyResult> = specs
         .iter()
         .zip(&runs)
-        .map(|(spec, runs)| summarize(&spec_name(spec), runs))
+        .map(|(spec, runs)| summarize(&spec.label(), runs))
         .collect();
     let _ = parent.stop();
     let touched_pages = touched_ref.map_or(0, |t| t.count());
@@ -621,11 +621,6 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
         policies: results,
         goals,
     })
-}
-
-/// The name of a spec as shown in tables (name plus configuration items if any).
-fn spec_name(s: &PolicySpec) -> String {
-    s.name.as_str().to_string()
 }
 
 #[cfg(test)]
