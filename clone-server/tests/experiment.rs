@@ -28,7 +28,7 @@ async fn small_replay_compares_strategies_and_feeds_the_simulation() {
     trace.services[0].workload = "web".into();
     trace.services[1].workload = "json".into();
     let cfg = ReplayConfig {
-        strategies: vec![Strategy::Cold, Strategy::Kaleidoscope, Strategy::Faasnap],
+        strategies: vec![Strategy::Cold, Strategy::Kaleidoscope, Strategy::Learned],
         compress: 100.0,
         max_s: 6.0,
         peak_workers: 1.5,

@@ -90,6 +90,9 @@ pub struct PolicyResult {
     pub warm_cost_ms: f64,
     /// [min, median, max] of `warm_cost_ms` over the clones.
     pub warm_cost_spread: [f64; 3],
+    /// The time to warm of each round, in round order (paired across policies: the same
+    /// index is the same round, against the same warm reference).
+    pub round_costs: Vec<f64>,
     /// Faults that blocked a vCPU.
     pub blocking_faults: u64,
     /// Time vCPUs were blocked in faults.
@@ -453,6 +456,7 @@ fn summarize(policy: &str, runs: &[PolicyResult]) -> PolicyResult {
         first_k_ms: f(|r| r.first_k_ms),
         warm_cost_ms: f(|r| r.warm_cost_ms),
         warm_cost_spread: spread(runs.iter().map(|r| r.warm_cost_ms).collect()),
+        round_costs: runs.iter().map(|r| r.warm_cost_ms).collect(),
         blocking_faults: u(|r| r.blocking_faults),
         blocked_ms: f(|r| r.blocked_ms),
         fault_pages: u(|r| r.fault_pages),

@@ -55,8 +55,13 @@ pub fn goals(results: &[PolicyResult], ws_change: bool) -> Vec<Goal> {
                 format!("{p} is warm sooner than blind, with fewer pages"),
                 Some(k.warm_cost_ms < b.warm_cost_ms && k.installed_pages < b.installed_pages),
                 format!(
-                    "time to warm {p} {:.1} ms, blind {:.1} ms; pages {} vs {}",
-                    k.warm_cost_ms, b.warm_cost_ms, k.installed_pages, b.installed_pages
+                    "time to warm {p} {:.1} ms, blind {:.1} ms (sooner in {} of {} rounds); pages {} vs {}",
+                    k.warm_cost_ms,
+                    b.warm_cost_ms,
+                    rounds_sooner(k, b),
+                    k.round_costs.len().min(b.round_costs.len()),
+                    k.installed_pages,
+                    b.installed_pages
                 ),
             ),
             None => goal(
@@ -89,6 +94,15 @@ pub fn goals(results: &[PolicyResult], ws_change: bool) -> Vec<Goal> {
         }
     }
     out
+}
+
+/// Rounds in which `a` lost less time than `b` (paired: same round, same warm reference).
+fn rounds_sooner(a: &PolicyResult, b: &PolicyResult) -> usize {
+    a.round_costs
+        .iter()
+        .zip(&b.round_costs)
+        .filter(|(x, y)| x < y)
+        .count()
 }
 
 /// The threshold time to warm, or the K requests' time if never warm.
@@ -268,5 +282,18 @@ mod tests {
             p("kaleidoscope", 20.5, 0.0, 0, 1.0),
         ];
         assert_eq!(goals(&over, false)[0].met, Some(false));
+        // Rounds are paired by index.
+        let mut a = p("learned", 10.0, 0.0, 0, 1.0);
+        let mut b = p("blind", 15.0, 0.0, 0, 1.0);
+        a.round_costs = vec![5.0, 30.0, 10.0];
+        b.round_costs = vec![20.0, 15.0, 12.0];
+        assert_eq!(rounds_sooner(&a, &b), 2);
+        assert_eq!(rounds_sooner(&b, &a), 1);
+        let g = goals(&[p("lazy", 40.0, 0.0, 0, 1.0), a, b], false);
+        assert!(
+            g[1].evidence.contains("sooner in 2 of 3 rounds"),
+            "{}",
+            g[1].evidence
+        );
     }
 }

@@ -140,7 +140,7 @@ pub struct ControlArgs {
     /// Most workers per service.
     #[arg(long, default_value_t = 8)]
     max_workers: usize,
-    /// Strategies: all, or a list of cold, eager, lazy, kaleidoscope, reap, faasnap.
+    /// Strategies: all, or a list of cold, eager, lazy, kaleidoscope, reap, faasnap, learned.
     #[arg(long, default_value = "all")]
     strategies: String,
 }

@@ -39,17 +39,21 @@ pub enum Strategy {
     Reap,
     /// Clone and fetch the recorded working set concurrently (FaaSnap).
     Faasnap,
+    /// Clone with per-color windows learned from a recorded run, the recorded working set
+    /// fetched concurrently (kscope's `learned` policy).
+    Learned,
 }
 
 impl Strategy {
     /// Every strategy, in report order.
-    pub const ALL: [Strategy; 6] = [
+    pub const ALL: [Strategy; 7] = [
         Strategy::Cold,
         Strategy::Eager,
         Strategy::Lazy,
         Strategy::Kaleidoscope,
         Strategy::Reap,
         Strategy::Faasnap,
+        Strategy::Learned,
     ];
 
     /// Name.
@@ -61,6 +65,7 @@ impl Strategy {
             Strategy::Kaleidoscope => "kaleidoscope",
             Strategy::Reap => "reap",
             Strategy::Faasnap => "faasnap",
+            Strategy::Learned => "learned",
         }
     }
 
@@ -76,7 +81,7 @@ impl Strategy {
                     .find(|st| st.name() == x.trim())
                     .ok_or_else(|| {
                         format!(
-                            "unknown strategy {x:?}: use all or a list of cold, eager, lazy, kaleidoscope, reap, faasnap"
+                            "unknown strategy {x:?}: use all or a list of cold, eager, lazy, kaleidoscope, reap, faasnap, learned"
                         )
                     })
             })
@@ -85,7 +90,7 @@ impl Strategy {
 
     /// Needs a recorded working set.
     pub fn needs_recording(&self) -> bool {
-        matches!(self, Strategy::Reap | Strategy::Faasnap)
+        matches!(self, Strategy::Reap | Strategy::Faasnap | Strategy::Learned)
     }
 
     /// The load balancer's scale mode, clone memory mode and prefetch policy (the thin
@@ -98,6 +103,7 @@ impl Strategy {
             Strategy::Kaleidoscope => (ScaleMode::Clone, "lazy", "kaleidoscope"),
             Strategy::Reap => (ScaleMode::Clone, "lazy", "reap"),
             Strategy::Faasnap => (ScaleMode::Clone, "lazy", "faasnap"),
+            Strategy::Learned => (ScaleMode::Clone, "lazy", "learned"),
         }
     }
 }
@@ -108,7 +114,7 @@ mod tests {
 
     #[test]
     fn strategy_lists_parse() {
-        assert_eq!(Strategy::parse_list("all").unwrap().len(), 6);
+        assert_eq!(Strategy::parse_list("all").unwrap().len(), 7);
         assert_eq!(
             Strategy::parse_list("cold, kaleidoscope").unwrap(),
             vec![Strategy::Cold, Strategy::Kaleidoscope]
