@@ -93,6 +93,9 @@ pub struct PolicyResult {
     /// The time to warm of each round, in round order (paired across policies: the same
     /// index is the same round, against the same warm reference).
     pub round_costs: Vec<f64>,
+    /// Blocking faults per color of the faulting frame (first round; colors without faults
+    /// left out): where a policy leaves its faults.
+    pub faults_by_color: std::collections::BTreeMap<String, u64>,
     /// Faults that blocked a vCPU.
     pub blocking_faults: u64,
     /// Time vCPUs were blocked in faults.
@@ -153,6 +156,8 @@ pub struct WarmupReport {
     /// The warm references (one per round, all memory installed before the first
     /// instruction): first request to K-th response, [min, median, max].
     pub reference_k_ms: [f64; 3],
+    /// The warm reference's K-request time in each round, in round order.
+    pub reference_rounds: Vec<f64>,
     /// Length of the fixed windows of `window_ratios`.
     pub slot_ms: f64,
     /// Completions per sliding window.
@@ -457,6 +462,10 @@ fn summarize(policy: &str, runs: &[PolicyResult]) -> PolicyResult {
         warm_cost_ms: f(|r| r.warm_cost_ms),
         warm_cost_spread: spread(runs.iter().map(|r| r.warm_cost_ms).collect()),
         round_costs: runs.iter().map(|r| r.warm_cost_ms).collect(),
+        faults_by_color: runs
+            .first()
+            .map(|r| r.faults_by_color.clone())
+            .unwrap_or_default(),
         blocking_faults: u(|r| r.blocking_faults),
         blocked_ms: f(|r| r.blocked_ms),
         fault_pages: u(|r| r.fault_pages),
@@ -581,7 +590,7 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
                     k_ms: rec_run.k_ms,
                     present: rec_run.present.clone(),
                     touched: rec_run.touched.clone(),
-                    order: Vec::new(),
+                    order: rec_run.order.clone(),
                 }
             } else {
                 go(opts, &measured).with_context(|| format!("policy {}", spec.name))?
@@ -591,6 +600,11 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
             }
             let t = touched_ref.as_ref().expect("lazy runs first");
             let mut res = r.result;
+            for &g in r.order.iter().filter(|&&g| g < ctx.frames()) {
+                *res.faults_by_color
+                    .entry(ctx.color(g).name().to_string())
+                    .or_default() += 1;
+            }
             res.wasted_pages = wasted(&r.present, t);
             res.installed_per_touched = res.installed_pages as f64 / t.count().max(1) as f64;
             res.warm_cost_ms = res.first_k_ms - warm_ref.k_ms;
@@ -615,7 +629,8 @@ pub fn run(cfg: &WarmupConfig) -> anyhow::Result<WarmupReport> {
         parent: base,
         parent_rps,
         horizon_ms: horizon.as_secs_f64() * 1e3,
-        reference_k_ms: spread(reference_k),
+        reference_k_ms: spread(reference_k.clone()),
+        reference_rounds: reference_k,
         slot_ms: slot.as_secs_f64() * 1e3,
         rate_window,
         warm_fraction: cfg.warm_fraction,

@@ -209,6 +209,18 @@ pub fn render(r: &WarmupReport) -> String {
             w.join(" ")
         );
     }
+    let _ = writeln!(
+        s,
+        "blocking faults by color of the faulting frame (first round):"
+    );
+    for p in &r.policies {
+        let by: Vec<String> = p
+            .faults_by_color
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        let _ = writeln!(s, "  {:<13} {}", p.policy, by.join(", "));
+    }
     if let Some(l) = lazy {
         for p in r.policies.iter().filter(|p| p.policy != "lazy") {
             let _ = writeln!(

@@ -157,6 +157,17 @@ pub fn recording_of(parent: &VmEntry, recorder: &VmEntry) -> ApiResult<Arc<[Gfn]
             ),
         )
     })?;
+    // A prefetching clone's fault order misses every page its policy installed ahead.
+    let policy = server.stats().policy;
+    if policy != "lazy" {
+        return Err(ApiError::bad(
+            "bad_recording",
+            format!(
+                "recording_from {} is served with prefetch policy {policy}, so its fault order misses the pages that policy installed ahead: record with a clone made with \"prefetch\": \"lazy\"",
+                recorder.id
+            ),
+        ));
+    }
     let order = server.touched();
     if order.is_empty() {
         return Err(ApiError::bad(
