@@ -1,13 +1,17 @@
 //! Clones that replay a recorded working set through `kscope serve`: a lazy clone that served
 //! requests is the recording (`recording_from`); `learned` clones made from it answer checked
 //! requests and fetch the recording in the background; a recording from a prefetching clone,
-//! from another parent's clone or from nowhere is refused with `bad_recording`.
+//! from another parent's clone or from nowhere is refused with `bad_recording`. The load
+//! balancer records one itself for such a policy.
 
 mod api_util;
+
+use std::time::Duration;
 
 use api_util::*;
 use hyper::{Method, StatusCode};
 use kscope::lb::client::ApiClient;
+use kscope::lb::{self, LbOptions, ScaleMode, Source};
 use kscope::server::Limits;
 use kscope_workloads::Workload;
 use serde_json::{json, Value};
@@ -151,5 +155,50 @@ async fn learned_clones_replay_a_lazy_clones_recording_and_bad_recordings_are_re
     let (st, v) = clones(&c, &sp, &parent, json!({"n": 1, "prefetch": "learned"})).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_error(&v, "bad_recording");
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_balancer_records_a_working_set_for_learned_clones() {
+    if !kvm_available() {
+        return;
+    }
+    let sp = spec();
+    let (srv, c) = start(Limits::default(), |_| {}).await;
+    let opts = LbOptions {
+        api: format!("http://{}", srv.addr()),
+        token: srv.token().to_string(),
+        source: Source::Generate {
+            pattern: lb::load::Pattern::parse("onoff:1500,1500,0.1").unwrap(),
+            rate: 300.0,
+            duration: Duration::from_secs(3),
+            seed: 3,
+        },
+        min_workers: 2,
+        max_workers: 3,
+        scale: ScaleMode::Clone,
+        prefetch: "learned".into(),
+        cleanup: false,
+        ..LbOptions::default()
+    };
+    let report = lb::run_lb(opts).await.unwrap();
+    assert!(report.ok > 0, "{report}");
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    // The parent, the recording clone (lazy, not a worker) and learned workers.
+    let (st, v) = call(&c, &sp, Method::GET, "/v1/vms", "/v1/vms", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let vms = v["vms"].as_array().unwrap();
+    let policy = |vm: &Value| {
+        vm["stats"]["memory"]["policy"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let workers: Vec<&str> = report.workers.iter().map(|w| w.id.as_str()).collect();
+    let recorders: Vec<&Value> = vms.iter().filter(|vm| policy(vm) == "lazy:lazy").collect();
+    assert_eq!(recorders.len(), 1, "{v}");
+    assert!(!workers.contains(&recorders[0]["id"].as_str().unwrap()));
+    let learned = vms.iter().filter(|vm| policy(vm) == "lazy:learned").count();
+    assert!(learned >= 2, "{v}");
     srv.shutdown().await.unwrap();
 }

@@ -122,7 +122,9 @@ pub struct LbArgs {
     /// Clone memory mode (lazy or eager).
     #[arg(long, default_value = "lazy")]
     pub memory: String,
-    /// Clone prefetch policy.
+    /// Clone prefetch policy. For those that replay a recorded working set (reap, faasnap,
+    /// activeset, learned) the balancer records one first: a lazy clone of the parent serves
+    /// 64 requests of the workload's mix.
     #[arg(long, default_value = "lazy")]
     pub prefetch: String,
     /// Print the report as JSON.

@@ -13,6 +13,46 @@ use super::client::{ApiClient, ClientError};
 use super::{LbOptions, ScaleEvent, ScaleMode, Shared, Worker, WorkerLog};
 use kscope_vmm::summary::LatencySummary;
 
+/// Requests a recording clone serves ([`record`]).
+pub(super) const RECORD_REQUESTS: usize = 64;
+
+/// True if the clone policy `prefetch` replays a recorded working set (reap, faasnap,
+/// activeset, learned); a spec that does not parse is left for the API to refuse.
+pub(super) fn needs_recording(prefetch: &str) -> bool {
+    prefetch
+        .parse::<kscope_policies::PolicySpec>()
+        .is_ok_and(|s| s.name.needs_recording())
+}
+
+/// Record a working set for policies that replay one: a lazy clone of `parent` (prefetch
+/// `lazy`, so that its fault order is every page it touched) serves [`RECORD_REQUESTS`]
+/// requests of the workload's mix, one after another; returns its id, for `recording_from`.
+/// The clone is not a worker.
+pub(super) async fn record(
+    api: &ApiClient,
+    o: &LbOptions,
+    parent: &str,
+) -> Result<String, ClientError> {
+    let v = api
+        .json(
+            Method::POST,
+            &format!("/v1/vms/{parent}/clones"),
+            Some(&json!({ "n": 1, "memory_mode": "lazy", "prefetch": "lazy" })),
+        )
+        .await?;
+    let id = v["clones"][0]["id"]
+        .as_str()
+        .ok_or_else(|| ClientError::Unexpected {
+            path: format!("/v1/vms/{parent}/clones"),
+            what: "no clone id in the answer".into(),
+        })?
+        .to_string();
+    for req in o.workload.requests(0x5eed, RECORD_REQUESTS) {
+        api.request(&id, &req).await?;
+    }
+    Ok(id)
+}
+
 /// Boot a fresh parent VM; returns its id.
 pub(super) async fn create_parent(api: &ApiClient, o: &LbOptions) -> Result<String, ClientError> {
     let v = api

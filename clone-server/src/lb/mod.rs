@@ -29,7 +29,9 @@ use kscope_workloads::Workload;
 use serde::Serialize;
 
 use client::ApiClient;
-use control::{add_workers, control, create_parent, push_workers, sample_workers};
+use control::{
+    add_workers, control, create_parent, needs_recording, push_workers, record, sample_workers,
+};
 use kscope_vmm::summary::LatencySummary;
 use load::{Arrival, Pattern};
 
@@ -111,7 +113,10 @@ pub struct LbOptions {
     pub prefetch: String,
     /// Delete the workers (and a parent it created) at the end.
     pub cleanup: bool,
-    /// For policies that replay a recorded working set: the lazy clone that recorded it.
+    /// For policies that replay a recorded working set (reap, faasnap, activeset, learned):
+    /// the lazy clone that recorded it. None: the balancer records one itself before its
+    /// first clone (a lazy clone of the parent serves a few requests of the workload's mix;
+    /// deleted at the end with the workers).
     pub recording_from: Option<String>,
     /// Sample every worker's memory footprint each window (server usage accounting).
     pub account: bool,
@@ -347,7 +352,7 @@ impl Shared {
 
 /// Run the load balancer: set up the parent and the initial workers, replay the stream,
 /// scale, and report.
-pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
+pub async fn run_lb(mut opts: LbOptions) -> anyhow::Result<LbReport> {
     anyhow::ensure!(
         opts.min_workers >= 1 && opts.max_workers >= opts.min_workers,
         "need 1 <= --min-workers <= --max-workers"
@@ -380,6 +385,18 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
         Some(p) => Arc::from(p.as_str()),
         None => Arc::from(create_parent(&api, &opts).await?.as_str()),
     };
+    // A recording for the clone policy, if it replays one and none was given.
+    let mut recorder = None;
+    if opts.scale != ScaleMode::Boot
+        && opts.recording_from.is_none()
+        && needs_recording(&opts.prefetch)
+    {
+        let id = record(&api, &opts, &parent)
+            .await
+            .with_context(|| format!("recording a working set for prefetch {}", opts.prefetch))?;
+        opts.recording_from = Some(id.clone());
+        recorder = Some(id);
+    }
     // Initial pool. In boot mode the parent itself serves as the first worker.
     let mode = Mutex::new(opts.scale);
     let mut initial = add_workers(&api, &mode, &opts, &parent, opts.min_workers).await;
@@ -559,6 +576,12 @@ pub async fn run_lb(opts: LbOptions) -> anyhow::Result<LbReport> {
             let _ = sh
                 .api
                 .json(Method::DELETE, &format!("/v1/vms/{}", w.id), None)
+                .await;
+        }
+        if let Some(r) = &recorder {
+            let _ = sh
+                .api
+                .json(Method::DELETE, &format!("/v1/vms/{r}"), None)
                 .await;
         }
         if created_parent {
