@@ -16,6 +16,8 @@
 //! unknown         = none       # the faulting page only
 //! zero_pages      = true       # zero-fill every all-zero frame, whatever its color
 //! blind_window = 8, faasnap_readahead = 8, activeset_block = 32
+//! learned_replay  = true       # learned: also fetch the recording in the background
+//! ramp            = true       # file:N / local:N windows grow on sequential streams
 //! ```
 //!
 //! Two rules are not in the paper's table; the `learned` policy picks them where a recording
@@ -166,7 +168,14 @@ pub struct PolicyConfig {
     /// first-touch order, from the clone's first instruction (the learned windows serve what
     /// the recording did not see).
     pub learned_replay: bool,
+    /// `file:N` and `local:N` windows ramp up on a sequential stream: a fault just after the
+    /// color's previous window doubles the window, up to [`RAMP_MAX`] x N (as the page cache's
+    /// readahead does); any other fault starts again at N.
+    pub ramp: bool,
 }
+
+/// How far a ramped window grows: this many times the rule's window.
+pub const RAMP_MAX: u64 = 8;
 
 impl Default for PolicyConfig {
     /// The table of the Kaleidoscope paper (see the module docs).
@@ -193,6 +202,7 @@ impl Default for PolicyConfig {
             faasnap_readahead: 8,
             activeset_block: 32,
             learned_replay: true,
+            ramp: true,
         }
     }
 }
@@ -251,6 +261,7 @@ impl PolicyConfig {
                 match k.as_str() {
                     "zero_pages" => self.zero_pages = parse_bool(item, v)?,
                     "learned_replay" => self.learned_replay = parse_bool(item, v)?,
+                    "ramp" => self.ramp = parse_bool(item, v)?,
                     "blind_window" => self.blind_window = parse_window(item, v)?,
                     "faasnap_readahead" => {
                         self.faasnap_readahead = if v.trim() == "0" {
@@ -264,7 +275,7 @@ impl PolicyConfig {
                         let color: Color = k.parse().map_err(|e: kscope_colorer::color::ParseColorError| {
                             ConfigError::Item {
                                 item: item.to_string(),
-                                why: format!("{e}, or zero_pages, blind_window, faasnap_readahead, activeset_block, learned_replay"),
+                                why: format!("{e}, or zero_pages, blind_window, faasnap_readahead, activeset_block, learned_replay, ramp"),
                             }
                         })?;
                         self.rules[color.index()] = Rule::parse(item, v)?;
@@ -282,12 +293,13 @@ impl PolicyConfig {
             s.push_str(&format!("{} = {}\n", c.name(), self.rule(c)));
         }
         s.push_str(&format!(
-            "zero_pages = {}\nblind_window = {}\nfaasnap_readahead = {}\nactiveset_block = {}\nlearned_replay = {}\n",
+            "zero_pages = {}\nblind_window = {}\nfaasnap_readahead = {}\nactiveset_block = {}\nlearned_replay = {}\nramp = {}\n",
             self.zero_pages,
             self.blind_window,
             self.faasnap_readahead,
             self.activeset_block,
-            self.learned_replay
+            self.learned_replay,
+            self.ramp
         ));
         s
     }

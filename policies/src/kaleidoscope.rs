@@ -1,11 +1,14 @@
 //! The `kaleidoscope` policy: prefetch by locality within the same color, with a window per
-//! color (the rules of [`crate::config`]).
+//! color (the rules of [`crate::config`]). With `ramp` (the default) a `file:N` or `local:N`
+//! window doubles, up to 8N, while a color's faults continue its last window, as the page
+//! cache's readahead does for a sequential reader; `ramp = false` keeps the paper's fixed
+//! windows.
 //!
 //! Frames that will be zero-filled (rule `zero`, or all-zero content with `zero_pages`) are
 //! never put in a window nor in the pre-resume or background lists: allocation on demand makes every wasted
 //! prefetch grow the clone's footprint, and a zero page costs nothing to serve on its own fault.
 
-use crate::config::{PolicyConfig, Rule};
+use crate::config::{PolicyConfig, Rule, RAMP_MAX};
 use crate::PolicyContext;
 use kscope_colorer::Color;
 use kscope_vmm::prefetch::{Fault, FaultPlan, Fill, Gfn, Install, Prefetcher};
@@ -20,6 +23,21 @@ pub struct Kaleidoscope {
     pivot: Option<(Gfn, Option<(usize, usize)>)>,
     /// Name reported in statistics (`kaleidoscope`, or `learned` for a learned table).
     name: &'static str,
+    /// Per color, the readahead stream of its last `file` or `local` window (with `ramp`).
+    streams: [Stream; Color::COUNT],
+}
+
+/// Where a color's last `file` or `local` window was.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stream {
+    /// The file (its index + 1), or 0 for physical frames.
+    key: usize,
+    /// Position of the last fault (file index or frame) and the last position its window
+    /// covered.
+    last: u64,
+    end: u64,
+    /// The last window (0: none yet).
+    window: u64,
 }
 
 impl Kaleidoscope {
@@ -35,7 +53,31 @@ impl Kaleidoscope {
             config,
             pivot: None,
             name,
+            streams: [Stream::default(); Color::COUNT],
         }
+    }
+
+    /// The window for a fault at `pos` of stream `key` (a file + 1, or 0 for frames) of color
+    /// `c` under a rule of window `n`: with `ramp`, twice the color's last window if the fault
+    /// continues it (after the last fault, at most one past the window's end), up to
+    /// [`RAMP_MAX`] x `n`; else `n`.
+    fn ramped(&mut self, c: Color, key: usize, pos: u64, n: u64) -> u64 {
+        if !self.config.ramp {
+            return n;
+        }
+        let s = &mut self.streams[c.index()];
+        let w = if s.window > 0 && s.key == key && pos > s.last && pos <= s.end.saturating_add(1) {
+            s.window.saturating_mul(2).min(n.saturating_mul(RAMP_MAX))
+        } else {
+            n
+        };
+        *s = Stream {
+            key,
+            last: pos,
+            end: pos.saturating_add(w),
+            window: w,
+        };
+        w
     }
 
     /// True if `gfn` is served as a zero page instead of being fetched (rule `zero`, or
@@ -110,7 +152,10 @@ impl Prefetcher for Kaleidoscope {
         let pos = self.ctx.file_pos(g);
         match self.config.rule(c) {
             Rule::None | Rule::Upfront | Rule::Background | Rule::Zero => {}
-            Rule::Local(n) => self.local(g, c, n, out),
+            Rule::Local(n) => {
+                let w = self.ramped(c, 0, g, n);
+                self.local(g, c, w, out)
+            }
             Rule::Span(n) => {
                 for x in self.ahead(g, n) {
                     out.push(if self.zero_fill(x) {
@@ -129,6 +174,7 @@ impl Prefetcher for Kaleidoscope {
             }
             Rule::File(n) => match pos {
                 Some((f, p)) => {
+                    let n = self.ramped(c, f + 1, p as u64, n);
                     let file = self.ctx.file(f);
                     let end = p
                         .saturating_add(n as usize)
@@ -138,7 +184,10 @@ impl Prefetcher for Kaleidoscope {
                         self.push(x, out);
                     }
                 }
-                None => self.local(g, c, n, out),
+                None => {
+                    let w = self.ramped(c, 0, g, n);
+                    self.local(g, c, w, out)
+                }
             },
             Rule::Pivot(n) => match pos {
                 Some((f, p)) => {
@@ -205,6 +254,30 @@ mod tests {
         assert_eq!(fault(&mut p, 31), Vec::<Gfn>::new());
         let mut p = policy("page_cache_data=file:2");
         assert_eq!(fault(&mut p, 12), vec![24, 25]);
+    }
+
+    #[test]
+    fn windows_ramp_up_on_a_sequential_stream_and_start_again_otherwise() {
+        // File order 13 15 12 24 25 26 28 29 30 31 (positions 0-9); 26 is zero (skipped).
+        let mut p = policy("page_cache_data=file:2");
+        assert_eq!(fault(&mut p, 13), vec![15, 12]);
+        // Position 3, just past the window (1-2): twice the window, positions 4-7.
+        assert_eq!(fault(&mut p, 24), vec![25, 28, 29]);
+        // Position 8, just past it again: 8, capped at RAMP_MAX x 2 = 16 by the file's end.
+        assert_eq!(fault(&mut p, 30), vec![31]);
+        // Back to the start of the file: not a continuation, the rule's window again.
+        assert_eq!(fault(&mut p, 13), vec![15, 12]);
+        // Without ramp the window stays.
+        let mut p = policy("page_cache_data=file:2,ramp=false");
+        assert_eq!(fault(&mut p, 13), vec![15, 12]);
+        assert_eq!(fault(&mut p, 24), vec![25]);
+        // Same-color physical windows ramp the same way: user data 4 5 7 8 10 11 (7 zero).
+        let mut p = policy("user_data=local:2");
+        assert_eq!(fault(&mut p, 4), vec![5]);
+        assert_eq!(fault(&mut p, 7), vec![8, 10, 11]);
+        let mut p = policy("user_data=local:2,ramp=false");
+        assert_eq!(fault(&mut p, 4), vec![5]);
+        assert_eq!(fault(&mut p, 7), vec![8]);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! | `lazy` | the faulting page only (SnowFlock lazy propagation) |
 //! | `upfront` | every frame before the clone resumes (eager propagation as a policy; the `eager` *memory mode* is the copy without userfaultfd) |
 //! | `blind` | the faulting page plus the next `blind_window` frames by physical address, color-blind |
-//! | `kaleidoscope` | per-color rules (see [`config`]): file-order readahead for data files, pivot windows for code, same-color locality for data, page tables and kernel code before resume, free and zero pages zero-filled |
+//! | `kaleidoscope` | per-color rules (see [`config`]): file-order readahead for data files, pivot windows for code, same-color locality for data (readahead and locality windows ramp up on sequential streams), page tables and kernel code before resume, free and zero pages zero-filled |
 //! | `reap` | the recorded working set before resume, the rest on demand (REAP) |
 //! | `faasnap` | recorded accesses plus `faasnap_readahead` frames after each, by the background fetcher in recorded order, never blocking; all-zero frames zero-filled (FaaSnap) |
 //! | `activeset` | the aligned `activeset_block`-frame blocks of the recorded pages before resume, then on demand in blocks (Picocenter) |
