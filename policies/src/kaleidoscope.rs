@@ -80,6 +80,16 @@ impl Kaleidoscope {
         w
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// The generation's colors.
+    pub fn context(&self) -> &Arc<PolicyContext> {
+        &self.ctx
+    }
+
     /// True if `gfn` is served as a zero page instead of being fetched (rule `zero`, or
     /// all-zero content with `zero_pages`).
     pub fn zero_fill(&self, gfn: Gfn) -> bool {

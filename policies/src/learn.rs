@@ -38,7 +38,7 @@ use kscope_colorer::{Color, FrameSet};
 use crate::config::{PolicyConfig, Rule};
 use crate::kaleidoscope::Kaleidoscope;
 use crate::sim::{simulate, simulate_with, SimStats};
-use crate::{Gfn, PolicyContext};
+use crate::{dedup_in_range, Gfn, PolicyContext};
 use kscope_vmm::prefetch::{Fault, FaultPlan, Install, Prefetcher};
 
 /// Default page budget: installed pages at most this many times the recorded touched pages.
@@ -238,8 +238,6 @@ pub fn learn_with(
 #[derive(Debug)]
 pub struct LearnedPolicy {
     table: Kaleidoscope,
-    ctx: Arc<PolicyContext>,
-    config: PolicyConfig,
     recording: Arc<[Gfn]>,
 }
 
@@ -248,9 +246,7 @@ impl LearnedPolicy {
     /// was learned from.
     pub fn new(ctx: Arc<PolicyContext>, config: PolicyConfig, recording: Arc<[Gfn]>) -> Self {
         LearnedPolicy {
-            table: Kaleidoscope::named(ctx.clone(), config.clone(), "learned"),
-            ctx,
-            config,
+            table: Kaleidoscope::named(ctx, config, "learned"),
             recording,
         }
     }
@@ -272,21 +268,22 @@ impl Prefetcher for LearnedPolicy {
     /// The recorded frames in first-touch order (minus those installed before resume),
     /// then the frames of colors whose rule is `background`.
     fn background(&mut self) -> Vec<Install> {
-        let mut out = Vec::new();
-        if self.config.learned_replay {
-            let mut seen = FrameSet::new(self.ctx.frames());
-            for &g in self.recording.iter().filter(|&&g| g < self.ctx.frames()) {
-                if seen.contains(g) || self.config.rule(self.ctx.color(g)) == Rule::Upfront {
-                    continue;
-                }
-                seen.insert(g);
-                out.push(if self.table.zero_fill(g) {
-                    Install::zero(g)
-                } else {
-                    Install::data(g)
-                });
-            }
-        }
+        let (t, ctx) = (&self.table, self.table.context());
+        let mut out: Vec<Install> = if t.config().learned_replay {
+            dedup_in_range(ctx.frames(), self.recording.iter().copied())
+                .into_iter()
+                .filter(|&g| t.config().rule(ctx.color(g)) != Rule::Upfront)
+                .map(|g| {
+                    if t.zero_fill(g) {
+                        Install::zero(g)
+                    } else {
+                        Install::data(g)
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         out.extend(self.table.background());
         out
     }
@@ -301,12 +298,8 @@ pub fn color_faults(
     trace: &[Gfn],
 ) -> [(u64, u64); Color::COUNT] {
     let mut out = [(0u64, 0u64); Color::COUNT];
-    let mut seen = FrameSet::new(ctx.frames());
-    for &g in trace.iter().filter(|&&g| g < ctx.frames()) {
-        if !seen.contains(g) {
-            seen.insert(g);
-            out[ctx.color(g).index()].0 += 1;
-        }
+    for g in dedup_in_range(ctx.frames(), trace.iter().copied()) {
+        out[ctx.color(g).index()].0 += 1;
     }
     let mut p = Kaleidoscope::new(ctx.clone(), cfg.clone());
     simulate_with(&mut p, ctx.frames(), trace, 0, &mut |g| {
