@@ -391,11 +391,24 @@ pub async fn run_lb(mut opts: LbOptions) -> anyhow::Result<LbReport> {
         && opts.recording_from.is_none()
         && needs_recording(&opts.prefetch)
     {
-        let id = record(&api, &opts, &parent)
-            .await
-            .with_context(|| format!("recording a working set for prefetch {}", opts.prefetch))?;
-        opts.recording_from = Some(id.clone());
-        recorder = Some(id);
+        match record(&api, &opts, &parent).await {
+            Ok(id) => {
+                opts.recording_from = Some(id.clone());
+                recorder = Some(id);
+            }
+            Err(e) => {
+                if created_parent {
+                    // Deleting the parent deletes the recording clone too.
+                    let _ = api
+                        .json(Method::DELETE, &format!("/v1/vms/{parent}"), None)
+                        .await;
+                }
+                return Err(anyhow::Error::new(e).context(format!(
+                    "recording a working set for prefetch {}",
+                    opts.prefetch
+                )));
+            }
+        }
     }
     // Initial pool. In boot mode the parent itself serves as the first worker.
     let mode = Mutex::new(opts.scale);
